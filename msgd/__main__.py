@@ -1,0 +1,5 @@
+import sys
+
+from msgd.tap import main
+
+sys.exit(main())

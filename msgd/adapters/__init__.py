@@ -1,0 +1,1 @@
+"""Deferred-based clients for external systems."""

@@ -1,0 +1,96 @@
+"""What application modules import.
+
+::
+
+    from msgd import api
+
+    @api.blocking
+    def report(day: str) -> dict:       # runs in the node's thread pool
+        ...
+
+    async def place(item: str, qty: int = 1) -> dict:
+        req = api.request()              # id, interface, principal, deadline
+        if qty < 1:
+            raise api.AppError("qty must be positive", code=-32010)
+        ...
+
+Everything here works the same in plain, ``async def`` and blocking
+functions, because the current request travels in a contextvar.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+
+from msgd.core import errors
+from msgd.core.dispatch import BLOCKING_ATTR
+from msgd.core.request import Request, current
+
+AppError = errors.ApplicationError
+Unauthorized = errors.Unauthorized
+InvalidParams = errors.InvalidParams
+NotFound = errors.NotFound
+Timeout = errors.Timeout
+Unavailable = errors.Unavailable
+MsgdError = errors.MsgdError
+
+__all__ = [
+    "request", "blocking", "adapter", "peer", "publish", "call", "services", "sleep",
+    "AppError", "Unauthorized", "InvalidParams", "NotFound", "Timeout", "Unavailable", "MsgdError",
+]
+
+
+def request() -> Request:
+    """The request being served.  Raises RuntimeError outside a request."""
+    req = current.get()
+    if req is None:
+        raise RuntimeError("msgd.api.request() called outside a request")
+    return req
+
+
+def blocking(fn: Callable) -> Callable:
+    """Mark ``fn`` as blocking: the node runs it in its thread pool, never on
+    the reactor.  It may check ``api.request().cancelled`` to stop early
+    once its deadline has passed."""
+    setattr(fn, BLOCKING_ATTR, True)
+    return fn
+
+
+def services():
+    """The node serving the current request."""
+    return request().services
+
+
+def adapter(name: str):
+    """The adapter declared as ``[adapter:NAME]``."""
+    return services().adapter(name)
+
+
+def peer(name: str):
+    """The peer node declared as ``[peer:NAME]``."""
+    return services().peer(name)
+
+
+def publish(channel: str, data: Any) -> Deferred:
+    """Publish ``data`` on ``channel``; fires with the event's offset."""
+    node = services()
+    if node.pubsub is None:
+        raise errors.Unavailable("this node has no pub/sub broker")
+    req = current.get()
+    return node.pubsub.publish(channel, data, principal=req.principal if req else None)
+
+
+def call(target: str, *args, **kwargs) -> Deferred:
+    """Call another app function as part of this request (same deadline,
+    same principal)."""
+    req = request()
+    return req.services.dispatcher.call(req.child(), target, args, kwargs)
+
+
+def sleep(seconds: float) -> Deferred:
+    """A Deferred that fires after ``seconds`` on the node's clock; cancelled
+    with the request when its deadline passes."""
+    from twisted.internet.task import deferLater
+    return deferLater(request().clock, seconds, lambda: None)

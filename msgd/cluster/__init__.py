@@ -1,0 +1,1 @@
+"""Peer nodes: PB RPC, durable outbox, Redis pub/sub bridge."""

@@ -1,0 +1,433 @@
+"""node.ini → frozen, typed configuration.
+
+Every error is a :class:`ConfigError` whose text is one line naming the file,
+the section and the key, with a "did you mean" when a name is close to a known
+one.  Nothing here starts anything: the whole file is validated before the
+node builds a single service.
+
+Sections
+--------
+``[node]``               this node (:class:`NodeConfig`)
+``[interface:NAME]``     a listener or input; ``type=`` picks its class
+``[adapter:NAME]``       a client of an external system; ``type=`` picks it
+``[peer:NAME]``          another node reached over Perspective Broker
+``[pubsub]``             the pub/sub broker (:class:`PubSubConfig`)
+``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history
+
+Relative paths are taken relative to the directory of the ini file, so a node
+behaves the same whatever the working directory is.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import difflib
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from msgd import registry
+
+REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """One line: ``FILE: [SECTION] KEY: problem``."""
+
+    def __init__(self, path: str, section: str | None, key: str | None, problem: str):
+        self.path, self.section, self.key, self.problem = path, section, key, problem
+        where = path
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {problem}")
+
+
+class Invalid(ValueError):
+    """Raised by a key parser; turned into a ConfigError naming the key."""
+
+
+# -- key parsers -------------------------------------------------------------
+
+def string(value: str, ctx: "Context") -> str:
+    return value
+
+
+def nonempty(value: str, ctx: "Context") -> str:
+    if not value.strip():
+        raise Invalid("must not be empty")
+    return value.strip()
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Callable:
+    def parse(value: str, ctx: "Context") -> int:
+        try:
+            n = int(value.strip(), 0)
+        except ValueError:
+            raise Invalid(f"{value!r} is not an integer") from None
+        if lo is not None and n < lo:
+            raise Invalid(f"{n} is below the minimum {lo}")
+        if hi is not None and n > hi:
+            raise Invalid(f"{n} is above the maximum {hi}")
+        return n
+    parse.kind = "integer"
+    return parse
+
+
+_BOOLS = {"1": True, "yes": True, "true": True, "on": True,
+          "0": False, "no": False, "false": False, "off": False}
+
+
+def boolean(value: str, ctx: "Context") -> bool:
+    try:
+        return _BOOLS[value.strip().lower()]
+    except KeyError:
+        raise Invalid(f"{value!r} is not a boolean (use yes/no, true/false, on/off, 1/0)") from None
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str, ctx: "Context") -> float:
+    """``30``, ``30s``, ``250ms``, ``5m``, ``1h``, ``2d`` → seconds."""
+    m = _DURATION.match(value)
+    if not m:
+        raise Invalid(f"{value!r} is not a duration (e.g. 30s, 250ms, 5m, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def optional_duration(value: str, ctx: "Context") -> float | None:
+    if value.strip().lower() in ("", "none", "off", "never"):
+        return None
+    return duration(value, ctx)
+
+
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.I)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2,
+               "mb": 1000 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3}
+
+
+def size(value: str, ctx: "Context") -> int:
+    """``65536``, ``64k``, ``64KiB``, ``1MiB``, ``1MB`` → bytes."""
+    m = _SIZE.match(value)
+    if not m:
+        raise Invalid(f"{value!r} is not a size (e.g. 65536, 64KiB, 1MiB)")
+    unit = m.group(2).lower() if m.group(2) else None
+    return int(m.group(1)) * _SIZE_UNITS[unit]
+
+
+def choice(*options: str) -> Callable:
+    def parse(value: str, ctx: "Context") -> str:
+        v = value.strip().lower()
+        if v not in options:
+            raise Invalid(f"{value!r} is not one of {', '.join(options)}" + _hint(v, options))
+        return v
+    parse.kind = "one of " + ", ".join(options)
+    return parse
+
+
+def words(value: str, ctx: "Context") -> tuple[str, ...]:
+    """A list separated by commas and/or whitespace."""
+    return tuple(w for w in re.split(r"[,\s]+", value.strip()) if w)
+
+
+def nonempty_words(value: str, ctx: "Context") -> tuple[str, ...]:
+    w = words(value, ctx)
+    if not w:
+        raise Invalid("must list at least one value")
+    return w
+
+
+def path(value: str, ctx: "Context") -> str:
+    """A filesystem path, relative to the ini file's directory."""
+    v = os.path.expanduser(value.strip())
+    if not v:
+        raise Invalid("must not be empty")
+    return os.path.normpath(os.path.join(ctx.base_dir, v))
+
+
+def optional_path(value: str, ctx: "Context") -> str | None:
+    return path(value, ctx) if value.strip() else None
+
+
+def server_endpoint(value: str, ctx: "Context") -> str:
+    """A Twisted server endpoint string, checked by parsing it."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+    v = value.strip()
+    if v.startswith("systemd:"):
+        return v  # needs LISTEN_FDS, which exist only when systemd started us
+    try:
+        serverFromString(MemoryReactor(), v)
+    except Exception as e:  # endpoint parsers raise ValueError, KeyError, TypeError, ...
+        raise Invalid(f"{v!r} is not a server endpoint string ({_exc_text(e)}); e.g. tcp:8080:interface=127.0.0.1") from None
+    return v
+
+
+def client_endpoint(value: str, ctx: "Context") -> str:
+    """A Twisted client endpoint string, checked by parsing it."""
+    from twisted.internet.endpoints import clientFromString
+    from twisted.internet.testing import MemoryReactor
+    v = value.strip()
+    try:
+        clientFromString(MemoryReactor(), v)
+    except Exception as e:
+        raise Invalid(f"{v!r} is not a client endpoint string ({_exc_text(e)}); e.g. tcp:host=127.0.0.1:port=6379") from None
+    return v
+
+
+_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def target(value: str, ctx: "Context") -> str:
+    """An app target ``module.function``; checked against the apps when the
+    node starts (see :meth:`Config.check_targets`)."""
+    v = value.strip()
+    if not _TARGET.match(v):
+        raise Invalid(f"{v!r} is not a target of the form module.function")
+    ctx.targets.append(v)
+    return v
+
+
+def optional_target(value: str, ctx: "Context") -> str | None:
+    return target(value, ctx) if value.strip() else None
+
+
+def _exc_text(e: Exception) -> str:
+    return str(e) or type(e).__name__
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def option(default: Any = REQUIRED, *, parse: Callable = string, doc: str = "") -> Any:
+    """Declare a key of a section dataclass."""
+    meta = {"parse": parse, "doc": doc}
+    if default is REQUIRED:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Context:
+    path: str
+    base_dir: str
+    targets: list = field(default_factory=list)   # (section, key, target)
+
+
+def parse_section(cls, items: dict[str, str], ctx: Context, section: str, skip=("type",)) -> Any:
+    """Build the frozen dataclass ``cls`` from an ini section's items."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in items:
+        if key in skip:
+            continue
+        if key not in fields:
+            raise ConfigError(ctx.path, section, key, "unknown key" + _hint(key, fields))
+    values = {}
+    for name, f in fields.items():
+        if name in items:
+            raw = items[name]
+            parse = f.metadata.get("parse", string)
+            before = len(ctx.targets)
+            try:
+                values[name] = parse(raw, ctx)
+            except Invalid as e:
+                raise ConfigError(ctx.path, section, name, str(e)) from None
+            for i in range(before, len(ctx.targets)):
+                t = ctx.targets[i]
+                if isinstance(t, str):
+                    ctx.targets[i] = (section, name, t)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(ctx.path, section, name, "missing required key")
+    return cls(**values)
+
+
+def describe(cls) -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every key of a section class, for the docs."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = "(required)" if f.default is dataclasses.MISSING else f.default
+        out.append((f.name, default, f.metadata.get("doc", "")))
+    return out
+
+
+# -- sections ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = option(socket.gethostname().split(".")[0] or "node", parse=nonempty,
+                       doc="this node's name; shown in /health and used by peers")
+    apps: str = option("apps", parse=path, doc="directory of application modules")
+    state_dir: str = option("state", parse=path,
+                            doc="directory for durable state (outbox, ingest bookkeeping); created if missing")
+    request_timeout: float = option(30.0, parse=duration,
+                                    doc="default deadline of every request")
+    threads: int = option(10, parse=integer(1, 1024),
+                          doc="size of the thread pool for blocking app functions and file I/O")
+    drain_timeout: float = option(10.0, parse=duration,
+                                  doc="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    reload_interval: float = option(1.0, parse=duration,
+                                    doc="how often app modules are checked for changes (0 turns reloading off)")
+
+
+@dataclass(frozen=True)
+class PubSubConfig:
+    backend: str = option("memory", parse=choice("memory", "redis"),
+                          doc="memory (one node) or redis (channels shared by nodes through Redis)")
+    history_size: int = option(1000, parse=integer(0),
+                               doc="events kept per channel for resuming subscribers")
+    history_age: float = option(3600.0, parse=duration,
+                                doc="how long events are kept for resuming subscribers")
+    redis: str = option("tcp:host=127.0.0.1:port=6379", parse=client_endpoint,
+                        doc="Redis endpoint when backend=redis")
+    redis_password: str = option("", doc="Redis password when backend=redis")
+    redis_db: int = option(0, parse=integer(0), doc="Redis database number when backend=redis")
+    prefix: str = option("msgd", parse=nonempty, doc="prefix of the Redis keys and channels used")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    history_size: int | None = option(None, parse=integer(0), doc="overrides [pubsub] history_size")
+    history_age: float | None = option(None, parse=duration, doc="overrides [pubsub] history_age")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    endpoints: tuple = option(parse=nonempty_words, doc="client endpoint strings of the node (several for replicas)")
+    username: str = option("", doc="PB login name")
+    password: str = option("", doc="PB password")
+    ordered: bool = option(False, parse=boolean, doc="deliver async messages to this peer in order")
+    timeout: float = option(10.0, parse=duration, doc="deadline of a call made outside any request")
+
+
+@dataclass(frozen=True)
+class Component:
+    """An ``[interface:NAME]`` or ``[adapter:NAME]`` section: its type and its
+    type's own options dataclass."""
+    name: str
+    type: str
+    options: Any
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node: NodeConfig
+    pubsub: PubSubConfig
+    channels: tuple = ()           # ((pattern, ChannelConfig), ...)
+    interfaces: tuple = ()         # (Component, ...)
+    adapters: tuple = ()           # (Component, ...)
+    peers: tuple = ()              # ((name, PeerConfig), ...)
+    targets: tuple = ()            # ((section, key, target), ...)
+
+    def interface(self, name: str) -> Component:
+        return {c.name: c for c in self.interfaces}[name]
+
+    def check_targets(self, exists: Callable[[str], bool]) -> None:
+        """Raise ConfigError for the first handler target that no app exports."""
+        for section, key, t in self.targets:
+            if not exists(t):
+                raise ConfigError(self.path, section, key, f"no app exports {t!r}")
+
+
+SECTION_KINDS = ("node", "pubsub", "interface:", "adapter:", "peer:", "channel:")
+
+
+def _component(kind: str, table: dict, section: str, name: str, items: dict, ctx: Context) -> Component:
+    if "type" not in items:
+        raise ConfigError(ctx.path, section, "type", f"missing required key (one of {', '.join(sorted(table))})")
+    typ = items["type"].strip()
+    if typ not in table:
+        raise ConfigError(ctx.path, section, "type", f"unknown {kind} type {typ!r}" + _hint(typ, table)
+                          + f"; known: {', '.join(sorted(table))}")
+    cls = registry.load(table, typ)
+    options = parse_section(cls.Options, items, ctx, section)
+    check = getattr(options, "check", None)
+    if check is not None:
+        try:
+            check()
+        except Invalid as e:
+            raise ConfigError(ctx.path, section, e.args[1] if len(e.args) > 1 else None, e.args[0]) from None
+    return Component(name=name, type=typ, options=options)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def parse_text(text: str, path: str = "<string>") -> Config:
+    """Parse ini text; ``path`` is used in messages and as the base of
+    relative paths."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults",
+                                       strict=True, empty_lines_in_values=False)
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, f"section appears twice (line {e.lineno})") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, f"key appears twice (line {e.lineno})") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, None, None, f"line {e.lineno}: text before the first [section]") from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0] if e.errors else (0, "")
+        raise ConfigError(path, None, None, f"line {lineno}: cannot parse {line.strip()!r}") from None
+
+    ctx = Context(path=path, base_dir=os.path.dirname(os.path.abspath(path)) if path != "<string>" else os.getcwd())
+    interfaces, adapters, peers, channels = [], [], [], []
+    node = pubsub = None
+    for section in parser.sections():
+        items = dict(parser.items(section))
+        kind, sep, name = section.partition(":")
+        if sep and not name.strip():
+            raise ConfigError(path, section, None, "section needs a name after the colon")
+        name = name.strip()
+        if sep and kind in ("interface", "adapter", "peer") and not _NAME.match(name):
+            raise ConfigError(path, section, None, f"name {name!r} may hold only letters, digits, _ . -")
+        if section == "node":
+            node = parse_section(NodeConfig, items, ctx, section, skip=())
+        elif section == "pubsub":
+            pubsub = parse_section(PubSubConfig, items, ctx, section, skip=())
+        elif kind == "interface" and sep:
+            interfaces.append(_component("interface", registry.INTERFACES, section, name, items, ctx))
+        elif kind == "adapter" and sep:
+            adapters.append(_component("adapter", registry.ADAPTERS, section, name, items, ctx))
+        elif kind == "peer" and sep:
+            peer = parse_section(PeerConfig, items, ctx, section, skip=())
+            for ep in peer.endpoints:
+                try:
+                    client_endpoint(ep, ctx)
+                except Invalid as e:
+                    raise ConfigError(path, section, "endpoints", str(e)) from None
+            peers.append((name, peer))
+        elif kind == "channel" and sep:
+            channels.append((name, parse_section(ChannelConfig, items, ctx, section, skip=())))
+        else:
+            known = ["node", "pubsub", "interface:NAME", "adapter:NAME", "peer:NAME", "channel:PATTERN"]
+            raise ConfigError(path, section, None, "unknown section" + _hint(section, known)
+                              + f"; known: {', '.join(known)}")
+    if node is None:
+        node = parse_section(NodeConfig, {}, ctx, "node", skip=())
+    if pubsub is None:
+        pubsub = PubSubConfig()
+    return Config(path=path, node=node, pubsub=pubsub, channels=tuple(channels),
+                  interfaces=tuple(interfaces), adapters=tuple(adapters), peers=tuple(peers),
+                  targets=tuple(ctx.targets))
+
+
+def load(path: str) -> Config:
+    """Read and validate ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_text(text, path)

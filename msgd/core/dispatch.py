@@ -1,0 +1,226 @@
+"""The dispatcher: every interface turns its input into
+``dispatcher.call(request, target, args, kwargs)`` and renders what comes back.
+
+It resolves ``module.function``, checks the arguments against the signature
+(and against simple type hints), runs the function — plainly, as a coroutine,
+or in the thread pool when marked blocking — with the request as the current
+one, cancels the work when the deadline passes, and maps every exception to
+the taxonomy of :mod:`msgd.core.errors`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import types
+import typing
+import weakref
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgd.core import errors
+from msgd.core.request import Request, current
+
+BLOCKING_ATTR = "__msgd_blocking__"
+
+
+def is_blocking(fn: Callable) -> bool:
+    return bool(getattr(fn, BLOCKING_ATTR, False))
+
+
+_SIMPLE = (int, float, str, bool, list, dict, bytes, tuple)
+
+
+def _simple_types(hint) -> tuple | None:
+    """The plain classes a value of type ``hint`` may be, or None when the
+    hint is not one we check (Any, dataclasses, TypeVars, ...)."""
+    if hint is type(None):
+        return (type(None),)
+    if hint in _SIMPLE:
+        return (int, float) if hint is float else (hint,)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        out = []
+        for arg in typing.get_args(hint):
+            t = _simple_types(arg)
+            if t is None:
+                return None
+            out.extend(t)
+        return tuple(out)
+    if origin in _SIMPLE:
+        return (origin,)
+    return None
+
+
+class _Signature:
+    __slots__ = ("sig", "checks")
+
+    def __init__(self, fn: Callable):
+        self.sig = inspect.signature(fn)
+        self.checks = {}
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:
+            hints = {}
+        for name, param in self.sig.parameters.items():
+            if name in hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                allowed = _simple_types(hints[name])
+                if allowed is not None:
+                    self.checks[name] = allowed
+
+    def check(self, target: str, args, kwargs) -> None:
+        try:
+            bound = self.sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise errors.InvalidParams(f"invalid params for {target}: {e}") from None
+        for name, allowed in self.checks.items():
+            if name in bound.arguments:
+                value = bound.arguments[name]
+                ok = isinstance(value, allowed)
+                if ok and isinstance(value, bool) and bool not in allowed:
+                    ok = False
+                if not ok:
+                    want = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+                    raise errors.InvalidParams(
+                        f"invalid params for {target}: {name} must be {want}, not {type(value).__name__}")
+
+
+class Dispatcher:
+    """Runs app calls.
+
+    ``run_blocking(fn, *args, **kwargs) -> Deferred`` runs a blocking
+    function off the reactor (the node passes ``deferToThreadPool`` bound to
+    its pool).  ``authorize(request, target)`` raises
+    :class:`errors.Unauthorized` to refuse a call (the default allows all).
+    """
+
+    log = Logger()
+
+    def __init__(self, apps, clock, run_blocking: Callable[..., Deferred], metrics=None,
+                 authorize: Callable[[Request, str], None] | None = None):
+        self.apps = apps
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.authorize = authorize
+        self._signatures: "weakref.WeakKeyDictionary[Callable, _Signature]" = weakref.WeakKeyDictionary()
+        self.in_flight = 0
+        self._drained: list[Deferred] = []
+        self._m = None
+        if metrics is not None:
+            self._m = (
+                metrics.counter("msgd_requests_total", "App calls by interface, target and outcome",
+                                ["interface", "target", "outcome"]),
+                metrics.histogram("msgd_request_duration_seconds", "App call latency",
+                                  ["interface", "target"]),
+                metrics.gauge("msgd_requests_in_flight", "App calls running now", ["interface"]),
+            )
+
+    def signature(self, fn: Callable) -> _Signature:
+        sig = self._signatures.get(fn)
+        if sig is None:
+            sig = self._signatures[fn] = _Signature(fn)
+        return sig
+
+    def call(self, request: Request, target: str, args=(), kwargs=None) -> Deferred:
+        """Run ``target`` for ``request``; the Deferred fires with the result
+        or fails with a :class:`errors.MsgdError`.  Cancelling it cancels the
+        work (the caller went away)."""
+        kwargs = kwargs or {}
+        request.target = target
+        started = self.clock.seconds()
+        label = target
+        try:
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                raise errors.InvalidParams("params must be an array or an object")
+            if self.authorize is not None:
+                self.authorize(request, target)
+            fn = self.apps.resolve(target)
+            self.signature(fn).check(target, args, kwargs)
+            if request.expired():
+                raise errors.Timeout(f"deadline passed before {target} started")
+        except errors.MsgdError as e:
+            if isinstance(e, (errors.NotFound, errors.Unauthorized)):
+                label = "unknown"
+            self._count(request, label, e.name, started)
+            return defer.fail(e)
+
+        d = self._invoke(request, fn, args, kwargs)
+        remaining = request.remaining()
+        if remaining is not None:
+            def on_timeout(result, timeout):
+                request.cancelled = True
+                return Failure(errors.Timeout(f"{target} did not finish within its deadline"))
+            d.addTimeout(remaining, self.clock, onTimeoutCancel=on_timeout)
+        self._enter(request)
+
+        def done(result):
+            self._leave(request)
+            if isinstance(result, Failure):
+                result = self._map_failure(request, target, result)
+                self._count(request, label, result.value.name if result.check(errors.MsgdError) else "cancelled", started)
+            else:
+                self._count(request, label, "ok", started)
+            return result
+        d.addBoth(done)
+        return d
+
+    def _invoke(self, request: Request, fn: Callable, args, kwargs) -> Deferred:
+        ctx = contextvars.copy_context()
+        ctx.run(current.set, request)
+        if is_blocking(fn):
+            return self.run_blocking(ctx.run, fn, *args, **kwargs)
+        try:
+            result = ctx.run(fn, *args, **kwargs)
+        except BaseException:
+            return defer.fail()
+        if inspect.iscoroutine(result):
+            return ctx.run(Deferred.fromCoroutine, result)
+        if isinstance(result, Deferred):
+            return result
+        return defer.succeed(result)
+
+    def _map_failure(self, request: Request, target: str, failure: Failure) -> Failure:
+        if failure.check(errors.MsgdError):
+            return failure
+        if failure.check(CancelledError):
+            return failure           # the caller cancelled (went away); nobody reads this
+        self.log.failure("internal error in {target} (request {request_id})", failure,
+                         target=target, request_id=request.id, interface=request.interface)
+        return Failure(errors.InternalError(f"internal error (request {request.id})"))
+
+    # -- accounting ----------------------------------------------------------
+
+    def _count(self, request: Request, target: str, outcome: str, started: float) -> None:
+        if self._m is None:
+            return
+        total, latency, _ = self._m
+        total.labels(request.interface, target, outcome).inc()
+        latency.labels(request.interface, target).observe(self.clock.seconds() - started)
+
+    def _enter(self, request: Request) -> None:
+        self.in_flight += 1
+        if self._m is not None:
+            self._m[2].labels(request.interface).inc()
+
+    def _leave(self, request: Request) -> None:
+        self.in_flight -= 1
+        if self._m is not None:
+            self._m[2].labels(request.interface).dec()
+        if self.in_flight == 0:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    def drained(self) -> Deferred:
+        """Fires when no call is in flight."""
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        d = Deferred()
+        self._drained.append(d)
+        return d
+

@@ -1,0 +1,152 @@
+"""What every interface shares: a named child service of the node, and for
+listeners the endpoint, the set of open connections and an orderly stop.
+
+Stopping a listener happens in two steps so that the node can drain:
+:meth:`Listener.stop_accepting` closes the port; :meth:`Interface.stopService`
+then closes the remaining connections (flushing what was written), aborting
+those that do not close within a grace period.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class StartupError(Exception):
+    """A listener could not start; the message is one line for the operator."""
+
+
+class Interface(Service):
+    """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``."""
+
+    log = Logger()
+
+    def __init__(self, name: str, options, node):
+        self.name = name
+        self.options = options
+        self.node = node
+        self.ready = defer.Deferred()   # fires when the interface accepts work
+
+    def describe(self) -> dict:
+        """For /health and the status page."""
+        return {"type": getattr(self, "type_name", type(self).__name__), "running": bool(self.running)}
+
+    def stop_accepting(self):
+        """Stop taking new work; in-flight work goes on."""
+        return defer.succeed(None)
+
+    def timeout(self) -> float:
+        """The default deadline of requests through this interface."""
+        own = getattr(self.options, "request_timeout", None)
+        return own if own is not None else self.node.config.node.request_timeout
+
+
+class Listener(Interface):
+    """An interface that listens on ``options.endpoint``."""
+
+    close_grace = 2.0
+
+    def __init__(self, name, options, node):
+        super().__init__(name, options, node)
+        self.port = None
+        self.connections: set = set()   # transports of open connections
+        self._closing: list = []
+
+    def factory(self):
+        raise NotImplementedError
+
+    def privilegedStartService(self):
+        # Listen before privileges are dropped and before the reactor runs, so
+        # that "address in use" stops start-up instead of leaving a half node.
+        super().privilegedStartService()
+        self._listen(strict=True)
+
+    def startService(self):
+        super().startService()
+        if self.port is None and not self.ready.called:
+            self._listen(strict=False)
+
+    def _listen(self, strict: bool):
+        endpoint = serverFromString(self.node.reactor, self.options.endpoint)
+        d = endpoint.listen(self.factory())
+        early = []
+        d.addBoth(lambda r: early.append(r) or r)
+        if strict and early and isinstance(early[0], Failure):
+            d.addErrback(lambda f: None)
+            raise StartupError(f"[interface:{self.name}] cannot listen on {self.options.endpoint}: "
+                               f"{early[0].getErrorMessage()}")
+        d.addBoth(self._listening)
+
+    def _listening(self, result):
+        if isinstance(result, Failure):
+            self.log.critical("interface {interface} cannot listen on {endpoint}: {error}",
+                              interface=self.name, endpoint=self.options.endpoint, error=result.value)
+            if not self.ready.called:
+                self.ready.errback(result)
+            return None
+        self.port = result
+        self.log.info("interface {interface} ({type}) listening on {address}", interface=self.name,
+                      type=getattr(self, "type_name", ""), address=self.address())
+        if not self.ready.called:
+            self.ready.callback(self)
+        return None
+
+    def address(self) -> str:
+        if self.port is None:
+            return ""
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        return str(getattr(host, "name", host))
+
+    def describe(self) -> dict:
+        return dict(super().describe(), listening=self.address(), connections=len(self.connections))
+
+    def stop_accepting(self):
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    def connection_opened(self, transport) -> None:
+        self.connections.add(transport)
+
+    def connection_closed(self, transport) -> None:
+        self.connections.discard(transport)
+        if not self.connections and self._closing:
+            waiting, self._closing = self._closing, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        yield self.stop_accepting()
+        yield self.close_connections()
+
+    def close_connections(self):
+        """Close every connection, flushing pending writes; abort those still
+        open after ``close_grace`` seconds."""
+        if not self.connections:
+            return defer.succeed(None)
+        for t in list(self.connections):
+            t.loseConnection()
+        d = defer.Deferred()
+        self._closing.append(d)
+        reactor = self.node.reactor
+
+        def abort():
+            for t in list(self.connections):
+                if hasattr(t, "abortConnection"):
+                    t.abortConnection()
+            self.connections.clear()
+            if not d.called:
+                d.callback(None)
+        call = reactor.callLater(self.close_grace, abort)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d

@@ -1,0 +1,255 @@
+"""HTTP: one twisted.web Site per ``[interface:NAME] type=http``.
+
+Paths on the Site::
+
+    POST /rpc        JSON-RPC 2.0 (calls, notifications, batches); always
+                     HTTP 200 with a JSON-RPC answer, 204 when there is none
+    GET  /health     JSON: node, uptime, interfaces, modules, load errors
+    GET  /metrics    Prometheus text format
+    GET  /           a page listing the node's targets
+
+Other interfaces mount on the same Site through :data:`MOUNTS` (WebSocket at
+``/ws``, XML-RPC at ``/RPC2``, SOAP under ``/soap/``), each switched by a key
+of this section.
+
+Bodies larger than ``max_body`` are refused with 413 before they are read
+whole.  A client that goes away cancels its call.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+from dataclasses import dataclass
+
+from twisted.web import http, resource, server
+from twisted.web.server import NOT_DONE_YET
+
+from msgd.config import boolean, duration, integer, option, optional_duration, server_endpoint, size
+from msgd.core import errors
+from msgd.core.jsonrpc import dumps, error_response
+from msgd.interfaces.base import Listener
+
+# key -> (path segment, "module:factory"); factory(interface) -> Resource
+MOUNTS: dict[str, tuple[bytes, str]] = {}
+
+
+@dataclass(frozen=True)
+class Options:
+    endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8080:interface=127.0.0.1")
+    jsonrpc: bool = option(True, parse=boolean, doc="serve JSON-RPC 2.0 at /rpc")
+    health: bool = option(True, parse=boolean, doc="serve /health")
+    metrics: bool = option(True, parse=boolean, doc="serve /metrics")
+    max_body: int = option(1024 * 1024, parse=size, doc="largest request body accepted (413 above)")
+    max_batch: int = option(100, parse=integer(1), doc="most calls in one JSON-RPC batch")
+    request_timeout: float | None = option(None, parse=optional_duration,
+                                           doc="deadline of requests here (default: [node] request_timeout)")
+    idle_timeout: float = option(120.0, parse=duration, doc="close HTTP connections idle this long")
+
+
+class BoundedRequest(server.Request):
+    """A Request that refuses bodies above the Site's ``max_body`` with 413
+    as soon as it knows (Content-Length, or while chunks arrive)."""
+
+    _received = 0
+    _rejected = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.channel.site.max_body:
+            self._reject()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._rejected:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self._reject()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def _reject(self):
+        self._rejected = True
+        body = dumps(error_response(errors.TooLarge(
+            f"request body larger than {self.channel.site.max_body} bytes")))
+        head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+
+
+class TrackedChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that tells its interface when it opens and closes,
+    so the interface can close every connection when it stops."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.interface.connection_opened(self.transport)
+
+    def connectionLost(self, reason):
+        self.site.interface.connection_closed(self.transport)
+        super().connectionLost(reason)
+
+
+class MsgdSite(server.Site):
+    requestFactory = BoundedRequest
+    protocol = TrackedChannel
+
+    def __init__(self, root, interface: "HTTPInterface"):
+        super().__init__(root, timeout=interface.options.idle_timeout)
+        self.interface = interface
+        self.max_body = interface.options.max_body
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def log(self, request):
+        pass   # access logging is the metrics' job; twisted.web's per-request line is noise here
+
+
+def _json(request, status: int, obj) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(obj, indent=1).encode() + b"\n"
+
+
+class JSONRPCResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, interface: "HTTPInterface"):
+        super().__init__()
+        self.interface = interface
+        self.jsonrpc = interface.node.jsonrpc
+
+    def render_GET(self, request):
+        request.setHeader(b"allow", b"POST")
+        return _json(request, 405, error_response(errors.InvalidRequest("use POST for JSON-RPC")))
+
+    def render_POST(self, request):
+        iface = self.interface
+        node = iface.node
+        body = request.content.read()
+        timeout = iface.timeout()
+
+        def make_request():
+            return node.new_request(iface.name, timeout=timeout, principal=getattr(request, "principal", None))
+
+        d = self.jsonrpc.handle(body, make_request, iface.builtins())
+        gone = []
+        request.notifyFinish().addErrback(lambda f: (gone.append(True), d.cancel()))
+
+        def answer(data):
+            if gone:
+                return
+            if data is None:
+                request.setResponseCode(204)
+            else:
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"content-length", b"%d" % len(data))
+                request.write(data)
+            request.finish()
+
+        def failed(f):
+            if not gone:
+                iface.log.failure("JSON-RPC over HTTP failed", f)
+                request.setResponseCode(500)
+                request.finish()
+        d.addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+
+class HealthResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request):
+        health = self.node.health()
+        return _json(request, 200 if health["status"] != "down" else 503, health)
+
+
+class MetricsResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", self.node.metrics.content_type.encode())
+        return self.node.metrics.render()
+
+
+class IndexResource(resource.Resource):
+    """``/``: what this node offers, for a person with a browser."""
+
+    isLeaf = True
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def render_GET(self, request):
+        if request.postpath not in ([], [b""]):
+            return resource.NoResource().render(request)
+        node = self.node
+        rows = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in node.apps.targets())
+        errs = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(str(e))}</li>"
+                       for n, e in node.apps.errors().items())
+        page = (f"<!doctype html><meta charset=utf-8><title>msgd {html.escape(node.name_)}</title>"
+                f"<h1>msgd node {html.escape(node.name_)}</h1>"
+                f"<p>JSON-RPC 2.0: <code>POST /rpc</code> &middot; <a href=/health>/health</a> &middot; "
+                f"<a href=/metrics>/metrics</a></p><h2>Targets</h2><ul>{rows}</ul>"
+                + (f"<h2>Load errors</h2><ul>{errs}</ul>" if errs else ""))
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return page.encode()
+
+
+class Root(resource.Resource):
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self.index
+        return resource.NoResource()
+
+
+class HTTPInterface(Listener):
+    Options = Options
+    type_name = "http"
+
+    def __init__(self, name, options, node):
+        super().__init__(name, options, node)
+        self.root = Root(IndexResource(node))
+        if options.jsonrpc:
+            self.root.putChild(b"rpc", JSONRPCResource(self))
+        if options.health:
+            self.root.putChild(b"health", HealthResource(node))
+        if options.metrics:
+            self.root.putChild(b"metrics", MetricsResource(node))
+        for key, (segment, factory) in MOUNTS.items():
+            if getattr(options, key, False):
+                modname, _, attr = factory.partition(":")
+                make = getattr(importlib.import_module(modname), attr)
+                self.root.putChild(segment, make(self))
+        self.site = MsgdSite(self.root, self)
+
+    def factory(self):
+        return self.site
+
+    def builtins(self) -> dict:
+        """The ``rpc.*`` methods JSON-RPC over plain HTTP offers."""
+        pubsub = self.node.pubsub
+        return pubsub.http_builtins() if pubsub is not None else {}

@@ -1,0 +1,21 @@
+"""Which class implements each ``type=`` of ``[interface:…]`` and
+``[adapter:…]`` sections.  Classes are imported only when a config uses them,
+so a node that needs no LDAP never imports ldap3.
+
+Each class has an ``Options`` frozen dataclass declaring its keys with
+:func:`msgd.config.option`, and is built as ``cls(name, options, node)``.
+"""
+
+import importlib
+
+INTERFACES = {
+    "http": "msgd.interfaces.http:HTTPInterface",
+}
+
+ADAPTERS: dict = {
+}
+
+
+def load(table: dict, typ: str):
+    modname, _, attr = table[typ].partition(":")
+    return getattr(importlib.import_module(modname), attr)
