@@ -246,6 +246,8 @@ def parse_section(cls, items: dict[str, str], ctx: Context, section: str, skip=(
                     ctx.targets[i] = (section, name, t)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(ctx.path, section, name, "missing required key")
+        elif isinstance(f.default, str) and f.metadata.get("parse") in (path, optional_path):
+            values[name] = f.metadata["parse"](f.default, ctx)   # defaults are relative to the file too
     return cls(**values)
 
 

@@ -1,7 +1,7 @@
 """The node: one MultiService that owns everything a config describes.
 
-Children are built from the config and named after their sections
-(``interface:web``, ``adapter:cache``), so a later reconfiguration can add,
+Children are built from the config and kept by section name in
+``node.interfaces`` and ``node.adapters``, so a reconfiguration can add,
 remove or restart them by name.  Stopping drains: listeners stop accepting,
 in-flight calls get ``[node] drain_timeout`` to finish, then connections are
 closed and adapters and the thread pool stop.
@@ -59,7 +59,6 @@ class NodeService(MultiService):
         cls = registry.load(types, comp.type)
         svc = cls(comp.name, comp.options, self)
         svc.type_name = comp.type
-        svc.setName(f"{kind}:{comp.name}")
         svc.setServiceParent(self)
         table[comp.name] = svc
         return svc

@@ -174,8 +174,8 @@ class JSONRPC:
             return None if notification else {"jsonrpc": "2.0", "result": result, "id": reply_id}
 
         def failed(f: Failure):
-            if notification:
-                return None
+            if notification or f.check(defer.CancelledError):
+                return None     # nobody to answer: a notification, or the caller went away
             if f.check(errors.MsgdError):
                 return error_response(f.value, reply_id)
             self.log.failure("unexpected failure answering {method}", f, method=method)

@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from msgd.config import boolean, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
-from msgd.core.jsonrpc import dumps, error_response
+from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
 
 # key -> (path segment, "module:factory"); factory(interface) -> Resource
@@ -127,7 +127,7 @@ class JSONRPCResource(resource.Resource):
     def __init__(self, interface: "HTTPInterface"):
         super().__init__()
         self.interface = interface
-        self.jsonrpc = interface.node.jsonrpc
+        self.jsonrpc = JSONRPC(interface.node.dispatcher, max_batch=interface.options.max_batch)
 
     def render_GET(self, request):
         request.setHeader(b"allow", b"POST")

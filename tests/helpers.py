@@ -1,0 +1,77 @@
+"""Helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from msgd.config import parse_text
+from msgd.node import NodeService
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def write(path: str, text: str, bump: bool = True) -> None:
+    """Write ``text`` (dedented) to ``path``; ``bump`` moves the mtime forward
+    so a change within the same clock tick is still seen."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    existed = os.path.exists(path)
+    old = os.stat(path).st_mtime_ns if existed else 0
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    if bump and existed:
+        st = os.stat(path)
+        if st.st_mtime_ns <= old:
+            os.utime(path, ns=(st.st_atime_ns, old + 1_000_000))
+
+
+def make_node(testcase, ini: str, apps: dict[str, str] | None = None, start: bool = True) -> NodeService:
+    """A node from ``ini`` text, with its apps dir and state dir in the test's
+    temp dir, running on the real reactor; stopped at cleanup."""
+    base = os.path.abspath(testcase.mktemp())
+    os.makedirs(os.path.join(base, "apps"))
+    for name, source in (apps or {}).items():
+        write(os.path.join(base, "apps", name), source)
+    text = textwrap.dedent(ini)
+    if "[node]" not in text:
+        text = "[node]\nname = test\n" + text
+    config = parse_text(text, os.path.join(base, "node.ini"))
+    node = NodeService(config, reactor)
+    if start:
+        node.privilegedStartService()
+        node.startService()
+        testcase.addCleanup(lambda: node.stopService() if node.running else None)
+    return node
+
+
+def http_port(node, name: str = "web") -> int:
+    return node.interfaces[name].port.getHost().port
+
+
+@defer.inlineCallbacks
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one HTTP request through a real socket."""
+    from twisted.web.client import FileBodyProducer
+    import io
+    agent = Agent(reactor)
+    h = Headers({k: [v] for k, v in (headers or {}).items()})
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    response = yield agent.request(method.encode(), url.encode(), h, producer)
+    data = yield readBody(response)
+    return response.code, response.headers, data
+
+
+@defer.inlineCallbacks
+def rpc(port: int, payload, raw: bool = False):
+    """POST a JSON-RPC payload to /rpc; returns the decoded answer (or None
+    for 204)."""
+    body = payload if raw else json.dumps(payload).encode()
+    code, _, data = yield http("POST", f"http://127.0.0.1:{port}/rpc", body,
+                               {"content-type": "application/json"})
+    return json.loads(data) if code == 200 else (None if code == 204 else (code, data))

@@ -1,0 +1,361 @@
+"""Throwaway real servers for integration tests.
+
+Each function returns a running :class:`Server` (``host``, ``port``,
+``stop()``, ``start()`` to restart it on the same port) or raises
+``SkipTest`` with the reason — except under ``MSGD_REQUIRE_SERVERS=1`` (CI),
+where a missing server is an error, so the test fails instead of skipping.
+
+Order of preference for each: an address from the environment, else a
+private instance started from the Debian binary in a temp dir, else (for
+machine-wide services that are slow to start) the machine's own instance on
+its standard port.
+
+==========  =========================  ======================================
+server      environment variable       private instance
+==========  =========================  ======================================
+Redis       MSGD_TEST_REDIS=host:port  redis-server, no persistence
+LDAP        MSGD_TEST_LDAP=host:port   slapd with a generated slapd.conf
+POP3        (none: needs its users)    dovecot with a passwd-file
+STOMP       MSGD_TEST_STOMP=host:port  the machine's RabbitMQ (rabbitmq_stomp)
+PostgreSQL  MSGD_TEST_POSTGRES=DSN     the machine's PostgreSQL (trust auth)
+==========  =========================  ======================================
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+from dataclasses import dataclass, field
+
+REQUIRE = os.environ.get("MSGD_REQUIRE_SERVERS") == "1"
+
+
+def unavailable(reason: str):
+    """Skip, or under MSGD_REQUIRE_SERVERS=1 fail, for a missing server."""
+    if REQUIRE:
+        raise RuntimeError(f"required test server unavailable: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def which(name: str, *extra_dirs: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/usr/local/sbin", *extra_dirs):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _env_addr(var: str) -> tuple[str, int] | None:
+    value = os.environ.get(var)
+    if not value:
+        return None
+    host, _, port = value.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass
+class Server:
+    """A server; ``own`` ones can be stopped and started again on the same
+    port (for outage tests)."""
+    name: str
+    host: str
+    port: int
+    dir: str | None = None
+    argv: list = field(default_factory=list)
+    own: bool = False
+    proc: subprocess.Popen | None = None
+    pidfile: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "Server":
+        if not self.own:
+            raise RuntimeError(f"{self.name} at {self.address} is not ours to start")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     cwd=self.dir, start_new_session=True)
+        try:
+            wait_port(self.host, self.port, timeout, self.proc if not self.pidfile else None)
+        except RuntimeError:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {err.strip()[-500:]}") from None
+        return self
+
+    def _pid(self) -> int | None:
+        if self.pidfile and os.path.exists(self.pidfile):
+            try:
+                return int(open(self.pidfile).read().split()[0])
+            except (ValueError, IndexError):
+                return None
+        return None
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if not self.own:
+            return
+        pid = self._pid()
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        deadline = time.monotonic() + 5
+        while port_open(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.own and self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- Redis ---------------------------------------------------------------------
+
+def redis(own: bool = True) -> Server:
+    """A private redis-server (``own=False`` accepts MSGD_TEST_REDIS or the
+    machine's instance on 6379, for tests that never stop it)."""
+    addr = _env_addr("MSGD_TEST_REDIS")
+    if addr and not own:
+        return Server("redis", *addr)
+    binary = which("redis-server")
+    if binary is None:
+        if not own and port_open("127.0.0.1", 6379):
+            return Server("redis", "127.0.0.1", 6379)
+        unavailable("redis-server is not installed (Debian package redis-server)")
+    d = tempfile.mkdtemp(prefix="msgd-redis-")
+    port = free_port()
+    srv = Server("redis", "127.0.0.1", port, dir=d, own=True, argv=[
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        "--dir", d, "--daemonize", "no", "--logfile", os.path.join(d, "redis.log")])
+    return srv.start()
+
+
+# -- LDAP ----------------------------------------------------------------------
+
+SLAPD_CONF = """\
+include {schema}/core.schema
+include {schema}/cosine.schema
+include {schema}/inetorgperson.schema
+include {schema}/nis.schema
+pidfile {dir}/slapd.pid
+argsfile {dir}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+database mdb
+maxsize 104857600
+suffix "{suffix}"
+rootdn "cn=admin,{suffix}"
+rootpw {password}
+directory {dir}/data
+index objectClass eq
+index uid eq
+index member eq
+"""
+
+
+def slapd(suffix: str = "dc=example,dc=org", password: str = "secret", ldif: str = "") -> Server:
+    """A private slapd with ``suffix``; ``ldif`` is added with ldapadd.
+    ``extra``: ``base``, ``bind_dn``, ``password``."""
+    addr = _env_addr("MSGD_TEST_LDAP")
+    if addr:
+        return Server("slapd", *addr, extra={"base": suffix, "bind_dn": f"cn=admin,{suffix}", "password": password})
+    binary, ldapadd = which("slapd"), which("ldapadd")
+    if binary is None or ldapadd is None:
+        unavailable("slapd/ldapadd are not installed (Debian packages slapd, ldap-utils)")
+    d = tempfile.mkdtemp(prefix="msgd-slapd-")
+    os.makedirs(os.path.join(d, "data"))
+    with open(os.path.join(d, "slapd.conf"), "w") as f:
+        f.write(SLAPD_CONF.format(schema="/etc/ldap/schema", dir=d, suffix=suffix, password=password))
+    port = free_port()
+    url = f"ldap://127.0.0.1:{port}/"
+    srv = Server("slapd", "127.0.0.1", port, dir=d, own=True, pidfile=os.path.join(d, "slapd.pid"),
+                 argv=[binary, "-d", "0", "-f", os.path.join(d, "slapd.conf"), "-h", url],
+                 extra={"base": suffix, "bind_dn": f"cn=admin,{suffix}", "password": password, "url": url})
+    srv.start()
+    dc = suffix.split(",")[0].split("=")[1]
+    base = f"dn: {suffix}\nobjectClass: dcObject\nobjectClass: organization\no: {dc}\ndc: {dc}\n"
+    _ldapadd(srv, base + ("\n" + ldif if ldif else ""))
+    return srv
+
+
+def _ldapadd(srv: Server, ldif: str) -> None:
+    subprocess.run([which("ldapadd"), "-x", "-H", f"ldap://127.0.0.1:{srv.port}/", "-D", srv.extra["bind_dn"],
+                    "-w", srv.extra["password"]], input=ldif.encode(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+
+
+# -- POP3 ----------------------------------------------------------------------
+
+DOVECOT_CONF = """\
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain apop
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot.log
+default_login_user = {login_user}
+default_internal_user = {internal_user}
+default_internal_group = {group}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {dir}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={user} gid={group} home={dir}/home/%u
+}}
+mail_location = maildir:~/Maildir
+pop3_uidl_format = %g
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service pop3-login {{
+  chroot =
+}}
+"""
+
+
+def dovecot(users: dict[str, str] | None = None) -> Server:
+    """A private dovecot serving POP3 for ``users`` ({name: password}).
+    ``extra['maildir'](user)`` is the user's Maildir, to deliver into."""
+    binary = which("dovecot")
+    if binary is None:
+        unavailable("dovecot is not installed (Debian packages dovecot-core, dovecot-pop3d)")
+    users = users or {"alice": "secret"}
+    d = tempfile.mkdtemp(prefix="msgd-dovecot-")
+    os.chmod(d, 0o755)
+    for sub in ("run", "state", "home"):
+        os.makedirs(os.path.join(d, sub))
+    import grp
+    import pwd
+    if os.getuid() == 0:
+        # dovecot refuses to run its login processes as root: use the package's
+        # users, and let mail belong to nobody
+        login_user, internal_user, me, group = "dovenull", "dovecot", "nobody", "nogroup"
+    else:
+        me = login_user = internal_user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(os.getgid()).gr_name
+    with open(os.path.join(d, "passwd"), "w") as f:
+        for u, p in users.items():
+            f.write(f"{u}:{{PLAIN}}{p}::::::\n")
+    owner = (pwd.getpwnam(me).pw_uid, grp.getgrnam(group).gr_gid)
+    for u in users:
+        for sub in ("", "Maildir", "Maildir/cur", "Maildir/new", "Maildir/tmp"):
+            p = os.path.join(d, "home", u, sub)
+            os.makedirs(p, exist_ok=True)
+            os.chown(p, *owner)
+    port = free_port()
+    conf = os.path.join(d, "dovecot.conf")
+    with open(conf, "w") as f:
+        f.write(DOVECOT_CONF.format(dir=d, port=port, user=me, group=group,
+                                    login_user=login_user, internal_user=internal_user))
+    srv = Server("dovecot", "127.0.0.1", port, dir=d, own=True, pidfile=os.path.join(d, "run", "master.pid"),
+                 argv=[binary, "-F", "-c", conf],
+                 extra={"users": users, "maildir": lambda u: os.path.join(d, "home", u, "Maildir"),
+                        "owner": owner})
+    return srv.start()
+
+
+def deliver(srv: Server, user: str, message: bytes) -> str:
+    """Put ``message`` into ``user``'s Maildir (as a local delivery agent
+    would); returns its file name."""
+    md = srv.extra["maildir"](user)
+    name = f"{time.time_ns()}.{os.getpid()}.msgd"
+    tmp = os.path.join(md, "tmp", name)
+    with open(tmp, "wb") as f:
+        f.write(message)
+    os.chown(tmp, *srv.extra["owner"])
+    os.rename(tmp, os.path.join(md, "new", name))
+    return name
+
+
+# -- STOMP (RabbitMQ) ------------------------------------------------------------
+
+def stomp_broker() -> Server:
+    """RabbitMQ's STOMP listener: MSGD_TEST_STOMP, else the machine's
+    RabbitMQ on 61613 (the plugin is enabled when it is off)."""
+    addr = _env_addr("MSGD_TEST_STOMP") or ("127.0.0.1", 61613)
+    if port_open(*addr):
+        return Server("rabbitmq-stomp", *addr, extra={"login": "guest", "passcode": "guest", "vhost": "/"})
+    plugins = which("rabbitmq-plugins")
+    if plugins and port_open("127.0.0.1", 5672):
+        subprocess.run([plugins, "enable", "--quiet", "rabbitmq_stomp"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        try:
+            wait_port(*addr, timeout=20)
+            return Server("rabbitmq-stomp", *addr, extra={"login": "guest", "passcode": "guest", "vhost": "/"})
+        except RuntimeError:
+            pass
+    unavailable(f"no STOMP broker at {addr[0]}:{addr[1]} (RabbitMQ with rabbitmq_stomp)")
+
+
+# -- PostgreSQL --------------------------------------------------------------------
+
+def postgres() -> Server:
+    """MSGD_TEST_POSTGRES (a libpq DSN), else the machine's PostgreSQL on
+    5432.  ``extra['dsn']`` is the DSN."""
+    dsn = os.environ.get("MSGD_TEST_POSTGRES")
+    if dsn:
+        return Server("postgres", "", 0, extra={"dsn": dsn})
+    if port_open("127.0.0.1", 5432):
+        return Server("postgres", "127.0.0.1", 5432,
+                      extra={"dsn": "host=127.0.0.1 port=5432 user=postgres dbname=postgres"})
+    unavailable("no PostgreSQL at 127.0.0.1:5432 and MSGD_TEST_POSTGRES is not set")

@@ -1,0 +1,142 @@
+import json
+import socket
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.trial import unittest
+
+from tests.helpers import http, http_port, make_node, rpc
+
+INI = """
+[node]
+name = web-test
+request_timeout = 5s
+
+[interface:web]
+type = http
+endpoint = tcp:0:interface=127.0.0.1
+max_body = 2KiB
+max_batch = 5
+"""
+
+APPS = {
+    "m.py": '''
+from msgd import api
+calls = []
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+async def slow(seconds: float):
+    await api.sleep(seconds)
+    return "done"
+
+async def hold():
+    calls.append("started")
+    try:
+        await api.sleep(30)
+    except BaseException:
+        calls.append("cancelled")
+        raise
+''',
+}
+
+
+class HTTPTests(unittest.TestCase):
+    def setUp(self):
+        self.node = make_node(self, INI, APPS)
+        self.port = http_port(self.node)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @defer.inlineCallbacks
+    def test_call(self):
+        out = yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})
+        self.assertEqual(out, {"jsonrpc": "2.0", "result": 5, "id": 1})
+
+    @defer.inlineCallbacks
+    def test_batch_and_notification(self):
+        out = yield rpc(self.port, [{"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [1, 1]},
+                                    {"jsonrpc": "2.0", "method": "m.add", "params": [1, 1]},
+                                    {"jsonrpc": "2.0", "id": 2, "method": "m.add", "params": {"a": 1, "b": "x"}}])
+        self.assertEqual(out[0]["result"], 2)
+        self.assertEqual(out[1]["error"]["code"], -32602)
+        self.assertEqual(len(out), 2)
+        none = yield rpc(self.port, {"jsonrpc": "2.0", "method": "m.add", "params": [1, 1]})
+        self.assertIsNone(none)
+
+    @defer.inlineCallbacks
+    def test_errors_do_not_affect_others(self):
+        slow = rpc(self.port, {"jsonrpc": "2.0", "id": 9, "method": "m.slow", "params": [0.2]})
+        for bad in [b"{not json", b"", b'{"jsonrpc":"2.0","method":5,"id":1}', b"[]"]:
+            out = yield rpc(self.port, bad, raw=True)
+            self.assertIn(out["error"]["code"], (-32700, -32600))
+        out = yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "nope.nope"})
+        self.assertEqual(out["error"]["code"], -32601)
+        out = yield slow
+        self.assertEqual(out["result"], "done")
+
+    @defer.inlineCallbacks
+    def test_batch_limit(self):
+        out = yield rpc(self.port, [{"jsonrpc": "2.0", "id": i, "method": "m.add", "params": [1, 1]}
+                                    for i in range(6)])
+        self.assertEqual(out["error"]["code"], -32004)
+
+    @defer.inlineCallbacks
+    def test_body_too_large(self):
+        code, _, body = yield http("POST", self.url + "/rpc", b"[" + b" " * 4000 + b"]")
+        self.assertEqual(code, 413)
+        self.assertEqual(json.loads(body)["error"]["code"], -32004)
+        out = yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})
+        self.assertEqual(out["result"], 5)
+
+    @defer.inlineCallbacks
+    def test_get_rpc_is_405(self):
+        code, headers, _ = yield http("GET", self.url + "/rpc")
+        self.assertEqual(code, 405)
+
+    @defer.inlineCallbacks
+    def test_health(self):
+        code, headers, body = yield http("GET", self.url + "/health")
+        self.assertEqual(code, 200)
+        h = json.loads(body)
+        self.assertEqual(h["node"], "web-test")
+        self.assertEqual(h["status"], "ok")
+        self.assertIn("m", h["modules"])
+        self.assertEqual(h["interfaces"]["web"]["type"], "http")
+        self.assertEqual(h["load_errors"], {})
+
+    @defer.inlineCallbacks
+    def test_metrics(self):
+        yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})
+        code, headers, body = yield http("GET", self.url + "/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(b'msgd_requests_total{interface="web",outcome="ok",target="m.add"} 1.0', body)
+        self.assertIn(b"msgd_request_duration_seconds_bucket", body)
+        self.assertIn(b'msgd_app_reloads_total{module="m"} 1.0', body)
+
+    @defer.inlineCallbacks
+    def test_index(self):
+        code, _, body = yield http("GET", self.url + "/")
+        self.assertEqual(code, 200)
+        self.assertIn(b"m.add", body)
+        code, _, _ = yield http("GET", self.url + "/nothing-here")
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_client_disconnect_cancels_call(self):
+        mod = self.node.apps.modules["m"].module
+        body = b'{"jsonrpc":"2.0","id":1,"method":"m.hold"}'
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(200):
+            if mod.calls:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(mod.calls, ["started"])
+        s.close()
+        for _ in range(200):
+            if len(mod.calls) > 1:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(mod.calls, ["started", "cancelled"])
+        self.assertEqual(self.node.dispatcher.in_flight, 0)

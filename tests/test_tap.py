@@ -1,0 +1,131 @@
+"""End to end, as a user runs it: twistd processes, signals, live edits."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.helpers import ROOT
+from tests.process import TWISTD, NodeProcess, call, post
+from tests.servers import free_port, port_open
+
+INI = """
+[node]
+name = proc
+reload_interval = 0.2s
+drain_timeout = 10s
+
+[interface:web]
+type = http
+endpoint = tcp:{port}:interface=127.0.0.1
+"""
+
+APP = '''
+from msgd import api
+
+def version():
+    return 1
+
+async def slow(seconds: float):
+    await api.sleep(seconds)
+    return "finished"
+'''
+
+
+def poll(predicate, timeout=10.0, step=0.05):
+    """Wait until ``predicate()`` is truthy (bounded); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+class PluginTests(unittest.TestCase):
+    def test_twistd_lists_msgd(self):
+        out = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, cwd="/", timeout=60)
+        self.assertIn("msgd", out.stdout)
+
+    def test_bad_config_is_one_line_and_nothing_listens(self):
+        base = os.path.abspath(self.mktemp())
+        port = free_port()
+        bad = INI + "endpont = tcp:1\n"
+        node = NodeProcess(base, bad, port=port)
+        node.start(wait=False)
+        self.addCleanup(node.stop)
+        code = node.wait(30)
+        stderr = node.proc.stderr.read().decode().strip()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(stderr.splitlines(),
+                         [f"msgd: {node.ini}: [interface:web] endpont: unknown key (did you mean 'endpoint'?)"])
+        self.assertFalse(port_open("127.0.0.1", port))
+
+    def test_check_command(self):
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        ini = os.path.join(base, "n.ini")
+        with open(ini, "w") as f:
+            f.write("[node]\napps = apps\n[interface:web]\ntype = http\nendpoint = tcp:0\n")
+        # the check command validates without starting
+        out = subprocess.run([sys.executable, "-m", "msgd", "check", "-c", ini], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        with open(ini, "a") as f:
+            f.write("max_body = huge\n")
+        out = subprocess.run([sys.executable, "-m", "msgd", "check", "-c", ini], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("[interface:web] max_body:", out.stderr)
+
+    def test_port_in_use_stops_startup(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            node = NodeProcess(os.path.abspath(self.mktemp()), INI, {"m.py": APP}, port=port)
+            node.start(wait=False)
+            self.addCleanup(node.stop)
+            self.assertNotEqual(node.wait(30), 0)
+            self.assertIn("cannot listen", node.proc.stderr.read().decode() + node.output())
+
+
+class RunningNodeTests(unittest.TestCase):
+    def setUp(self):
+        self.node = NodeProcess(os.path.abspath(self.mktemp()), INI, {"m.py": APP}).start()
+        self.addCleanup(self.node.stop)
+
+    def test_live_reload_syntax_error_and_new_module(self):
+        port = self.node.port
+        self.assertEqual(call(port, "m.version")["result"], 1)
+        self.node.write_app("m.py", APP.replace("return 1", "return 2"))
+        self.assertTrue(poll(lambda: call(port, "m.version").get("result") == 2, timeout=5))
+
+        self.node.write_app("m.py", APP.replace("def version():", "def version(:"))
+        self.assertTrue(poll(lambda: "failed to load" in self.node.output(), timeout=5))
+        self.assertEqual(call(port, "m.version")["result"], 2)     # old version still answers
+        self.assertIn(os.path.join(self.node.base, "apps", "m.py") + ":4", self.node.output())
+
+        self.assertEqual(call(port, "extra.hello")["error"]["code"], -32601)
+        self.node.write_app("extra.py", "def hello():\n    return 'hi'\n")
+        self.assertTrue(poll(lambda: call(port, "extra.hello").get("result") == "hi", timeout=5))
+
+    def test_sigterm_drains_in_flight_requests(self):
+        port = self.node.port
+        results = []
+        t = threading.Thread(target=lambda: results.append(call(port, "m.slow", 1.0, timeout=20)))
+        t.start()
+        import urllib.request
+        def in_flight():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                return b'msgd_requests_in_flight{interface="web"} 1.0' in r.read()
+        self.assertTrue(poll(in_flight, timeout=5))
+        self.node.signal()
+        t.join(20)
+        self.assertEqual(results, [{"jsonrpc": "2.0", "result": "finished", "id": 1}])
+        self.assertEqual(self.node.wait(20), 0)
+        self.assertFalse(port_open("127.0.0.1", port))
