@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["msgd", "msgd.*"]) + ["twisted.plugins"],
-    package_data={"msgd": ["web/*"], "twisted": ["plugins/msgd_plugin.py"]},
+    package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"], "twisted": ["plugins/msgd_plugin.py"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=24.11",

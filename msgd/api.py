@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from msgd.core import errors
 from msgd.core.dispatch import BLOCKING_ATTR
 from msgd.core.request import Request, current
+from msgd.core.transaction import Transaction, TransactionFailed
 
 AppError = errors.ApplicationError
 Unauthorized = errors.Unauthorized
@@ -37,8 +38,9 @@ Unavailable = errors.Unavailable
 MsgdError = errors.MsgdError
 
 __all__ = [
-    "request", "blocking", "adapter", "peer", "publish", "call", "services", "sleep",
+    "request", "blocking", "adapter", "peer", "publish", "call", "services", "sleep", "transaction",
     "AppError", "Unauthorized", "InvalidParams", "NotFound", "Timeout", "Unavailable", "MsgdError",
+    "TransactionFailed",
 ]
 
 
@@ -66,6 +68,18 @@ def services():
 def adapter(name: str):
     """The adapter declared as ``[adapter:NAME]``."""
     return services().adapter(name)
+
+
+def transaction() -> Transaction:
+    """A :class:`~msgd.core.transaction.Transaction`: add adapter calls with
+    ``.add(name, fn, *args)``, then ``await .execute()`` runs them in
+    parallel and gives all results by name, or fails as a whole naming the
+    participant that failed, within the request's deadline.  Not a
+    two-phase commit: what succeeded is not undone (see docs/adapters.rst)."""
+    req = current.get()
+    if req is None:
+        return Transaction()
+    return Transaction(req.clock, req.deadline, req.id)
 
 
 def peer(name: str):

@@ -25,6 +25,7 @@ from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
 from msgd.core.jsonrpc import JSONRPC
 from msgd.core.metrics import Metrics
+from msgd.core.pubsub import Broker
 from msgd.core.request import Request
 
 
@@ -47,7 +48,9 @@ class NodeService(MultiService):
         self.interfaces: dict = {}
         self.adapters: dict = {}
         self.peers: dict = {}
-        self.pubsub = None
+        self.pubsub = Broker(reactor, config.pubsub.history_size, config.pubsub.history_age,
+                             overrides=[(p, c.history_size, c.history_age) for p, c in config.channels],
+                             metrics=self.metrics)
         self.started_at = None
         self._apps_loaded = False
         for comp in config.interfaces:
@@ -84,6 +87,7 @@ class NodeService(MultiService):
         self.threadpool.start()
         self.load_apps()
         self.apps.start()
+        self.pubsub.start()
         super().startService()
         self.log.info("node {node} started: {interfaces} interface(s), {modules} app module(s)",
                       node=self.name_, interfaces=len(self.interfaces), modules=len(self.apps.modules))
@@ -110,6 +114,7 @@ class NodeService(MultiService):
         # interfaces (connections), then adapters and peers: reverse of start order
         yield super().stopService()
         self.apps.stop()
+        self.pubsub.stop()
         if self.threadpool.started:
             self.threadpool.stop()   # waits for blocking calls still running past the drain
         self.log.info("node {node} stopped", node=self.name_)

@@ -10,9 +10,16 @@ import importlib
 
 INTERFACES = {
     "http": "msgd.interfaces.http:HTTPInterface",
+    "dirwatch": "msgd.interfaces.dirwatch:DirWatch",
+    "pop3": "msgd.interfaces.pop3:POP3Poller",
 }
 
 ADAPTERS: dict = {
+    "redis": "msgd.adapters.redis:RedisAdapter",
+    "ldap": "msgd.adapters.ldap:LDAPAdapter",
+    "sql": "msgd.adapters.sql:SQLAdapter",
+    "smtp": "msgd.adapters.smtp:SMTPAdapter",
+    "http": "msgd.adapters.http:HTTPAdapter",
 }
 
 

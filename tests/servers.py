@@ -238,9 +238,10 @@ def _ldapadd(srv: Server, ldif: str) -> None:
 DOVECOT_CONF = """\
 protocols = pop3
 listen = 127.0.0.1
-ssl = no
+ssl = {ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain apop
+auth_failure_delay = 0
 base_dir = {dir}/run
 state_dir = {dir}/state
 log_path = {dir}/dovecot.log
@@ -273,9 +274,25 @@ service pop3-login {{
 """
 
 
-def dovecot(users: dict[str, str] | None = None) -> Server:
+DOVECOT_TLS = """\
+ssl_cert = <{dir}/cert.pem
+ssl_key = <{dir}/key.pem
+service pop3-login {{
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
+  }}
+}}
+"""
+
+
+def dovecot(users: dict[str, str] | None = None, tls: bool = False) -> Server:
     """A private dovecot serving POP3 for ``users`` ({name: password}).
-    ``extra['maildir'](user)`` is the user's Maildir, to deliver into."""
+    ``extra['maildir'](user)`` is the user's Maildir, to deliver into.
+    ``tls``: STLS on the plain port and POP3S on ``extra['tls_port']``, with
+    a self-signed certificate for 127.0.0.1 in ``extra['ca']`` (a PEM file,
+    alone in its directory ``extra['ca_dir']``)."""
     binary = which("dovecot")
     if binary is None:
         unavailable("dovecot is not installed (Debian packages dovecot-core, dovecot-pop3d)")
@@ -303,14 +320,25 @@ def dovecot(users: dict[str, str] | None = None) -> Server:
             os.makedirs(p, exist_ok=True)
             os.chown(p, *owner)
     port = free_port()
+    extra = {"users": users, "maildir": lambda u: os.path.join(d, "home", u, "Maildir"), "owner": owner}
     conf = os.path.join(d, "dovecot.conf")
     with open(conf, "w") as f:
-        f.write(DOVECOT_CONF.format(dir=d, port=port, user=me, group=group,
+        f.write(DOVECOT_CONF.format(dir=d, port=port, user=me, group=group, ssl="yes" if tls else "no",
                                     login_user=login_user, internal_user=internal_user))
+        if tls:
+            openssl = which("openssl")
+            if openssl is None:
+                unavailable("openssl is not installed (Debian package openssl)")
+            os.makedirs(os.path.join(d, "ca"))
+            subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                            "-keyout", os.path.join(d, "key.pem"), "-out", os.path.join(d, "cert.pem")],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            shutil.copy(os.path.join(d, "cert.pem"), os.path.join(d, "ca", "ca.pem"))
+            extra.update(tls_port=free_port(), ca=os.path.join(d, "ca", "ca.pem"), ca_dir=os.path.join(d, "ca"))
+            f.write(DOVECOT_TLS.format(dir=d, tls_port=extra["tls_port"]))
     srv = Server("dovecot", "127.0.0.1", port, dir=d, own=True, pidfile=os.path.join(d, "run", "master.pid"),
-                 argv=[binary, "-F", "-c", conf],
-                 extra={"users": users, "maildir": lambda u: os.path.join(d, "home", u, "Maildir"),
-                        "owner": owner})
+                 argv=[binary, "-F", "-c", conf], extra=extra)
     return srv.start()
 
 

@@ -115,10 +115,16 @@ class HTTPTests(unittest.TestCase):
         self.assertIn(b'msgd_app_reloads_total{module="m"} 1.0', body)
 
     @defer.inlineCallbacks
-    def test_index(self):
-        code, _, body = yield http("GET", self.url + "/")
+    def test_pages(self):
+        code, _, body = yield http("GET", self.url + "/targets")
         self.assertEqual(code, 200)
         self.assertIn(b"m.add", body)
+        code, headers, body = yield http("GET", self.url + "/")
+        self.assertEqual(code, 200)
+        self.assertIn(b"/msgd.js", body)
+        code, headers, body = yield http("GET", self.url + "/msgd.js")
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/javascript; charset=utf-8"])
+        self.assertIn(b"function connect", body)
         code, _, _ = yield http("GET", self.url + "/nothing-here")
         self.assertEqual(code, 404)
 

@@ -6,7 +6,9 @@ Paths on the Site::
                      HTTP 200 with a JSON-RPC answer, 204 when there is none
     GET  /health     JSON: node, uptime, interfaces, modules, load errors
     GET  /metrics    Prometheus text format
-    GET  /           a page listing the node's targets
+    GET  /           the chat demo page (msgd.js over /ws)
+    GET  /targets    a page listing the node's targets
+    GET  /msgd.js    the browser client (/msgd.mjs: as an ES module)
 
 Other interfaces mount on the same Site through :data:`MOUNTS` (WebSocket at
 ``/ws``, XML-RPC at ``/RPC2``, SOAP under ``/soap/``), each switched by a key
@@ -20,19 +22,30 @@ from __future__ import annotations
 
 import html
 import importlib
+import importlib.resources
 import json
 from dataclasses import dataclass
 
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
 
-from msgd.config import boolean, duration, integer, option, optional_duration, server_endpoint, size
+from msgd.config import boolean, duration, integer, option, optional_duration, server_endpoint, size, words
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
 
 # key -> (path segment, "module:factory"); factory(interface) -> Resource
-MOUNTS: dict[str, tuple[bytes, str]] = {}
+MOUNTS: dict[str, tuple[bytes, str]] = {
+    "websocket": (b"ws", "msgd.interfaces.websocket:make_resource"),
+    "xmlrpc": (b"RPC2", "msgd.interfaces.xmlrpc:XMLRPCResource"),
+    "soap": (b"soap", "msgd.interfaces.soap:SOAPResource"),
+}
+
+# How a protocol words the refusal of a body above max_body, told apart by the
+# request's headers (the body is never read): refuse(request, error) ->
+# (status line, content type, body), or None when the request is not its own.
+# XML-RPC and SOAP add theirs so their clients get a fault, not JSON.
+REFUSALS: list = []
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,21 @@ class Options:
     request_timeout: float | None = option(None, parse=optional_duration,
                                            doc="deadline of requests here (default: [node] request_timeout)")
     idle_timeout: float = option(120.0, parse=duration, doc="close HTTP connections idle this long")
+    xmlrpc: bool = option(True, parse=boolean, doc="serve XML-RPC at /RPC2")
+    xmlrpc_allow_none: bool = option(False, parse=boolean, doc="send None as the XML-RPC <nil/> extension")
+    xmlrpc_i8: bool = option(False, parse=boolean, doc="send integers past 32 bits as the XML-RPC <i8> extension")
+    soap: bool = option(True, parse=boolean, doc="serve SOAP 1.1/1.2 at /soap/MODULE (WSDL at ?wsdl)")
+    soap_address: str = option("", doc="base URL of /soap/ put in WSDLs (default: from each request)")
+    xml_max_depth: int = option(64, parse=integer(4, 1000), doc="deepest element nesting in XML-RPC and SOAP bodies")
+    websocket: bool = option(True, parse=boolean, doc="serve WebSocket (JSON-RPC, pub/sub, STOMP) at /ws")
+    ws_max_message: int = option(1024 * 1024, parse=size, doc="largest WebSocket message accepted")
+    ws_max_pending: int = option(1024 * 1024, parse=size,
+                                 doc="events queued for a client that does not read; past it the client is dropped")
+    ws_max_subscriptions: int = option(1000, parse=integer(1), doc="most subscriptions per connection")
+    ws_ping_interval: float = option(30.0, parse=duration, doc="keep-alive ping interval (0: none)")
+    ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
+    ws_origins: tuple = option(("*",), parse=words,
+                               doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
 
 
 class BoundedRequest(server.Request):
@@ -77,10 +105,12 @@ class BoundedRequest(server.Request):
 
     def _reject(self):
         self._rejected = True
-        body = dumps(error_response(errors.TooLarge(
-            f"request body larger than {self.channel.site.max_body} bytes")))
-        head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        error = errors.TooLarge(f"request body larger than {self.channel.site.max_body} bytes")
+        answer = next(filter(None, (refuse(self, error) for refuse in REFUSALS)), None)
+        status, ctype, body = answer or (b"413 Payload Too Large", b"application/json",
+                                         dumps(error_response(error)))
+        head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (status, ctype, len(body)))
         transport = self.channel.transport
         transport.write(head + body)
         transport.loseConnection()
@@ -190,8 +220,8 @@ class MetricsResource(resource.Resource):
         return self.node.metrics.render()
 
 
-class IndexResource(resource.Resource):
-    """``/``: what this node offers, for a person with a browser."""
+class TargetsResource(resource.Resource):
+    """``/targets``: what this node offers, for a person with a browser."""
 
     isLeaf = True
 
@@ -200,19 +230,36 @@ class IndexResource(resource.Resource):
         self.node = node
 
     def render_GET(self, request):
-        if request.postpath not in ([], [b""]):
-            return resource.NoResource().render(request)
         node = self.node
         rows = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in node.apps.targets())
         errs = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(str(e))}</li>"
                        for n, e in node.apps.errors().items())
         page = (f"<!doctype html><meta charset=utf-8><title>msgd {html.escape(node.name_)}</title>"
                 f"<h1>msgd node {html.escape(node.name_)}</h1>"
-                f"<p>JSON-RPC 2.0: <code>POST /rpc</code> &middot; <a href=/health>/health</a> &middot; "
-                f"<a href=/metrics>/metrics</a></p><h2>Targets</h2><ul>{rows}</ul>"
+                f"<p>JSON-RPC 2.0: <code>POST /rpc</code>, WebSocket <code>/ws</code> &middot; "
+                f"<a href=/health>/health</a> &middot; <a href=/metrics>/metrics</a></p>"
+                f"<h2>Targets</h2><ul>{rows}</ul>"
                 + (f"<h2>Load errors</h2><ul>{errs}</ul>" if errs else ""))
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return page.encode()
+
+
+class WebFile(resource.Resource):
+    """A file shipped in msgd/web, read once."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes):
+        super().__init__()
+        self.body = importlib.resources.files("msgd.web").joinpath(name).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        if request.postpath not in ([], [b""]):
+            return resource.NoResource().render(request)
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.body
 
 
 class Root(resource.Resource):
@@ -232,7 +279,10 @@ class HTTPInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
-        self.root = Root(IndexResource(node))
+        self.root = Root(WebFile("index.html", b"text/html; charset=utf-8"))
+        self.root.putChild(b"targets", TargetsResource(node))
+        self.root.putChild(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
+        self.root.putChild(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
         if options.jsonrpc:
             self.root.putChild(b"rpc", JSONRPCResource(self))
         if options.health:

@@ -1,0 +1,364 @@
+"""The pub/sub broker, transport-free.
+
+Channels are created on first use.  Every event gets a per-channel
+``offset`` (1, 2, 3, … — monotonic) and every channel has an ``epoch``: a
+random token that changes whenever the channel's history may have been lost
+(the channel was dropped while idle, the node restarted with the memory
+backend).  A subscriber that saw offset N of epoch E can resume with
+``since=N, epoch=E``: when the kept history still covers N+1 onwards it
+receives exactly the missed events (``recovered: true``), otherwise it is told
+``recovered: false`` and should reload its state.
+
+History is bounded per channel by count and age (``[pubsub] history_size``,
+``history_age``, overridable per pattern by ``[channel:PATTERN]`` sections).
+
+Subscriptions are to a channel (``chat.lobby``) or a pattern with shell-style
+wildcards (``news.*``).  Resuming (``since``) applies to channel subscriptions.
+
+A *subscriber* is any object with ``deliver(event)`` and a ``principal``
+attribute (for presence).  ``deliver`` is called in the reactor thread and
+must not block: transports queue the event's pre-encoded bytes
+(:meth:`Event.notification`, serialized once per event however many
+subscribers there are).
+
+Ordering: replayed events are delivered before the ``subscribe`` Deferred
+fires, and live events never interleave with a replay.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from msgd.core import errors
+from msgd.core.jsonrpc import dumps, param
+
+MAX_CHANNEL = 200
+_CHANNEL = re.compile(r"^[^\s*?\[\]]+$")
+_PATTERN = re.compile(r"^[^\s]+$")
+
+
+def is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def check_channel(name: Any, pattern_ok: bool = False) -> str:
+    if not isinstance(name, str) or not name or len(name) > MAX_CHANNEL:
+        raise errors.InvalidParams(f"channel must be a non-empty string of at most {MAX_CHANNEL} characters")
+    if not (_PATTERN if pattern_ok else _CHANNEL).match(name):
+        raise errors.InvalidParams(f"invalid channel name {name!r}" +
+                                   ("" if pattern_ok else " (wildcards are only for subscribing)"))
+    return name
+
+
+def new_epoch() -> str:
+    return os.urandom(6).hex()
+
+
+@dataclass(eq=False, slots=True)
+class Event:
+    channel: str
+    offset: int
+    epoch: str
+    data: Any
+    time: float
+    cache: dict = field(default_factory=dict)   # per-transport pre-encoded forms
+
+    def params(self) -> dict:
+        return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "data": self.data}
+
+    def notification(self) -> bytes:
+        """The JSON-RPC ``rpc.event`` notification, encoded once."""
+        b = self.cache.get("json")
+        if b is None:
+            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": "rpc.event", "params": self.params()})
+        return b
+
+    def data_json(self) -> bytes:
+        """Just the data, encoded once (STOMP bodies, SSE)."""
+        b = self.cache.get("data")
+        if b is None:
+            b = self.cache["data"] = dumps(self.data)
+        return b
+
+
+class Channel:
+    __slots__ = ("name", "epoch", "offset", "history", "subscribers", "max_size", "max_age", "last_used")
+
+    def __init__(self, name: str, max_size: int, max_age: float, now: float):
+        self.name = name
+        self.epoch = new_epoch()
+        self.offset = 0
+        self.history: deque[Event] = deque(maxlen=max_size)
+        self.subscribers: set = set()
+        self.max_size = max_size
+        self.max_age = max_age
+        self.last_used = now
+
+    def trim(self, now: float) -> None:
+        h = self.history
+        limit = now - self.max_age
+        while h and h[0].time < limit:
+            h.popleft()
+
+    def covers(self, since: int) -> bool:
+        """Can every event after ``since`` be replayed?"""
+        if since >= self.offset:
+            return since == self.offset
+        if since < 0:
+            return False
+        return bool(self.history) and self.history[0].offset <= since + 1
+
+
+class Broker:
+    """One node's pub/sub.  ``overrides`` is ``[(pattern, size|None, age|None)]``
+    for per-channel history; the first matching pattern wins."""
+
+    log = Logger()
+
+    def __init__(self, clock, history_size: int = 1000, history_age: float = 3600.0,
+                 overrides: Iterable[tuple[str, int | None, float | None]] = (), metrics=None,
+                 gc_interval: float = 60.0):
+        self.clock = clock
+        self.history_size = history_size
+        self.history_age = history_age
+        self.overrides = list(overrides)
+        self.channels: dict[str, Channel] = {}
+        self.patterns: dict[str, set] = {}
+        self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
+        self.gc_interval = gc_interval
+        self._gc: LoopingCall | None = None
+        self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
+        self._m = None
+        if metrics is not None:
+            self._m = (metrics.counter("msgd_pubsub_published_total", "Events published"),
+                       metrics.counter("msgd_pubsub_deliveries_total", "Events handed to subscribers"),
+                       metrics.gauge("msgd_pubsub_channels", "Channels in memory"),
+                       metrics.gauge("msgd_pubsub_subscriptions", "Subscriptions (channels and patterns)"))
+            self._m[2].set_function(lambda: len(self.channels))
+            self._m[3].set_function(lambda: sum(len(c.subscribers) for c in self.channels.values())
+                                    + sum(len(s) for s in self.patterns.values()))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.gc_interval:
+            self._gc = LoopingCall(self.collect)
+            self._gc.clock = self.clock
+            self._gc.start(self.gc_interval, now=False)
+
+    def stop(self) -> None:
+        if self._gc is not None and self._gc.running:
+            self._gc.stop()
+
+    def collect(self) -> int:
+        """Drop channels with no subscribers and no history left; returns how
+        many.  (Their epoch is gone with them: a later resume is told
+        ``recovered: false``.)"""
+        now = self.clock.seconds()
+        dead = []
+        for name, ch in self.channels.items():
+            ch.trim(now)
+            if not ch.subscribers and not ch.history and now - ch.last_used > self.gc_interval:
+                dead.append(name)
+        for name in dead:
+            del self.channels[name]
+            self._matches.pop(name, None)
+        return len(dead)
+
+    # -- channels ---------------------------------------------------------------
+
+    def _limits(self, name: str) -> tuple[int, float]:
+        for pattern, size, age in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return (self.history_size if size is None else size, self.history_age if age is None else age)
+        return self.history_size, self.history_age
+
+    def channel(self, name: str) -> Channel:
+        ch = self.channels.get(name)
+        if ch is None:
+            size, age = self._limits(name)
+            ch = self.channels[name] = Channel(name, size, age, self.clock.seconds())
+        return ch
+
+    def _patterns_for(self, name: str) -> list[str]:
+        m = self._matches.get(name)
+        if m is None:
+            m = self._matches[name] = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
+        return m
+
+    # -- subscribing ----------------------------------------------------------------
+
+    def subscribe(self, name: str, subscriber, since: int | None = None, epoch: str | None = None) -> defer.Deferred:
+        """Subscribe; fires with ``{"channel", "epoch", "offset", "recovered"}``
+        (epoch/offset only for channels).  Missed events since ``since`` are
+        delivered first when history covers them."""
+        if is_pattern(name):
+            check_channel(name, pattern_ok=True)
+            if name not in self.patterns:
+                self.patterns[name] = set()
+                self._matches.clear()
+            self.patterns[name].add(subscriber)
+            return defer.succeed({"channel": name, "pattern": True, "recovered": since is None})
+        check_channel(name)
+        ch = self.channel(name)
+        ch.last_used = self.clock.seconds()
+        recovered = since is None
+        if since is not None:
+            ch.trim(self.clock.seconds())
+            if (epoch is None or epoch == ch.epoch) and ch.covers(since):
+                recovered = True
+                for ev in list(ch.history):
+                    if ev.offset > since:
+                        subscriber.deliver(ev)
+        ch.subscribers.add(subscriber)
+        return defer.succeed({"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered})
+
+    def unsubscribe(self, name: str, subscriber) -> bool:
+        if is_pattern(name):
+            subs = self.patterns.get(name)
+            if not subs or subscriber not in subs:
+                return False
+            subs.discard(subscriber)
+            if not subs:
+                del self.patterns[name]
+                self._matches.clear()
+            return True
+        ch = self.channels.get(name)
+        if ch is None or subscriber not in ch.subscribers:
+            return False
+        ch.subscribers.discard(subscriber)
+        ch.last_used = self.clock.seconds()
+        return True
+
+    def unsubscribe_all(self, subscriber, names: Iterable[str]) -> None:
+        for name in list(names):
+            self.unsubscribe(name, subscriber)
+
+    # -- publishing --------------------------------------------------------------------
+
+    def publish(self, name: str, data: Any, principal=None) -> defer.Deferred:
+        """Publish ``data``; fires with the event's offset."""
+        check_channel(name)
+        try:
+            dumps(data)
+        except (TypeError, ValueError) as e:
+            raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
+        ch = self.channel(name)
+        now = self.clock.seconds()
+        ch.offset += 1
+        ev = Event(name, ch.offset, ch.epoch, data, now)
+        if ch.max_size:
+            ch.history.append(ev)
+            ch.trim(now)
+        ch.last_used = now
+        self.deliver(ev, ch)
+        for listener in self.listeners:
+            listener(ev)
+        return defer.succeed(ev.offset)
+
+    def deliver(self, ev: Event, ch: Channel | None = None) -> int:
+        """Hand ``ev`` to the channel's and the matching patterns'
+        subscribers (each once); returns how many."""
+        ch = ch or self.channels.get(ev.channel)
+        targets = ch.subscribers if ch is not None else set()
+        pats = self._patterns_for(ev.channel) if self.patterns else ()
+        if pats:
+            targets = set(targets)
+            for p in pats:
+                targets |= self.patterns.get(p, set())
+        n = 0
+        for sub in list(targets):
+            try:
+                sub.deliver(ev)
+                n += 1
+            except Exception:
+                self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=ev.channel)
+        if self._m is not None:
+            self._m[0].inc()
+            self._m[1].inc(n)
+        return n
+
+    def presence(self, name: str) -> dict:
+        check_channel(name)
+        ch = self.channels.get(name)
+        subs = ch.subscribers if ch is not None else ()
+        principals = sorted({_principal_name(s.principal) for s in subs if getattr(s, "principal", None)})
+        return {"channel": name, "count": len(subs), "principals": principals}
+
+    # -- JSON-RPC -------------------------------------------------------------------------
+
+    def http_builtins(self) -> dict:
+        """``rpc.*`` methods for transports without a connection (HTTP)."""
+        return {"rpc.publish": self._rpc_publish, "rpc.presence": self._rpc_presence}
+
+    def _rpc_publish(self, request, params):
+        channel = check_channel(param(params, "channel", 0, str))
+        data = param(params, "data", 1, required=False)
+        return self.publish(channel, data, principal=request.principal).addCallback(
+            lambda offset: {"channel": channel, "offset": offset})
+
+    def _rpc_presence(self, request, params):
+        return self.presence(param(params, "channel", 0, str))
+
+
+def _principal_name(p) -> str:
+    return str(getattr(p, "name", p))
+
+
+class Session:
+    """The pub/sub side of one connection (WebSocket, stream, STOMP…):
+    remembers its subscriptions so that they end with the connection, and
+    offers the connection-bound ``rpc.*`` methods."""
+
+    def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
+                 authorize: Callable | None = None):
+        self.broker = broker
+        self.subscriber = subscriber
+        self.names: set[str] = set()
+        self.max_subscriptions = max_subscriptions
+        self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
+
+    def builtins(self) -> dict:
+        return {"rpc.subscribe": self.rpc_subscribe, "rpc.unsubscribe": self.rpc_unsubscribe,
+                "rpc.publish": self.rpc_publish, "rpc.presence": self.rpc_presence}
+
+    def rpc_subscribe(self, request, params):
+        name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
+        since = param(params, "since", 1, int, required=False)
+        epoch = param(params, "epoch", 2, str, required=False)
+        if self.authorize is not None:
+            self.authorize(request, "subscribe", name)
+        return self.subscribe(name, since, epoch)
+
+    def subscribe(self, name: str, since=None, epoch=None) -> defer.Deferred:
+        if name not in self.names and len(self.names) >= self.max_subscriptions:
+            raise errors.TooLarge(f"at most {self.max_subscriptions} subscriptions per connection")
+        self.names.add(name)
+        return self.broker.subscribe(name, self.subscriber, since, epoch)
+
+    def rpc_unsubscribe(self, request, params):
+        name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
+        self.names.discard(name)
+        return {"channel": name, "unsubscribed": self.broker.unsubscribe(name, self.subscriber)}
+
+    def rpc_publish(self, request, params):
+        channel = check_channel(param(params, "channel", 0, str))
+        if self.authorize is not None:
+            self.authorize(request, "publish", channel)
+        return self.broker._rpc_publish(request, params)
+
+    def rpc_presence(self, request, params):
+        return self.broker.presence(param(params, "channel", 0, str))
+
+    def close(self) -> None:
+        self.broker.unsubscribe_all(self.subscriber, self.names)
+        self.names.clear()

@@ -1,0 +1,85 @@
+"""What the asynchronous inputs (``dirwatch``, ``pop3``) share: their
+metrics, crash-safe writes of small state files, and the one-line reason
+recorded when a handler fails.
+
+Both inputs are at-least-once: an item (a file, a mail) leaves its source
+only after the handler succeeded, so a crash at any moment can hand an item
+to the handler twice but never lose one.  See ``docs/ingest.rst``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from msgd.core import errors
+
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400)
+
+
+class IngestMetrics:
+    """The ``msgd_ingest_*`` series of one interface (label ``interface``)."""
+
+    def __init__(self, metrics, interface: str):
+        label = ["interface"]
+        self.taken = metrics.counter("msgd_ingest_taken_total", "Items handed to an ingest handler",
+                                     label).labels(interface)
+        self.succeeded = metrics.counter("msgd_ingest_succeeded_total", "Items whose handler succeeded",
+                                         label).labels(interface)
+        self.failed = metrics.counter("msgd_ingest_failed_total", "Items whose handler failed",
+                                      label).labels(interface)
+        self.in_flight = metrics.gauge("msgd_ingest_in_flight", "Items being handled now",
+                                       label).labels(interface)
+        self.lag = metrics.histogram("msgd_ingest_lag_seconds",
+                                     "Time from an item's arrival to its handler call",
+                                     label, buckets=LAG_BUCKETS).labels(interface)
+        self.errors = metrics.counter("msgd_ingest_errors_total",
+                                      "Errors of the input itself (connection, server, file system)",
+                                      label).labels(interface)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash (or power loss) leaves
+    either the old or the new content, never a mix: write a temp file in the
+    same directory, fsync it, rename it over ``path``, fsync the directory.
+    Blocking: call it through ``node.run_blocking``."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reason(failure: Failure | BaseException) -> str:
+    """One line saying why a handler failed, e.g. ``application_error
+    (-32000): bad total``.  Internal errors carry the request id that the
+    logged traceback carries too."""
+    exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, errors.MsgdError):
+        return f"{exc.name} ({exc.code}): {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def settle_within(deferreds, seconds: float, clock) -> defer.Deferred:
+    """Fires when every one of ``deferreds`` has fired, or after ``seconds``,
+    whichever is first; never cancels them (work cut short at stop is redone
+    at the next start, which is the at-least-once contract)."""
+    done = defer.Deferred()
+    timer = clock.callLater(seconds, lambda: done.called or done.callback(None))
+
+    def finished(_):
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+    defer.DeferredList(list(deferreds), consumeErrors=True).addBoth(finished)
+    return done

@@ -1,0 +1,240 @@
+"""WebSocket at ``/ws`` on an HTTP interface's Site (Autobahn on Twisted).
+
+Wire protocol (subprotocol ``jsonrpc``, or none)
+------------------------------------------------
+
+Every text message is one JSON-RPC 2.0 message (a call, a notification or a
+batch), answered as over HTTP.  App calls: ``{"jsonrpc":"2.0","id":1,
+"method":"orders.place","params":[…]}``.  Reserved methods:
+
+``rpc.subscribe {"channel": C, "since": N?, "epoch": E?}``
+    Subscribe to channel C (or a pattern such as ``news.*``).  With ``since``
+    (the last offset seen) and ``epoch``, the missed events are replayed —
+    *before* the answer — when history still covers them.  Answer:
+    ``{"channel", "epoch", "offset", "recovered"}``; ``recovered: false``
+    means events were lost: reload your state.
+``rpc.unsubscribe {"channel": C}``
+``rpc.publish {"channel": C, "data": D}``  → ``{"channel", "offset"}``
+``rpc.presence {"channel": C}``  → ``{"channel", "count", "principals"}``
+
+Events arrive as notifications::
+
+    {"jsonrpc":"2.0","method":"rpc.event","params":{"channel":C,"offset":N,"epoch":E,"data":D}}
+
+Subprotocols ``v12.stomp``, ``v11.stomp``, ``v10.stomp`` speak STOMP on the
+same endpoint when the STOMP interface module is installed.
+
+Limits: messages above ``ws_max_message`` close the connection (1009).  A
+client that does not read: while its socket buffer is full the node stops
+reading its requests, and events queue per connection up to
+``ws_max_pending`` bytes; past that it is closed with code 1008 and the reason
+``slow consumer``, counted in ``msgd_ws_dropped_total``.  Others are not
+affected.  Keep-alive pings every ``ws_ping_interval``; no pong within
+``ws_ping_timeout`` closes the connection.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from msgd.core import errors
+from msgd.core.jsonrpc import JSONRPC, dumps, error_response
+from msgd.core.pubsub import Session
+
+STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
+STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
+
+
+def _stomp_session_class():
+    modname, _, attr = STOMP_SESSION.partition(":")
+    try:
+        return getattr(importlib.import_module(modname), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+@implementer(IPushProducer)
+class MsgdWebSocket(WebSocketServerProtocol):
+    """One browser (or other client) connection."""
+
+    log = Logger()
+    principal = None
+    session = None
+    builtins = None
+    stomp = None
+    _paused = False
+    _backlog = None
+    _backlog_bytes = 0
+    _closing = False
+    _opened = False
+
+    # -- handshake -------------------------------------------------------------
+
+    def onConnect(self, request):
+        origins = self.factory.interface.options.ws_origins
+        origin = request.headers.get("origin")
+        if origin and "*" not in origins and not any(fnmatch.fnmatchcase(origin, p) for p in origins):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
+        offered = request.protocols
+        if not offered:
+            return None
+        for p in offered:
+            if p in STOMP_SUBPROTOCOLS and self.factory.stomp_class is not None:
+                self.stomp_version = p[1:3]
+                return p
+        if "jsonrpc" in offered:
+            return "jsonrpc"
+        raise ConnectionDeny(ConnectionDeny.BAD_REQUEST,
+                             f"unsupported subprotocol(s) {', '.join(offered)}; use jsonrpc")
+
+    def onOpen(self):
+        iface = self.factory.interface
+        iface.connection_opened(self.transport)
+        iface.ws_connections.inc()
+        self._opened = True
+        self.transport.unregisterProducer()     # twisted.web's HTTPChannel was the producer until now
+        self.transport.registerProducer(self, True)
+        if getattr(self, "stomp_version", None):
+            self.stomp = self.factory.stomp_class(
+                iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
+                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
+        else:
+            self.session = Session(iface.node.pubsub, self,
+                                   max_subscriptions=iface.options.ws_max_subscriptions)
+            self.builtins = self.session.builtins()
+
+    # -- requests ----------------------------------------------------------------
+
+    def onMessage(self, payload, isBinary):
+        if self.stomp is not None:
+            self.stomp.data_received(payload)
+            return
+        iface = self.factory.interface
+        node = iface.node
+        timeout = iface.timeout()
+        principal = self.principal
+
+        def make_request():
+            return node.new_request(iface.name, timeout=timeout, principal=principal)
+        if isBinary:
+            self._send_json(error_response(errors.InvalidRequest("binary messages are not JSON-RPC")))
+            return
+        d = self.factory.jsonrpc.handle(payload, make_request, self.builtins)
+        d.addCallback(self._answer)
+        d.addErrback(lambda f: self.log.failure("WebSocket message failed", f))
+
+    def _answer(self, data):
+        if data is not None and self.state == self.STATE_OPEN:
+            self.sendMessage(data, False)
+
+    def _send_json(self, obj):
+        self.sendMessage(dumps(obj), False)
+
+    # -- events --------------------------------------------------------------------
+
+    def deliver(self, event):
+        """Called by the broker for each event on a subscribed channel: the
+        frame is prepared once per event and written as is."""
+        if self.state != self.STATE_OPEN or self._closing:
+            return
+        frame = event.cache.get("ws")
+        if frame is None:
+            frame = event.cache["ws"] = self.factory.prepareMessage(event.notification()).payloadHybi
+        if self._paused:
+            self._queue(frame)
+        else:
+            self.transport.write(frame)
+
+    def _queue(self, frame: bytes):
+        if self._backlog is None:
+            self._backlog = []
+        self._backlog.append(frame)
+        self._backlog_bytes += len(frame)
+        limit = self.factory.interface.options.ws_max_pending
+        if self._backlog_bytes > limit:
+            self._drop_slow(limit)
+
+    def _drop_slow(self, limit):
+        iface = self.factory.interface
+        self._closing = True
+        self._backlog, self._backlog_bytes = None, 0
+        iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
+        self.log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
+                      peer=self.peer, limit=limit)
+        # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
+        # The close handshake timeout drops the connection when the client does not answer.
+        self.sendCloseFrame(1008, f"slow consumer: more than {limit} bytes unsent".encode())
+
+    # IPushProducer: the transport tells us when its buffer is full / drained
+    def pauseProducing(self):
+        self._paused = True
+        if self.transport is not None and hasattr(self.transport, "pauseProducing"):
+            self.transport.pauseProducing()     # stop reading requests from a client that doesn't read
+
+    def resumeProducing(self):
+        self._paused = False
+        if self._backlog:
+            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), None, 0
+            self.transport.write(data)
+        if self.transport is not None and hasattr(self.transport, "resumeProducing") and not self._closing:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        self._backlog, self._backlog_bytes = None, 0
+
+    # -- end -------------------------------------------------------------------------
+
+    def _stomp_close(self, reason: str = ""):
+        self.sendClose(1000, reason[:120] if reason else None)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.stomp is not None:
+            self.stomp.connection_lost()
+            self.stomp = None
+
+    def connectionLost(self, reason):
+        if self._opened:
+            self._opened = False
+            iface = self.factory.interface
+            iface.connection_closed(self.transport)
+            iface.ws_connections.dec()
+        super().connectionLost(reason)
+
+
+class MsgdWebSocketFactory(WebSocketServerFactory):
+    protocol = MsgdWebSocket
+
+    def __init__(self, interface):
+        super().__init__(url=None, server="msgd")
+        self.interface = interface
+        self.jsonrpc = JSONRPC(interface.node.dispatcher, max_batch=interface.options.max_batch)
+        self.stomp_class = _stomp_session_class()
+        o = interface.options
+        self.setProtocolOptions(
+            maxMessagePayloadSize=o.ws_max_message, maxFramePayloadSize=o.ws_max_message,
+            autoPingInterval=o.ws_ping_interval or 0, autoPingTimeout=o.ws_ping_timeout,
+            allowedOrigins=["*"],   # checked in onConnect: Autobahn's check also requires our port
+            allowNullOrigin=True,
+            openHandshakeTimeout=10, closeHandshakeTimeout=1,
+            tcpNoDelay=True,
+        )
+
+
+def make_resource(interface):
+    m = interface.node.metrics
+    interface.ws_connections = m.gauge("msgd_ws_connections", "Open WebSocket connections",
+                                       ["interface"]).labels(interface.name)
+    interface.ws_dropped = m.counter("msgd_ws_dropped_total", "WebSocket connections closed by the node",
+                                     ["interface", "reason"])
+    return WebSocketResource(MsgdWebSocketFactory(interface))

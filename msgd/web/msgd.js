@@ -1,0 +1,263 @@
+/* msgd.js — the browser client of msgd (no build step).
+ *
+ * As a plain script:  <script src="/msgd.js"></script>   → window.msgd
+ * As an ES module:    import { connect } from "/msgd.mjs";
+ *
+ *   const client = msgd.connect();                 // ws(s)://<this host>/ws
+ *   client.on("state", (s) => console.log(s));     // connecting | open | reconnecting | closed | refused
+ *   const order = await client.call("orders.place", ["book", 2], { timeout: 5000 });
+ *   await client.subscribe("chat.lobby", (data, ev) => show(data));
+ *   client.on("gap", (channel, info) => reload(channel));   // history could not cover a reconnect
+ *   await client.publish("chat.lobby", { text: "hi" });
+ *
+ * Reconnects with exponential back-off and jitter, re-subscribes, and resumes
+ * each channel from the last offset it delivered, so no event is missed or
+ * delivered twice while the node's history covers the gap ("gap" otherwise).
+ * Calls made while disconnected wait for the connection (or their timeout).
+ * A close code 4000–4099 (authentication refused) stops the retries.
+ * See docs/browser-client.rst.
+ */
+(function (root) {
+  "use strict";
+
+  class RpcError extends Error {
+    constructor(error) {
+      super(error.message);
+      this.name = "RpcError";
+      this.code = error.code;
+      this.data = error.data;
+    }
+  }
+
+  function defaultUrl() {
+    const loc = root.location;
+    return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
+  }
+
+  class Client {
+    constructor(url, options) {
+      this.url = url || defaultUrl();
+      this.options = Object.assign({
+        timeout: 30000,        // default call timeout (ms)
+        minDelay: 250,         // first reconnect delay (ms)
+        maxDelay: 30000,       // longest reconnect delay (ms)
+        protocols: ["jsonrpc"],
+        WebSocket: root.WebSocket,
+      }, options || {});
+      this.state = "connecting";
+      this.ws = null;
+      this.nextId = 1;
+      this.pending = new Map();     // id -> {resolve, reject, timer, message}
+      this.queue = [];              // messages waiting for the connection
+      this.channels = new Map();    // name -> {handlers:Set, epoch, offset, pattern}
+      this.listeners = { state: new Set(), gap: new Set(), error: new Set() };
+      this.attempt = 0;
+      this.closedByUser = false;
+      this._open();
+    }
+
+    on(what, fn) { this.listeners[what].add(fn); return () => this.listeners[what].delete(fn); }
+
+    _emit(what, ...args) {
+      for (const fn of this.listeners[what]) {
+        try { fn(...args); } catch (e) { console.error("msgd listener failed", e); }
+      }
+    }
+
+    _setState(s, detail) {
+      if (this.state === s) return;
+      this.state = s;
+      this._emit("state", s, detail);
+    }
+
+    _open() {
+      this._setState(this.attempt ? "reconnecting" : "connecting");
+      let ws;
+      try {
+        ws = new this.options.WebSocket(this.url, this.options.protocols);
+      } catch (e) {
+        this._scheduleReconnect();
+        return;
+      }
+      this.ws = ws;
+      ws.onopen = () => this._onOpen();
+      ws.onmessage = (m) => this._onMessage(m.data);
+      ws.onclose = (e) => this._onClose(e);
+      ws.onerror = () => {};   // onclose follows
+    }
+
+    _onOpen() {
+      this.attempt = 0;
+      this._setState("open");
+      // re-subscribe first, resuming where each channel left off (those whose
+      // first subscribe is still queued go out with the queue)
+      for (const [name, ch] of this.channels) if (!ch.inflight) this._sendSubscribe(name, ch);
+      const queued = this.queue;
+      this.queue = [];
+      for (const msg of queued) this.ws.send(msg);
+    }
+
+    _onClose(e) {
+      this.ws = null;
+      // calls in flight on the lost socket cannot be answered any more
+      for (const [id, p] of this.pending) {
+        if (p.sent) {
+          clearTimeout(p.timer);
+          this.pending.delete(id);
+          p.reject(new RpcError({ code: -32003, message: "connection lost before the answer" }));
+        }
+      }
+      if (this.closedByUser) { this._setState("closed"); return; }
+      if (e && e.code >= 4000 && e.code < 4100) {
+        this._setState("refused", { code: e.code, reason: e.reason });
+        this._failQueued({ code: -32001, message: e.reason || "refused" });
+        return;
+      }
+      this._scheduleReconnect();
+    }
+
+    _scheduleReconnect() {
+      this._setState("reconnecting");
+      const o = this.options;
+      const ceiling = Math.min(o.maxDelay, o.minDelay * Math.pow(2, this.attempt));
+      const delay = ceiling / 2 + Math.random() * ceiling / 2;    // jitter
+      this.attempt += 1;
+      this._timer = setTimeout(() => this._open(), delay);
+    }
+
+    _failQueued(error) {
+      for (const [id, p] of this.pending) {
+        clearTimeout(p.timer);
+        p.reject(new RpcError(error));
+      }
+      this.pending.clear();
+      this.queue = [];
+    }
+
+    _onMessage(text) {
+      let msg;
+      try { msg = JSON.parse(text); } catch (e) { this._emit("error", e); return; }
+      const items = Array.isArray(msg) ? msg : [msg];
+      for (const m of items) {
+        if (m.method === "rpc.event") this._onEvent(m.params);
+        else if (m.id !== undefined && m.id !== null) this._onAnswer(m);
+        else if (m.error) this._emit("error", new RpcError(m.error));
+      }
+    }
+
+    _onAnswer(m) {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      clearTimeout(p.timer);
+      if (m.error) p.reject(new RpcError(m.error));
+      else p.resolve(m.result);
+    }
+
+    _onEvent(ev) {
+      const direct = this.channels.get(ev.channel);
+      const targets = [];
+      if (direct) targets.push(direct);
+      for (const [name, ch] of this.channels) {
+        if (ch.pattern && ch.regex.test(ev.channel)) targets.push(ch);
+      }
+      // de-duplicate: one position per channel (kept on the direct subscription,
+      // or on a per-channel record for pattern subscriptions)
+      const pos = direct || this._patternPosition(ev.channel);
+      if (pos.epoch === ev.epoch && ev.offset <= pos.offset) return;   // already delivered
+      pos.epoch = ev.epoch;
+      pos.offset = ev.offset;
+      for (const ch of targets) {
+        for (const fn of ch.handlers) {
+          try { fn(ev.data, ev); } catch (e) { console.error("msgd event handler failed", e); }
+        }
+      }
+    }
+
+    _patternPosition(channel) {
+      if (!this._positions) this._positions = new Map();
+      let p = this._positions.get(channel);
+      if (!p) { p = { epoch: null, offset: 0 }; this._positions.set(channel, p); }
+      return p;
+    }
+
+    _send(method, params, timeout) {
+      const id = this.nextId++;
+      const message = JSON.stringify({ jsonrpc: "2.0", id, method, params });
+      return new Promise((resolve, reject) => {
+        const ms = timeout === undefined ? this.options.timeout : timeout;
+        const p = { resolve, reject, sent: false };
+        p.timer = setTimeout(() => {
+          this.pending.delete(id);
+          reject(new RpcError({ code: -32002, message: "timed out waiting for the answer" }));
+        }, ms);
+        this.pending.set(id, p);
+        if (this.ws && this.ws.readyState === 1) {
+          p.sent = true;
+          this.ws.send(message);
+        } else {
+          this.queue.push(message);
+          p.sent = true;   // it will be sent on open; a loss after that rejects it
+        }
+      });
+    }
+
+    call(method, params, options) {
+      return this._send(method, params === undefined ? [] : params, options && options.timeout);
+    }
+
+    _sendSubscribe(name, ch) {
+      const params = { channel: name };
+      if (!ch.pattern && ch.epoch !== null) { params.since = ch.offset; params.epoch = ch.epoch; }
+      ch.inflight = true;
+      return this._send("rpc.subscribe", params).then((info) => {
+        ch.inflight = false;
+        if (!ch.pattern) {
+          if (params.since !== undefined && !info.recovered) {
+            this._emit("gap", name, info);
+          }
+          // replayed events arrived before this answer and moved ch.offset on
+          if (ch.epoch !== info.epoch || !info.recovered) { ch.epoch = info.epoch; ch.offset = info.offset; }
+        }
+        return info;
+      }, (err) => { ch.inflight = false; throw err; });
+    }
+
+    subscribe(name, handler) {
+      let ch = this.channels.get(name);
+      if (ch) { ch.handlers.add(handler); return Promise.resolve({ channel: name, already: true }); }
+      const pattern = /[*?[]/.test(name);
+      ch = { handlers: new Set([handler]), epoch: null, offset: 0, pattern };
+      if (pattern) {
+        const re = name.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+        ch.regex = new RegExp("^" + re + "$");
+      }
+      this.channels.set(name, ch);
+      return this._sendSubscribe(name, ch);
+    }
+
+    unsubscribe(name, handler) {
+      const ch = this.channels.get(name);
+      if (!ch) return Promise.resolve(false);
+      if (handler) ch.handlers.delete(handler);
+      if (handler && ch.handlers.size) return Promise.resolve(true);
+      this.channels.delete(name);
+      return this.call("rpc.unsubscribe", { channel: name });
+    }
+
+    publish(channel, data) { return this.call("rpc.publish", { channel, data }); }
+
+    presence(channel) { return this.call("rpc.presence", { channel }); }
+
+    close() {
+      this.closedByUser = true;
+      clearTimeout(this._timer);
+      if (this.ws) this.ws.close(1000);
+      else this._setState("closed");
+    }
+  }
+
+  function connect(url, options) { return new Client(url, options); }
+
+  root.msgd = { connect, Client, RpcError };
+})(typeof globalThis !== "undefined" ? globalThis : this);

@@ -1,0 +1,209 @@
+"""The LDAP adapter against a real slapd (tests/servers.py) in a real node:
+operations, filter escaping, search-then-bind, groups → roles, the
+directory app, not blocking the reactor, and the faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from msgd.adapters import base
+from msgd.adapters.ldap import ldap_dn, ldap_filter
+from msgd.core import errors
+
+from tests import servers
+from tests.helpers import ROOT, make_node
+from tests.test_adapter_redis import eventually, hung_listener
+
+BASE = "dc=example,dc=org"
+LDIF = f"""\
+dn: ou=people,{BASE}
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=groups,{BASE}
+objectClass: organizationalUnit
+ou: groups
+
+dn: uid=ann,ou=people,{BASE}
+objectClass: inetOrgPerson
+uid: ann
+cn: Ann Smith
+sn: Smith
+mail: ann@example.org
+userPassword: annpw
+
+dn: uid=bob,ou=people,{BASE}
+objectClass: inetOrgPerson
+uid: bob
+cn: Bob Jones
+sn: Jones
+userPassword: bobpw
+
+dn: cn=admins,ou=groups,{BASE}
+objectClass: groupOfNames
+cn: admins
+member: uid=ann,ou=people,{BASE}
+
+dn: cn=staff,ou=groups,{BASE}
+objectClass: groupOfNames
+cn: staff
+member: uid=ann,ou=people,{BASE}
+member: uid=bob,ou=people,{BASE}
+"""
+
+DIRECTORY = open(os.path.join(ROOT, "apps", "directory.py")).read()
+PING = "def ping():\n    return 'pong'\n"
+
+_server = None
+
+
+def slapd():
+    """One slapd for the module (its start and LDIF load are the slow part);
+    tests that stop it start it again."""
+    global _server
+    if _server is None:
+        _server = servers.slapd(suffix=BASE, ldif=LDIF)
+    return _server
+
+
+def tearDownModule():
+    if _server is not None:
+        _server.cleanup()
+
+
+def ini(url, srv, **extra):
+    keys = dict(url=url, bind_dn=srv.extra["bind_dn"], password=srv.extra["password"], base=BASE,
+                timeout="2s", retries="1", retry_backoff="10ms", breaker_failures="3", breaker_reset="200ms",
+                pool_size="3")
+    keys.update(extra)
+    return "[adapter:directory]\ntype = ldap\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+
+
+def call(node, target, *args, timeout=5.0):
+    return node.dispatcher.call(node.new_request("test", timeout=timeout), target, args, {})
+
+
+class LDAPTests(unittest.TestCase):
+    def setUp(self):
+        self.srv = slapd()
+        self.node = make_node(self, ini(f"ldap://127.0.0.1:{self.srv.port}", self.srv),
+                              apps={"directory.py": DIRECTORY, "util2.py": PING})
+        self.ldap = self.node.adapter("directory")
+
+    def test_escaping_helpers(self):
+        self.assertEqual(ldap_filter("(uid={})", "*)(uid=*"), r"(uid=\2a\29\28uid=\2a)")
+        self.assertEqual(ldap_filter("(cn={name})", name="a\\b"), r"(cn=a\5cb)")
+        self.assertEqual(ldap_dn("uid={},ou=people", "x,ou=admins"), r"uid=x\,ou\=admins,ou=people")
+
+    @defer.inlineCallbacks
+    def test_search_get_compare(self):
+        found = yield self.ldap.search("(objectClass=inetOrgPerson)", attributes=["uid"])
+        self.assertEqual(sorted(e["attributes"]["uid"][0] for e in found), ["ann", "bob"])
+        # a value cannot widen the filter
+        self.assertEqual((yield self.ldap.search("(uid={})", "*")), [])
+        self.assertEqual((yield self.ldap.search("(uid={})", "*)(uid=*")), [])
+        ann = yield self.ldap.get(f"uid=ann,ou=people,{BASE}")
+        self.assertEqual(ann["attributes"]["mail"], ["ann@example.org"])
+        self.assertIsNone((yield self.ldap.get(f"uid=nobody,ou=people,{BASE}")))
+        self.assertTrue((yield self.ldap.compare(ann["dn"], "sn", "Smith")))
+        self.assertFalse((yield self.ldap.compare(ann["dn"], "sn", "Jones")))
+        e = yield self.assertFailure(self.ldap.search("(uid=ann", scope="one"), base.AdapterRejected)
+        self.assertFalse(e.retryable)
+
+    @defer.inlineCallbacks
+    def test_add_modify_delete(self):
+        dn = ldap_dn("uid={},ou=people," + BASE, "cy, the 2nd")
+        yield self.ldap.add(dn, ["inetOrgPerson"], {"uid": "cy, the 2nd", "cn": "Cy", "sn": "Two"})
+        yield self.ldap.modify(dn, {"mail": ["cy@example.org", "c2@example.org"], "sn": "Second"})
+        entry = yield self.ldap.get(dn, ["mail", "sn"])
+        self.assertEqual((sorted(entry["attributes"]["mail"]), entry["attributes"]["sn"]),
+                         (["c2@example.org", "cy@example.org"], ["Second"]))
+        yield self.ldap.modify(dn, {"mail": None})
+        self.assertNotIn("mail", (yield self.ldap.get(dn))["attributes"])
+        yield self.assertFailure(self.ldap.add(dn, ["inetOrgPerson"], {"cn": "Cy", "sn": "x"}),
+                                 base.AdapterRejected)   # already exists
+        yield self.ldap.delete(dn)
+        self.assertIsNone((yield self.ldap.get(dn)))
+
+    @defer.inlineCallbacks
+    def test_authenticate_and_roles(self):
+        ann = yield self.ldap.authenticate("ann", "annpw")
+        self.assertEqual(ann["dn"], f"uid=ann,ou=people,{BASE}")
+        self.assertEqual(ann["roles"], ["admins", "staff"])
+        self.assertEqual((yield self.ldap.roles(f"uid=bob,ou=people,{BASE}", "bob")), ["staff"])
+        self.assertIsNone((yield self.ldap.authenticate("ann", "wrong")))
+        self.assertIsNone((yield self.ldap.authenticate("ann", "")))       # would be an anonymous bind
+        self.assertIsNone((yield self.ldap.authenticate("nobody", "x")))
+        self.assertIsNone((yield self.ldap.authenticate("*", "annpw")))     # no wildcard logins
+        # the pooled connection still works as the service account afterwards
+        self.assertEqual(len((yield self.ldap.search("(uid=bob)"))), 1)
+
+    @defer.inlineCallbacks
+    def test_directory_app(self):
+        p = yield call(self.node, "directory.person", "ann")
+        self.assertEqual((p["cn"], p["mail"]), ("Ann Smith", "ann@example.org"))
+        self.assertEqual([x["uid"] for x in (yield call(self.node, "directory.find", "on"))], ["bob"])
+        self.assertEqual((yield call(self.node, "directory.groups", "bob")), ["staff"])
+        e = yield self.assertFailure(call(self.node, "directory.person", "*"), errors.ApplicationError)
+        self.assertEqual(e.code, -32020)
+
+    @defer.inlineCallbacks
+    def test_does_not_block_reactor(self):
+        yield self.ldap.search("(uid=ann)")          # a pooled connection exists
+        pid = int(open(self.srv.pidfile).read().split()[0])
+        os.kill(pid, signal.SIGSTOP)                  # slapd freezes: the search waits in its thread
+        try:
+            slow = self.ldap.search("(uid=bob)")
+            self.assertEqual((yield call(self.node, "util2.ping")), "pong")   # answered meanwhile
+            self.assertFalse(slow.called)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        self.assertEqual(len((yield slow)), 1)
+
+    @defer.inlineCallbacks
+    def test_killed_and_restarted(self):
+        yield self.ldap.search("(uid=ann)")
+        self.srv.stop()
+        try:
+            seen = set()
+            for _ in range(8):
+                try:
+                    yield self.ldap.search("(uid=ann)")
+                except base.AdapterUnavailable as e:
+                    seen.add(type(e))
+            self.assertIn(base.CircuitOpen, seen)
+            self.assertEqual(self.ldap.describe()["breaker"], "open")
+        finally:
+            self.srv.start()
+        yield eventually(lambda: self.ldap.search("(uid=ann)").addCallbacks(lambda r: len(r) == 1,
+                                                                            lambda f: False), tries=300)
+        self.assertEqual(self.ldap.describe()["breaker"], "closed")
+
+
+class LDAPFaultTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_down_at_start(self):
+        srv = slapd()
+        node = make_node(self, ini(f"ldap://127.0.0.1:{servers.free_port()}", srv, retries="0"),
+                         apps={"directory.py": DIRECTORY})
+        self.assertTrue(node.running)
+        e = yield self.assertFailure(call(node, "directory.person", "ann", timeout=30), errors.Unavailable)
+        self.assertIn("adapter directory", e.message)
+
+    @defer.inlineCallbacks
+    def test_hung_server(self):
+        srv = slapd()
+        port = hung_listener(self)
+        node = make_node(self, ini(f"ldap://127.0.0.1:{port}", srv, timeout="1s", retries="0", pool_size="2",
+                                   pool_queue="2", breaker_failures="2", breaker_reset="10s"))
+        ldap = node.adapter("directory")
+        results = yield defer.DeferredList([ldap.search("(uid=ann)") for _ in range(6)], consumeErrors=True)
+        kinds = {type(f.value).__name__ for ok, f in results}
+        self.assertTrue(kinds <= {"AdapterTimeout", "AdapterOverloaded", "AdapterUnavailable"},
+                        [f.value for ok, f in results])
+        self.assertLessEqual(ldap.pool.total, 2)    # never more threads/connections than the pool
+        self.assertEqual(len(ldap.pool.waiters), 0)

@@ -1,0 +1,218 @@
+"""WebSocket interface against a real client library (websocket-client)."""
+
+import json
+
+import websocket
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.helpers import http, http_port, make_node
+from tests.wsclient import WS
+
+INI = """
+[node]
+name = ws-test
+
+[pubsub]
+history_size = 5
+
+[channel:short.*]
+history_size = 2
+
+[interface:web]
+type = http
+endpoint = tcp:0:interface=127.0.0.1
+ws_max_message = 64KiB
+ws_origins = http://good.example
+"""
+
+APPS = {"m.py": '''
+from msgd import api
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+def announce(channel: str, text: str):
+    return api.publish(channel, {"text": text})
+'''}
+
+
+class WebSocketTests(unittest.TestCase):
+    def setUp(self):
+        self.node = make_node(self, INI, APPS)
+        self.port = http_port(self.node)
+        self.clients = []
+
+    @defer.inlineCallbacks
+    def client(self, **kw):
+        c = yield WS.connect(self.port, origin=kw.pop("origin", "http://good.example"), **kw)
+        self.clients.append(c)
+        self.addCleanup(c.close)
+        return c
+
+    @defer.inlineCallbacks
+    def test_call_and_batch(self):
+        c = yield self.client()
+        self.assertEqual(c.ws.subprotocol, "jsonrpc")
+        r = yield c.call("m.add", [1, 2])
+        self.assertEqual(r["result"], 3)
+        yield c.send([{"jsonrpc": "2.0", "id": "a", "method": "m.add", "params": [1, 1]},
+                      {"jsonrpc": "2.0", "method": "m.add", "params": [1, 1]},
+                      {"jsonrpc": "2.0", "id": "b", "method": "m.nope"}])
+        out = yield c.recv()
+        self.assertEqual([o["id"] for o in out], ["a", "b"])
+        self.assertEqual(out[0]["result"], 2)
+        self.assertEqual(out[1]["error"]["code"], -32601)
+
+    @defer.inlineCallbacks
+    def test_no_subprotocol_accepted(self):
+        c = yield self.client(subprotocols=None)
+        r = yield c.call("m.add", [2, 2])
+        self.assertEqual(r["result"], 4)
+
+    @defer.inlineCallbacks
+    def test_unknown_subprotocol_refused(self):
+        with self.assertRaises(websocket.WebSocketBadStatusException):
+            yield WS.connect(self.port, subprotocols=["mqtt"], origin="http://good.example")
+
+    @defer.inlineCallbacks
+    def test_bad_origin_refused(self):
+        with self.assertRaises(websocket.WebSocketBadStatusException):
+            yield WS.connect(self.port, origin="http://evil.example")
+
+    @defer.inlineCallbacks
+    def test_malformed_input(self):
+        c = yield self.client()
+        for bad, code in [("{nope", -32700), ('{"jsonrpc":"2.0","method":7,"id":1}', -32600), ("[]", -32600),
+                          ('{"jsonrpc":"2.0","id":2,"method":"m.add","params":["x",1]}', -32602),
+                          ('{"jsonrpc":"2.0","id":3,"method":"rpc.subscribe","params":{}}', -32602),
+                          ('{"jsonrpc":"2.0","id":4,"method":"rpc.publish","params":{"channel":"a b"}}', -32602),
+                          ('{"jsonrpc":"2.0","id":5,"method":"rpc.publish","params":{"channel":"x.*"}}', -32602)]:
+            yield c.send(bad)
+            out = yield c.recv()
+            self.assertEqual(out["error"]["code"], code, bad)
+        yield deferToThread(c.ws.send_binary, b"\x00\x01")
+        out = yield c.recv()
+        self.assertEqual(out["error"]["code"], -32600)
+        r = yield c.call("m.add", [1, 2])   # still alive
+        self.assertEqual(r["result"], 3)
+
+    @defer.inlineCallbacks
+    def test_too_big_message_closes(self):
+        c = yield self.client()
+        yield c.send(json.dumps({"x": "a" * 70000}))
+        try:
+            frame = yield deferToThread(c.ws.recv_data_frame, True)
+        except ConnectionResetError:
+            pass    # the node closed while our unread bytes were in flight: TCP says reset
+        else:
+            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
+            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 1009)
+        other = yield self.client()
+        r = yield other.call("m.add", [1, 2])
+        self.assertEqual(r["result"], 3)
+
+    @defer.inlineCallbacks
+    def test_subscribe_publish(self):
+        a = yield self.client()
+        b = yield self.client()
+        r = yield a.call("rpc.subscribe", {"channel": "room.1"})
+        self.assertEqual((r["result"]["offset"], r["result"]["recovered"]), (0, True))
+        epoch = r["result"]["epoch"]
+        r = yield b.call("rpc.publish", {"channel": "room.1", "data": {"t": "hi"}})
+        self.assertEqual(r["result"], {"channel": "room.1", "offset": 1})
+        ev = yield a.next_event()
+        self.assertEqual(ev, {"jsonrpc": "2.0", "method": "rpc.event",
+                              "params": {"channel": "room.1", "offset": 1, "epoch": epoch, "data": {"t": "hi"}}})
+        # app code publishes too, from any interface
+        r = yield b.call("m.announce", ["room.1", "from app"])
+        self.assertEqual(r["result"], 2)
+        ev = yield a.next_event()
+        self.assertEqual(ev["params"]["data"], {"text": "from app"})
+        # unsubscribe stops delivery
+        r = yield a.call("rpc.unsubscribe", {"channel": "room.1"})
+        self.assertTrue(r["result"]["unsubscribed"])
+        yield b.call("rpc.publish", {"channel": "room.1", "data": 3})
+        r = yield a.call("m.add", [0, 0])      # answer comes with no event before it
+        self.assertEqual(a.pending(), [])
+
+    @defer.inlineCallbacks
+    def test_publish_over_http_reaches_websocket(self):
+        a = yield self.client()
+        yield a.call("rpc.subscribe", ["feed"])
+        code, _, body = yield http("POST", f"http://127.0.0.1:{self.port}/rpc", json.dumps(
+            {"jsonrpc": "2.0", "id": 1, "method": "rpc.publish", "params": {"channel": "feed", "data": 42}}).encode())
+        self.assertEqual(json.loads(body)["result"]["offset"], 1)
+        ev = yield a.next_event()
+        self.assertEqual(ev["params"]["data"], 42)
+
+    @defer.inlineCallbacks
+    def test_pattern_subscription(self):
+        a = yield self.client()
+        r = yield a.call("rpc.subscribe", {"channel": "news.*"})
+        self.assertTrue(r["result"]["pattern"])
+        yield a.call("rpc.subscribe", {"channel": "news.sport"})   # both match: delivered once
+        yield a.call("rpc.publish", {"channel": "news.sport", "data": 1})
+        yield a.call("rpc.publish", {"channel": "weather", "data": 2})
+        yield a.call("rpc.publish", {"channel": "news.tech", "data": 3})
+        r = yield a.call("m.add", [0, 0])
+        got = [(e["params"]["channel"], e["params"]["data"]) for e in a.pending()]
+        self.assertEqual(got, [("news.sport", 1), ("news.tech", 3)])
+
+    @defer.inlineCallbacks
+    def test_presence(self):
+        a = yield self.client()
+        b = yield self.client()
+        yield a.call("rpc.subscribe", {"channel": "lobby"})
+        yield b.call("rpc.subscribe", {"channel": "lobby"})
+        r = yield a.call("rpc.presence", {"channel": "lobby"})
+        self.assertEqual(r["result"]["count"], 2)
+        yield b.close()
+        for _ in range(100):   # the close reaches the node asynchronously
+            r = yield a.call("rpc.presence", {"channel": "lobby"})
+            if r["result"]["count"] == 1:
+                break
+        self.assertEqual(r["result"]["count"], 1)
+
+    @defer.inlineCallbacks
+    def test_resume_recovered_true_and_false(self):
+        a = yield self.client()
+        pub = yield self.client()
+        r = yield a.call("rpc.subscribe", {"channel": "c"})
+        epoch = r["result"]["epoch"]
+        yield pub.call("rpc.publish", {"channel": "c", "data": 1})
+        ev = yield a.next_event()
+        self.assertEqual(ev["params"]["offset"], 1)
+        yield a.close()
+        for i in (2, 3, 4):
+            yield pub.call("rpc.publish", {"channel": "c", "data": i})
+        a2 = yield self.client()
+        r = yield a2.call("rpc.subscribe", {"channel": "c", "since": 1, "epoch": epoch})
+        self.assertEqual(r["result"], {"channel": "c", "epoch": epoch, "offset": 4, "recovered": True})
+        self.assertEqual([e["params"]["offset"] for e in a2.pending()], [2, 3, 4])   # before the answer
+        # history of 5: resuming from offset 1 after 10 more events cannot recover
+        for i in range(10):
+            yield pub.call("rpc.publish", {"channel": "c", "data": i})
+        a3 = yield self.client()
+        r = yield a3.call("rpc.subscribe", {"channel": "c", "since": 1, "epoch": epoch})
+        self.assertFalse(r["result"]["recovered"])
+        self.assertEqual(a3.pending(), [])
+        # a wrong epoch (history lost, e.g. restart) cannot recover either
+        a4 = yield self.client()
+        r = yield a4.call("rpc.subscribe", {"channel": "c", "since": 14, "epoch": "other"})
+        self.assertFalse(r["result"]["recovered"])
+        # per-pattern override: short.* keeps 2
+        yield pub.call("rpc.publish", {"channel": "short.x", "data": 1})
+        for i in range(3):
+            r = yield pub.call("rpc.publish", {"channel": "short.x", "data": i})
+        r = yield a4.call("rpc.subscribe", {"channel": "short.x", "since": 1})
+        self.assertFalse(r["result"]["recovered"])
+        r = yield a4.call("rpc.subscribe", {"channel": "short.x", "since": 2})
+        self.assertTrue(r["result"]["recovered"])
+
+    @defer.inlineCallbacks
+    def test_metrics_count_connections(self):
+        yield self.client()
+        m = self.node.metrics.value("msgd_ws_connections", {"interface": "web"})
+        self.assertEqual(m, 1)
