@@ -88,11 +88,11 @@ def bench_pop3(reactor, n: int):
         for i in range(n):
             servers.deliver(srv, "bench", b"From: a@example.org\r\nSubject: m%d\r\n\r\nhello %d\r\n" % (i, i))
         started = time.perf_counter()
-        node = make_node(reactor, base, f"[interface:mail]\ntype = pop3\nendpoint = tcp:host=127.0.0.1:port={srv.port}\n"
+        node = make_node(reactor, base, "[interface:mail]\ntype = pop3\n"
+                                        f"endpoint = tcp:host=127.0.0.1:port={srv.port}\n"
                                         "username = bench\npassword = secret\nallow_plaintext = yes\n"
                                         "handler = bench.take\nbatch = 100\n")
         yield until_done(reactor, node, "mail", n)
-        yield task.deferLater(reactor, 0, lambda: None)
         while node.interfaces["mail"]._session is not None:      # the last QUIT commits the deletions
             yield task.deferLater(reactor, 0.005, lambda: None)
         elapsed = time.perf_counter() - started

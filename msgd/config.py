@@ -198,6 +198,27 @@ def optional_target(value: str, ctx: "Context") -> str | None:
     return target(value, ctx) if value.strip() else None
 
 
+def log_level(value: str, ctx: "Context") -> str:
+    """``debug``, ``info``, ``warn``, ``error`` or ``critical``."""
+    from msgd.logging import BadLevel, level_named
+    try:
+        return level_named(value).name
+    except BadLevel as e:
+        raise Invalid(str(e)) from None
+
+
+def log_levels(value: str, ctx: "Context") -> tuple:
+    """``NAMESPACE=LEVEL`` items → ((namespace, level), ...)."""
+    from msgd.logging import NAMESPACE
+    out = []
+    for item in words(value, ctx):
+        namespace, sep, level = item.partition("=")
+        if not sep or not NAMESPACE.match(namespace):
+            raise Invalid(f"{item!r} is not NAMESPACE=LEVEL (e.g. msgd.core.apps=debug twisted=warn)")
+        out.append((namespace, log_level(level, ctx)))
+    return tuple(out)
+
+
 def _exc_text(e: Exception) -> str:
     return str(e) or type(e).__name__
 
@@ -277,6 +298,11 @@ class NodeConfig:
                                   doc="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     reload_interval: float = option(1.0, parse=duration,
                                     doc="how often app modules are checked for changes (0 turns reloading off)")
+    log_format: str = option("text", parse=choice("text", "json"),
+                             doc="text (for a terminal) or json (one JSON object per line, for journald/collectors)")
+    log_level: str = option("info", parse=log_level, doc="lowest level logged (debug, info, warn, error, critical)")
+    log_levels: tuple = option((), parse=log_levels,
+                               doc="per-namespace levels, e.g. msgd.core.apps=debug twisted=warn")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ INTERFACES = {
     "http": "msgd.interfaces.http:HTTPInterface",
     "dirwatch": "msgd.interfaces.dirwatch:DirWatch",
     "pop3": "msgd.interfaces.pop3:POP3Poller",
+    "jsonrpc-stream": "msgd.interfaces.stream:StreamInterface",
+    "schedule": "msgd.interfaces.schedule:Schedule",
 }
 
 ADAPTERS: dict = {

@@ -244,12 +244,32 @@ class RawTests(SOAPCase):
         code, _, data = yield http("GET", self.base)
         self.assertEqual(code, 200)
         self.assertIn(b"catalog?wsdl", data)
-        code, _, _ = yield http("GET", self.base + "nope?wsdl")
+        code, _, data = yield http("GET", self.base + "%3Cscript%3Ealert(1)%3C%2Fscript%3E?wsdl")
+        self.assertEqual(code, 404)
+        self.assertNotIn(b"<script>", data)
+        code, _, _ = yield http("GET", self.base + "t/more?wsdl")
         self.assertEqual(code, 404)
         code, _, _ = yield http("GET", self.base + "t")
         self.assertEqual(code, 400)
         code, _, data = yield self.post(SOAP11, envelope(SOAP11, "<t:f/>"), module="nope")
         self.assertEqual((code, self.fault_of(data)[1]), (500, "-32601"))
+
+
+class AddressTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_configured_address(self):
+        node = make_node(self, INI + "soap_address = https://api.example.org/soap/\n", {"t.py": T_V1})
+        _, _, wsdl = yield http("GET", f"http://127.0.0.1:{http_port(node)}/soap/t?wsdl")
+        self.assertIn(b'location="https://api.example.org/soap/t"', wsdl)
+
+    @defer.inlineCallbacks
+    def test_bad_host_header_falls_back(self):
+        node = make_node(self, INI, {"t.py": T_V1})
+        port = http_port(node)
+        _, _, wsdl = yield http("GET", f"http://127.0.0.1:{port}/soap/t?wsdl", headers={"host": 'x"><y'})
+        self.assertIn(f'location="http://127.0.0.1:{port}/soap/t"'.encode(), wsdl)
+        _, _, wsdl = yield http("GET", f"http://127.0.0.1:{port}/soap/t?wsdl", headers={"host": "api.example.org:8443"})
+        self.assertIn(b'location="http://api.example.org:8443/soap/t"', wsdl)
 
 
 class ServiceTests(unittest.TestCase):

@@ -346,14 +346,14 @@ class XMLRPCResource(resource.Resource):
                 request.finish()
 
         def failed(f):
-            if not gone:
-                if not f.check(errors.MsgdError):
-                    iface.log.failure("XML-RPC call {method} failed", f, method=method)
-                    f = errors.InternalError(f"internal error (request {req.id})")
-                else:
-                    f = f.value
-                request.write(self._body(request, fault(f)))
-                request.finish()
+            if gone:
+                return
+            e = f.value
+            if not isinstance(e, errors.MsgdError):
+                iface.log.failure("XML-RPC call {method} failed", f, method=method)
+                e = errors.InternalError(f"internal error (request {req.id})")
+            request.write(self._body(request, fault(e)))
+            request.finish()
         d.addCallbacks(answer, failed)
         return NOT_DONE_YET
 

@@ -32,7 +32,7 @@ import html
 import re
 
 from lxml import etree
-from twisted.web import resource
+from twisted.web import pages, resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
@@ -129,37 +129,38 @@ class SOAPResource(resource.Resource):
         if self.base_address:
             return self.base_address.rstrip("/") + "/" + name
         host = request.getHeader(b"host")
-        if not host or not _HOST.match(host.encode() if isinstance(host, str) else host):
+        if host and _HOST.match(host):
+            host = host.decode("ascii")
+        else:    # no Host, or one that could inject markup or another address
             h = request.getHost()
             host = f"{h.host}:{h.port}"
-        elif isinstance(host, bytes):
-            host = host.decode("ascii")
         scheme = "https" if request.isSecure() else "http"
         return f"{scheme}://{host}/soap/{name}"
 
-    def _module(self, request) -> str | None:
-        path = [p for p in request.postpath if p]
-        if len(path) != 1:
-            return None
-        return path[0].decode("utf-8", "replace")
+    @staticmethod
+    def _path(request) -> list[str]:
+        return [p.decode("utf-8", "replace") for p in request.postpath if p]
 
     # -- GET: index and WSDL -------------------------------------------------------
 
     def render_GET(self, request):
-        name = self._module(request)
-        if name is None:
+        path = self._path(request)
+        if not path:
             return self._index(request)
+        name = path[0]
+        try:
+            if len(path) > 1:
+                raise errors.NotFound("no such SOAP resource")
+            svc = self.service(name)
+        except errors.NotFound as e:
+            return pages.notFound("No such service", e.message).render(request)
         query = request.uri.partition(b"?")[2].lower()
         if query.split(b"&")[0] != b"wsdl":
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return f"POST SOAP requests here; the WSDL is at /soap/{name}?wsdl\n".encode()
-        try:
-            doc = self.service(name).wsdl(self.address(request, name))
-        except errors.NotFound as e:
-            return resource.NoResource(e.message).render(request)
         request.setHeader(b"content-type", b"text/xml; charset=utf-8")
-        return doc
+        return svc.wsdl(self.address(request, name))
 
     def _index(self, request):
         rows = "".join(f'<li><a href="{html.escape(n)}?wsdl">{html.escape(n)}</a></li>'
@@ -171,9 +172,8 @@ class SOAPResource(resource.Resource):
     # -- POST: calls -----------------------------------------------------------------
 
     def render_POST(self, request):
-        ctype = (request.getHeader(b"content-type") or "")
-        ctype = ctype.decode("latin-1") if isinstance(ctype, bytes) else ctype
-        version = SOAP12 if ctype.lower().startswith("application/soap+xml") else SOAP11
+        ctype = (request.getHeader(b"content-type") or b"").lower()
+        version = SOAP12 if ctype.startswith(b"application/soap+xml") else SOAP11
         try:
             version, svc, op, kwargs = self._decode(request)
         except errors.MsgdError as e:
@@ -213,9 +213,10 @@ class SOAPResource(resource.Resource):
     def _decode(self, request):
         """(envelope version, Service, function, kwargs) of a call; errors
         found after the envelope is known carry its version."""
-        name = self._module(request)
-        if name is None:
+        path = self._path(request)
+        if len(path) != 1:
             raise errors.NotFound("POST to /soap/MODULE")
+        name = path[0]
         root = xmlsafe.parse(request.content.read(), self.limits)
         ns = etree.QName(root).namespace
         if etree.QName(root).localname != "Envelope" or ns not in (SOAP11, SOAP12):

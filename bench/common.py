@@ -1,0 +1,176 @@
+"""What the benchmarks share: servers in their own processes pinned to a
+core, the Node.js load generator pinned to another, CPU time and RSS of each
+read from /proc, so that every figure says whether the server or the load
+generator was the bottleneck."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, ".cache", "bench-node")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+CPUS = os.cpu_count() or 1
+SERVER_CPU, CLIENT_CPU = "0", ("1" if CPUS > 1 else "0")
+
+
+def raise_fd_limit(n: int = 65536) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(n, hard if hard > 0 else n)), max(hard, n)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pinned(cpu: str, argv: list) -> list:
+    return (["taskset", "-c", cpu] + argv) if shutil.which("taskset") and CPUS > 1 else argv
+
+
+def ensure_ws_package() -> str:
+    """Install the npm ``ws`` package for the load generator (once)."""
+    if not os.path.isdir(os.path.join(CACHE, "node_modules", "ws")):
+        os.makedirs(CACHE, exist_ok=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", CACHE, "ws@8"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=300)
+    return os.path.join(CACHE, "node_modules")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+class Server:
+    """A server process (msgd node or reference) pinned to SERVER_CPU."""
+
+    def __init__(self, argv: list, port: int, cwd: str | None = None):
+        raise_fd_limit()
+        self.port = port
+        self.proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_port(port)
+        self.pid = self._real_pid()
+
+    def _real_pid(self) -> int:
+        return self.proc.pid   # taskset execs the program in place
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_kib(self.pid)
+
+    def peak_rss(self) -> int:
+        return rss_kib(self.pid, "VmHWM")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def msgd_server(extra_ini: str = "") -> tuple[Server, str]:
+    base = tempfile.mkdtemp(prefix="msgd-bench-")
+    port = free_port()
+    ini = textwrap.dedent(f"""
+        [node]
+        name = bench
+        apps = {os.path.join(ROOT, 'apps')}
+        state_dir = {base}/state
+        reload_interval = 0
+
+        [pubsub]
+        history_size = 100
+
+        [interface:web]
+        type = http
+        endpoint = tcp:{port}:interface=127.0.0.1:backlog=4096
+        ws_max_pending = 64MiB
+        ws_ping_interval = 0
+        """) + extra_ini
+    with open(os.path.join(base, "node.ini"), "w") as f:
+        f.write(ini)
+    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"]
+    return Server(argv, port, cwd=base), base
+
+
+def ref_server() -> Server:
+    port = free_port()
+    return Server([sys.executable, "-m", "bench.refserver", str(port)], port, cwd=ROOT)
+
+
+def loadgen(*args) -> tuple[dict, float]:
+    """Run the Node.js load generator; returns (its JSON result, its CPU seconds)."""
+    env = dict(os.environ, NODE_PATH=ensure_ws_package())
+    t = os.times()
+    before = t.children_user + t.children_system
+    out = subprocess.run(pinned(CLIENT_CPU, ["node", os.path.join(ROOT, "bench", "loadgen.js"), *map(str, args)]),
+                         env=env, capture_output=True, text=True, timeout=900)
+    t = os.times()
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), (t.children_user + t.children_system) - before
+
+
+def machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.node()}: {CPUS} CPUs ({model}), Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+
+
+def bottleneck(server_cpu: float, client_cpu: float, seconds: float) -> str:
+    s, c = server_cpu / seconds, client_cpu / seconds
+    who = "server" if s >= c else "load generator"
+    return f"server {s:.2f} cores, load generator {c:.2f} cores -> {who}-bound"

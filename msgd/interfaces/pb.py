@@ -1,0 +1,219 @@
+"""Perspective Broker: ``[interface:NAME] type=pb``.
+
+Peer nodes and plain Python programs log in through a :mod:`twisted.cred`
+portal (``pb.PBClientFactory().login(UsernamePassword(user, password))``)
+and get a perspective that offers:
+
+``call(target, args=(), kwargs={}, deadline=None)``
+    Run the app function ``target`` (``module.function``) and answer its
+    result.  ``deadline`` is the caller's remaining time in *seconds*
+    (relative, so the two clocks need not agree); this node enforces it and
+    fails the call with ``timeout`` when it passes.  Without it the
+    interface's ``request_timeout`` applies.
+``publish(channel, data)``
+    Publish on this node's pub/sub (shared by the cluster with
+    ``[pubsub] backend=redis``); answers the event's offset.
+``send(target, args, kwargs, message_id, expires=None)``
+    An asynchronous message (what a peer's outbox delivers).  It is handled
+    once per ``message_id``: a copy that arrives again within the receiver's
+    retention window is answered ``{"duplicate": true}`` without running the
+    handler.  ``expires`` is a Unix time; a message past it (allowing
+    ``clock_skew``) is refused with ``timeout`` and not handled.  The answer
+    comes after the handler succeeded, so a failed handler makes the sender
+    retry.
+
+Errors are the core taxonomy: the remote failure's type is
+``msgd.interfaces.pb.PBError`` and its value a JSON object
+``{"code", "name", "message", "data"}``; :func:`rebuild` turns a failure
+back into the :class:`~msgd.core.errors.MsgdError` subclass.
+
+Logins are checked by the checkers of :meth:`PBInterface.checkers`
+(``users`` and ``users_file`` for now); PB's challenge-response login
+needs checkers of ``IUsernameHashedPassword``.  When a connection drops, the
+calls it had running are cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from twisted.cred import checkers, portal
+from twisted.internet import defer
+from twisted.spread import pb
+from zope.interface import implementer
+
+from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
+from msgd.core import errors
+from msgd.interfaces.base import Listener
+
+
+class PBError(pb.Error):
+    """A taxonomy error on the wire: ``str()`` is the JSON object
+    ``{"code", "name", "message", "data"}`` that PB copies to the client."""
+
+    def __init__(self, error: errors.MsgdError):
+        self.error = error
+        super().__init__(json.dumps({"code": error.code, "name": error.name, "message": error.message,
+                                     "data": error.data}, default=str))
+
+
+def rebuild(failure) -> errors.MsgdError:
+    """The :class:`MsgdError` a PB failure stands for (any other remote
+    failure becomes ``internal_error``, a lost connection ``unavailable``)."""
+    if failure.check(pb.PBConnectionLost, ConnectionError, pb.DeadReferenceError):
+        return errors.Unavailable(f"peer connection lost: {failure.getErrorMessage()}")
+    if failure.check(PBError):
+        value = failure.value
+        if isinstance(value, PBError):
+            return value.error
+        try:
+            e = json.loads(value)
+            return errors.from_code(int(e["code"]), str(e["message"]), e.get("data"))
+        except (ValueError, KeyError, TypeError):
+            pass
+    if failure.check(errors.MsgdError):
+        return failure.value
+    return errors.InternalError(f"remote error: {failure.getErrorMessage()}")
+
+
+def _users(value: str, ctx) -> tuple:
+    """``alice:secret bob:pw`` → ((name, password), ...)."""
+    out = []
+    for word in words(value, ctx):
+        name, sep, password = word.partition(":")
+        if not sep or not name or not password:
+            raise Invalid(f"{word!r} is not NAME:PASSWORD")
+        out.append((name, password))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Options:
+    endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8789:interface=127.0.0.1")
+    users: tuple = option((), parse=_users, doc="logins as NAME:PASSWORD words (e.g. node-a:secret app:pw)")
+    users_file: str | None = option(None, parse=optional_path,
+                                    doc="a file of NAME:PASSWORD lines, read at start (# comments allowed)")
+    request_timeout: float | None = option(None, parse=optional_duration,
+                                           doc="deadline of calls that carry none (default: [node] request_timeout)")
+    clock_skew: float = option(5.0, parse=duration,
+                               doc="allowance for the sender's clock when checking a message's expiry")
+
+    def check(self):
+        if not self.users and not self.users_file:
+            raise Invalid("set users or users_file: nobody could log in", "users")
+
+
+class Perspective(pb.Avatar):
+    """One logged-in client."""
+
+    def __init__(self, interface: "PBInterface", user: str):
+        self.interface = interface
+        self.node = interface.node
+        self.user = user
+        self.pending: set[defer.Deferred] = set()
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        self.pending.add(d)
+
+        def done(result):
+            self.pending.discard(d)
+            if hasattr(result, "check") and result.check(errors.MsgdError):
+                raise PBError(result.value)
+            return result
+        return d.addBoth(done)
+
+    def _guard(self, fn, *args) -> defer.Deferred:
+        """Run ``fn``; its taxonomy errors, raised or failed, become PBError."""
+        return self._track(defer.maybeDeferred(fn, *args))
+
+    def perspective_call(self, target, args=(), kwargs=None, deadline=None):
+        return self._guard(self._call, target, args, kwargs, deadline)
+
+    def _call(self, target, args, kwargs, deadline):
+        if not isinstance(target, str):
+            raise errors.InvalidRequest("target must be a string")
+        if deadline is not None and (not isinstance(deadline, (int, float)) or deadline < 0):
+            raise errors.InvalidRequest("deadline must be a number of seconds >= 0")
+        timeout = self.interface.timeout() if deadline is None else float(deadline)
+        req = self.node.new_request(self.interface.name, timeout=timeout, principal=self.user)
+        return self.node.dispatcher.call(req, target, list(args or ()), dict(kwargs or {}))
+
+    def perspective_publish(self, channel, data=None):
+        return self._guard(self.node.pubsub.publish, channel, data, self.user)
+
+    def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
+        return self._guard(self._send, target, args, kwargs, message_id, expires)
+
+    def _send(self, target, args, kwargs, message_id, expires):
+        if not isinstance(message_id, str) or not message_id or len(message_id) > 200:
+            raise errors.InvalidRequest("message_id must be a non-empty string of at most 200 characters")
+        if expires is not None and time.time() > float(expires) + self.interface.options.clock_skew:
+            raise errors.Timeout(f"message {message_id} expired before it arrived")
+
+        def handle():
+            return self._call(target, args, kwargs, None)
+        return self.node.received.handle(message_id, handle).addCallback(
+            lambda duplicate: {"message_id": message_id, "duplicate": duplicate})
+
+    def logout(self):
+        for d in list(self.pending):
+            d.cancel()
+
+
+@implementer(portal.IRealm)
+class Realm:
+    def __init__(self, interface: "PBInterface"):
+        self.interface = interface
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("only PB perspectives")
+        user = avatarId.decode() if isinstance(avatarId, bytes) else avatarId
+        avatar = Perspective(self.interface, user)
+        return pb.IPerspective, avatar, avatar.logout
+
+
+class _Broker(pb.Broker):
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.interface.connection_opened(self.transport)
+
+    def connectionLost(self, reason):
+        self.factory.interface.connection_closed(self.transport)
+        super().connectionLost(reason)
+
+
+class _Factory(pb.PBServerFactory):
+    protocol = _Broker
+
+    def __init__(self, interface, root):
+        super().__init__(root)
+        self.interface = interface
+
+
+class PBInterface(Listener):
+    Options = Options
+
+    def __init__(self, name, options, node):
+        super().__init__(name, options, node)
+        self.portal = portal.Portal(Realm(self), self.checkers())
+
+    def checkers(self) -> list:
+        """The credential checkers of the portal.  Override (or replace
+        ``self.portal.checkers``) to plug in other ones."""
+        db = checkers.InMemoryUsernamePasswordDatabaseDontUse()
+        for name, password in self.options.users:
+            db.addUser(name.encode(), password.encode())
+        if self.options.users_file:
+            with open(self.options.users_file, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        name, _, password = line.partition(":")
+                        db.addUser(name.strip().encode(), password.strip().encode())
+        return [db]
+
+    def factory(self):
+        return _Factory(self, self.portal)

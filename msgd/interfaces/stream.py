@@ -1,0 +1,230 @@
+"""JSON-RPC 2.0 over a plain byte stream (``type = jsonrpc-stream``), so that
+local tools and programs in any language can talk to a node through a unix
+socket (or TCP, or TLS) without HTTP or WebSocket.
+
+Wire protocol
+-------------
+
+One JSON-RPC message per line, UTF-8, ended by ``\\n`` (a ``\\r`` before it is
+ignored; empty lines are skipped).  A line is a call, a notification or a
+batch, answered on one line exactly as on ``/ws``; answers may come back in
+another order than the calls (match them by ``id``).  Pub/sub uses the same
+reserved methods as ``/ws``: ``rpc.subscribe {"channel", "since"?, "epoch"?}``,
+``rpc.unsubscribe``, ``rpc.publish``, ``rpc.presence``; events arrive as
+``rpc.event`` notification lines.  Example with a shell::
+
+    $ printf '%s\\n' '{"jsonrpc":"2.0","id":1,"method":"chat.rooms"}' | nc -U -q1 var/msgd.sock
+    {"jsonrpc":"2.0","result":["lobby","random","help"],"id":1}
+
+A line that is not JSON is answered with a -32700 error and the connection
+stays open.  A line longer than ``max_line`` is answered with a -32004 error
+and the connection is closed (the stream cannot be resynchronised safely).
+
+Slow consumers: while the client does not read, the node stops reading its
+requests and queues what it has to send, up to ``max_pending`` bytes; past
+that the client is sent a last ``rpc.closing`` notification naming the reason
+and is disconnected (counted in ``msgd_stream_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from msgd.config import Invalid, integer, option, optional_duration, server_endpoint, size
+from msgd.core import errors
+from msgd.core.jsonrpc import JSONRPC, dumps, error_response
+from msgd.core.pubsub import Session
+from msgd.interfaces.base import Listener
+
+
+def stream_endpoint(value: str, ctx) -> str:
+    """A server endpoint string; a relative ``unix:`` path is taken relative
+    to the ini file's directory, like every other path of the config."""
+    v = server_endpoint(value, ctx)
+    if v.startswith("unix:"):
+        address = v[len("unix:"):]
+        if address.startswith("address="):
+            address = address[len("address="):]
+            prefix = "unix:address="
+        else:
+            prefix = "unix:"
+        if not address:
+            raise Invalid("unix: needs a path")
+        if not os.path.isabs(address) and not address.startswith("\\"):
+            v = prefix + os.path.normpath(os.path.join(ctx.base_dir, address))
+    return v
+
+
+@dataclass(frozen=True)
+class Options:
+    endpoint: str = option(parse=stream_endpoint,
+                           doc="where to listen, e.g. unix:../var/msgd.sock or tcp:7070:interface=127.0.0.1")
+    max_line: int = option(1024 * 1024, parse=size, doc="longest line (message) accepted; longer closes")
+    max_pending: int = option(1024 * 1024, parse=size,
+                              doc="bytes queued for a client that does not read; past it the client is dropped")
+    max_batch: int = option(100, parse=integer(1), doc="most calls in one batch")
+    max_subscriptions: int = option(1000, parse=integer(1), doc="most subscriptions per connection")
+    request_timeout: float | None = option(None, parse=optional_duration,
+                                           doc="deadline of requests here (default: [node] request_timeout)")
+
+
+@implementer(IPushProducer)
+class StreamProtocol(protocol.Protocol):
+    """One client connection: splits lines, answers them, delivers events."""
+
+    log = Logger()
+
+    def __init__(self, interface: "StreamInterface"):
+        self.interface = interface
+        self.principal = None
+        self.session: Session | None = None
+        self._buffer = b""
+        self._paused = False
+        self._backlog: list[bytes] = []
+        self._backlog_bytes = 0
+        self._closing = False
+
+    def connectionMade(self):
+        iface = self.interface
+        iface.connection_opened(self.transport)
+        iface.gauge.inc()
+        self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions)
+        self.builtins = self.session.builtins()
+        self.transport.registerProducer(self, True)
+
+    # -- input -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes):
+        if self._closing:
+            return
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        limit = self.interface.options.max_line
+        for line in lines:
+            if len(line) > limit:
+                return self._too_long(limit)
+            line = line.rstrip(b"\r")
+            if line.strip():
+                self._handle(line)
+            if self._closing:
+                return
+        if len(self._buffer) > limit:
+            self._too_long(limit)
+
+    def _too_long(self, limit: int):
+        self._buffer = b""
+        self._write(dumps(error_response(errors.TooLarge(f"line longer than {limit} bytes"))) + b"\n")
+        self._drop("line_too_long")
+
+    def _handle(self, line: bytes):
+        iface = self.interface
+        node = iface.node
+        timeout = iface.timeout()
+
+        def make_request():
+            return node.new_request(iface.name, timeout=timeout, principal=self.principal)
+        d = iface.jsonrpc.handle(line, make_request, self.builtins)
+        d.addCallback(self._answer)
+        d.addErrback(lambda f: self.log.failure("stream message failed", f))
+
+    def _answer(self, data: bytes | None):
+        if data is not None:
+            self._write(data + b"\n")
+
+    # -- output ------------------------------------------------------------------
+
+    def deliver(self, event):
+        """Called by the broker for each event of a subscribed channel."""
+        line = event.cache.get("line")
+        if line is None:
+            line = event.cache["line"] = event.notification() + b"\n"
+        self._write(line)
+
+    def _write(self, data: bytes):
+        if self._closing or self.transport is None:
+            return
+        if not self._paused:
+            self.transport.write(data)
+            return
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        limit = self.interface.options.max_pending
+        if self._backlog_bytes > limit:
+            self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
+                          peer=self.transport.getPeer(), limit=limit)
+            self._backlog, self._backlog_bytes = [], 0
+            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                        "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
+                                 + b"\n")
+            self._drop("slow_consumer")
+
+    def _drop(self, reason: str):
+        self._closing = True
+        self.interface.dropped.labels(self.interface.name, reason).inc()
+        self.transport.loseConnection()
+
+    # IPushProducer: the transport says when its write buffer is full / drained
+    def pauseProducing(self):
+        self._paused = True
+        self.transport.pauseProducing()     # stop reading requests from a client that does not read
+
+    def resumeProducing(self):
+        self._paused = False
+        if self._backlog:
+            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), [], 0
+            self.transport.write(data)
+        if not self._closing:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        self._backlog, self._backlog_bytes = [], 0
+
+    # -- end ---------------------------------------------------------------------
+
+    def connectionLost(self, reason):
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        self.interface.gauge.dec()
+        self.interface.connection_closed(self.transport)
+
+
+class StreamFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, interface):
+        self.interface = interface
+
+    def buildProtocol(self, addr):
+        return StreamProtocol(self.interface)
+
+
+class StreamInterface(Listener):
+    """``[interface:NAME] type = jsonrpc-stream``."""
+
+    Options = Options
+    type_name = "jsonrpc-stream"
+
+    def __init__(self, name, options, node):
+        super().__init__(name, options, node)
+        self.jsonrpc = JSONRPC(node.dispatcher, max_batch=options.max_batch)
+        m = node.metrics
+        self.gauge = m.gauge("msgd_stream_connections", "Open JSON-RPC stream connections",
+                             ["interface"]).labels(name)
+        self.dropped = m.counter("msgd_stream_dropped_total", "JSON-RPC stream connections closed by the node",
+                                 ["interface", "reason"])
+
+    def privilegedStartService(self):
+        if self.options.endpoint.startswith("unix:"):
+            path = self.options.endpoint.split(":", 1)[1].removeprefix("address=").split(":")[0]
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        super().privilegedStartService()
+
+    def factory(self):
+        return StreamFactory(self)

@@ -1,0 +1,174 @@
+"""The schedule interface on a task.Clock: firing times, overlap, deadline,
+jitter, catch-up after downtime."""
+
+import datetime as dt
+import json
+import os
+import textwrap
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from msgd.config import ConfigError, parse_text
+from msgd.node import NodeService
+from tests.helpers import write
+
+JOBS = '''
+from twisted.internet import defer
+from msgd import api
+
+calls = []
+gates = []
+
+def tick(*args, **kwargs):
+    calls.append((api.request().services.reactor.seconds(), args, kwargs))
+
+def held():
+    """Runs until the test fires its Deferred (or the deadline cancels it)."""
+    calls.append(api.request().services.reactor.seconds())
+    d = defer.Deferred()
+    gates.append(d)
+    return d
+
+def broken():
+    raise RuntimeError("boom")
+'''
+
+START = dt.datetime(2026, 11, 22, 10, 0, 0, tzinfo=dt.timezone.utc).timestamp()
+
+
+class ScheduleTests(unittest.TestCase):
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        write(os.path.join(self.base, "apps", "jobs.py"), JOBS)
+        self.nodes = []
+
+    def start(self, section: str, at: float = START, name: str = "job"):
+        """A node on a fresh task.Clock set to ``at``, with one schedule."""
+        clock = task.Clock()
+        clock.advance(at)
+        text = f"[node]\nname = t\nrequest_timeout = 30s\n[interface:{name}]\ntype = schedule\n" + \
+            textwrap.dedent(section)
+        node = NodeService(parse_text(text, os.path.join(self.base, "node.ini")), clock)
+        node.privilegedStartService()
+        node.startService()
+        self.nodes.append(node)
+        self.addCleanup(lambda: node.stopService() if node.running else None)
+        self.clock, self.node, self.job = clock, node, node.interfaces[name]
+        return self.module()
+
+    def stop(self):
+        d = self.node.stopService()
+        self.clock.advance(1)
+        return d
+
+    def module(self):
+        return self.node.apps.modules["jobs"].module
+
+    def value(self, metric, **labels):
+        return self.node.metrics.value(metric, dict(job="job", **labels)) or 0
+
+    def test_cron_firing_times(self):
+        m = self.start("handler = jobs.tick\ncron = */20 10 * * *\ntimezone = UTC\n")
+        self.clock.advance(3600 * 24)
+        times = [c[0] - START for c in m.calls]
+        self.assertEqual(times, [1200, 2400, 86400])   # 10:20, 10:40, and 10:00 the next day
+        self.assertEqual(self.value("msgd_schedule_runs_total", outcome="ok"), 3)
+        self.assertEqual(self.job.next_due - START, 86400 + 1200)
+
+    def test_interval_with_params(self):
+        m = self.start('handler = jobs.tick\ninterval = 90s\nparams = {"kind": "sweep"}\n')
+        self.clock.pump([30] * 10)
+        self.assertEqual([c[0] - START for c in m.calls], [90, 180, 270])
+        self.assertEqual(m.calls[0][1:], ((), {"kind": "sweep"}))
+
+    def test_jitter_delays_without_drift(self):
+        m = self.start("handler = jobs.tick\ninterval = 60s\njitter = 10s\n")
+        for _ in range(60 * 10):
+            self.clock.advance(1)
+        offsets = [c[0] - START - 60 * (i + 1) for i, c in enumerate(m.calls)]
+        self.assertEqual(len(offsets), 9)    # the 10th is jittered past the end or just in
+        self.assertTrue(all(0 <= o <= 10 for o in offsets), offsets)
+
+    def test_overlap_is_skipped_and_counted(self):
+        m = self.start("handler = jobs.held\ninterval = 10s\n")
+        self.clock.advance(10)
+        self.assertEqual(len(m.gates), 1)
+        self.assertTrue(self.job.describe()["busy"])
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(len(m.gates), 1)                 # still the first run
+        self.assertEqual(self.value("msgd_schedule_skipped_total", reason="overlap"), 2)
+        m.gates[0].callback("done")
+        self.clock.advance(10)
+        self.assertEqual(len(m.gates), 2)                 # the next firing after the run ended
+        self.assertEqual([t - START for t in m.calls], [10, 40])
+
+    def test_deadline_cancels_a_run(self):
+        m = self.start("handler = jobs.held\ninterval = 60s\nrequest_timeout = 5s\n")
+        self.clock.advance(60)
+        self.assertEqual(len(m.gates), 1)
+        self.clock.advance(5)
+        self.assertEqual(self.value("msgd_schedule_runs_total", outcome="timeout"), 1)
+        self.assertFalse(self.job.describe()["busy"])
+        self.clock.advance(55)
+        self.assertEqual(len(m.gates), 2)
+
+    def test_failures_are_counted_and_the_schedule_goes_on(self):
+        self.start("handler = jobs.broken\ninterval = 1m\n")
+        self.clock.pump([60] * 3)
+        self.assertEqual(self.value("msgd_schedule_runs_total", outcome="failed"), 3)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    @defer.inlineCallbacks
+    def test_catch_up_skip(self):
+        m = self.start("handler = jobs.tick\ncron = 0 * * * *\ntimezone = UTC\n")
+        self.clock.advance(3600)
+        self.assertEqual(len(m.calls), 1)
+        yield self.stop()
+        with open(os.path.join(self.base, "state", "schedule-job.json")) as f:
+            self.assertEqual(json.load(f)["last_run"], START + 3600)
+        # down for 5 hours: nothing runs at start; the next hour fires as usual
+        m = self.start("handler = jobs.tick\ncron = 0 * * * *\ntimezone = UTC\n", at=START + 6 * 3600 + 600)
+        self.assertEqual(self.value("msgd_schedule_skipped_total", reason="missed"), 1)
+        self.clock.advance(0)
+        self.assertEqual(m.calls, [])
+        self.clock.advance(3000)
+        self.assertEqual([c[0] - START for c in m.calls], [7 * 3600])
+
+    @defer.inlineCallbacks
+    def test_catch_up_once(self):
+        conf = "handler = jobs.tick\ninterval = 1h\ncatch_up = once\n"
+        m = self.start(conf)
+        self.clock.advance(3600)
+        yield self.stop()
+        # down for 5 hours: one run right at start, then the hourly grid goes on
+        m = self.start(conf, at=START + 6 * 3600 + 600)
+        self.clock.advance(0)
+        self.assertEqual([c[0] - START for c in m.calls], [6 * 3600 + 600])
+        self.clock.advance(3000)
+        self.assertEqual([c[0] - START for c in m.calls], [6 * 3600 + 600, 7 * 3600])
+        self.assertEqual(self.value("msgd_schedule_skipped_total", reason="missed"), 0)
+
+    @defer.inlineCallbacks
+    def test_no_catch_up_when_nothing_was_missed(self):
+        conf = "handler = jobs.tick\ninterval = 1h\ncatch_up = once\n"
+        self.start(conf)
+        self.clock.advance(3600)
+        yield self.stop()
+        m = self.start(conf, at=START + 3600 + 60)      # a restart within the hour
+        self.clock.advance(0)
+        self.assertEqual(m.calls, [])
+        self.clock.advance(3600 - 60)
+        self.assertEqual([c[0] - START for c in m.calls], [7200])
+
+    def test_config_errors(self):
+        for section, key in [("handler = jobs.tick\n", "cron"),
+                             ("handler = jobs.tick\ncron = @daily\ninterval = 1h\n", "cron"),
+                             ("handler = jobs.tick\ncron = 61 * * * *\n", "cron"),
+                             ("handler = jobs.tick\ninterval = 1h\ntimezone = Mars/Base\n", "timezone"),
+                             ("handler = jobs.tick\ninterval = 1h\ncatch_up = always\n", "catch_up"),
+                             ("handler = jobs.tick\ninterval = 1h\nparams = 5\n", "params")]:
+            with self.assertRaises(ConfigError, msg=section) as e:
+                parse_text("[interface:job]\ntype = schedule\n" + section, "node.ini")
+            self.assertEqual(e.exception.key, key, str(e.exception))

@@ -1,0 +1,192 @@
+"""JSON-RPC over a unix socket, spoken with plain ``socket`` code (in a
+thread, so the reactor keeps serving)."""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.helpers import make_node
+
+APPS = {"m.py": '''
+from msgd import api
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+def announce(channel: str, text: str):
+    return api.publish(channel, {"text": text})
+'''}
+
+
+class LineClient:
+    """A blocking newline-delimited JSON client; every method runs in a
+    thread (see :meth:`run`)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def send_raw(self, data: bytes):
+        self.sock.sendall(data)
+
+    def send(self, obj):
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+
+    def line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def lines(self, n: int):
+        return [self.line() for _ in range(n)]
+
+    def exchange(self, obj, n: int = 1):
+        self.send(obj)
+        return self.lines(n)
+
+    def close(self):
+        self.sock.close()
+
+
+def call(method, params, id=1):
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
+
+
+class StreamTests(unittest.TestCase):
+    def setUp(self):
+        # unix socket paths are limited to ~100 bytes: not under _trial_temp
+        self.dir = tempfile.mkdtemp(prefix="msgd-stream-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "sub", "msgd.sock")
+        self.node = make_node(self, f"""
+            [interface:local]
+            type = jsonrpc-stream
+            endpoint = unix:{self.path}
+            max_line = 4KiB
+            max_batch = 3
+            max_pending = 16KiB
+            """, APPS)
+        return self.node.interfaces["local"].ready
+
+    @defer.inlineCallbacks
+    def client(self):
+        c = yield deferToThread(LineClient, self.path)
+        self.addCleanup(c.close)
+        return c
+
+    @defer.inlineCallbacks
+    def test_call_and_errors(self):
+        c = yield self.client()
+        out = yield deferToThread(c.exchange, call("m.add", [2, 3]))
+        self.assertEqual(out, [{"jsonrpc": "2.0", "result": 5, "id": 1}])
+        out = yield deferToThread(c.exchange, call("m.add", {"a": 1, "b": "x"}, id="s"))
+        self.assertEqual((out[0]["error"]["code"], out[0]["id"]), (-32602, "s"))
+        out = yield deferToThread(c.exchange, call("nope.nope", []))
+        self.assertEqual(out[0]["error"]["code"], -32601)
+
+    @defer.inlineCallbacks
+    def test_batch(self):
+        c = yield self.client()
+        out = yield deferToThread(c.exchange, [call("m.add", [1, 1], 1), {"jsonrpc": "2.0", "method": "m.add",
+                                                                           "params": [0, 0]},
+                                               call("m.add", [2, 2], 2)])
+        self.assertEqual(sorted((a["id"], a["result"]) for a in out[0]), [(1, 2), (2, 4)])
+        out = yield deferToThread(c.exchange, [call("m.add", [1, 1], i) for i in range(4)])
+        self.assertEqual(out[0]["error"]["code"], -32004)
+
+    @defer.inlineCallbacks
+    def test_malformed_lines_keep_the_connection(self):
+        c = yield self.client()
+        yield deferToThread(c.send_raw, b"{not json\r\n\n   \n[]\n")
+        out = yield deferToThread(c.lines, 2)
+        self.assertEqual([o["error"]["code"] for o in out], [-32700, -32600])
+        self.assertEqual([o["id"] for o in out], [None, None])
+        out = yield deferToThread(c.exchange, call("m.add", [1, 2]))
+        self.assertEqual(out[0]["result"], 3)
+
+    @defer.inlineCallbacks
+    def test_line_too_long_closes(self):
+        c = yield self.client()
+        yield deferToThread(c.send_raw, b'{"x":"' + b"a" * 5000)
+        out = yield deferToThread(c.line)
+        self.assertEqual(out["error"]["code"], -32004)
+        self.assertIsNone((yield deferToThread(c.line)))
+        self.assertEqual(self.node.metrics.value("msgd_stream_dropped_total",
+                                                 {"interface": "local", "reason": "line_too_long"}), 1)
+
+    @defer.inlineCallbacks
+    def test_subscribe_and_events(self):
+        a = yield self.client()
+        b = yield self.client()
+        out = yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "room"}))
+        info = out[0]["result"]
+        self.assertEqual((info["channel"], info["offset"], info["recovered"]), ("room", 0, True))
+        # b publishes through an app function and through rpc.publish; a gets both events
+        out = yield deferToThread(b.exchange, call("m.announce", ["room", "hi"]))
+        self.assertEqual(out[0]["result"], 1)
+        out = yield deferToThread(b.exchange, call("rpc.publish", {"channel": "room", "data": 7}))
+        self.assertEqual(out[0]["result"], {"channel": "room", "offset": 2})
+        events = yield deferToThread(a.lines, 2)
+        self.assertEqual([e["method"] for e in events], ["rpc.event"] * 2)
+        self.assertEqual([(e["params"]["offset"], e["params"]["data"]) for e in events],
+                         [(1, {"text": "hi"}), (2, 7)])
+        epoch = events[0]["params"]["epoch"]
+        # a new connection resumes after offset 1: only event 2 is replayed, before the answer
+        c = yield self.client()
+        out = yield deferToThread(c.exchange, call("rpc.subscribe", {"channel": "room", "since": 1,
+                                                                     "epoch": epoch}), 2)
+        self.assertEqual(out[0]["params"]["offset"], 2)
+        self.assertTrue(out[1]["result"]["recovered"])
+        presence = yield deferToThread(b.exchange, call("rpc.presence", {"channel": "room"}))
+        self.assertEqual(presence[0]["result"]["count"], 2)
+        out = yield deferToThread(a.exchange, call("rpc.unsubscribe", {"channel": "room"}))
+        self.assertTrue(out[0]["result"]["unsubscribed"])
+
+    @defer.inlineCallbacks
+    def test_closed_connection_ends_subscriptions(self):
+        a = yield self.client()
+        yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "gone"}))
+        self.assertEqual(len(self.node.pubsub.channels["gone"].subscribers), 1)
+        yield deferToThread(a.close)
+        iface = self.node.interfaces["local"]
+        for _ in range(200):   # wait (bounded) for the reactor to see the close
+            if not iface.connections:
+                break
+            yield deferToThread(lambda: None)
+        self.assertEqual(len(self.node.pubsub.channels["gone"].subscribers), 0)
+
+    def test_slow_consumer_dropped(self):
+        """A client whose socket buffer stays full gets its events queued up
+        to max_pending, then a last rpc.closing line, then is disconnected;
+        other subscribers still get everything."""
+        from twisted.internet.testing import StringTransport
+        iface = self.node.interfaces["local"]
+        slow, fast = iface.factory().buildProtocol(None), iface.factory().buildProtocol(None)
+        slow.makeConnection(StringTransport())
+        fast.makeConnection(StringTransport())
+        slow.session.subscribe("busy")
+        fast.session.subscribe("busy")
+        slow.pauseProducing()
+        self.assertEqual(slow.transport.producerState, "paused")   # its requests are not read either
+        for i in range(100):
+            self.node.pubsub.publish("busy", "x" * 1000)
+        self.assertTrue(slow.transport.disconnecting)
+        last = slow.transport.value().splitlines()[-1]
+        self.assertEqual(json.loads(last)["method"], "rpc.closing")
+        self.assertEqual(len(fast.transport.value().splitlines()), 100)
+        self.assertEqual(self.node.metrics.value("msgd_stream_dropped_total",
+                                                 {"interface": "local", "reason": "slow_consumer"}), 1)
+        for p in (slow, fast):
+            p.connectionLost(None)
