@@ -57,7 +57,11 @@ def _simple_types(hint) -> tuple | None:
 
 
 class _Signature:
-    __slots__ = ("sig", "checks")
+    """How to check arguments against a function's signature.  Calls with
+    positional arguments only, to a function with plain parameters, take a
+    fast path that does not build a BoundArguments."""
+
+    __slots__ = ("sig", "checks", "positional", "required", "by_index")
 
     def __init__(self, fn: Callable):
         self.sig = inspect.signature(fn)
@@ -66,27 +70,37 @@ class _Signature:
             hints = typing.get_type_hints(fn)
         except Exception:
             hints = {}
-        for name, param in self.sig.parameters.items():
-            if name in hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                allowed = _simple_types(hints[name])
+        params = list(self.sig.parameters.values())
+        for param in params:
+            if param.name in hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                allowed = _simple_types(hints[param.name])
                 if allowed is not None:
-                    self.checks[name] = allowed
+                    self.checks[param.name] = allowed
+        plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        self.positional = len(params) if plain else None
+        self.required = sum(1 for p in params if p.default is p.empty)
+        self.by_index = [(i, p.name, self.checks[p.name]) for i, p in enumerate(params) if p.name in self.checks]
 
     def check(self, target: str, args, kwargs) -> None:
+        if not kwargs and self.positional is not None and self.required <= len(args) <= self.positional:
+            for i, name, allowed in self.by_index:
+                if i < len(args):
+                    _check_type(target, name, allowed, args[i])
+            return
         try:
             bound = self.sig.bind(*args, **kwargs)
         except TypeError as e:
             raise errors.InvalidParams(f"invalid params for {target}: {e}") from None
         for name, allowed in self.checks.items():
             if name in bound.arguments:
-                value = bound.arguments[name]
-                ok = isinstance(value, allowed)
-                if ok and isinstance(value, bool) and bool not in allowed:
-                    ok = False
-                if not ok:
-                    want = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
-                    raise errors.InvalidParams(
-                        f"invalid params for {target}: {name} must be {want}, not {type(value).__name__}")
+                _check_type(target, name, allowed, bound.arguments[name])
+
+
+def _check_type(target: str, name: str, allowed: tuple, value) -> None:
+    if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+        return
+    want = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+    raise errors.InvalidParams(f"invalid params for {target}: {name} must be {want}, not {type(value).__name__}")
 
 
 class Dispatcher:
@@ -109,6 +123,7 @@ class Dispatcher:
         self._signatures: "weakref.WeakKeyDictionary[Callable, _Signature]" = weakref.WeakKeyDictionary()
         self.in_flight = 0
         self._drained: list[Deferred] = []
+        self._children: dict = {}
         self._m = None
         if metrics is not None:
             self._m = (
@@ -129,6 +144,17 @@ class Dispatcher:
         """Run ``target`` for ``request``; the Deferred fires with the result
         or fails with a :class:`errors.MsgdError`.  Cancelling it cancels the
         work (the caller went away)."""
+        try:
+            result = self.run(request, target, args, kwargs)
+        except errors.MsgdError as e:
+            return defer.fail(e)
+        return result if isinstance(result, Deferred) else defer.succeed(result)
+
+    def run(self, request: Request, target: str, args=(), kwargs=None):
+        """Like :meth:`call`, but what is known at once is answered at once: a
+        plain function's result is returned as is and an error is raised (a
+        :class:`errors.MsgdError`); only work still going returns a Deferred.
+        Transports use this to answer synchronous calls without Deferreds."""
         kwargs = kwargs or {}
         request.target = target
         started = self.clock.seconds()
@@ -146,11 +172,33 @@ class Dispatcher:
             if isinstance(e, (errors.NotFound, errors.Unauthorized)):
                 label = "unknown"
             self._count(request, label, e.name, started)
-            return defer.fail(e)
+            raise
 
-        d = self._invoke(request, fn, args, kwargs)
+        ctx = contextvars.copy_context()
+        ctx.run(current.set, request)
+        if is_blocking(fn):
+            d = self.run_blocking(ctx.run, fn, *args, **kwargs)
+        else:
+            try:
+                result = ctx.run(fn, *args, **kwargs)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:   # an app may raise anything, even SystemExit
+                error = self._map_failure(request, target, Failure()).value
+                if not isinstance(error, errors.MsgdError):    # e.g. CancelledError raised by the app
+                    error = errors.InternalError(f"internal error (request {request.id})")
+                self._count(request, label, error.name, started)
+                raise error from None
+            if inspect.iscoroutine(result):
+                d = ctx.run(Deferred.fromCoroutine, result)
+            elif isinstance(result, Deferred):
+                d = result
+            else:
+                self._count(request, label, "ok", started)
+                return result
+
         remaining = request.remaining()
-        if remaining is not None:
+        if remaining is not None and not d.called:
             def on_timeout(result, timeout):
                 request.cancelled = True
                 return Failure(errors.Timeout(f"{target} did not finish within its deadline"))
@@ -161,27 +209,13 @@ class Dispatcher:
             self._leave(request)
             if isinstance(result, Failure):
                 result = self._map_failure(request, target, result)
-                self._count(request, label, result.value.name if result.check(errors.MsgdError) else "cancelled", started)
+                self._count(request, label, result.value.name if result.check(errors.MsgdError) else "cancelled",
+                            started)
             else:
                 self._count(request, label, "ok", started)
             return result
         d.addBoth(done)
         return d
-
-    def _invoke(self, request: Request, fn: Callable, args, kwargs) -> Deferred:
-        ctx = contextvars.copy_context()
-        ctx.run(current.set, request)
-        if is_blocking(fn):
-            return self.run_blocking(ctx.run, fn, *args, **kwargs)
-        try:
-            result = ctx.run(fn, *args, **kwargs)
-        except BaseException:
-            return defer.fail()
-        if inspect.iscoroutine(result):
-            return ctx.run(Deferred.fromCoroutine, result)
-        if isinstance(result, Deferred):
-            return result
-        return defer.succeed(result)
 
     def _map_failure(self, request: Request, target: str, failure: Failure) -> Failure:
         if failure.check(errors.MsgdError):
@@ -194,22 +228,30 @@ class Dispatcher:
 
     # -- accounting ----------------------------------------------------------
 
+    def _child(self, metric: int, *labels):
+        """The labelled child of a metric, looked up once (``labels()`` costs
+        more than the increment itself)."""
+        key = (metric,) + labels
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._m[metric].labels(*labels)
+        return child
+
     def _count(self, request: Request, target: str, outcome: str, started: float) -> None:
         if self._m is None:
             return
-        total, latency, _ = self._m
-        total.labels(request.interface, target, outcome).inc()
-        latency.labels(request.interface, target).observe(self.clock.seconds() - started)
+        self._child(0, request.interface, target, outcome).inc()
+        self._child(1, request.interface, target).observe(self.clock.seconds() - started)
 
     def _enter(self, request: Request) -> None:
         self.in_flight += 1
         if self._m is not None:
-            self._m[2].labels(request.interface).inc()
+            self._child(2, request.interface).inc()
 
     def _leave(self, request: Request) -> None:
         self.in_flight -= 1
         if self._m is not None:
-            self._m[2].labels(request.interface).dec()
+            self._child(2, request.interface).dec()
         if self.in_flight == 0:
             waiting, self._drained = self._drained, []
             for d in waiting:

@@ -105,13 +105,22 @@ class JSONRPC:
     def handle(self, data: bytes | str, make_request: Callable[[], Request],
                builtins: dict[str, Builtin] | None = None) -> Deferred:
         """Fires with the answer's bytes, or None when nothing is to be sent."""
+        answer = self.answer(data, make_request, builtins)
+        return answer if isinstance(answer, Deferred) else defer.succeed(answer)
+
+    def answer(self, data: bytes | str, make_request: Callable[[], Request],
+               builtins: dict[str, Builtin] | None = None):
+        """Like :meth:`handle`, but an answer that is ready at once (every
+        call in the message was synchronous) is returned as bytes (or None)
+        instead of a Deferred: the fast path of transports."""
         try:
             msg = loads(data)
         except errors.ParseError as e:
-            return defer.succeed(dumps(error_response(e)))
-        d = self.handle_message(msg, make_request, builtins)
-        d.addCallback(lambda answer: None if answer is None else self.encode(answer))
-        return d
+            return dumps(error_response(e))
+        answer = self._message(msg, make_request, builtins)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(lambda a: None if a is None else self.encode(a))
+        return None if answer is None else self.encode(answer)
 
     def encode(self, answer: Any) -> bytes:
         try:
@@ -131,21 +140,28 @@ class JSONRPC:
 
     def handle_message(self, msg: Any, make_request, builtins=None) -> Deferred:
         """Fires with the answer object (dict or list), or None."""
+        answer = self._message(msg, make_request, builtins)
+        return answer if isinstance(answer, Deferred) else defer.succeed(answer)
+
+    def _message(self, msg: Any, make_request, builtins):
+        """The answer object (dict, list or None), or a Deferred of it."""
         if isinstance(msg, list):
             if not msg:
-                return defer.succeed(error_response(errors.InvalidRequest("invalid request: empty batch")))
+                return error_response(errors.InvalidRequest("invalid request: empty batch"))
             if len(msg) > self.max_batch:
-                return defer.succeed(error_response(errors.TooLarge(
-                    f"batch of {len(msg)} calls is larger than the limit of {self.max_batch}")))
-            ds = [self.handle_one(m, make_request, builtins) for m in msg]
-            d = defer.gatherResults(ds, consumeErrors=True)
-            d.addCallback(lambda answers: [a for a in answers if a is not None] or None)
-            return d
-        return self.handle_one(msg, make_request, builtins)
+                return error_response(errors.TooLarge(
+                    f"batch of {len(msg)} calls is larger than the limit of {self.max_batch}"))
+            answers = [self._one(m, make_request, builtins) for m in msg]
+            if any(isinstance(a, Deferred) for a in answers):
+                d = defer.gatherResults([a if isinstance(a, Deferred) else defer.succeed(a) for a in answers],
+                                        consumeErrors=True)
+                return d.addCallback(lambda done: [a for a in done if a is not None] or None)
+            return [a for a in answers if a is not None] or None
+        return self._one(msg, make_request, builtins)
 
-    def handle_one(self, msg: Any, make_request, builtins=None) -> Deferred:
+    def _one(self, msg: Any, make_request, builtins):
         if not isinstance(msg, dict):
-            return defer.succeed(error_response(errors.InvalidRequest("invalid request: not an object")))
+            return error_response(errors.InvalidRequest("invalid request: not an object"))
         id_ok = "id" not in msg or _valid_id(msg)
         reply_id = msg.get("id") if id_ok else None
         problem = None
@@ -158,17 +174,11 @@ class JSONRPC:
         elif not id_ok:
             problem = 'invalid request: "id" must be a string, a number or null'
         if problem is not None:
-            return defer.succeed(error_response(errors.InvalidRequest(problem), reply_id))
+            return error_response(errors.InvalidRequest(problem), reply_id)
         notification = "id" not in msg
         method = msg["method"]
         params = msg.get("params", [])
         request = make_request()
-        if method.startswith("rpc."):
-            d = self._builtin(method, request, params, builtins)
-        elif isinstance(params, list):
-            d = self.dispatcher.call(request, method, params, {})
-        else:
-            d = self.dispatcher.call(request, method, (), params)
 
         def ok(result):
             return None if notification else {"jsonrpc": "2.0", "result": result, "id": reply_id}
@@ -180,18 +190,26 @@ class JSONRPC:
                 return error_response(f.value, reply_id)
             self.log.failure("unexpected failure answering {method}", f, method=method)
             return error_response(errors.InternalError(f"internal error (request {request.id})"), reply_id)
-        d.addCallbacks(ok, failed)
-        return d
 
-    def _builtin(self, method: str, request: Request, params: Any, builtins) -> Deferred:
+        try:
+            if method.startswith("rpc."):
+                result = self._builtin(method, request, params, builtins)
+            elif isinstance(params, list):
+                result = self.dispatcher.run(request, method, params, {})
+            else:
+                result = self.dispatcher.run(request, method, (), params)
+        except Exception:
+            return failed(Failure())
+        if isinstance(result, Deferred):
+            return result.addCallbacks(ok, failed)
+        return ok(result)
+
+    def _builtin(self, method: str, request: Request, params: Any, builtins):
         fn = (builtins or {}).get(method)
         if fn is None:
-            return defer.fail(errors.NotFound(f"method not found: {method}"))
+            raise errors.NotFound(f"method not found: {method}")
         request.target = method
-        try:
-            return defer.maybeDeferred(fn, request, params)
-        except Exception:   # maybeDeferred catches; this is belt and braces
-            return defer.fail()
+        return fn(request, params)
 
 
 def param(params: Any, name: str, position: int, kind=None, required: bool = True, default: Any = None):

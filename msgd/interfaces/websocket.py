@@ -35,6 +35,7 @@ affected.  Keep-alive pings every ``ws_ping_interval``; no pong within
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib
 
@@ -42,15 +43,29 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.core.pubsub import Session
+from msgd.security.guard import TOKEN_SUBPROTOCOL, checked_builtins
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
+
+
+def frame(payload: bytes) -> bytes:
+    """One unmasked, final WebSocket text frame (RFC 6455 5.2), as a server
+    sends it.  Written straight to the transport: events are framed once and
+    the same bytes go to every subscriber."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
 def _stomp_session_class():
@@ -83,7 +98,21 @@ class MsgdWebSocket(WebSocketServerProtocol):
         origin = request.headers.get("origin")
         if origin and "*" not in origins and not any(fnmatch.fnmatchcase(origin, p) for p in origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
-        offered = request.protocols
+        # who is calling (a token, Basic/Bearer, or anonymous): see msgd.security; may wait for a thread
+        d = self.factory.interface.guard.authenticate_ws(request, self.transport)
+        return d.addCallbacks(self._authenticated, self._refused, callbackArgs=(request,))
+
+    def _refused(self, failure):
+        e = failure.value
+        if isinstance(e, errors.Overloaded):
+            raise ConnectionDeny(429, e.message)
+        if isinstance(e, errors.Unauthorized):
+            raise ConnectionDeny(401, e.message)
+        raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "credentials cannot be checked now")
+
+    def _authenticated(self, principal, request):
+        self.principal = principal
+        offered = [p for p in request.protocols if not p.startswith(TOKEN_SUBPROTOCOL)]
         if not offered:
             return None
         for p in offered:
@@ -98,6 +127,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
     def onOpen(self):
         iface = self.factory.interface
         iface.connection_opened(self.transport)
+        iface.goodbyes[self.transport] = self.going_away
         iface.ws_connections.inc()
         self._opened = True
         self.transport.unregisterProducer()     # twisted.web's HTTPChannel was the producer until now
@@ -106,10 +136,15 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.stomp = self.factory.stomp_class(
                 iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
+            # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
+            self.stomp.options = dataclasses.replace(self.stomp.options,
+                                                     authenticate=lambda login, passcode: self.principal)
         else:
             self.session = Session(iface.node.pubsub, self,
-                                   max_subscriptions=iface.options.ws_max_subscriptions)
-            self.builtins = self.session.builtins()
+                                   max_subscriptions=iface.options.ws_max_subscriptions,
+                                   authorize=iface.node.access.authorize_channel)
+            # the Session checks subscribe and publish against the rules; presence is checked here
+            self.builtins = checked_builtins(iface.node.access, self.session.builtins(), ["rpc.presence"])
 
     # -- requests ----------------------------------------------------------------
 
@@ -127,13 +162,19 @@ class MsgdWebSocket(WebSocketServerProtocol):
         if isBinary:
             self._send_json(error_response(errors.InvalidRequest("binary messages are not JSON-RPC")))
             return
-        d = self.factory.jsonrpc.handle(payload, make_request, self.builtins)
-        d.addCallback(self._answer)
-        d.addErrback(lambda f: self.log.failure("WebSocket message failed", f))
+        answer = self.factory.jsonrpc.answer(payload, make_request, self.builtins)
+        if isinstance(answer, Deferred):
+            answer.addCallback(self._answer)
+            answer.addErrback(lambda f: self.log.failure("WebSocket message failed", f))
+        elif answer is not None:
+            self._answer(answer)
 
     def _answer(self, data):
         if data is not None and self.state == self.STATE_OPEN:
-            self.sendMessage(data, False)
+            if self._perMessageCompress is None:
+                self.transport.write(frame(data))
+            else:
+                self.sendMessage(data, False)
 
     def _send_json(self, obj):
         self.sendMessage(dumps(obj), False)
@@ -145,19 +186,19 @@ class MsgdWebSocket(WebSocketServerProtocol):
         frame is prepared once per event and written as is."""
         if self.state != self.STATE_OPEN or self._closing:
             return
-        frame = event.cache.get("ws")
-        if frame is None:
-            frame = event.cache["ws"] = self.factory.prepareMessage(event.notification()).payloadHybi
+        data = event.cache.get("ws")
+        if data is None:
+            data = event.cache["ws"] = frame(event.notification())
         if self._paused:
-            self._queue(frame)
+            self._queue(data)
         else:
-            self.transport.write(frame)
+            self.transport.write(data)
 
-    def _queue(self, frame: bytes):
+    def _queue(self, data: bytes):
         if self._backlog is None:
             self._backlog = []
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
         limit = self.factory.interface.options.ws_max_pending
         if self._backlog_bytes > limit:
             self._drop_slow(limit)
@@ -192,6 +233,12 @@ class MsgdWebSocket(WebSocketServerProtocol):
 
     # -- end -------------------------------------------------------------------------
 
+    def going_away(self):
+        """The node drains or the interface goes: close with 1001 "going
+        away" so that clients reconnect (elsewhere) at once."""
+        self._closing = True
+        self.sendCloseFrame(1001, b"node going away")   # sendClose allows only 1000 and 3000-4999
+
     def _stomp_close(self, reason: str = ""):
         self.sendClose(1000, reason[:120] if reason else None)
 
@@ -204,6 +251,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.stomp = None
 
     def connectionLost(self, reason):
+        self.factory.interface.guard.release(self.transport)    # the HTTP connection this one took over
         if self._opened:
             self._opened = False
             iface = self.factory.interface
