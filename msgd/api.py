@@ -38,7 +38,7 @@ Unavailable = errors.Unavailable
 MsgdError = errors.MsgdError
 
 __all__ = [
-    "request", "blocking", "adapter", "peer", "publish", "call", "services", "sleep", "transaction",
+    "request", "blocking", "adapter", "peer", "publish", "call", "services", "sleep", "transaction", "issue_token",
     "AppError", "Unauthorized", "InvalidParams", "NotFound", "Timeout", "Unavailable", "MsgdError",
     "TransactionFailed",
 ]
@@ -83,7 +83,12 @@ def transaction() -> Transaction:
 
 
 def peer(name: str):
-    """The peer node declared as ``[peer:NAME]``."""
+    """The peer node declared as ``[peer:NAME]``:
+    ``peer("b").module.function(*args)`` or ``peer("b").call("module.function",
+    *args)`` call it within this request's remaining deadline (a Deferred;
+    ``Unavailable`` at once when it is not connected), and
+    ``peer("b").send("module.function", *args)`` queues a durable async
+    message (fires with its id once it is on disk).  See docs/cluster.rst."""
     return services().peer(name)
 
 
@@ -100,7 +105,27 @@ def call(target: str, *args, **kwargs) -> Deferred:
     """Call another app function as part of this request (same deadline,
     same principal)."""
     req = request()
-    return req.services.dispatcher.call(req.child(), target, args, kwargs)
+    # internal: the [access:*] rules and rate limits checked the outer call already
+    return req.services.dispatcher.call(req.child(meta=dict(req.meta, internal=True)), target, args, kwargs)
+
+
+def issue_token(name: str | None = None, roles=(), ttl: float | None = None, interface: str | None = None) -> dict:
+    """A signed token ``{"token", "expires"}`` that the interface named
+    ``interface`` (default: the current request's) accepts as a login, e.g.
+    for a browser's WebSocket.  ``name`` defaults to the current principal
+    (with its roles); an app that checked a login its own way passes the
+    name and roles it vouches for."""
+    req = request()
+    if name is None:
+        p = req.principal
+        if p is None:
+            raise errors.Unauthorized("no principal to issue a token for")
+        name, roles = p.name, getattr(p, "roles", ())
+    iface = req.services.interfaces.get(interface or req.interface)
+    guard = getattr(iface, "guard", None)
+    if guard is None:
+        raise errors.NotFound(f"interface {interface or req.interface!r} accepts no tokens")
+    return guard.issue_token(name, roles, ttl)
 
 
 def sleep(seconds: float) -> Deferred:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -58,21 +59,14 @@ member: uid=bob,ou=people,{BASE}
 DIRECTORY = open(os.path.join(ROOT, "apps", "directory.py")).read()
 PING = "def ping():\n    return 'pong'\n"
 
-_server = None
+def slapd(testcase):
+    """A private slapd with the test directory, stopped at cleanup."""
+    srv = servers.slapd(suffix=BASE, ldif=LDIF)
+    testcase.addCleanup(srv.cleanup)
+    return srv
 
 
-def slapd():
-    """One slapd for the module (its start and LDIF load are the slow part);
-    tests that stop it start it again."""
-    global _server
-    if _server is None:
-        _server = servers.slapd(suffix=BASE, ldif=LDIF)
-    return _server
-
-
-def tearDownModule():
-    if _server is not None:
-        _server.cleanup()
+NO_SERVER = SimpleNamespace(extra={"bind_dn": f"cn=admin,{BASE}", "password": "secret"})
 
 
 def ini(url, srv, **extra):
@@ -89,7 +83,7 @@ def call(node, target, *args, timeout=5.0):
 
 class LDAPTests(unittest.TestCase):
     def setUp(self):
-        self.srv = slapd()
+        self.srv = slapd(self)
         self.node = make_node(self, ini(f"ldap://127.0.0.1:{self.srv.port}", self.srv),
                               apps={"directory.py": DIRECTORY, "util2.py": PING})
         self.ldap = self.node.adapter("directory")
@@ -187,7 +181,7 @@ class LDAPTests(unittest.TestCase):
 class LDAPFaultTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_down_at_start(self):
-        srv = slapd()
+        srv = NO_SERVER
         node = make_node(self, ini(f"ldap://127.0.0.1:{servers.free_port()}", srv, retries="0"),
                          apps={"directory.py": DIRECTORY})
         self.assertTrue(node.running)
@@ -196,7 +190,7 @@ class LDAPFaultTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_hung_server(self):
-        srv = slapd()
+        srv = NO_SERVER
         port = hung_listener(self)
         node = make_node(self, ini(f"ldap://127.0.0.1:{port}", srv, timeout="1s", retries="0", pool_size="2",
                                    pool_queue="2", breaker_failures="2", breaker_reset="10s"))

@@ -4,6 +4,7 @@ database, and the faults: down at start, killed and restarted, hung."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.internet import defer, reactor
@@ -83,10 +84,7 @@ class RedisTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_password(self):
-        yield self.cache.execute("CONFIG", "SET", "requirepass", "s3cr:et")
-        self.addCleanup(lambda: servers.subprocess.run(
-            ["redis-cli", "-p", str(self.srv.port), "-a", "s3cr:et", "CONFIG", "SET", "requirepass", ""],
-            capture_output=True))
+        yield self.cache.execute("CONFIG", "SET", "requirepass", "s3cr:et")   # a private server
         node = make_node(self, ini(f"redis://:s3cr%3Aet@127.0.0.1:{self.srv.port}/1", breaker_failures="100"))
         self.assertEqual((yield node.adapter("cache").ping()), "PONG")
         bad = make_node(self, ini(f"redis://:wrong@127.0.0.1:{self.srv.port}/1", retries="0"))
@@ -148,7 +146,9 @@ class RedisTests(unittest.TestCase):
             except base.AdapterUnavailable as e:
                 seen.add(type(e))
         self.assertIn(base.CircuitOpen, seen)
-        self.assertEqual(self.cache.describe()["breaker"], "open")
+        health = json.loads(json.dumps(self.node.health()))     # /health shows it
+        self.assertEqual(health["adapters"]["cache"]["breaker"], "open")
+        self.assertIn("cannot connect", health["adapters"]["cache"]["last_error"])
         self.assertEqual(self.node.metrics.value("msgd_adapter_breaker_open", {"adapter": "cache"}), 1)
         self.srv.start()
         yield eventually(lambda: self.cache.get("k1").addCallbacks(lambda v: v is None, lambda f: False))

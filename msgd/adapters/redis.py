@@ -31,7 +31,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 
-from msgd.adapters.base import Adapter, AdapterError, AdapterOptions, AdapterRejected, AdapterUnavailable
+from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, option
 
 # commands that change nothing: safe to retry
@@ -136,9 +136,9 @@ class RedisAdapter(Adapter):
         return super().classify(e)
 
     def stopService(self):
-        for sub in list(self.subscriptions):
-            sub.stop()
-        return super().stopService()
+        stopped = defer.gatherResults([sub.stop() for sub in list(self.subscriptions)], consumeErrors=True)
+        super().stopService()
+        return stopped
 
     # -- commands ------------------------------------------------------------
 
@@ -246,4 +246,4 @@ class Subscription:
         return self.service.stopService()
 
 
-__all__ = ["RedisAdapter", "Subscription", "AdapterError"]
+__all__ = ["RedisAdapter", "Subscription"]

@@ -28,6 +28,7 @@ slot until the database returns; PostgreSQL sessions get
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class SQLAdapter(Adapter):
         self.path = None
         if self.sqlite:
             self.path = options.path or os.path.join(node.config.node.state_dir, f"{name}.sqlite")
+        if not self.sqlite and importlib.util.find_spec("psycopg2") is None:
+            # checked here so that start-up fails with one clear line
+            raise RuntimeError(f"[adapter:{name}] driver = postgres needs psycopg2: pip install 'msgd[postgres]'")
         self.dbpool: adbapi.ConnectionPool | None = None
         self._writer = defer.DeferredLock()   # sqlite: one writer at a time
 

@@ -137,6 +137,7 @@ class Broker:
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
         self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
+        self.backend = None    # shares channels between nodes when set (msgd.cluster.redis_pubsub)
         self._m = None
         if metrics is not None:
             self._m = (metrics.counter("msgd_pubsub_published_total", "Events published"),
@@ -209,6 +210,14 @@ class Broker:
             self.patterns[name].add(subscriber)
             return defer.succeed({"channel": name, "pattern": True, "recovered": since is None})
         check_channel(name)
+        backend = self.backend
+        if backend is not None and backend.connected and not backend.synced(name):
+            # learn the shared epoch, offset and history first; events arriving meanwhile
+            # are kept in the local history and replayed below, in the same turn
+            return backend.sync(name).addCallback(lambda _: self._subscribe(name, subscriber, since, epoch))
+        return defer.succeed(self._subscribe(name, subscriber, since, epoch))
+
+    def _subscribe(self, name: str, subscriber, since, epoch) -> dict:
         ch = self.channel(name)
         ch.last_used = self.clock.seconds()
         recovered = since is None
@@ -220,7 +229,7 @@ class Broker:
                     if ev.offset > since:
                         subscriber.deliver(ev)
         ch.subscribers.add(subscriber)
-        return defer.succeed({"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered})
+        return {"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered}
 
     def unsubscribe(self, name: str, subscriber) -> bool:
         if is_pattern(name):
@@ -252,6 +261,16 @@ class Broker:
             dumps(data)
         except (TypeError, ValueError) as e:
             raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
+        if self.backend is not None and self.backend.connected:
+            # offset from the shared channel; delivered here when it comes back through receive()
+            return self.backend.publish(name, data).addErrback(self._publish_alone, name, data)
+        return self._publish_alone(None, name, data)
+
+    def _publish_alone(self, failure, name: str, data: Any) -> defer.Deferred:
+        """Publish on this node only (memory backend, or the shared one is away)."""
+        if failure is not None:
+            self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
+                          channel=name, error=failure.getErrorMessage())
         ch = self.channel(name)
         now = self.clock.seconds()
         ch.offset += 1
@@ -264,6 +283,45 @@ class Broker:
         for listener in self.listeners:
             listener(ev)
         return defer.succeed(ev.offset)
+
+    # -- shared channels (a backend calls these) ------------------------------------
+
+    def receive(self, name: str, offset: int, epoch: str, data: Any, time: float) -> None:
+        """An event of a shared channel, in offset order.  A new epoch or a
+        gap in the offsets restarts the local history, which can no longer
+        vouch for continuity."""
+        ch = self.channel(name)
+        if ch.epoch != epoch or offset != ch.offset + 1:
+            ch.epoch = epoch
+            ch.history.clear()
+            if self.backend is not None:
+                self.backend.unsync(name)
+        ch.offset = offset
+        ev = Event(name, offset, epoch, data, time)
+        if ch.max_size:
+            ch.history.append(ev)
+            ch.trim(self.clock.seconds())
+        ch.last_used = self.clock.seconds()
+        self.deliver(ev, ch)
+
+    def adopt(self, name: str, epoch: str, offset: int, events: list[Event]) -> Channel:
+        """Take the shared state of a channel: its epoch, offset and history
+        (``events``), keeping local events newer than it of the same epoch."""
+        ch = self.channel(name)
+        newer = [e for e in ch.history if e.offset > offset] if ch.epoch == epoch else []
+        ch.history.clear()
+        ch.history.extend(e for e in events if e.offset <= offset)
+        ch.history.extend(newer)
+        ch.epoch = epoch
+        ch.offset = newer[-1].offset if newer else offset
+        ch.trim(self.clock.seconds())
+        return ch
+
+    def unshare(self) -> None:
+        """The shared backend is away: give every channel a new local epoch,
+        so offsets assigned here meanwhile never pass for shared ones."""
+        for ch in self.channels.values():
+            ch.epoch = new_epoch()
 
     def deliver(self, ev: Event, ch: Channel | None = None) -> int:
         """Hand ``ev`` to the channel's and the matching patterns'
@@ -317,7 +375,13 @@ def _principal_name(p) -> str:
 class Session:
     """The pub/sub side of one connection (WebSocket, stream, STOMP…):
     remembers its subscriptions so that they end with the connection, and
-    offers the connection-bound ``rpc.*`` methods."""
+    offers the connection-bound ``rpc.*`` methods.  It can be passed as the
+    ``builtins`` of :class:`msgd.core.jsonrpc.JSONRPC` itself (``get``), so
+    that an idle connection carries no per-connection table of methods."""
+
+    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize")
+    _BUILTINS = {"rpc.subscribe": "rpc_subscribe", "rpc.unsubscribe": "rpc_unsubscribe",
+                 "rpc.publish": "rpc_publish", "rpc.presence": "rpc_presence"}
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -327,9 +391,12 @@ class Session:
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
 
+    def get(self, method: str, default=None):
+        name = self._BUILTINS.get(method)
+        return getattr(self, name) if name is not None else default
+
     def builtins(self) -> dict:
-        return {"rpc.subscribe": self.rpc_subscribe, "rpc.unsubscribe": self.rpc_unsubscribe,
-                "rpc.publish": self.rpc_publish, "rpc.presence": self.rpc_presence}
+        return {method: getattr(self, name) for method, name in self._BUILTINS.items()}
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
