@@ -129,3 +129,24 @@ class RunningNodeTests(unittest.TestCase):
         self.assertEqual(results, [{"jsonrpc": "2.0", "result": "finished", "id": 1}])
         self.assertEqual(self.node.wait(20), 0)
         self.assertFalse(port_open("127.0.0.1", port))
+
+
+class DaemonTests(unittest.TestCase):
+    def test_daemonizes_with_pidfile_and_logfile(self):
+        import signal as _signal
+        from tests.helpers import ROOT as _root
+        base = os.path.abspath(self.mktemp())
+        node = NodeProcess(base, INI, {"m.py": APP})
+        pidfile, logfile = os.path.join(base, "msgd.pid"), os.path.join(base, "msgd.log")
+        env = dict(os.environ, PYTHONPATH=_root)
+        out = subprocess.run([TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "msgd", "-c", node.ini],
+                             cwd=base, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)          # the parent returns once the daemon runs
+        self.assertTrue(poll(lambda: port_open("127.0.0.1", node.port), timeout=15))
+        pid = int(open(pidfile).read())
+        self.addCleanup(lambda: os.kill(pid, _signal.SIGKILL) if os.path.exists(f"/proc/{pid}") else None)
+        self.assertEqual(call(node.port, "m.version")["result"], 1)
+        os.kill(pid, _signal.SIGTERM)
+        self.assertTrue(poll(lambda: not os.path.exists(pidfile), timeout=15))
+        with open(logfile) as f:
+            self.assertIn("node proc started", f.read())
