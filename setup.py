@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["msgd", "msgd.*"]) + ["twisted.plugins"],
-    package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"], "twisted": ["plugins/msgd_plugin.py"]},
+    package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"], "twisted": ["plugins/msgd_plugin.py", "plugins/msgd_endpoints.py"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=24.11",
@@ -30,6 +30,7 @@ setup(
             "stomp.py>=8",
             "psycopg2-binary>=2.9",
             "websocket-client>=1.6",
+            "selenium>=4.10",
         ],
     },
     entry_points={"console_scripts": ["msgd = msgd.tap:main"]},

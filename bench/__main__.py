@@ -1,6 +1,8 @@
-"""``python -m bench all`` (``make bench``): every benchmark, one after the
-other; ``python -m bench NAME [args]`` runs one (``ws_fanout``, ``ws_rpc``,
-``xmlrpc``, ``adapters``, ``ingest``, ``stomp``, ``pb``, ...)."""
+"""``python -m bench all`` (``make bench``): the suite — msgd side by side
+with its peers in one table (bench/suite.py).  ``python -m bench every``
+runs every benchmark module one after the other; ``python -m bench NAME
+[args]`` runs one (``ws_fanout``, ``ws_rpc``, ``xmlrpc``, ``adapters``,
+``ingest``, ``stomp``, ``pb``, ``fuzz``, ...)."""
 
 import importlib
 import pkgutil
@@ -8,7 +10,7 @@ import sys
 
 import bench
 
-SKIP = {"common", "refserver", "__main__"}
+SKIP = {"common", "refserver", "__main__", "peers", "suite"}
 
 
 def names():
@@ -21,6 +23,8 @@ def main(argv):
         print("available:", ", ".join(names()))
         return 0
     if argv[0] == "all":
+        return importlib.import_module("bench.suite").main(argv[1:]) or 0
+    if argv[0] == "every":
         failed = []
         for name in names():
             print(f"\n=== {name} ===", flush=True)

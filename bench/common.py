@@ -39,9 +39,9 @@ def pinned(cpu: str, argv: list) -> list:
 
 def ensure_ws_package() -> str:
     """Install the npm ``ws`` package for the load generator (once)."""
-    if not os.path.isdir(os.path.join(CACHE, "node_modules", "ws")):
+    if not os.path.isdir(os.path.join(CACHE, "node_modules", "socket.io-client")):
         os.makedirs(CACHE, exist_ok=True)
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", CACHE, "ws@8"],
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", CACHE, "ws@8", "socket.io-client@4"],
                        check=True, stdout=subprocess.DEVNULL, timeout=300)
     return os.path.join(CACHE, "node_modules")
 
@@ -114,9 +114,9 @@ class Server:
             self.proc.stderr.close()
 
 
-def msgd_server(extra_ini: str = "") -> tuple[Server, str]:
+def msgd_argv(port: int, extra_ini: str = "") -> tuple[list, str]:
+    """The command line of a benchmark node on ``port`` and its directory."""
     base = tempfile.mkdtemp(prefix="msgd-bench-")
-    port = free_port()
     ini = textwrap.dedent(f"""
         [node]
         name = bench
@@ -135,7 +135,12 @@ def msgd_server(extra_ini: str = "") -> tuple[Server, str]:
         """) + extra_ini
     with open(os.path.join(base, "node.ini"), "w") as f:
         f.write(ini)
-    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"]
+    return [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"], base
+
+
+def msgd_server(extra_ini: str = "") -> tuple[Server, str]:
+    port = free_port()
+    argv, base = msgd_argv(port, extra_ini)
     return Server(argv, port, cwd=base), base
 
 

@@ -13,6 +13,7 @@ Sections
 ``[peer:NAME]``          another node reached over Perspective Broker
 ``[pubsub]``             the pub/sub broker (:class:`PubSubConfig`)
 ``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history
+``[access:NAME]``        an authorization rule (:mod:`msgd.security.rules`)
 
 Relative paths are taken relative to the directory of the ini file, so a node
 behaves the same whatever the working directory is.
@@ -134,6 +135,18 @@ def choice(*options: str) -> Callable:
 def words(value: str, ctx: "Context") -> tuple[str, ...]:
     """A list separated by commas and/or whitespace."""
     return tuple(w for w in re.split(r"[,\s]+", value.strip()) if w)
+
+
+def networks(value: str, ctx: "Context") -> tuple[str, ...]:
+    """Addresses or networks (``127.0.0.1 ::1 10.0.0.0/8``), checked."""
+    import ipaddress
+    out = words(value, ctx)
+    for w in out:
+        try:
+            ipaddress.ip_network(w, strict=False)
+        except ValueError:
+            raise Invalid(f"{w!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8, ::1)") from None
+    return out
 
 
 def nonempty_words(value: str, ctx: "Context") -> tuple[str, ...]:
@@ -332,7 +345,12 @@ class PeerConfig:
     username: str = option("", doc="PB login name")
     password: str = option("", doc="PB password")
     ordered: bool = option(False, parse=boolean, doc="deliver async messages to this peer in order")
-    timeout: float = option(10.0, parse=duration, doc="deadline of a call made outside any request")
+    timeout: float = option(10.0, parse=duration,
+                            doc="deadline of a call made outside any request, and of each async message delivery")
+    message_ttl: float | None = option(86400.0, parse=optional_duration,
+                                       doc="async messages not accepted within this are dropped (none: kept forever)")
+    max_retry_delay: float = option(30.0, parse=duration,
+                                    doc="longest wait between reconnection attempts")
 
 
 @dataclass(frozen=True)
@@ -354,6 +372,7 @@ class Config:
     adapters: tuple = ()           # (Component, ...)
     peers: tuple = ()              # ((name, PeerConfig), ...)
     targets: tuple = ()            # ((section, key, target), ...)
+    access: tuple = ()             # ((name, AccessConfig), ...): authorization rules
 
     def interface(self, name: str) -> Component:
         return {c.name: c for c in self.interfaces}[name]
@@ -365,7 +384,7 @@ class Config:
                 raise ConfigError(self.path, section, key, f"no app exports {t!r}")
 
 
-SECTION_KINDS = ("node", "pubsub", "interface:", "adapter:", "peer:", "channel:")
+SECTION_KINDS = ("node", "pubsub", "interface:", "adapter:", "peer:", "channel:", "access:")
 
 
 def _component(kind: str, table: dict, section: str, name: str, items: dict, ctx: Context) -> Component:
@@ -408,7 +427,7 @@ def parse_text(text: str, path: str = "<string>") -> Config:
         raise ConfigError(path, None, None, f"line {lineno}: cannot parse {line.strip()!r}") from None
 
     ctx = Context(path=path, base_dir=os.path.dirname(os.path.abspath(path)) if path != "<string>" else os.getcwd())
-    interfaces, adapters, peers, channels = [], [], [], []
+    interfaces, adapters, peers, channels, access = [], [], [], [], []
     node = pubsub = None
     for section in parser.sections():
         items = dict(parser.items(section))
@@ -436,8 +455,12 @@ def parse_text(text: str, path: str = "<string>") -> Config:
             peers.append((name, peer))
         elif kind == "channel" and sep:
             channels.append((name, parse_section(ChannelConfig, items, ctx, section, skip=())))
+        elif kind == "access" and sep:
+            from msgd.security.rules import AccessConfig
+            access.append((name, parse_section(AccessConfig, items, ctx, section, skip=())))
         else:
-            known = ["node", "pubsub", "interface:NAME", "adapter:NAME", "peer:NAME", "channel:PATTERN"]
+            known = ["node", "pubsub", "interface:NAME", "adapter:NAME", "peer:NAME", "channel:PATTERN",
+                     "access:NAME"]
             raise ConfigError(path, section, None, "unknown section" + _hint(section, known)
                               + f"; known: {', '.join(known)}")
     if node is None:
@@ -446,7 +469,7 @@ def parse_text(text: str, path: str = "<string>") -> Config:
         pubsub = PubSubConfig()
     return Config(path=path, node=node, pubsub=pubsub, channels=tuple(channels),
                   interfaces=tuple(interfaces), adapters=tuple(adapters), peers=tuple(peers),
-                  targets=tuple(ctx.targets))
+                  targets=tuple(ctx.targets), access=tuple(access))
 
 
 def load(path: str) -> Config:

@@ -4,12 +4,12 @@ Every part of msgd logs through :class:`twisted.logger.Logger` with named
 fields.  This module turns those events into lines:
 
 ``text``
-    ``2026-11-22T00:47:42.123+0000 [msgd.node#info] node dev started … [req 3fa2c1-1f]``
+    ``2026-11-22T00:47:42+0000 [msgd.node.NodeService#info] node dev started … [req 3fa2c1-1f]``
     for a person at a terminal;
 ``json``
     one JSON object per line for journald and log collectors::
 
-        {"time": 1795222062.123, "level": "info", "namespace": "msgd.node",
+        {"time": 1795222062.123, "level": "info", "namespace": "msgd.node.NodeService",
          "message": "node dev started: …", "node": "dev", "request_id": "3fa2c1-1f"}
 
     the event's named fields are kept as keys (values that are not JSON
@@ -41,7 +41,6 @@ from twisted.logger import (FilteringLogObserver, InvalidLogLevelError, LogLevel
 
 from msgd.core.request import current
 
-FORMATS = ("text", "json")
 NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
@@ -104,7 +103,7 @@ def event_as_text(event: dict) -> str:
         time=formatTime(event.get("log_time")), ns=event.get("log_namespace", "-"),
         level=level.name if level is not None else "info", message=formatEvent(event))
     rid = request_id(event)
-    if rid is not None and "request_id" not in event.get("log_format", ""):
+    if rid is not None and "request_id" not in (event.get("log_format") or ""):
         line += f" [req {rid}]"
     failure = event.get("log_failure")
     if failure is not None:

@@ -9,6 +9,7 @@ closed and adapters and the thread pool stop.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -19,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from msgd import registry
-from msgd.config import Config
+from msgd.config import Config, ConfigError, load
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
@@ -27,6 +28,11 @@ from msgd.core.jsonrpc import JSONRPC
 from msgd.core.metrics import Metrics
 from msgd.core.pubsub import Broker
 from msgd.core.request import Request
+from msgd.security import Access
+
+
+def _by_name(components) -> dict:
+    return {c.name: c for c in components}
 
 
 class NodeService(MultiService):
@@ -45,6 +51,9 @@ class NodeService(MultiService):
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)
         self.jsonrpc = JSONRPC(self.dispatcher)
+        # [access:*] rules and per-principal rates; built before the interfaces, whose guards it consults
+        self.access = Access(self, config.access)
+        self.dispatcher.authorize = self.access.authorize
         self.interfaces: dict = {}
         self.adapters: dict = {}
         self.peers: dict = {}
@@ -53,10 +62,38 @@ class NodeService(MultiService):
                              metrics=self.metrics)
         self.started_at = None
         self._apps_loaded = False
+        self.reconfigured: list = [lambda new: self.access.update(new.access)]   # listener(config) after each reconfiguration
+        self.logs = None                 # the msgd.logging.LogSetup, when twistd runs the node
+        self.last_reload: dict | None = None
+        self._reconfiguring = defer.DeferredLock()
+        self._reloads = self.metrics.counter("msgd_config_reloads_total",
+                                             "Reconfigurations (SIGHUP, admin) by outcome", ["outcome"])
         for comp in config.interfaces:
             self._add(self.interfaces, "interface", registry.INTERFACES, comp)
         for comp in config.adapters:
             self._add(self.adapters, "adapter", registry.ADAPTERS, comp)
+        self._build_cluster(config)
+
+    def _build_cluster(self, config: Config) -> None:
+        """Peers, the outbox of async messages, the idempotency store of
+        received ones, and the Redis pub/sub bridge (msgd/cluster)."""
+        from msgd.cluster.outbox import Outbox, Received
+        state = config.node.state_dir
+        self.received = Received(os.path.join(state, "received.sqlite"), self.reactor, self.run_blocking)
+        self.outbox = self.pubsub_bridge = None
+        if config.peers:
+            from msgd.cluster.peers import Peer
+            for name, peer_config in config.peers:
+                self.peers[name] = Peer(name, peer_config, self)
+                self.peers[name].setServiceParent(self)
+            self.outbox = Outbox(os.path.join(state, "outbox.sqlite"), self.reactor, self.run_blocking,
+                                 self.peers, metrics=self.metrics)
+            for p in self.peers.values():
+                p.listeners.append(self.outbox.kick)
+        if config.pubsub.backend == "redis":
+            from msgd.cluster.redis_pubsub import RedisBridge
+            self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics)
+            self.pubsub_bridge.setServiceParent(self)
 
     def _add(self, table: dict, kind: str, types: dict, comp):
         cls = registry.load(types, comp.type)
@@ -85,6 +122,8 @@ class NodeService(MultiService):
         self.started_at = self.reactor.seconds()
         self._wall_started = time.time()
         self.threadpool.start()
+        if self.outbox is not None:
+            self.outbox.start().addErrback(lambda f: self.log.failure("outbox could not start", f))
         self.load_apps()
         self.apps.start()
         self.pubsub.start()
@@ -93,8 +132,142 @@ class NodeService(MultiService):
                       node=self.name_, interfaces=len(self.interfaces), modules=len(self.apps.modules))
 
     def ready(self) -> defer.Deferred:
-        """Fires when every interface accepts work; fails if one cannot."""
-        return defer.gatherResults([i.ready for i in self.interfaces.values()], consumeErrors=True)
+        """Fires when every interface accepts work and every adapter that
+        has a ``ready`` Deferred is connected; fails if one cannot."""
+        waits = [i.ready for i in self.interfaces.values()]
+        waits += [a.ready for a in self.adapters.values() if isinstance(getattr(a, "ready", None), defer.Deferred)]
+        return defer.gatherResults(waits, consumeErrors=True)
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``."""
+        listening = sum(1 for i in self.interfaces.values() if i.describe().get("listening"))
+        return (f"{listening} listener(s), {len(self.interfaces)} interface(s), {len(self.adapters)} adapter(s), "
+                f"{len(self.apps.modules)} app module(s), {self.dispatcher.in_flight} call(s) in flight")
+
+    # -- reconfigure -----------------------------------------------------------
+
+    # [node] keys that only a restart can change; a reload keeps their old values
+    RESTART_KEYS = ("name", "apps", "state_dir")
+
+    def reload(self) -> defer.Deferred:
+        """Re-read the node's ini file and apply it (SIGHUP, ``/admin/reload``)."""
+        try:
+            config = load(self.config.path)
+        except ConfigError as e:
+            self._reload_failed(e)
+            return defer.fail(e)
+        return self.reconfigure(config)
+
+    def reconfigure(self, new: Config) -> defer.Deferred:
+        """Apply ``new`` without a restart.  It is validated whole first (a
+        bad config changes nothing and fails with ConfigError); then only the
+        interfaces and adapters whose sections changed are removed, added or
+        restarted, by name, so untouched listeners keep their connections.
+        If a new listener cannot start, the previous set is put back.
+        Reconfigurations run one at a time."""
+        return self._reconfiguring.run(self._reconfigure, new)
+
+    @defer.inlineCallbacks
+    def _reconfigure(self, new: Config):
+        old = self.config
+        try:
+            new.check_targets(self.apps.exists)
+            kept = {k: getattr(old.node, k) for k in self.RESTART_KEYS if getattr(old.node, k) != getattr(new.node, k)}
+            for key in kept:
+                self.log.warn("[node] {key} changes only at restart; keeping {value!r}", key=key, value=kept[key])
+            if (new.pubsub, new.channels) != (old.pubsub, old.channels):
+                self.log.warn("[pubsub] and [channel:*] changes take effect at restart")
+            peers = new.peers
+            if self.outbox is None and new.peers:
+                self.log.warn("the first [peer:*] of a node takes effect at restart")
+                peers = old.peers
+            new = dataclasses.replace(new, node=dataclasses.replace(new.node, **kept), pubsub=old.pubsub,
+                                      channels=old.channels, peers=peers)
+            plans = [self._plan(self.interfaces, _by_name(old.interfaces), _by_name(new.interfaces),
+                                self._component_builder(registry.INTERFACES)),
+                     self._plan(self.adapters, _by_name(old.adapters), _by_name(new.adapters),
+                                self._component_builder(registry.ADAPTERS)),
+                     self._plan(self.peers, dict(old.peers), dict(new.peers), self._new_peer)]
+        except Exception as e:
+            self._reload_failed(e)
+            raise
+        begun = []
+        try:
+            for plan in plans:
+                begun.append(plan)
+                yield self._swap(plan["table"], plan["stop"], plan["start"])
+        except Exception as e:
+            self.log.error("reconfiguration failed, restoring the previous interfaces and adapters: {error}",
+                           error=e)
+            for plan in reversed(begun):
+                restore = [(name, plan["build"](name, spec)) for name, spec in plan["restore"]]
+                yield self._swap(plan["table"], plan["start"], restore)
+            self._reload_failed(e)
+            raise
+        self.config = new
+        self._apply_node(old.node, new.node)
+        changes = {k: sorted(set().union(*(p[k] for p in plans))) for k in ("added", "removed", "restarted")}
+        self._reloads.labels("ok").inc()
+        self.last_reload = dict(at=time.time(), ok=True, error=None, **changes)
+        self.log.info("configuration reloaded: added {added}, removed {removed}, restarted {restarted}", **changes)
+        for listener in self.reconfigured:
+            listener(new)
+        return changes
+
+    def _plan(self, table: dict, before: dict, after: dict, build) -> dict:
+        """What to stop and what to build for one kind of section, by name
+        (sections compare by value); every new service is built, and so
+        checked, before anything stops.  ``build(name, spec) -> service``."""
+        changed = [n for n in after if n in before and after[n] != before[n]]
+        removed = [n for n in before if n not in after]
+        added = [n for n in after if n not in before]
+        return {"table": table, "build": build, "added": added, "removed": removed, "restarted": changed,
+                "stop": [(n, table[n]) for n in removed + changed],
+                "start": [(n, build(n, after[n])) for n in added + changed],
+                "restore": [(n, before[n]) for n in removed + changed]}
+
+    def _component_builder(self, types: dict):
+        def build(name, comp):
+            svc = registry.load(types, comp.type)(name, comp.options, self)
+            svc.type_name = comp.type
+            return svc
+        return build
+
+    def _new_peer(self, name, peer_config):
+        from msgd.cluster.peers import Peer
+        peer = Peer(name, peer_config, self)
+        peer.listeners.append(self.outbox.kick)
+        return peer
+
+    @defer.inlineCallbacks
+    def _swap(self, table: dict, stop: list, start: list):
+        """Stop the services ``stop`` (closing their connections), then start
+        ``start`` in their places and wait until they are ready; both are
+        ``[(name, service)]``."""
+        for name, svc in stop:
+            if table.get(name) is svc:
+                del table[name]
+            if svc.parent is self:
+                yield defer.maybeDeferred(svc.disownServiceParent)
+        for name, svc in start:
+            table[name] = svc
+            svc.setServiceParent(self)    # starts it: a listener listens now
+            ready = getattr(svc, "ready", None)
+            if isinstance(ready, defer.Deferred):
+                yield ready
+
+    def _apply_node(self, old, new) -> None:
+        if new.threads != old.threads:
+            self.threadpool.adjustPoolsize(maxthreads=new.threads)
+        if new.reload_interval != old.reload_interval and self.running:
+            self.apps.stop()
+            self.apps.interval = new.reload_interval
+            self.apps.start()
+
+    def _reload_failed(self, error: Exception) -> None:
+        self._reloads.labels("failed").inc()
+        self.last_reload = {"at": time.time(), "ok": False, "error": str(error)}
+        self.log.error("configuration not reloaded, nothing changed: {error}", error=error)
 
     # -- stop ----------------------------------------------------------------
 
@@ -115,6 +288,9 @@ class NodeService(MultiService):
         yield super().stopService()
         self.apps.stop()
         self.pubsub.stop()
+        if self.outbox is not None:
+            yield self.outbox.stop()
+        yield self.received.close()
         if self.threadpool.started:
             self.threadpool.stop()   # waits for blocking calls still running past the drain
         self.log.info("node {node} stopped", node=self.name_)
@@ -141,7 +317,7 @@ class NodeService(MultiService):
 
     def peer(self, name: str):
         try:
-            return self.peers[name]
+            return self.peers[name].proxy
         except KeyError:
             raise NotFound(f"no peer named {name!r}") from None
 
@@ -150,11 +326,15 @@ class NodeService(MultiService):
         errors = self.apps.errors()
         return {
             "node": self.name_,
-            "status": "ok" if not errors else "degraded",
+            "status": "ok" if not errors and (self.pubsub_bridge is None or self.pubsub_bridge.connected)
+                      else "degraded",
             "uptime": round(up, 3),
             "in_flight": self.dispatcher.in_flight,
             "interfaces": {n: i.describe() for n, i in self.interfaces.items()},
             "adapters": {n: a.describe() for n, a in self.adapters.items()},
+            "peers": {n: p.describe() for n, p in self.peers.items()},
+            "outbox": self.outbox.describe() if self.outbox is not None else {},
+            "pubsub": self.pubsub_bridge.describe() if self.pubsub_bridge is not None else {"backend": "memory"},
             "modules": {n: {"version": m.version, "file": m.path, "exports": sorted(m.exports)}
                         for n, m in self.apps.modules.items()},
             "load_errors": errors,

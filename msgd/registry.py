@@ -12,6 +12,9 @@ INTERFACES = {
     "http": "msgd.interfaces.http:HTTPInterface",
     "dirwatch": "msgd.interfaces.dirwatch:DirWatch",
     "pop3": "msgd.interfaces.pop3:POP3Poller",
+    "stomp": "msgd.interfaces.stomp.listener:StompInterface",
+    "stomp-consumer": "msgd.interfaces.stomp.consumer:StompConsumer",
+    "pb": "msgd.interfaces.pb:PBInterface",
     "jsonrpc-stream": "msgd.interfaces.stream:StreamInterface",
     "schedule": "msgd.interfaces.schedule:Schedule",
 }
@@ -22,6 +25,7 @@ ADAPTERS: dict = {
     "sql": "msgd.adapters.sql:SQLAdapter",
     "smtp": "msgd.adapters.smtp:SMTPAdapter",
     "http": "msgd.adapters.http:HTTPAdapter",
+    "stomp": "msgd.adapters.stomp:StompAdapter",
 }
 
 

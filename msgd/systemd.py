@@ -114,6 +114,5 @@ class Notifier:
             self.ready(node.status_line())
 
         def failed(f):
-            self.status(f"failed to start: {f.getErrorMessage()}")
-            return f
+            self.status(f"failed to start: {f.getErrorMessage()}")   # tap logs it and stops
         node.ready().addCallbacks(ready, failed)

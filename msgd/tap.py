@@ -3,6 +3,19 @@
 This is the only module that touches the global reactor.  A bad config, a
 missing handler target or an app directory that cannot be read stops start-up
 here with one line naming the file, section and key, before anything listens.
+
+Process-level wiring lives here too:
+
+- **signals**: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads node.ini
+  (:meth:`NodeService.reload`);
+- **systemd**: :class:`msgd.systemd.Notifier` sends READY=1 when the node is
+  ready, RELOADING=1/READY=1 around a reload, STOPPING=1 when draining starts,
+  and watchdog pings;
+- **logs**: twistd reads its log observer from the application's
+  ``ILogObserver`` component *after* makeService; :class:`Root` sets that
+  component when twistd parents it to the application, so ``[node]
+  log_format`` and ``log_levels`` apply to every line, twistd's own
+  included, while ``--logfile`` still chooses where the lines go.
 """
 
 from __future__ import annotations
@@ -10,7 +23,10 @@ from __future__ import annotations
 import signal
 import sys
 
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from msgd.config import ConfigError, load
 
@@ -23,10 +39,39 @@ class Options(usage.Options):
     ]
 
 
+class Root(MultiService):
+    """What twistd runs: the node, plus the log observer it installs as the
+    application's ``ILogObserver`` when it is parented to the application."""
+
+    def __init__(self, node, logs):
+        super().__init__()
+        self.node = node
+        self.logs = logs
+        node.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.logs.observer)
+
+
+def log_stream(options):
+    """The file twistd itself would log to, from its ``--logfile`` and
+    ``--nodaemon`` options (``-``, or nodaemon without a file: stdout)."""
+    twistd = getattr(options, "parent", None) or {}
+    name = twistd.get("logfile") or ""
+    if name == "-" or (not name and twistd.get("nodaemon")) or not twistd:
+        return sys.stdout
+    from twisted.python.logfile import LogFile
+    return LogFile.fromFullPath(name or "twistd.log")
+
+
 def makeService(options):
     from twisted.internet import reactor
 
+    from msgd.logging import LogSetup
     from msgd.node import NodeService
+    from msgd.systemd import Notifier
 
     try:
         config = load(options["config"])
@@ -34,6 +79,21 @@ def makeService(options):
         node.load_apps()
     except ConfigError as e:
         raise SystemExit(f"msgd: {e}") from None
+
+    logs = LogSetup(log_stream(options), config.node.log_format, config.node.log_level, config.node.log_levels)
+    node.logs = logs
+    notifier = Notifier(reactor)
+    node.reconfigured.append(lambda new: logs.apply(new.node))
+
+    def reload():
+        notifier.reloading()
+        d = node.reload()
+        d.addErrback(lambda f: None)   # logged by the node; the old config stays in force
+        d.addBoth(lambda _: notifier.ready(node.status_line()))
+
+    def hangup(signum, frame):
+        node.log.info("signal SIGHUP received: reloading {path}", path=config.path)
+        reactor.callFromThread(reload)
 
     def graceful(signum, frame):
         # twistd would re-kill the process with the signal after the reactor
@@ -45,8 +105,14 @@ def makeService(options):
     def install_signals():
         signal.signal(signal.SIGTERM, graceful)
         signal.signal(signal.SIGINT, graceful)
+        signal.signal(signal.SIGHUP, hangup)
 
     reactor.callWhenRunning(install_signals)
+    # registered before twistd's own trigger that stops the services, so
+    # systemd hears STOPPING=1 before the drain begins
+    reactor.addSystemEventTrigger("before", "shutdown", notifier.stopping)
+    reactor.addSystemEventTrigger("after", "shutdown", notifier.stop)
+    reactor.callWhenRunning(notifier.watch, node)
 
     def not_ready(failure):
         node.log.critical("node {node} could not start: {error}", node=config.node.name,
@@ -54,14 +120,19 @@ def makeService(options):
         node.exit_code = 1
         reactor.stop()
     reactor.callWhenRunning(lambda: node.ready().addErrback(not_ready))
-    return node
+    return Root(node, logs)
 
 
 def main(argv=None) -> int:
-    """``python -m msgd check -c FILE``: validate a config without starting."""
+    """``python -m msgd check -c FILE``: validate a config without starting;
+    ``python -m msgd passwd FILE USER [--roles R,R]``: set a password in a
+    password file (see docs/security.rst)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "passwd":
+        from msgd.security.credentials import passwd_main
+        return passwd_main(argv[1:])
     if not argv or argv[0] != "check":
-        print("usage: python -m msgd check [-c CONFIG]", file=sys.stderr)
+        print("usage: python -m msgd check [-c CONFIG] | passwd FILE USER [--roles R,R]", file=sys.stderr)
         return 2
     opts = Options()
     try:

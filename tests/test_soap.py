@@ -322,3 +322,5 @@ def grid(rows: list[list[int]], note=None) -> Optional[Node]:
         body = etree.Element("Body")
         e = self.assertRaises(errors.InternalError, svc.encode_result, body, "f", "x")
         self.assertIn("expected int", e.message)
+        e = self.assertRaises(errors.InternalError, svc.encode_result, body, "f", 2 ** 64)
+        self.assertIn("xsd:long", e.message)

@@ -54,7 +54,10 @@ class Listener(Interface):
         super().__init__(name, options, node)
         self.port = None
         self.connections: set = set()   # transports of open connections
+        self.goodbyes: dict = {}        # transport -> how to close it politely (e.g. WebSocket 1001)
         self._closing: list = []
+        node.metrics.gauge("msgd_interface_connections", "Open connections per listening interface",
+                           ["interface"]).labels(name).set_function(lambda: len(self.connections))
 
     def factory(self):
         raise NotImplementedError
@@ -117,6 +120,7 @@ class Listener(Interface):
 
     def connection_closed(self, transport) -> None:
         self.connections.discard(transport)
+        self.goodbyes.pop(transport, None)
         if not self.connections and self._closing:
             waiting, self._closing = self._closing, []
             for d in waiting:
@@ -130,12 +134,13 @@ class Listener(Interface):
         yield self.close_connections()
 
     def close_connections(self):
-        """Close every connection, flushing pending writes; abort those still
-        open after ``close_grace`` seconds."""
+        """Close every connection, flushing pending writes (through its
+        ``goodbyes`` entry when it has one); abort those still open after
+        ``close_grace`` seconds."""
         if not self.connections:
             return defer.succeed(None)
         for t in list(self.connections):
-            t.loseConnection()
+            self.goodbyes.get(t, t.loseConnection)()
         d = defer.Deferred()
         self._closing.append(d)
         reactor = self.node.reactor

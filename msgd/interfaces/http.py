@@ -29,16 +29,20 @@ from dataclasses import dataclass
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
 
-from msgd.config import boolean, duration, integer, option, optional_duration, server_endpoint, size, words
+from msgd.config import (boolean, duration, integer, networks, option, optional_duration, server_endpoint, size,
+                         words)
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
+from msgd.security import Guard, SecurityOptions
 
 # key -> (path segment, "module:factory"); factory(interface) -> Resource
 MOUNTS: dict[str, tuple[bytes, str]] = {
     "websocket": (b"ws", "msgd.interfaces.websocket:make_resource"),
     "xmlrpc": (b"RPC2", "msgd.interfaces.xmlrpc:XMLRPCResource"),
     "soap": (b"soap", "msgd.interfaces.soap:SOAPResource"),
+    "status": (b"status", "msgd.interfaces.admin:make_status"),
+    "admin": (b"admin", "msgd.interfaces.admin:make_admin"),
 }
 
 # How a protocol words the refusal of a body above max_body, told apart by the
@@ -49,7 +53,7 @@ REFUSALS: list = []
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see docs/security.rst
     endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8080:interface=127.0.0.1")
     jsonrpc: bool = option(True, parse=boolean, doc="serve JSON-RPC 2.0 at /rpc")
     health: bool = option(True, parse=boolean, doc="serve /health")
@@ -74,6 +78,13 @@ class Options:
     ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
     ws_origins: tuple = option(("*",), parse=words,
                                doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
+    status: bool = option(False, parse=boolean, doc="serve the live status page at /status (see admin_allow)")
+    status_interval: float = option(1.0, parse=duration, doc="how often the status page gets a new snapshot")
+    admin: bool = option(False, parse=boolean,
+                         doc="serve admin calls at /admin (reload config, set log levels; see admin_allow)")
+    admin_allow: tuple = option(("127.0.0.1", "::1"), parse=networks,
+                                doc="addresses/networks allowed to use /status and /admin")
+    admin_token: str = option("", doc="when set, /status and /admin also need it (Authorization: Bearer, ?token=)")
 
 
 class BoundedRequest(server.Request):
@@ -118,14 +129,30 @@ class BoundedRequest(server.Request):
 
 class TrackedChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that tells its interface when it opens and closes,
-    so the interface can close every connection when it stops."""
+    so the interface can close every connection when it stops.  A connection
+    past the interface's connection limits is answered 429 and closed."""
+
+    _admitted = False
 
     def connectionMade(self):
         super().connectionMade()
-        self.site.interface.connection_opened(self.transport)
+        iface = self.site.interface
+        hit = iface.guard.admit(self.transport)
+        if hit is not None:
+            body = dumps(error_response(errors.Overloaded(f"too many connections ({hit})")))
+            self.transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+            self.transport.loseConnection()
+            return
+        self._admitted = True
+        iface.connection_opened(self.transport)
 
     def connectionLost(self, reason):
-        self.site.interface.connection_closed(self.transport)
+        if self._admitted:
+            self._admitted = False
+            self.site.interface.guard.release(self.transport)
+            self.site.interface.connection_closed(self.transport)
         super().connectionLost(reason)
 
 
@@ -139,9 +166,12 @@ class MsgdSite(server.Site):
         self.max_body = interface.options.max_body
         self.displayTracebacks = False
         self.noisy = False
+        self.responses = interface.node.metrics.counter(
+            "msgd_http_responses_total", "HTTP responses by interface and status code", ["interface", "code"])
 
     def log(self, request):
-        pass   # access logging is the metrics' job; twisted.web's per-request line is noise here
+        # access logging is the metrics' job; twisted.web's per-request line is noise here
+        self.responses.labels(self.interface.name, str(request.code)).inc()
 
 
 def _json(request, status: int, obj) -> bytes:
@@ -279,12 +309,17 @@ class HTTPInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
+        self.guard = Guard(self)
+        guarded = {b"rpc", b"RPC2", b"soap", b"targets"}    # what needs authentication (and may be refused)
+
+        def put(segment, res):
+            self.root.putChild(segment, self.guard.protect(res, REFUSALS) if segment in guarded else res)
         self.root = Root(WebFile("index.html", b"text/html; charset=utf-8"))
-        self.root.putChild(b"targets", TargetsResource(node))
+        put(b"targets", TargetsResource(node))
         self.root.putChild(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
         self.root.putChild(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
         if options.jsonrpc:
-            self.root.putChild(b"rpc", JSONRPCResource(self))
+            put(b"rpc", JSONRPCResource(self))
         if options.health:
             self.root.putChild(b"health", HealthResource(node))
         if options.metrics:
@@ -293,7 +328,7 @@ class HTTPInterface(Listener):
             if getattr(options, key, False):
                 modname, _, attr = factory.partition(":")
                 make = getattr(importlib.import_module(modname), attr)
-                self.root.putChild(segment, make(self))
+                put(segment, make(self))
         self.site = MsgdSite(self.root, self)
 
     def factory(self):
@@ -302,4 +337,4 @@ class HTTPInterface(Listener):
     def builtins(self) -> dict:
         """The ``rpc.*`` methods JSON-RPC over plain HTTP offers."""
         pubsub = self.node.pubsub
-        return pubsub.http_builtins() if pubsub is not None else {}
+        return self.guard.http_builtins(pubsub.http_builtins() if pubsub is not None else {})

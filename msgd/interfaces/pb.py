@@ -40,13 +40,16 @@ import time
 from dataclasses import dataclass
 
 from twisted.cred import checkers, portal
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
 from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
 from msgd.core import errors
-from msgd.interfaces.base import Listener
+from msgd.core.pubsub import check_channel
+from msgd.interfaces.base import Listener, StartupError
 
 
 class PBError(pb.Error):
@@ -59,23 +62,38 @@ class PBError(pb.Error):
                                      "data": error.data}, default=str))
 
 
+_QUAL = "msgd.interfaces.pb.PBError"
+
+
 def rebuild(failure) -> errors.MsgdError:
-    """The :class:`MsgdError` a PB failure stands for (any other remote
-    failure becomes ``internal_error``, a lost connection ``unavailable``)."""
+    """The :class:`MsgdError` that a PB failure stands for.  Accepts the
+    failure of a ``callRemote`` Deferred, or the :class:`pb.RemoteError`
+    that ``await``/``inlineCallbacks`` raise for it.  Other remote errors
+    become ``internal_error``, a lost connection ``unavailable``."""
+    if isinstance(failure, BaseException):
+        failure = Failure(failure)
     if failure.check(pb.PBConnectionLost, ConnectionError, pb.DeadReferenceError):
         return errors.Unavailable(f"peer connection lost: {failure.getErrorMessage()}")
-    if failure.check(PBError):
-        value = failure.value
-        if isinstance(value, PBError):
-            return value.error
+    value = failure.value
+    if isinstance(value, PBError):
+        return value.error
+    if isinstance(value, errors.MsgdError):
+        return value
+    if isinstance(value, pb.RemoteError):
+        is_ours, value = _text(value.remoteType) == _QUAL, value.args[0]
+    else:
+        is_ours = bool(failure.check(PBError))
+    if is_ours:
         try:
             e = json.loads(value)
             return errors.from_code(int(e["code"]), str(e["message"]), e.get("data"))
         except (ValueError, KeyError, TypeError):
             pass
-    if failure.check(errors.MsgdError):
-        return failure.value
     return errors.InternalError(f"remote error: {failure.getErrorMessage()}")
+
+
+def _text(b) -> str:
+    return b.decode() if isinstance(b, bytes) else str(b)
 
 
 def _users(value: str, ctx) -> tuple:
@@ -141,7 +159,12 @@ class Perspective(pb.Avatar):
         return self.node.dispatcher.call(req, target, list(args or ()), dict(kwargs or {}))
 
     def perspective_publish(self, channel, data=None):
-        return self._guard(self.node.pubsub.publish, channel, data, self.user)
+        return self._guard(self._publish, channel, data)
+
+    def _publish(self, channel, data):
+        req = self.node.new_request(self.interface.name, principal=self.user)
+        self.node.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
+        return self.node.pubsub.publish(channel, data, self.user)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
         return self._guard(self._send, target, args, kwargs, message_id, expires)
@@ -175,6 +198,17 @@ class Realm:
         return pb.IPerspective, avatar, avatar.logout
 
 
+class _Portal(portal.Portal):
+    """A refused login is answered as ``unauthorized`` (and is not logged
+    as a server error)."""
+
+    def login(self, credentials, mind, *interfaces):
+        def refused(failure):
+            failure.trap(UnauthorizedLogin, UnhandledCredentials)    # wrong password; anonymous
+            raise PBError(errors.Unauthorized("login refused"))
+        return super().login(credentials, mind, *interfaces).addErrback(refused)
+
+
 class _Broker(pb.Broker):
     def connectionMade(self):
         super().connectionMade()
@@ -198,7 +232,7 @@ class PBInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
-        self.portal = portal.Portal(Realm(self), self.checkers())
+        self.portal = _Portal(Realm(self), self.checkers())
 
     def checkers(self) -> list:
         """The credential checkers of the portal.  Override (or replace
@@ -207,12 +241,16 @@ class PBInterface(Listener):
         for name, password in self.options.users:
             db.addUser(name.encode(), password.encode())
         if self.options.users_file:
-            with open(self.options.users_file, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line and not line.startswith("#"):
-                        name, _, password = line.partition(":")
-                        db.addUser(name.strip().encode(), password.strip().encode())
+            try:
+                with open(self.options.users_file, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                raise StartupError(f"[interface:{self.name}] users_file: cannot read: {e.strerror}") from None
+            for line in lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    name, _, password = line.partition(":")
+                    db.addUser(name.strip().encode(), password.strip().encode())
         return [db]
 
     def factory(self):

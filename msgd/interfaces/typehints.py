@@ -62,16 +62,6 @@ class Signature:
     doc: str
 
 
-def _optional(t: Type) -> Type:
-    return dataclasses.replace(t, optional=True) if t.kind != "struct" else _optional_struct(t)
-
-
-def _optional_struct(t: Type) -> Type:
-    # a struct Type is shared (recursion, schema names); its optional variant
-    # shares the field list
-    return Type("struct", optional=True, cls=t.cls, fields=t.fields)
-
-
 def model(hint, _seen: dict | None = None) -> Type:
     """The :class:`Type` of a type hint."""
     seen = {} if _seen is None else _seen
@@ -84,7 +74,9 @@ def model(hint, _seen: dict | None = None) -> Type:
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1 and len(args) == 2:
-            return _optional(model(rest[0], seen))
+            # a copy: struct Types are shared; the copy shares the field list,
+            # filled in later for a struct still being built (recursion)
+            return dataclasses.replace(model(rest[0], seen), optional=True)
         return Type("any")
     if origin in (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Iterable):
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):

@@ -217,11 +217,15 @@ class MsgdWebSocket(WebSocketServerProtocol):
     # IPushProducer: the transport tells us when its buffer is full / drained
     def pauseProducing(self):
         self._paused = True
+        if self.stomp is not None:
+            self.stomp.pause_writing()          # STOMP sessions queue (and bound) their own frames
         if self.transport is not None and hasattr(self.transport, "pauseProducing"):
             self.transport.pauseProducing()     # stop reading requests from a client that doesn't read
 
     def resumeProducing(self):
         self._paused = False
+        if self.stomp is not None:
+            self.stomp.resume_writing()
         if self._backlog:
             data, self._backlog, self._backlog_bytes = b"".join(self._backlog), None, 0
             self.transport.write(data)

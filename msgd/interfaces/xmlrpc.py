@@ -328,21 +328,19 @@ class XMLRPCResource(resource.Resource):
         iface = self.interface
         try:
             method, params = load_call(xmlsafe.parse(request.content.read(), self.limits))
+            req = self.node.new_request(iface.name, timeout=iface.timeout(),
+                                        principal=getattr(request, "principal", None))
+            outcome = self.call(req, method, params)
         except errors.MsgdError as e:
             return self._body(request, fault(e))
-        req = self.node.new_request(iface.name, timeout=iface.timeout(),
-                                    principal=getattr(request, "principal", None))
-        d = self.call(req, method, params)
+        if not isinstance(outcome, defer.Deferred):
+            return self._body(request, self.response(outcome))   # a plain function: answered at once
         gone = []
-        request.notifyFinish().addErrback(lambda f: (gone.append(True), d.cancel()))
+        request.notifyFinish().addErrback(lambda f: (gone.append(True), outcome.cancel()))
 
         def answer(result):
             if not gone:
-                try:
-                    body = self.encoder.response(result)
-                except errors.MsgdError as e:
-                    body = fault(e)
-                request.write(self._body(request, body))
+                request.write(self._body(request, self.response(result)))
                 request.finish()
 
         def failed(f):
@@ -354,8 +352,14 @@ class XMLRPCResource(resource.Resource):
                 e = errors.InternalError(f"internal error (request {req.id})")
             request.write(self._body(request, fault(e)))
             request.finish()
-        d.addCallbacks(answer, failed)
+        outcome.addCallbacks(answer, failed)
         return NOT_DONE_YET
+
+    def response(self, result) -> bytes:
+        try:
+            return self.encoder.response(result)
+        except errors.MsgdError as e:
+            return fault(e)
 
     @staticmethod
     def _body(request, body: bytes) -> bytes:
@@ -380,34 +384,34 @@ class XMLRPCResource(resource.Resource):
                 (i, p) for i, p in enumerate(self.signature(fn).params) if typehints.needs_coercion(p.type))
         return found
 
-    def call(self, req, method: str, params: list) -> defer.Deferred:
+    def call(self, req, method: str, params: list):
+        """The result, or a Deferred when the work goes on; raises a
+        MsgdError for what fails at once (``dispatcher.run``)."""
         if method.startswith("system."):
-            return defer.maybeDeferred(self.system, req, method, params)
+            return self.system(req, method, params)
         try:
             coercions = self.coercions(self.node.apps.resolve(method))
         except errors.NotFound:
             coercions = ()    # the dispatcher answers NotFound (and counts it)
-        if coercions:
-            try:
-                for i, p in coercions:
-                    if i < len(params):
-                        params[i] = typehints.coerce(params[i], p.type, p.name)
-            except errors.MsgdError as e:
-                return defer.fail(e)
-        return self.node.dispatcher.call(req, method, params)
+        for i, p in coercions:
+            if i < len(params):
+                params[i] = typehints.coerce(params[i], p.type, p.name)
+        return self.node.dispatcher.run(req, method, params)
 
     def system(self, req, method: str, params: list):
         apps = self.node.apps
         if method == "system.multicall":
             return self.multicall(req, params)
+        access = self.node.access      # listings show, and help describes, only what the caller may call
         if method == "system.listMethods":
-            return apps.targets() + sorted(SYSTEM_HELP)
+            return [t for t in apps.targets() if access.allows(req, t)] + sorted(SYSTEM_HELP)
         if method in ("system.methodHelp", "system.methodSignature"):
             if len(params) != 1 or not isinstance(params[0], str):
                 raise errors.InvalidParams(f"{method} takes one method name")
             name = params[0]
             if name in SYSTEM_HELP:
                 return SYSTEM_HELP[name] if method == "system.methodHelp" else SYSTEM_SIGNATURES[name]
+            access.authorize(req, name)
             sig = self.signature(apps.resolve(name))
             return sig.doc if method == "system.methodHelp" else signatures(sig)
         raise errors.NotFound(f"method not found: {method}")

@@ -32,6 +32,7 @@ import html
 import re
 
 from lxml import etree
+from twisted.internet import defer
 from twisted.web import pages, resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -174,30 +175,24 @@ class SOAPResource(resource.Resource):
     def render_POST(self, request):
         ctype = (request.getHeader(b"content-type") or b"").lower()
         version = SOAP12 if ctype.startswith(b"application/soap+xml") else SOAP11
+        iface = self.interface
         try:
             version, svc, op, kwargs = self._decode(request)
+            req = self.node.new_request(iface.name, timeout=iface.timeout(),
+                                        principal=getattr(request, "principal", None))
+            outcome = self.node.dispatcher.run(req, f"{svc.name}.{op}", (), kwargs)
         except errors.MsgdError as e:
             version = getattr(e, "soap_version", version)
             return self._answer(request, version, *fault(version, e))
-        iface = self.interface
-        req = self.node.new_request(iface.name, timeout=iface.timeout(),
-                                    principal=getattr(request, "principal", None))
-        d = self.node.dispatcher.call(req, f"{svc.name}.{op}", (), kwargs)
+        if not isinstance(outcome, defer.Deferred):
+            return self._answer(request, version, *self.response(version, svc, op, outcome))
         gone = []
-        request.notifyFinish().addErrback(lambda f: (gone.append(True), d.cancel()))
+        request.notifyFinish().addErrback(lambda f: (gone.append(True), outcome.cancel()))
 
         def respond(status, body):
             if not gone:
                 request.write(self._answer(request, version, status, body))
                 request.finish()
-
-        def answer(result):
-            env = etree.Element(f"{{{version}}}Envelope", nsmap={"soap": version})
-            try:
-                svc.encode_result(etree.SubElement(env, f"{{{version}}}Body"), op, result)
-            except errors.MsgdError as e:
-                return respond(*fault(version, e))
-            respond(200, etree.tostring(env, xml_declaration=True, encoding="UTF-8"))
 
         def failed(f):
             if gone:
@@ -207,8 +202,18 @@ class SOAPResource(resource.Resource):
                 iface.log.failure("SOAP call {module}.{op} failed", f, module=svc.name, op=op)
                 e = errors.InternalError(f"internal error (request {req.id})")
             respond(*fault(version, e))
-        d.addCallbacks(answer, failed)
+        outcome.addCallbacks(lambda result: respond(*self.response(version, svc, op, result)), failed)
         return NOT_DONE_YET
+
+    @staticmethod
+    def response(version: str, svc: Service, op: str, result) -> tuple[int, bytes]:
+        """(HTTP status, envelope) answering ``op`` with ``result``."""
+        env = etree.Element(f"{{{version}}}Envelope", nsmap={"soap": version})
+        try:
+            svc.encode_result(etree.SubElement(env, f"{{{version}}}Body"), op, result)
+        except errors.MsgdError as e:
+            return fault(version, e)
+        return 200, etree.tostring(env, xml_declaration=True, encoding="UTF-8")
 
     def _decode(self, request):
         """(envelope version, Service, function, kwargs) of a call; errors
@@ -230,6 +235,8 @@ class SOAPResource(resource.Resource):
             ops = [c for c in body if isinstance(c.tag, str)] if body is not None else []
             if len(ops) != 1:
                 raise errors.InvalidRequest("the SOAP Body must hold exactly one element")
+            self.node.access.check_visible(self.interface.name, getattr(request, "principal", None),
+                                           f"{name}.{etree.QName(ops[0]).localname}")
             svc = self.service(name)
             op, kwargs = svc.decode_call(ops[0])
         except errors.MsgdError as e:

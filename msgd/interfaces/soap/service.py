@@ -100,23 +100,33 @@ def _float_text(v) -> str:
     return repr(v)
 
 
-def _need(kind, types_):
-    def check(v):
-        if not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_):
-            raise TypeError(f"expected {kind}, got {type(v).__name__}")
-        return v
-    return check
+def _check(v, types_: tuple, kind: str):
+    if not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_):
+        raise TypeError(f"expected {kind}, got {type(v).__name__}")
+    return v
+
+
+def _long_text(v: int) -> str:
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise ValueError(f"{v} does not fit in xsd:long")
+    return str(v)
+
+
+def _date_text(v) -> str:
+    if isinstance(v, datetime.datetime):
+        v = v.date()
+    return _check(v, (datetime.date,), "date").isoformat()
 
 
 _ENCODE = {
-    "str": lambda v: _need("str", (str,))(v),
-    "int": lambda v: str(_need("int", (int,))(v)),
-    "float": lambda v: _float_text(_need("float", (int, float, decimal.Decimal))(v)),
-    "bool": lambda v: "true" if _need("bool", (bool,))(v) else "false",
-    "bytes": lambda v: base64.b64encode(_need("bytes", (bytes, bytearray))(v)).decode("ascii"),
-    "datetime": lambda v: _need("datetime", (datetime.datetime,))(v).isoformat(),
-    "date": lambda v: (v.date() if isinstance(v, datetime.datetime) else _need("date", (datetime.date,))(v)).isoformat(),
-    "decimal": lambda v: _decimal_text(_need("decimal", (decimal.Decimal, int, float))(v)),
+    "str": lambda v: _check(v, (str,), "str"),
+    "int": lambda v: _long_text(_check(v, (int,), "int")),
+    "float": lambda v: _float_text(_check(v, (int, float, decimal.Decimal), "float")),
+    "bool": lambda v: "true" if _check(v, (bool,), "bool") else "false",
+    "bytes": lambda v: base64.b64encode(_check(v, (bytes, bytearray), "bytes")).decode("ascii"),
+    "datetime": lambda v: _check(v, (datetime.datetime,), "datetime").isoformat(),
+    "date": _date_text,
+    "decimal": lambda v: _decimal_text(_check(v, (decimal.Decimal, int, float), "decimal")),
     "any": lambda v: json.dumps(v, default=_json_default),
 }
 

@@ -1,0 +1,114 @@
+"""STOMP messages per second, publish → subscriber: msgd's STOMP listener
+next to RabbitMQ's STOMP plugin, with the same client (stomp.py).
+
+    .venv/bin/python -m bench.stomp [--messages 5000] [--size 100]
+
+The node runs in its own process (``python -m bench.stomp serve PORT``).
+One stomp.py connection subscribes to a topic (``/topic/bench``: a pub/sub
+channel on msgd, the ``amq.topic`` exchange on RabbitMQ), another publishes
+``--messages`` JSON bodies of about ``--size`` bytes as fast as it can; the
+time runs from the first SEND to the last MESSAGE received.  RabbitMQ is the
+machine's (tests/servers.py ``stomp_broker``); without it only msgd is
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import stomp
+
+
+def serve(port: int) -> None:
+    from twisted.internet import reactor
+
+    from msgd.config import parse_text
+    from msgd.node import NodeService
+    base = tempfile.mkdtemp(prefix="msgd-bench-")
+    os.makedirs(os.path.join(base, "apps"))
+    config = parse_text(f"[node]\nname = bench\napps = apps\nstate_dir = state\n"
+                        f"[interface:stomp]\ntype = stomp\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+                        f"max_pending = 64MiB\n",
+                        os.path.join(base, "node.ini"))
+    node = NodeService(config, reactor)
+    node.privilegedStartService()
+    node.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+    reactor.run()
+
+
+class Counter(stomp.ConnectionListener):
+    def __init__(self, n: int):
+        self.n, self.got, self.done = n, 0, threading.Event()
+        self.receipt = threading.Event()
+
+    def on_receipt(self, frame):
+        self.receipt.set()
+
+    def on_message(self, frame):
+        self.got += 1
+        if self.got >= self.n:
+            self.done.set()
+
+
+def run(host: str, port: int, destination: str, n: int, size: int, creds: dict) -> float:
+    """Messages per second through the server at host:port."""
+    sub = stomp.Connection12([(host, port)], **({"vhost": creds["vhost"]} if creds else {}))
+    counter = Counter(n)
+    sub.set_listener("count", counter)
+    sub.connect(creds.get("login"), creds.get("passcode"), wait=True)
+    sub.subscribe(destination, id="bench", ack="auto", receipt="subscribed")
+    if not counter.receipt.wait(10):
+        raise RuntimeError("no receipt for SUBSCRIBE")
+    pub = stomp.Connection12([(host, port)], **({"vhost": creds["vhost"]} if creds else {}))
+    pub.connect(creds.get("login"), creds.get("passcode"), wait=True)
+    body = json.dumps({"payload": "x" * max(0, size - 16)})
+    started = time.perf_counter()
+    for _ in range(n):
+        pub.send(destination, body, content_type="application/json")
+    if not counter.done.wait(120):
+        raise RuntimeError(f"only {counter.got} of {n} messages arrived")
+    elapsed = time.perf_counter() - started
+    pub.disconnect()
+    sub.disconnect()
+    return n / elapsed
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=5000)
+    p.add_argument("--size", type=int, default=100)
+    p.add_argument("args", nargs="*")
+    a = p.parse_args(argv)
+    if a.args and a.args[0] == "serve":
+        serve(int(a.args[1]))
+        return
+    from tests.servers import free_port, port_open, wait_port
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "bench.stomp", "serve", str(port)], cwd=root)
+    try:
+        wait_port("127.0.0.1", port, timeout=20, proc=proc)
+        rate = run("127.0.0.1", port, "/topic/bench", a.messages, a.size, {})
+        print(f"msgd STOMP listener:   {rate:8.0f} messages/s  ({a.messages} x {a.size} B, publish -> subscriber)")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    if port_open("127.0.0.1", 61613):
+        creds = {"login": "guest", "passcode": "guest", "vhost": "/"}
+        rate = run("127.0.0.1", 61613, f"/topic/msgd-bench-{uuid.uuid4().hex[:8]}", a.messages, a.size, creds)
+        print(f"RabbitMQ STOMP plugin: {rate:8.0f} messages/s  (same client, same messages)")
+    else:
+        print("RabbitMQ STOMP plugin: not measured (nothing listens on 127.0.0.1:61613)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Durable asynchronous messages between nodes.
+
+Sender side, :class:`Outbox`: ``api.peer("b").send("orders.place", ...)``
+writes the message to ``STATE_DIR/outbox.sqlite`` (WAL; committed before the
+Deferred fires, so a SIGKILL right after loses nothing) and then delivers it
+to the peer's ``send`` over PB, at least once:
+
+- a failed delivery (peer down, timeout, handler error) is retried with
+  exponential back-off (``base_delay`` doubling up to ``max_delay``), and
+  right away when the peer's connection comes up;
+- a message past its ``expires`` time is dropped and counted
+  (``msgd_outbox_dropped_total{reason="expired"}``);
+- a message the peer refuses for good (no such target, bad params,
+  unauthorized) is dropped, logged and counted (``reason="rejected"``);
+- with ``[peer:NAME] ordered = yes`` one message at a time goes to that peer,
+  in the order they were sent (a failing head holds the rest back);
+  otherwise up to ``window`` are in flight at once, in any order.
+
+Depth and age of the oldest message are the gauges ``msgd_outbox_depth``
+and ``msgd_outbox_oldest_seconds`` per peer.
+
+Receiver side, :class:`Received`: the idempotency store.  A message id is
+remembered (in ``STATE_DIR/received.sqlite``) once its handler succeeded, and
+for ``retention`` seconds a copy with the same id is answered "duplicate"
+without running the handler; a copy that arrives while the first is still
+being handled waits for it.  Together: each message is handled once, unless
+the receiver dies between its handler's success and the write of the id (then
+it is handled again: at-least-once).
+
+All sqlite work runs in the node's thread pool through ``run_blocking``, on
+one connection guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgd.core import errors
+
+PERMANENT = (errors.NotFound, errors.InvalidParams, errors.InvalidRequest, errors.Unauthorized, errors.TooLarge)
+
+
+class _DB:
+    """One sqlite connection used from pool threads, one at a time."""
+
+    def __init__(self, path: str, schema: str):
+        self.path = path
+        self.schema = schema
+        self.lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+    def run(self, fn, *args):
+        with self.lock:
+            if self.conn is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")     # survives a process crash
+                conn.executescript(self.schema)
+                self.conn = conn
+            return fn(self.conn, *args)
+
+    def close(self):
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    peer TEXT NOT NULL,
+    target TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL
+);
+"""
+
+
+@dataclass(eq=False)
+class Message:
+    id: str
+    peer: str
+    target: str
+    args: list
+    kwargs: dict
+    created: float
+    expires: float | None
+    attempts: int = 0
+    next_try: float = 0.0
+    error: str = field(default="")
+
+
+class Outbox:
+    """``peers`` maps names to objects with ``deliver(message) -> Deferred``,
+    ``ordered`` and ``default_ttl``; the clock's ``seconds()`` is Unix time
+    in production (the reactor)."""
+
+    log = Logger()
+
+    def __init__(self, path: str, clock, run_blocking, peers: dict, metrics=None,
+                 base_delay: float = 1.0, max_delay: float = 300.0, window: int = 64):
+        self.db = _DB(path, OUTBOX_SCHEMA)
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.peers = peers
+        self.base_delay, self.max_delay, self.window = base_delay, max_delay, window
+        self.queues: dict[str, OrderedDict[str, Message]] = {}
+        self.in_flight: dict[str, set[str]] = {}
+        self._timers: dict[str, object] = {}
+        self._pumping: set[str] = set()
+        self._again: set[str] = set()
+        self.running = False
+        self._m = None
+        if metrics is not None:
+            self._m = (metrics.counter("msgd_outbox_delivered_total", "Async messages a peer accepted", ["peer"]),
+                       metrics.counter("msgd_outbox_dropped_total", "Async messages given up", ["peer", "reason"]),
+                       metrics.counter("msgd_outbox_retries_total", "Failed deliveries to be retried", ["peer"]),
+                       metrics.gauge("msgd_outbox_depth", "Async messages waiting for a peer", ["peer"]),
+                       metrics.gauge("msgd_outbox_oldest_seconds", "Age of the oldest waiting message", ["peer"]))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Load what a previous run left and start delivering it."""
+        self.running = True
+        rows = yield self.run_blocking(self.db.run, lambda c: c.execute(
+            "SELECT id, peer, target, body, created, expires FROM messages ORDER BY seq").fetchall())
+        for mid, peer, target, body, created, expires in rows:
+            args, kwargs = json.loads(body)
+            self._queue(peer)[mid] = Message(mid, peer, target, args, kwargs, created, expires)
+        if rows:
+            self.log.info("outbox: {n} message(s) left from before, delivering", n=len(rows))
+        for peer in list(self.queues):
+            self._pump(peer)
+
+    def stop(self):
+        self.running = False
+        for t in self._timers.values():
+            if t.active():
+                t.cancel()
+        self._timers.clear()
+        return self.run_blocking(self.db.close)
+
+    def _queue(self, peer: str) -> OrderedDict:
+        q = self.queues.get(peer)
+        if q is None:
+            q = self.queues[peer] = OrderedDict()
+            self.in_flight[peer] = set()
+            if self._m is not None:
+                self._m[3].labels(peer).set_function(lambda: len(q))
+                self._m[4].labels(peer).set_function(
+                    lambda: self.clock.seconds() - next(iter(q.values())).created if q else 0.0)
+        return q
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, peer: str, target: str, args=(), kwargs=None, ttl: float | None = None,
+             message_id: str | None = None) -> defer.Deferred:
+        """Write the message durably; fires with its id once it is on disk."""
+        if peer not in self.peers:
+            return defer.fail(errors.NotFound(f"no peer named {peer!r}"))
+        kwargs = dict(kwargs or {})
+        try:
+            body = json.dumps([list(args), kwargs])
+        except (TypeError, ValueError) as e:
+            return defer.fail(errors.InvalidParams(f"message arguments are not JSON serializable: {e}"))
+        now = self.clock.seconds()
+        if ttl is None:
+            ttl = self.peers[peer].default_ttl
+        msg = Message(message_id or uuid.uuid4().hex, peer, target, list(args), kwargs, now,
+                      None if ttl is None else now + ttl)
+
+        def insert(conn):
+            conn.execute("INSERT INTO messages (id, peer, target, body, created, expires) VALUES (?,?,?,?,?,?)",
+                         (msg.id, peer, target, body, msg.created, msg.expires))
+
+        def written(_):
+            self._queue(peer)[msg.id] = msg
+            self._pump(peer)
+            return msg.id
+        return self.run_blocking(self.db.run, insert).addCallback(written)
+
+    def kick(self, peer: str) -> None:
+        """The peer is reachable again: retry its messages now."""
+        q = self.queues.get(peer)
+        if not q:
+            return
+        for msg in q.values():
+            msg.next_try = 0.0
+        self._pump(peer)
+
+    # -- delivering -------------------------------------------------------------------
+
+    def _pump(self, peer: str) -> None:
+        """Start what may be started now.  Not re-entered: a delivery that
+        fails synchronously (peer down) asks for another pass instead of
+        recursing."""
+        if not self.running:
+            return
+        if peer in self._pumping:
+            self._again.add(peer)
+            return
+        self._pumping.add(peer)
+        try:
+            self._again.add(peer)
+            while peer in self._again:
+                self._again.discard(peer)
+                self._pass(peer)
+        finally:
+            self._pumping.discard(peer)
+
+    def _pass(self, peer: str) -> None:
+        q, flying = self._queue(peer), self.in_flight[peer]
+        target = self.peers.get(peer)
+        if target is None:
+            return            # a peer no longer configured: its messages wait in the file
+        ordered = target.ordered
+        now = self.clock.seconds()
+        wake = None
+        for msg in list(q.values()):
+            if ordered and flying:
+                break
+            if len(flying) >= self.window:
+                break
+            if msg.id in flying:
+                continue
+            if msg.expires is not None and now >= msg.expires:
+                self._drop(msg, "expired")
+                continue
+            if msg.next_try > now:
+                wake = msg.next_try if wake is None else min(wake, msg.next_try)
+                if ordered:
+                    break
+                continue
+            flying.add(msg.id)
+            self._deliver(target, msg)
+        self._schedule(peer, wake)
+
+    def _schedule(self, peer: str, when: float | None) -> None:
+        t = self._timers.pop(peer, None)
+        if t is not None and t.active():
+            t.cancel()
+        if when is not None:
+            self._timers[peer] = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._pump, peer)
+
+    def _deliver(self, target, msg: Message) -> None:
+        msg.attempts += 1
+        d = defer.maybeDeferred(target.deliver, msg)
+        d.addCallbacks(self._accepted, self._failed, callbackArgs=(msg,), errbackArgs=(msg,))
+        d.addErrback(lambda f: self.log.failure("outbox bookkeeping failed", f))
+
+    def _accepted(self, _, msg: Message):
+        self.in_flight[msg.peer].discard(msg.id)
+        if self._m is not None:
+            self._m[0].labels(msg.peer).inc()
+        return self._forget(msg)
+
+    def _failed(self, failure: Failure, msg: Message):
+        self.in_flight[msg.peer].discard(msg.id)
+        e = failure.value if failure.check(errors.MsgdError) else errors.Unavailable(failure.getErrorMessage())
+        msg.error = f"{e.name}: {e.message}"
+        if isinstance(e, PERMANENT):
+            self.log.error("outbox: peer {peer} refused message {id} to {target} for good ({error}); dropped",
+                           peer=msg.peer, id=msg.id, target=msg.target, error=msg.error)
+            return self._drop(msg, "rejected")
+        delay = min(self.max_delay, self.base_delay * 2 ** (msg.attempts - 1))
+        msg.next_try = self.clock.seconds() + delay
+        if self._m is not None:
+            self._m[2].labels(msg.peer).inc()
+        self.log.debug("outbox: delivery of {id} to {peer} failed ({error}); retry in {delay}s",
+                       id=msg.id, peer=msg.peer, error=msg.error, delay=delay)
+        self._pump(msg.peer)
+
+    def _drop(self, msg: Message, reason: str):
+        if reason == "expired":
+            self.log.warn("outbox: message {id} to {peer} ({target}) expired after {attempts} attempt(s): {error}",
+                          id=msg.id, peer=msg.peer, target=msg.target, attempts=msg.attempts, error=msg.error)
+        if self._m is not None:
+            self._m[1].labels(msg.peer, reason).inc()
+        return self._forget(msg)
+
+    def _forget(self, msg: Message):
+        self.queues[msg.peer].pop(msg.id, None)
+        d = self.run_blocking(self.db.run, lambda c: c.execute("DELETE FROM messages WHERE id = ?", (msg.id,)))
+        d.addCallback(lambda _: self._pump(msg.peer))
+        return d
+
+    def describe(self) -> dict:
+        return {peer: {"depth": len(q), "in_flight": len(self.in_flight[peer])} for peer, q in self.queues.items()}
+
+
+RECEIVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS received_at ON received (at);
+"""
+
+
+class Received:
+    """The receiver's idempotency store (see the module docstring)."""
+
+    def __init__(self, path: str, clock, run_blocking, retention: float = 7 * 86400, purge_every: int = 1000):
+        self.db = _DB(path, RECEIVED_SCHEMA)
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.retention = retention
+        self.purge_every = purge_every
+        self._count = 0
+        self.handling: dict[str, list[defer.Deferred]] = {}
+
+    def handle(self, message_id: str, handler) -> defer.Deferred:
+        """Run ``handler()`` unless ``message_id`` was handled already; fires
+        with ``True`` for a duplicate, ``False`` once handled."""
+        waiting = self.handling.get(message_id)
+        if waiting is not None:
+            d = defer.Deferred()
+            waiting.append(d)
+            return d
+        self.handling[message_id] = []
+        d = self.run_blocking(self.db.run, self._seen, message_id, self.clock.seconds() - self.retention)
+
+        def run(seen):
+            if seen:
+                return True
+            return defer.maybeDeferred(handler).addCallback(lambda _: self._remember(message_id))
+
+        def done(result):
+            for w in self.handling.pop(message_id, []):
+                w.callback(True) if not isinstance(result, Failure) else w.errback(result)
+            return result
+        return d.addCallback(run).addBoth(done)
+
+    @staticmethod
+    def _seen(conn, message_id, since):
+        return conn.execute("SELECT 1 FROM received WHERE id = ? AND at >= ?", (message_id, since)).fetchone() is not None
+
+    def _remember(self, message_id: str) -> defer.Deferred:
+        now = self.clock.seconds()
+        self._count += 1
+        purge = self._count % self.purge_every == 1
+
+        def write(conn):
+            conn.execute("INSERT OR REPLACE INTO received (id, at) VALUES (?, ?)", (message_id, now))
+            if purge:
+                conn.execute("DELETE FROM received WHERE at < ?", (now - self.retention,))
+        return self.run_blocking(self.db.run, write).addCallback(lambda _: False)
+
+    def close(self):
+        return self.run_blocking(self.db.close)

@@ -1,0 +1,340 @@
+"""Operator endpoints on an http interface: the live status page and admin
+calls.  Both are off by default.
+
+``status = yes``
+    ``GET /status`` — the status page (msgd/web/status.html, on msgd.js);
+    ``/status/ws`` — its WebSocket (JSON-RPC, subprotocol ``jsonrpc``) which
+    offers only ``rpc.status`` (the current snapshot) and ``rpc.subscribe``
+    to the channel ``msgd.status``, on which a snapshot is published every
+    ``status_interval`` while someone watches.  The channel lives in a broker
+    of its own: clients of ``/ws`` cannot see it.
+``admin = yes``
+    ``POST /admin/reload`` — re-read node.ini and apply it (as SIGHUP does);
+    ``GET /admin/log-level`` — the levels in force;
+    ``POST /admin/log-level`` with ``{"namespace": "msgd.core.apps", "level":
+    "debug"}`` — change one while running (``"*"``: the default level).
+    POSTs must be ``Content-Type: application/json``, which a page of another
+    site cannot send without a CORS preflight (that the node never grants).
+
+Who may use them: clients whose address is in ``admin_allow`` (default:
+loopback only) and, when ``admin_token`` is set, that present it as
+``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how a browser passes it,
+to the page and its WebSocket alike).
+
+A snapshot (the wire format of ``msgd.status``)::
+
+    {"node", "time", "uptime", "status", "in_flight",
+     "interfaces": {NAME: {"type", "running", "listening", "connections"}},
+     "adapters": {NAME: {"type", "running", "breaker", "pool", "last_error", ...}},
+     "modules": {NAME: {"version", "loaded_at", "error"}},
+     "requests": {"total", "errors", "rate", "error_rate", "p50", "p95"},
+     "by_interface": {NAME: {"total", "errors"}},
+     "last_reload": {"at", "ok", "error", ...} | null, "log_levels": {...}}
+
+``rate``/``error_rate`` are calls per second and ``p50``/``p95`` latencies in
+seconds (estimated from the histogram buckets) over the last interval.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import time
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.web import resource
+from twisted.web.server import NOT_DONE_YET
+
+from msgd.core import errors
+from msgd.core.jsonrpc import JSONRPC, param
+from msgd.core.pubsub import Broker, Session
+from msgd.interfaces.http import WebFile, _json
+from msgd.interfaces.websocket import MsgdWebSocket, MsgdWebSocketFactory
+from msgd.logging import BadLevel
+
+CHANNEL = "msgd.status"
+
+
+class Guard(resource.Resource):
+    """Lets through only allowed addresses (and the token, when one is set)."""
+
+    def __init__(self, inner: resource.Resource, options):
+        super().__init__()
+        self.inner = inner
+        self.allow = [ipaddress.ip_network(n, strict=False) for n in options.admin_allow]
+        self.token = options.admin_token.encode()
+
+    def allowed(self, request) -> tuple[int, str] | None:
+        """None when allowed, else (status, reason)."""
+        host = getattr(request.getClientAddress(), "host", None)
+        try:
+            addr = ipaddress.ip_address(host)
+        except (TypeError, ValueError):
+            return 403, "not allowed from this address"
+        if addr.version == 6 and addr.ipv4_mapped is not None:     # a tcp6: listener sees IPv4 clients so
+            addr = addr.ipv4_mapped
+        if not any(addr in net for net in self.allow):
+            return 403, "not allowed from this address"
+        if self.token:
+            auth = request.getHeader(b"authorization") or b""
+            given = auth[7:] if auth.lower().startswith(b"bearer ") else (request.args.get(b"token") or [b""])[0]
+            if not hmac.compare_digest(given, self.token):
+                return 401, "a valid token is needed"
+        return None
+
+    def getChildWithDefault(self, path, request):
+        refused = self.allowed(request)
+        if refused is not None:
+            return _Refused(*refused)
+        return self.inner.getChildWithDefault(path, request)
+
+    def render(self, request):
+        refused = self.allowed(request)
+        if refused is not None:
+            return _Refused(*refused).render(request)
+        return self.inner.render(request)
+
+
+class _Refused(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, reason: str):
+        super().__init__()
+        self.status, self.reason = status, reason
+
+    def render(self, request):
+        if self.status == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="msgd"')
+        return _json(request, self.status, {"error": self.reason})
+
+
+# -- status ----------------------------------------------------------------------
+
+
+def _quantile(deltas: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile from cumulative bucket counts [(le, count)], as
+    Prometheus' histogram_quantile does (linear within a bucket)."""
+    if not deltas or deltas[-1][1] <= 0:
+        return None
+    rank = q * deltas[-1][1]
+    prev_le, prev_n = 0.0, 0.0
+    for le, n in deltas:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+class StatusFeed:
+    """Snapshots of one node, published on :data:`CHANNEL` of its own broker
+    every ``interval`` while at least one status page is connected."""
+
+    def __init__(self, node, interval: float):
+        self.node = node
+        self.interval = interval
+        self.broker = Broker(node.reactor, history_size=0, gc_interval=0)
+        self.watchers = 0
+        self._loop = None
+        self._last = None      # (time, total, errors, buckets) of the last published snapshot
+
+    def watcher_joined(self) -> None:
+        self.watchers += 1
+        if self._loop is None:
+            self._loop = LoopingCall(self.publish)
+            self._loop.clock = self.node.reactor
+            self._loop.start(self.interval, now=True).addErrback(
+                lambda f: self.node.log.failure("status feed stopped", f))
+
+    def watcher_left(self) -> None:
+        self.watchers -= 1
+        if self.watchers <= 0 and self._loop is not None:
+            self.watchers = 0
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def publish(self) -> None:
+        self.broker.publish(CHANNEL, self.snapshot(advance=True))
+
+    def _requests(self):
+        total = errors = 0
+        by_iface: dict = {}
+        buckets: dict[float, float] = {}
+        for metric in self.node.metrics.registry.collect():
+            if metric.name == "msgd_requests":
+                for s in metric.samples:
+                    if s.name != "msgd_requests_total":
+                        continue
+                    bad = s.labels.get("outcome") != "ok"
+                    total += s.value
+                    errors += s.value if bad else 0
+                    mine = by_iface.setdefault(s.labels.get("interface", ""), {"total": 0, "errors": 0})
+                    mine["total"] += s.value
+                    mine["errors"] += s.value if bad else 0
+            elif metric.name == "msgd_request_duration_seconds":
+                for s in metric.samples:
+                    if s.name.endswith("_bucket"):
+                        le = float(s.labels["le"])
+                        buckets[le] = buckets.get(le, 0.0) + s.value
+        return total, errors, by_iface, buckets
+
+    def snapshot(self, advance: bool = False) -> dict:
+        node = self.node
+        now = node.reactor.seconds()
+        total, errors, by_iface, buckets = self._requests()
+        rate = error_rate = p50 = p95 = None
+        if self._last is not None and now > self._last[0]:
+            then, total0, errors0, buckets0 = self._last
+            rate = (total - total0) / (now - then)
+            error_rate = (errors - errors0) / (now - then)
+            deltas = sorted((le, n - buckets0.get(le, 0.0)) for le, n in buckets.items())
+            p50, p95 = _quantile(deltas, 0.5), _quantile(deltas, 0.95)
+        if advance:
+            self._last = (now, total, errors, buckets)
+        health = node.health()
+        return {
+            "node": node.name_, "time": time.time(), "uptime": health["uptime"], "status": health["status"],
+            "in_flight": node.dispatcher.in_flight,
+            "interfaces": health["interfaces"], "adapters": health["adapters"],
+            "modules": {n: {"version": m.version, "loaded_at": m.loaded_at,
+                            "error": m.error.to_dict() if m.error is not None else None}
+                        for n, m in node.apps.modules.items()},
+            "load_errors": health["load_errors"],
+            "requests": {"total": total, "errors": errors, "rate": rate, "error_rate": error_rate,
+                         "p50": p50, "p95": p95},
+            "by_interface": by_iface,
+            "last_reload": node.last_reload,
+            "log_levels": node.logs.levels() if node.logs is not None else {},
+        }
+
+
+class StatusWebSocket(MsgdWebSocket):
+    """A WebSocket that sees only the status feed: ``rpc.status`` and
+    subscriptions to :data:`CHANNEL`."""
+
+    def onOpen(self):
+        super().onOpen()
+        feed = self.factory.feed
+        self.session = Session(feed.broker, self, max_subscriptions=1)
+        self.builtins = {"rpc.subscribe": self._subscribe, "rpc.unsubscribe": self.session.rpc_unsubscribe,
+                         "rpc.status": lambda request, params: feed.snapshot()}
+        feed.watcher_joined()
+        self._watching = True
+
+    def _subscribe(self, request, params):
+        if param(params, "channel", 0, str) != CHANNEL:
+            raise errors.InvalidParams(f"only the channel {CHANNEL} is offered here")
+        return self.session.rpc_subscribe(request, params)
+
+    def onClose(self, wasClean, code, reason):
+        super().onClose(wasClean, code, reason)
+        if getattr(self, "_watching", False):
+            self._watching = False
+            self.factory.feed.watcher_left()
+
+
+class StatusRoot(resource.Resource):
+    def __init__(self, interface):
+        super().__init__()
+        self.page = WebFile("status.html", b"text/html; charset=utf-8")
+        factory = MsgdWebSocketFactory(interface)
+        factory.protocol = StatusWebSocket
+        factory.feed = StatusFeed(interface.node, interface.options.status_interval)
+        factory.jsonrpc = JSONRPC(_NoApps(), max_batch=10)
+        self.putChild(b"ws", WebSocketResource(factory))
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self.page
+        return resource.NoResource()
+
+    def render_GET(self, request):
+        return self.page.render_GET(request)
+
+
+class _NoApps:
+    """The status WebSocket's dispatcher: it offers no app function."""
+
+    def run(self, request, target, args=(), kwargs=None):
+        raise errors.NotFound(f"method not found: {target} (the status socket offers rpc.status)")
+
+    def call(self, request, target, args=(), kwargs=None):
+        return defer.maybeDeferred(self.run, request, target, args, kwargs)
+
+
+def make_status(interface) -> resource.Resource:
+    return Guard(StatusRoot(interface), interface.options)
+
+
+# -- admin -------------------------------------------------------------------------
+
+
+class _JSONPost(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def body(self, request) -> dict | None:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            return None
+        raw = request.content.read()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+
+class ReloadResource(_JSONPost):
+    def render_POST(self, request):
+        if self.body(request) is None:
+            return _json(request, 415, {"ok": False, "error": "POST a JSON object (content-type application/json)"})
+
+        def done(changes):
+            request.write(_json(request, 200, dict(ok=True, **changes)))
+            request.finish()
+
+        def failed(f):
+            request.write(_json(request, 409, {"ok": False, "error": f.getErrorMessage()}))
+            request.finish()
+        self.node.reload().addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+class LogLevelResource(_JSONPost):
+    def render_GET(self, request):
+        logs = self.node.logs
+        if logs is None:
+            return _json(request, 503, {"error": "log levels are managed by the process running the node"})
+        return _json(request, 200, {"levels": logs.levels()})
+
+    def render_POST(self, request):
+        logs = self.node.logs
+        if logs is None:
+            return _json(request, 503, {"error": "log levels are managed by the process running the node"})
+        data = self.body(request)
+        if data is None or not isinstance(data.get("namespace"), str) or not isinstance(data.get("level"), str):
+            return _json(request, 400, {"error": 'POST {"namespace": "msgd.core.apps", "level": "debug"} '
+                                                 "as application/json"})
+        try:
+            logs.set_level(data["namespace"], data["level"])
+        except BadLevel as e:
+            return _json(request, 400, {"error": str(e)})
+        self.node.log.info("log level of {namespace} set to {new_level}", namespace=data["namespace"],
+                           new_level=data["level"])
+        return _json(request, 200, {"levels": logs.levels()})
+
+
+def make_admin(interface) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"reload", ReloadResource(interface.node))
+    root.putChild(b"log-level", LogLevelResource(interface.node))
+    return Guard(root, interface.options)

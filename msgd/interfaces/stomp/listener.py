@@ -1,0 +1,175 @@
+"""``[interface:NAME] type = stomp``: a STOMP 1.2 (1.0, 1.1) server on a TCP
+(or TLS, UNIX) endpoint.  Each connection is a thin protocol feeding a
+:class:`~msgd.interfaces.stomp.session.StompSession`, the same class the
+WebSocket ``v1x.stomp`` subprotocols use; the wire protocol is documented
+there and in docs/stomp.rst.
+
+The protocol is its transport's push producer: when the socket buffer is
+full the session queues (up to ``max_pending`` bytes, then the client is
+dropped) and the node stops reading that client's frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bcrypt
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
+from msgd.core import errors
+from msgd.interfaces.base import Listener
+from msgd.interfaces.stomp.codec import Limits
+from msgd.interfaces.stomp.session import SessionOptions, StompSession
+from msgd.security import Guard, SecurityOptions
+
+
+@dataclass(frozen=True)
+class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security.rst
+    endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:61613:interface=127.0.0.1")
+    users: str | None = option(None, parse=optional_path,
+                               doc="password file (lines login:bcrypt-hash); when set, CONNECT needs a valid "
+                                   "login and passcode")
+    request_timeout: float | None = option(None, parse=optional_duration,
+                                           doc="deadline of /app calls (default: [node] request_timeout)")
+    heartbeat: float = option(10.0, parse=duration,
+                              doc="heart-beat interval offered both ways (0: none); a client silent for twice "
+                                  "the negotiated interval is disconnected")
+    connect_timeout: float = option(10.0, parse=duration, doc="close connections that send no CONNECT within this")
+    max_frame: int = option(1024 * 1024 + 65536, parse=size, doc="largest frame (headers and body)")
+    max_body: int = option(1024 * 1024, parse=size, doc="largest frame body")
+    max_headers: int = option(64, parse=integer(1, 10000), doc="most headers in a frame")
+    max_header_length: int = option(8192, parse=size, doc="longest header line")
+    max_subscriptions: int = option(100, parse=integer(1), doc="most subscriptions per connection")
+    max_unacked: int = option(1000, parse=integer(1),
+                              doc="most unacknowledged messages (ack client/client-individual) per connection; "
+                                  "past it the client is dropped")
+    max_in_flight: int = option(100, parse=integer(1), doc="most /app calls running at once per connection")
+    max_pending: int = option(1024 * 1024, parse=size,
+                              doc="bytes queued for a client that does not read; past it the client is dropped")
+
+    def check(self):
+        super().check()
+        if self.max_body > self.max_frame:
+            raise Invalid("max_body must not exceed max_frame", "max_body")
+
+
+def load_users(path: str) -> dict[str, bytes]:
+    """``login:bcrypt-hash`` lines (blank lines and ``#`` comments skipped)."""
+    users = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            login, sep, hashed = line.partition(":")
+            if not sep or not hashed.startswith("$2"):
+                raise ValueError(f"{path}:{n}: expected login:bcrypt-hash")
+            users[login] = hashed.encode()
+    return users
+
+
+@implementer(IPushProducer)
+class StompProtocol(Protocol):
+    session: StompSession | None = None
+    _abort = None
+
+    _admitted = False
+
+    def connectionMade(self):
+        iface = self.factory.interface
+        hit = iface.guard.admit(self.transport)
+        if hit is not None:        # past a connection limit: an ERROR frame, then close
+            self.transport.write(b"ERROR\ncontent-type:text/plain\nmessage:too many connections (%s)\n"
+                                 b"msgd-code:-32005\n\n\x00" % hit.encode())
+            self.transport.loseConnection()
+            return
+        self._admitted = True
+        iface.connection_opened(self.transport)
+        iface.stomp_connections.inc()
+        peer = self.transport.getPeer()
+        self.session = StompSession(iface.node, iface.name, self.transport.write, self._close,
+                                    peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+                                    options=iface.session_options)
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data):
+        self.session.data_received(data)
+
+    def _close(self, reason: str):
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        # a client that does not read never lets the last bytes flush
+        clock = self.factory.interface.node.reactor
+        self._abort = clock.callLater(self.factory.interface.close_grace, self.transport.abortConnection)
+
+    def connectionLost(self, reason):
+        if not self._admitted:
+            return
+        self.factory.interface.guard.release(self.transport)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self.session.connection_lost()
+        iface = self.factory.interface
+        iface.connection_closed(self.transport)
+        iface.stomp_connections.dec()
+
+    # IPushProducer: the transport's write buffer is full / drained
+    def pauseProducing(self):
+        self.session.pause_writing()
+        self.transport.pauseProducing()      # stop reading frames from a client that does not read
+
+    def resumeProducing(self):
+        self.session.resume_writing()
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+
+class StompInterface(Listener):
+    Options = Options
+
+    def __init__(self, name, options, node):
+        super().__init__(name, options, node)
+        o = options
+        self.users = load_users(o.users) if o.users else None
+        hb = int(o.heartbeat * 1000)
+        self.session_options = SessionOptions(
+            limits=Limits(max_frame=o.max_frame, max_headers=o.max_headers,
+                          max_header_length=o.max_header_length, max_body=o.max_body),
+            heartbeat=(hb, hb), connect_timeout=o.connect_timeout, request_timeout=self.timeout(),
+            max_subscriptions=o.max_subscriptions, max_unacked=o.max_unacked, max_in_flight=o.max_in_flight,
+            max_pending=o.max_pending, authenticate=self.authenticate)
+        self.guard = Guard(self)
+        self.stomp_connections = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
+                                                    ["interface"]).labels(name)
+
+    def factory(self):
+        f = Factory.forProtocol(StompProtocol)
+        f.interface = self
+        return f
+
+    def authenticate(self, login: str, passcode: str):
+        """The principal of a CONNECT: through the interface's guard (``auth
+        = password|ldap``, ``anonymous``; see msgd.security) unless the
+        older ``users`` file is set, which gives the login as principal when
+        the passcode matches its bcrypt hash (in the thread pool: bcrypt is
+        slow on purpose).  A login is never believed unchecked."""
+        if self.users is None:
+            if self.guard.checker is None and not (passcode and not login):
+                return self.guard.anonymous()  # auth = none: anonymous, whatever login is claimed
+            if login or passcode or not self.options.anonymous:
+                return self.guard.login(login, passcode)
+            return None
+        hashed = self.users.get(login)
+        if hashed is None:
+            raise errors.Unauthorized("unknown login")
+
+        def check():
+            if not bcrypt.checkpw(passcode.encode(), hashed):
+                raise errors.Unauthorized("wrong passcode")
+            return login
+        return self.node.run_blocking(check)

@@ -1,0 +1,166 @@
+"""Credential checkers (:mod:`twisted.cred`): a bcrypt password file and
+LDAP search-then-bind through the node's LDAP adapter.
+
+Both implement :class:`ICredentialsChecker` for ``IUsernamePassword`` and
+answer with a :class:`Principal` as the avatar id, or fail with
+:class:`UnauthorizedLogin`.  bcrypt runs in the node's thread pool (it takes
+tens of milliseconds on purpose); the LDAP adapter runs ldap3 in its own.
+
+Password file: one ``user:bcrypt-hash[:role,role...]`` line per user; blank
+lines and ``#`` comments are skipped.  It is re-read when its modification
+time changes, so ``msgd passwd`` takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import bcrypt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from msgd.security.principal import Principal
+
+# compared against when the user is unknown, so that unknown users and wrong
+# passwords take the same time
+_DUMMY = bcrypt.hashpw(b"-", bcrypt.gensalt(4))
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def read_password_file(path: str) -> dict[str, tuple[bytes, frozenset]]:
+    """user -> (hash, roles).  Raises ValueError naming the bad line."""
+    users = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(":")
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("$2"):
+                raise ValueError(f"{path}:{n}: expected user:bcrypt-hash[:roles]")
+            roles = frozenset(r for r in parts[2].split(",") if r) if len(parts) == 3 else frozenset()
+            users[parts[0]] = (parts[1].encode(), roles)
+    return users
+
+
+def set_password(path: str, user: str, password: str, roles=None, rounds: int = 12) -> None:
+    """Add ``user`` or change its password (and roles when given), writing
+    the file atomically with mode 0600."""
+    if not user or any(c in user for c in ":\n\r") or user != user.strip():
+        raise ValueError("a user name may not be empty or hold ':' or spaces at its ends")
+    users = read_password_file(path) if os.path.exists(path) else {}
+    old_roles = users.get(user, (b"", frozenset()))[1]
+    roles = frozenset(roles) if roles is not None else old_roles
+    if any(not r or any(c in r for c in ":,\n") for r in roles):
+        raise ValueError("a role may not be empty or hold ':' or ','")
+    users[user] = (bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)), roles)
+    lines = [f"{u}:{h.decode()}" + (":" + ",".join(sorted(r)) if r else "") for u, (h, r) in users.items()]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".passwd-")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+@implementer(ICredentialsChecker)
+class PasswordFileChecker:
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path: str, run_blocking):
+        self.path = path
+        self.run_blocking = run_blocking
+        self._stamp = None
+        self._users: dict = {}
+
+    def users(self) -> dict:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            self._users, self._stamp = read_password_file(self.path), stamp
+        return self._users
+
+    def requestAvatarId(self, credentials):
+        user, password = _text(credentials.username), _text(credentials.password)
+        try:
+            entry = self.users().get(user)
+        except (OSError, ValueError) as e:
+            return defer.fail(UnauthorizedLogin(f"password file unusable: {e}"))
+        hashed, roles = entry if entry else (_DUMMY, frozenset())
+
+        def check():
+            return bcrypt.checkpw(password.encode(), hashed)
+
+        def checked(ok):
+            if not ok or entry is None:
+                raise UnauthorizedLogin("wrong user or password")
+            return Principal(user, roles, "password")
+        return self.run_blocking(check).addCallback(checked)
+
+
+@implementer(ICredentialsChecker)
+class LDAPChecker:
+    """Search-then-bind through ``[adapter:NAME] type = ldap``; the user's
+    groups (the adapter's ``group_attribute``) become roles."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, node, adapter: str):
+        self.node = node
+        self.adapter = adapter
+
+    def requestAvatarId(self, credentials):
+        user, password = _text(credentials.username), _text(credentials.password)
+        try:
+            d = self.node.adapter(self.adapter).authenticate(user, password)
+        except Exception:
+            return defer.fail()
+
+        def found(entry):
+            if entry is None:
+                raise UnauthorizedLogin("wrong user or password")
+            return Principal(user, frozenset(entry.get("roles", ())), "ldap")
+        return d.addCallback(found)
+
+
+def passwd_main(argv: list, stdin=None, stderr=None) -> int:
+    """``msgd passwd FILE USER [--roles R1,R2]``: add USER or change its
+    password (asked twice on a terminal, else read as one line of stdin)."""
+    import getpass
+    import sys
+    stdin, stderr = stdin or sys.stdin, stderr or sys.stderr
+    roles = None
+    if "--roles" in argv:
+        i = argv.index("--roles")
+        if i + 1 >= len(argv):
+            print("msgd passwd: --roles needs a value", file=stderr)
+            return 2
+        roles = [r for r in argv[i + 1].split(",") if r]
+        argv = argv[:i] + argv[i + 2:]
+    if len(argv) != 2:
+        print("usage: python -m msgd passwd FILE USER [--roles ROLE,ROLE]", file=stderr)
+        return 2
+    path, user = argv
+    if stdin.isatty():
+        password = getpass.getpass(f"password for {user}: ")
+        if password != getpass.getpass("again: "):
+            print("msgd passwd: the passwords differ", file=stderr)
+            return 1
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        print("msgd passwd: empty password refused", file=stderr)
+        return 1
+    try:
+        set_password(path, user, password, roles)
+    except (OSError, ValueError) as e:
+        print(f"msgd passwd: {e}", file=stderr)
+        return 1
+    print(f"{path}: {user} set", file=stderr)
+    return 0

@@ -1,0 +1,393 @@
+"""Several real nodes (twistd processes on loopback) sharing pub/sub through
+a private Redis and calling each other over PB.
+
+Every scenario is blocking code (processes, sockets, websocket-client) run
+in a thread with deferToThread, so the trial reactor never blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import websocket
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from msgd.core.pubsub import Broker, Event
+from tests import servers
+from tests.process import NodeProcess, call, post
+from tests.servers import free_port
+
+USERS = "peer:s3cret"
+
+
+def node_ini(name: str, pb_port: int, redis, peers: dict | None = None, timeout: str = "10s") -> str:
+    text = f"""
+[node]
+name = {name}
+request_timeout = {timeout}
+reload_interval = 0
+
+[interface:web]
+type = http
+endpoint = tcp:{{port}}:interface=127.0.0.1
+
+[interface:pb]
+type = pb
+endpoint = tcp:{pb_port}:interface=127.0.0.1
+users = {USERS}
+"""
+    if redis is not None:
+        text += f"""
+[pubsub]
+backend = redis
+redis = tcp:host=127.0.0.1:port={redis.port}
+prefix = test
+"""
+    for peer, port in (peers or {}).items():
+        text += f"""
+[peer:{peer}]
+endpoints = tcp:host=127.0.0.1:port={port}
+username = peer
+password = s3cret
+max_retry_delay = 0.5s
+"""
+    return text
+
+
+APPS = {
+    "work.py": '''
+from msgd import api
+log = []
+
+async def slow(seconds: float):
+    log.append("started")
+    try:
+        await api.sleep(seconds)
+    except BaseException:
+        log.append("cancelled")
+        raise
+    return "done"
+
+def state():
+    return log
+
+async def ask(peer: str, target: str, *args):
+    return await api.peer(peer).call(target, *args)
+
+async def burst(peer: str, n: int):
+    from twisted.internet import defer
+    ids = await defer.gatherResults([api.peer(peer).send("work.take", i) for i in range(n)])
+    return len(set(ids))
+
+@api.blocking
+def take(i):
+    with open("handled.txt", "a") as f:
+        f.write(f"{i}\\n")
+''',
+}
+
+
+def wait_for(condition, timeout=30.0, what="condition"):
+    """Poll ``condition()`` (blocking; runs in a test thread) until true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def health(node: NodeProcess) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def publish(node: NodeProcess, channel: str, data):
+    r = call(node.port, "rpc.publish", channel, data)
+    assert "result" in r, r
+    return r["result"]["offset"]
+
+
+class Client:
+    """A blocking websocket-client connection speaking the JSON-RPC protocol."""
+
+    def __init__(self, node: NodeProcess):
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{node.port}/ws", timeout=10,
+                                              subprotocols=["jsonrpc"])
+        self.events: list = []
+        self.ids = 0
+
+    def call(self, method, params):
+        self.ids += 1
+        self.ws.send(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}))
+        while True:
+            m = json.loads(self.ws.recv())
+            if m.get("id") == self.ids:
+                return m
+            self.events.append(m["params"])
+
+    def event(self):
+        if self.events:
+            return self.events.pop(0)
+        return json.loads(self.ws.recv())["params"]
+
+    def close(self):
+        self.ws.close()
+
+
+class FakeBackend:
+    """Stands in for the Redis bridge: publishes are answered by the test."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        broker.backend = self
+        self.connected = True
+        self.published: list = []
+        self.syncs: list = []
+        self._synced: dict = {}
+
+    def publish(self, name, data):
+        d = defer.Deferred()
+        self.published.append((name, data, d))
+        return d
+
+    def synced(self, name):
+        ch = self.broker.channels.get(name)
+        return ch is not None and self._synced.get(name) is ch
+
+    def unsync(self, name):
+        self._synced.pop(name, None)
+
+    def sync(self, name):
+        d = defer.Deferred()
+        self.syncs.append((name, d))
+        return d.addCallback(lambda state: self._synced.__setitem__(name, self.broker.adopt(name, *state)))
+
+
+class Sub:
+    principal = None
+
+    def __init__(self):
+        self.got = []
+
+    def deliver(self, ev):
+        self.got.append((ev.offset, ev.data))
+
+
+def shared(offset, data, epoch="E1", channel="c"):
+    return Event(channel, offset, epoch, data, 0.0)
+
+
+class BrokerSharingTests(unittest.TestCase):
+    """The broker's side of a shared backend (msgd/core/pubsub.py)."""
+
+    def setUp(self):
+        self.broker = Broker(task.Clock(), history_size=10, gc_interval=0)
+        self.backend = FakeBackend(self.broker)
+
+    def test_publish_goes_to_the_backend_and_delivery_comes_back(self):
+        sub = Sub()
+        self.backend.connected = False
+        self.broker.subscribe("c", sub)
+        self.backend.connected = True
+        d = self.broker.publish("c", "x")
+        self.assertEqual(sub.got, [])                   # not delivered until it comes back
+        self.backend.published[0][2].callback(7)
+        self.assertEqual(self.successResultOf(d), 7)
+        self.broker.receive("c", 7, "E1", "x", 0.0)
+        self.assertEqual(sub.got, [(7, "x")])
+
+    def test_subscribe_waits_for_the_shared_state_and_replays_in_order(self):
+        sub = Sub()
+        d = self.broker.subscribe("c", sub, since=3, epoch="E1")
+        self.assertNoResult(d)
+        self.broker.receive("c", 6, "E1", "live", 0.0)   # arrives while Redis is being read
+        [(name, sync)] = self.backend.syncs
+        sync.callback(("E1", 5, [shared(4, "four"), shared(5, "five")]))
+        answer = self.successResultOf(d)
+        self.assertEqual(answer, {"channel": "c", "epoch": "E1", "offset": 6, "recovered": True})
+        self.assertEqual(sub.got, [(4, "four"), (5, "five"), (6, "live")])
+        self.broker.receive("c", 7, "E1", "next", 0.0)
+        self.assertEqual(sub.got[-1], (7, "next"))
+        self.assertTrue(self.backend.synced("c"))
+
+    def test_other_epoch_is_not_recovered(self):
+        d = self.broker.subscribe("c", Sub(), since=3, epoch="OLD")
+        self.backend.syncs[0][1].callback(("E1", 5, [shared(4, "four"), shared(5, "five")]))
+        self.assertFalse(self.successResultOf(d)["recovered"])
+
+    def test_gap_restarts_local_history(self):
+        self.backend._synced["c"] = self.broker.adopt("c", "E1", 2, [shared(1, "a"), shared(2, "b")])
+        self.broker.receive("c", 5, "E1", "e", 0.0)
+        self.assertFalse(self.backend.synced("c"))
+        self.assertEqual([e.offset for e in self.broker.channels["c"].history], [5])
+
+    def test_outage_publishes_locally_under_a_new_epoch(self):
+        self.broker.adopt("c", "E1", 2, [])
+        self.backend.connected = False
+        self.broker.unshare()
+        sub = Sub()
+        self.successResultOf(self.broker.subscribe("c", sub))
+        self.assertEqual(self.successResultOf(self.broker.publish("c", "alone")), 3)
+        self.assertEqual(sub.got, [(3, "alone")])
+        self.assertNotEqual(self.broker.channels["c"].epoch, "E1")
+
+    def test_failed_shared_publish_is_delivered_here(self):
+        sub = Sub()
+        self.backend.connected = False
+        self.broker.subscribe("c", sub)
+        self.backend.connected = True
+        d = self.broker.publish("c", "x")
+        self.backend.published[0][2].errback(ConnectionError("lost"))
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(sub.got, [(1, "x")])
+
+
+class ClusterTests(unittest.TestCase):
+
+    def setUp(self):
+        self.nodes: list[NodeProcess] = []
+        self.redis = None
+
+    def tearDown(self):
+        return deferToThread(self._cleanup)
+
+    def _cleanup(self):
+        for n in self.nodes:
+            n.stop()
+        if self.redis is not None:
+            self.redis.cleanup()
+
+    def node(self, name, pb_port, redis, peers=None, **kw) -> NodeProcess:
+        n = NodeProcess(os.path.join(self.base, name), node_ini(name, pb_port, redis, peers, **kw), APPS)
+        self.nodes.append(n)
+        return n
+
+    def run_scenario(self, fn):
+        self.base = os.path.abspath(self.mktemp())
+        return deferToThread(fn)
+
+    # -- three nodes -----------------------------------------------------------------
+
+    def test_three_nodes(self):
+        return self.run_scenario(self._three_nodes)
+
+    def _three_nodes(self):
+        self.redis = servers.redis()
+        pa, pb_, pc = free_port(), free_port(), free_port()
+        a = self.node("a", pa, self.redis, {"b": pb_, "c": pc}, timeout="1s")
+        b = self.node("b", pb_, self.redis)
+        c = self.node("c", pc, self.redis)
+        for n in (b, c, a):
+            n.start()
+        for n in (a, b, c):
+            wait_for(lambda: health(n)["pubsub"]["connected"], what=f"{n.base} connected to Redis")
+
+        # a WebSocket client on A gets what B and C publish, each event once
+        client = Client(a)
+        sub = client.call("rpc.subscribe", {"channel": "room"})["result"]
+        for i in range(5):
+            publish(b, "room", f"b{i}")
+            publish(c, "room", f"c{i}")
+        publish(a, "room", "end")
+        got = []
+        while True:
+            ev = client.event()
+            if ev["data"] == "end":
+                break
+            got.append(ev)
+        self.assertEqual(sorted(e["data"] for e in got), sorted([f"b{i}" for i in range(5)] + [f"c{i}" for i in range(5)]))
+        self.assertEqual([e["offset"] for e in got], list(range(sub["offset"] + 1, sub["offset"] + 11)))
+        last, epoch = got[-1]["offset"] + 1, got[-1]["epoch"]
+        client.close()
+
+        # it reconnects to B with since: what was published meanwhile is replayed
+        publish(c, "room", "missed-1")
+        publish(a, "room", "missed-2")
+        again = Client(b)
+        answer = again.call("rpc.subscribe", {"channel": "room", "since": last, "epoch": epoch})["result"]
+        self.assertTrue(answer["recovered"])
+        self.assertEqual([(e["offset"], e["data"]) for e in again.events],
+                         [(last + 1, "missed-1"), (last + 2, "missed-2")])
+        again.close()
+
+        # an app on A calls C through the peer API; C enforces A's deadline (1 s)
+        wait_for(lambda: health(a)["peers"]["c"]["connected"], what="A connected to C")
+        self.assertEqual(call(a.port, "work.ask", "c", "work.slow", 0)["result"], "done")
+        r = call(a.port, "work.ask", "c", "work.slow", 30)
+        self.assertEqual(r["error"]["code"], -32002)
+        wait_for(lambda: call(c.port, "work.state")["result"] == ["started", "started", "cancelled"],
+                 timeout=10, what="C cancelled the call")
+
+    # -- durability ----------------------------------------------------------------------
+
+    def test_outbox_survives_sigkill(self):
+        return self.run_scenario(self._durability)
+
+    def _durability(self):
+        pa, pb_ = free_port(), free_port()
+        a = self.node("a", pa, None, {"b": pb_})
+        b = self.node("b", pb_, None)
+        a.start()
+        r = post(a.port, {"jsonrpc": "2.0", "id": 1, "method": "work.burst", "params": ["b", 1000]}, timeout=60)
+        self.assertEqual(r.get("result"), 1000, r)
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        a.start()
+        wait_for(lambda: health(a)["outbox"].get("b", {}).get("depth") == 1000, what="outbox reloaded")
+        b.start()
+        handled = os.path.join(b.base, "handled.txt")
+
+        def lines():
+            if not os.path.exists(handled):
+                return []
+            with open(handled) as f:
+                return f.read().split()
+        wait_for(lambda: health(a)["outbox"]["b"]["depth"] == 0, timeout=60, what="outbox drained")
+        got = lines()
+        self.assertEqual(len(got), 1000)
+        self.assertEqual(sorted(map(int, got)), list(range(1000)))
+
+    # -- Redis outage ------------------------------------------------------------------------
+
+    def test_redis_outage(self):
+        return self.run_scenario(self._outage)
+
+    def _outage(self):
+        self.redis = servers.redis()
+        a = self.node("a", free_port(), self.redis)
+        b = self.node("b", free_port(), self.redis)
+        a.start()
+        b.start()
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        client = Client(a)
+        client.call("rpc.subscribe", {"channel": "news"})
+        publish(b, "news", "before")
+        self.assertEqual(client.event()["data"], "before")
+
+        self.redis.stop()
+        wait_for(lambda: not health(a)["pubsub"]["connected"], what="A sees the outage")
+        h = health(a)
+        self.assertEqual(h["status"], "degraded")
+        self.assertIn("lost", h["pubsub"]["error"])
+        for i in range(20):                    # traffic while Redis is away
+            publish(a, "news", f"local-{i}")
+            publish(b, "news", f"b-alone-{i}")
+        self.assertEqual([client.event()["data"] for _ in range(20)], [f"local-{i}" for i in range(20)])
+
+        self.redis.start()
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="reconnected to Redis")
+        publish(b, "news", "after")
+        self.assertEqual(client.event()["data"], "after")
+        self.assertEqual(health(a)["status"], "ok")
+        self.assertIsNone(a.proc.poll())
+        self.assertIsNone(b.proc.poll())
+        client.close()

@@ -1,0 +1,208 @@
+"""TLS with certificates from the test CA (msgd.security.tls): HTTPS and
+WSS on an ``ssl:`` listener; an ``mtls:`` listener that takes a client
+certificate's CN as the principal and refuses a certificate from another
+CA, or none.  Clients are Python's ssl/urllib and websocket-client, in
+threads."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import urllib.request
+
+import websocket
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from msgd.security.tls import make_ca, make_cert
+from tests.helpers import http_port, make_node
+
+APPS = {"m.py": '''
+from msgd import api
+
+def whoami():
+    p = api.request().principal
+    return str(p) if p else None   # a Principal, or a PB login name
+'''}
+
+
+def post(port, ca, cert=None, path="/rpc"):
+    """A JSON-RPC call over HTTPS, checked against ``ca``."""
+    def go():
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert["cert"], cert["key"])
+        req = urllib.request.Request(f"https://127.0.0.1:{port}{path}",
+                                     b'{"jsonrpc":"2.0","id":1,"method":"m.whoami"}',
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return json.loads(r.read())
+    return deferToThread(go)
+
+
+class TLSTests(unittest.TestCase):
+    def setUp(self):
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        self.ca = make_ca(d)
+        self.other_ca = make_ca(d, "other-ca", "another CA")
+        self.server = make_cert(self.ca, d, "node", "node-a")
+        self.client = make_cert(self.ca, d, "client", "node-b")
+        self.stranger = make_cert(self.other_ca, d, "stranger", "node-b")
+        self.dir = d
+
+    def node(self, endpoint: str, extra: str = ""):
+        ini = f"""
+        [interface:web]
+        type = http
+        endpoint = {endpoint}
+        {extra}
+        """
+        return make_node(self, ini, APPS)
+
+    @defer.inlineCallbacks
+    def test_https_and_wss(self):
+        node = self.node(f"ssl:0:interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}")
+        port = http_port(node)
+        answer = yield post(port, self.ca["cert"])
+        self.assertEqual(answer, {"jsonrpc": "2.0", "result": None, "id": 1})
+
+        def wss():
+            ws = websocket.create_connection(f"wss://127.0.0.1:{port}/ws", timeout=10, subprotocols=["jsonrpc"],
+                                             sslopt={"ca_certs": self.ca["cert"]})
+            try:
+                ws.send('{"jsonrpc":"2.0","id":7,"method":"m.whoami"}')
+                return json.loads(ws.recv())
+            finally:
+                ws.close()
+        self.assertEqual((yield deferToThread(wss))["id"], 7)
+
+    @defer.inlineCallbacks
+    def test_server_certificate_from_another_ca_is_refused_by_the_client(self):
+        node = self.node(f"ssl:0:interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}")
+        with self.assertRaises(Exception) as cm:
+            yield post(http_port(node), self.other_ca["cert"])
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", str(cm.exception))
+
+    @defer.inlineCallbacks
+    def test_mutual_tls_names_the_peer(self):
+        node = self.node(f"mtls:0:interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}"
+                         f":caCerts={self.ca['cert']}", "cert_principal = yes\nanonymous = no")
+        port = http_port(node)
+        answer = yield post(port, self.ca["cert"], self.client)
+        self.assertEqual(answer["result"], "node-b")
+
+    @defer.inlineCallbacks
+    def test_mutual_tls_refuses_wrong_or_missing_certificate(self):
+        node = self.node(f"mtls:0:interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}"
+                         f":caCerts={self.ca['cert']}")
+        port = http_port(node)
+        for cert in (self.stranger, None):
+            with self.assertRaises(Exception) as cm:
+                yield post(port, self.ca["cert"], cert)
+            self.assertFalse(isinstance(cm.exception, urllib.error.HTTPError), cm.exception)
+
+
+class ShellCATests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_make_test_ca_script(self):
+        """docs/examples/make-test-ca.sh (openssl) makes certificates the node serves HTTPS with."""
+        import shutil
+        from twisted.internet.utils import getProcessOutputAndValue
+        from tests.helpers import ROOT
+        if shutil.which("openssl") is None:
+            raise unittest.SkipTest("openssl is not installed")
+        d = os.path.abspath(self.mktemp())
+        out, err, code = yield getProcessOutputAndValue(
+            "/bin/sh", [os.path.join(ROOT, "docs", "examples", "make-test-ca.sh"), d, "node-x"], env=os.environ)
+        self.assertEqual(code, 0, err)
+        ini = f"""
+        [interface:web]
+        type = http
+        endpoint = ssl:0:interface=127.0.0.1:privateKey={d}/node-x.key:certKey={d}/node-x.pem
+        """
+        node = make_node(self, ini, APPS)
+        answer = yield post(http_port(node), os.path.join(d, "ca.pem"))
+        self.assertEqual(answer["id"], 1)
+
+
+class StompAndPBTLSTests(unittest.TestCase):
+    """STOMP+TLS and PB+TLS listeners with the test CA's certificates; an
+    ``mtls:`` STOMP listener refuses a client certificate from another CA."""
+
+    def setUp(self):
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        self.ca = make_ca(d)
+        self.other_ca = make_ca(d, "other-ca", "another CA")
+        self.server = make_cert(self.ca, d, "node", "node-a")
+        self.client = make_cert(self.ca, d, "client", "node-b")
+        self.stranger = make_cert(self.other_ca, d, "stranger", "node-b")
+        keys = f"interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}"
+        ini = f"""
+        [interface:stomp]
+        type = stomp
+        endpoint = ssl:0:{keys}
+
+        [interface:mstomp]
+        type = stomp
+        endpoint = mtls:0:{keys}:caCerts={self.ca['cert']}
+
+        [interface:pb]
+        type = pb
+        endpoint = ssl:0:{keys}
+        users = alice:pw
+        """
+        self.node = make_node(self, ini, APPS)
+
+    def port(self, name):
+        return self.node.interfaces[name].port.getHost().port
+
+    def stomp_connect(self, name, cert=None):
+        import socket
+
+        def go():
+            ctx = ssl.create_default_context(cafile=self.ca["cert"])
+            if cert:
+                ctx.load_cert_chain(cert["cert"], cert["key"])
+            with socket.create_connection(("127.0.0.1", self.port(name)), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\x00")
+                    data = b""
+                    while b"\x00" not in data:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    return data.split(b"\n")[0]
+        return deferToThread(go)
+
+    @defer.inlineCallbacks
+    def test_stomp_over_tls(self):
+        self.assertEqual((yield self.stomp_connect("stomp")), b"CONNECTED")
+
+    @defer.inlineCallbacks
+    def test_stomp_mutual_tls(self):
+        self.assertEqual((yield self.stomp_connect("mstomp", self.client)), b"CONNECTED")
+        for cert in (self.stranger, None):
+            with self.assertRaises(Exception):
+                answer = yield self.stomp_connect("mstomp", cert)
+                if answer != b"CONNECTED":
+                    raise ConnectionError(answer)
+
+    @defer.inlineCallbacks
+    def test_pb_over_tls(self):
+        from twisted.cred.credentials import UsernamePassword
+        from twisted.internet import reactor, ssl as tssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        from twisted.spread import pb
+        with open(self.ca["cert"], "rb") as f:
+            trust = tssl.Certificate.loadPEM(f.read())
+        factory = pb.PBClientFactory()
+        self.addCleanup(factory.disconnect)
+        options = tssl.optionsForClientTLS("127.0.0.1", trustRoot=trust)
+        yield SSL4ClientEndpoint(reactor, "127.0.0.1", self.port("pb"), options).connect(factory)
+        p = yield factory.login(UsernamePassword(b"alice", b"pw"))
+        self.assertEqual((yield p.callRemote("call", "m.whoami")), "alice")
