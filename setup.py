@@ -31,6 +31,7 @@ setup(
             "psycopg2-binary>=2.9",
             "websocket-client>=1.6",
             "selenium>=4.10",
+            "sseclient-py>=1.7",
         ],
     },
     entry_points={"console_scripts": ["msgd = msgd.tap:main"]},

@@ -360,4 +360,6 @@ class Received:
         return self.run_blocking(self.db.run, write).addCallback(lambda _: False)
 
     def close(self):
+        if self.db.conn is None:      # never used: nothing to close (and no thread needed)
+            return defer.succeed(None)
         return self.run_blocking(self.db.close)

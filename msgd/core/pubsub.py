@@ -424,7 +424,10 @@ class Session:
         return self.broker._rpc_publish(request, params)
 
     def rpc_presence(self, request, params):
-        return self.broker.presence(param(params, "channel", 0, str))
+        channel = check_channel(param(params, "channel", 0, str))
+        if self.authorize is not None:
+            self.authorize(request, "subscribe", channel)   # who is on a channel is as private as its events
+        return self.broker.presence(channel)
 
     def close(self) -> None:
         self.broker.unsubscribe_all(self.subscriber, self.names)

@@ -41,6 +41,9 @@ MOUNTS: dict[str, tuple[bytes, str]] = {
     "websocket": (b"ws", "msgd.interfaces.websocket:make_resource"),
     "xmlrpc": (b"RPC2", "msgd.interfaces.xmlrpc:XMLRPCResource"),
     "soap": (b"soap", "msgd.interfaces.soap:SOAPResource"),
+    "apps_static": (b"apps", "msgd.interfaces.appstatic:AppStaticResource"),
+    "sse": (b"sse", "msgd.interfaces.sse:SSEResource"),
+    "poll": (b"poll", "msgd.interfaces.poll:PollResource"),
     "status": (b"status", "msgd.interfaces.admin:make_status"),
     "admin": (b"admin", "msgd.interfaces.admin:make_admin"),
 }
@@ -78,6 +81,17 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
     ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
     ws_origins: tuple = option(("*",), parse=words,
                                doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
+    apps_static: bool = option(True, parse=boolean, doc="serve app packages' static/ files at /apps/NAME/")
+    apps_static_max_age: float = option(0.0, parse=duration,
+                                        doc="Cache-Control max-age of /apps/ files (0: no-cache, revalidate)")
+    sse: bool = option(True, parse=boolean, doc="serve Server-Sent Events (pub/sub, poll sessions) at /sse")
+    poll: bool = option(True, parse=boolean, doc="serve JSON-RPC and pub/sub by HTTP long-poll at /poll")
+    poll_wait: float = option(25.0, parse=duration, doc="longest a GET /poll waits for messages")
+    poll_idle: float = option(60.0, parse=duration, doc="a long-poll session nobody polls this long expires")
+    poll_max_queue: int = option(1024 * 1024, parse=size,
+                                 doc="bytes queued per long-poll session or SSE stream; past it it is ended")
+    poll_max_sessions: int = option(10000, parse=integer(1), doc="most long-poll sessions at once")
+    sse_ping: float = option(15.0, parse=duration, doc="keep-alive comment interval of SSE streams")
     status: bool = option(False, parse=boolean, doc="serve the live status page at /status (see admin_allow)")
     status_interval: float = option(1.0, parse=duration, doc="how often the status page gets a new snapshot")
     admin: bool = option(False, parse=boolean,

@@ -50,7 +50,7 @@ from zope.interface import implementer
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.core.pubsub import Session
-from msgd.security.guard import TOKEN_SUBPROTOCOL, checked_builtins
+from msgd.security.guard import TOKEN_SUBPROTOCOL
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
@@ -143,8 +143,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.session = Session(iface.node.pubsub, self,
                                    max_subscriptions=iface.options.ws_max_subscriptions,
                                    authorize=iface.node.access.authorize_channel)
-            # the Session checks subscribe and publish against the rules; presence is checked here
-            self.builtins = checked_builtins(iface.node.access, self.session.builtins(), ["rpc.presence"])
+            # the Session checks subscribe, publish and presence against the rules, and serves
+            # as the builtins table itself (no per-connection dict: idle connections stay small)
+            self.builtins = self.session
 
     # -- requests ----------------------------------------------------------------
 

@@ -228,7 +228,7 @@ class Guard:
                           if p.startswith(TOKEN_SUBPROTOCOL)), None)
         if token is None:
             token = _cookie(request.headers.get("cookie", ""), TOKEN_COOKIE)
-        address = request.peer.split(":")[1] if request.peer.count(":") >= 2 else request.peer
+        address = request.peer.partition(":")[2].rpartition(":")[0]      # "tcp6:::1:4567" -> "::1"
         return self.authenticate(request.headers.get("authorization"), token, address, transport)
 
     # -- tokens and limits -------------------------------------------------------------------

@@ -15,7 +15,9 @@
  * delivered twice while the node's history covers the gap ("gap" otherwise).
  * Calls made while disconnected wait for the connection (or their timeout).
  * A close code 4000–4099 (authentication refused) stops the retries.
- * See docs/browser-client.rst.
+ * When a WebSocket cannot be opened (or with { transport: "sse" | "poll" }),
+ * the same API runs over /poll and /sse (Server-Sent Events) instead.
+ * See docs/browser-client.rst and docs/more-interfaces.rst.
  */
 (function (root) {
   "use strict";
@@ -26,6 +28,95 @@
       this.name = "RpcError";
       this.code = error.code;
       this.data = error.data;
+    }
+  }
+
+  /* A WebSocket look-alike over HTTP: a long-poll session (/poll) for
+   * sending, and for receiving either /sse (EventSource) or repeated
+   * GET /poll.  Any failure closes it (code 1006) and the Client reconnects
+   * and resumes as after a WebSocket drop. */
+  class PollSocket {
+    constructor(base, useSSE, fetchFn) {
+      this.base = base;
+      this.useSSE = useSSE;
+      this.fetch = fetchFn;
+      this.readyState = 0;
+      this.outbox = [];
+      this.sending = false;
+      this.abort = new AbortController();
+      this.fetch(base + "/poll", { method: "POST", signal: this.abort.signal })
+        .then((r) => { if (r.status !== 201) throw new Error("HTTP " + r.status); return r.json(); })
+        .then((info) => {
+          if (this.readyState !== 0) return;
+          this.sid = info.session;
+          this.wait = info.wait;
+          this.readyState = 1;
+          if (this.onopen) this.onopen();
+          if (this.useSSE) this._stream(); else this._poll();
+        })
+        .catch((e) => this._lost(e.message || "cannot open a long-poll session"));
+    }
+
+    _url() { return this.base + "/poll?session=" + encodeURIComponent(this.sid); }
+
+    send(text) {
+      if (this.readyState !== 1) throw new Error("not open");
+      this.outbox.push(text);
+      this._flush();
+    }
+
+    _flush() {
+      if (this.sending || !this.outbox.length || this.readyState !== 1) return;
+      // one POST at a time keeps the order; what waits meanwhile goes as one batch
+      const items = this.outbox.splice(0, 50);
+      const body = items.length === 1 ? items[0] : "[" + items.join(",") + "]";
+      this.sending = true;
+      this.fetch(this._url(), { method: "POST", body, headers: { "content-type": "application/json" },
+                                signal: this.abort.signal })
+        .then((r) => {
+          if (r.status !== 202) throw new Error("HTTP " + r.status);
+          this.sending = false;
+          this._flush();
+        })
+        .catch((e) => this._lost(e.message || "send failed"));
+    }
+
+    _poll() {
+      if (this.readyState !== 1) return;
+      this.fetch(this._url() + "&wait=" + this.wait, { signal: this.abort.signal, cache: "no-store" })
+        .then((r) => { if (r.status !== 200) throw new Error("HTTP " + r.status); return r.json(); })
+        .then((messages) => {
+          for (const m of messages) if (this.onmessage && this.readyState === 1) this.onmessage({ data: m });
+          this._poll();
+        })
+        .catch((e) => this._lost(e.message || "poll failed"));
+    }
+
+    _stream() {
+      const es = this.es = new root.EventSource(this.base + "/sse?session=" + encodeURIComponent(this.sid));
+      es.onmessage = (e) => { if (this.onmessage && this.readyState === 1) this.onmessage({ data: e.data }); };
+      es.onerror = () => this._lost("event stream lost");
+    }
+
+    _end() {
+      this.readyState = 3;
+      this.abort.abort();
+      if (this.es) this.es.close();
+    }
+
+    _lost(reason) {
+      if (this.readyState === 3) return;
+      this._end();
+      if (this.onclose) this.onclose({ code: 1006, reason });
+    }
+
+    close(code) {
+      if (this.readyState === 3) return;
+      const sid = this.sid;
+      this._end();
+      if (sid) this.fetch(this.base + "/poll?session=" + encodeURIComponent(sid), { method: "DELETE", keepalive: true })
+        .catch(() => {});
+      setTimeout(() => { if (this.onclose) this.onclose({ code: code || 1000, reason: "" }); }, 0);
     }
   }
 
@@ -43,12 +134,17 @@
         maxDelay: 30000,       // longest reconnect delay (ms)
         protocols: ["jsonrpc"],
         WebSocket: root.WebSocket,
+        transport: "auto",     // auto (WebSocket, else SSE/poll) | websocket | sse | poll
+        httpUrl: null,         // base of /poll and /sse (default: from url)
+        fetch: root.fetch ? root.fetch.bind(root) : null,
       }, options || {});
+      this.fallback = this.options.transport === "sse" || this.options.transport === "poll"
+        || (this.options.transport === "auto" && !this.options.WebSocket);
       this.state = "connecting";
       this.ws = null;
       this.nextId = 1;
       this.pending = new Map();     // id -> {resolve, reject, timer, message}
-      this.queue = [];              // messages waiting for the connection
+      this.queue = [];              // [id, message] waiting for the connection
       this.channels = new Map();    // name -> {handlers:Set, epoch, offset, pattern}
       this.listeners = { state: new Set(), gap: new Set(), error: new Set() };
       this.attempt = 0;
@@ -74,16 +170,26 @@
       this._setState(this.attempt ? "reconnecting" : "connecting");
       let ws;
       try {
-        ws = new this.options.WebSocket(this.url, this.options.protocols);
+        ws = this.fallback ? this._fallbackSocket() : new this.options.WebSocket(this.url, this.options.protocols);
       } catch (e) {
+        if (this.options.transport === "auto") this.fallback = !this.fallback;
         this._scheduleReconnect();
         return;
       }
       this.ws = ws;
-      ws.onopen = () => this._onOpen();
+      this.transport = this.fallback ? ws.useSSE ? "sse" : "poll" : "websocket";
+      ws.opened = false;
+      ws.onopen = () => { ws.opened = true; this._onOpen(); };
       ws.onmessage = (m) => this._onMessage(m.data);
       ws.onclose = (e) => this._onClose(e);
       ws.onerror = () => {};   // onclose follows
+    }
+
+    _fallbackSocket() {
+      const o = this.options;
+      const base = o.httpUrl || this.url.replace(/^ws/, "http").replace(/\/ws\/?$/, "");
+      const useSSE = o.transport !== "poll" && !!root.EventSource;
+      return new PollSocket(base, useSSE, o.fetch);
     }
 
     _onOpen() {
@@ -94,10 +200,17 @@
       for (const [name, ch] of this.channels) if (!ch.inflight) this._sendSubscribe(name, ch);
       const queued = this.queue;
       this.queue = [];
-      for (const msg of queued) this.ws.send(msg);
+      for (const [id, msg] of queued) {
+        const p = this.pending.get(id);
+        if (!p) continue;           // timed out while waiting: not sent at all
+        p.sent = true;
+        this.ws.send(msg);
+      }
     }
 
     _onClose(e) {
+      // auto: a transport that never opened makes the next attempt try the other one
+      if (this.ws && !this.ws.opened && this.options.transport === "auto") this.fallback = !this.fallback;
       this.ws = null;
       // calls in flight on the lost socket cannot be answered any more
       for (const [id, p] of this.pending) {
@@ -135,8 +248,10 @@
     }
 
     _onMessage(text) {
-      let msg;
-      try { msg = JSON.parse(text); } catch (e) { this._emit("error", e); return; }
+      let msg = text;     // long-poll hands over parsed messages
+      if (typeof text === "string") {
+        try { msg = JSON.parse(text); } catch (e) { this._emit("error", e); return; }
+      }
       const items = Array.isArray(msg) ? msg : [msg];
       for (const m of items) {
         if (m.method === "rpc.event") this._onEvent(m.params);
@@ -196,8 +311,7 @@
           p.sent = true;
           this.ws.send(message);
         } else {
-          this.queue.push(message);
-          p.sent = true;   // it will be sent on open; a loss after that rejects it
+          this.queue.push([id, message]);   // sent on open; only a loss after that rejects it
         }
       });
     }

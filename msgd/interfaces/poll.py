@@ -1,0 +1,307 @@
+"""HTTP long-poll at ``/poll``: JSON-RPC and pub/sub for clients that cannot
+hold a WebSocket.  The messages are exactly those of ``/ws``; only the way
+they travel differs.
+
+Wire protocol
+-------------
+
+``POST /poll``  (no ``session``)
+    Opens a session: ``201 {"session": ID, "wait": SECONDS, "idle": SECONDS}``.
+    The id is a secret: whoever has it speaks for the session.
+``POST /poll?session=ID``  body: one JSON-RPC message (call, notification, batch)
+    ``202 {"queued": true}``.  The answer is *queued* in the session like the
+    events, so a ``rpc.subscribe`` answer always comes after the events it
+    replays, as on ``/ws``.
+``GET /poll?session=ID&wait=SECONDS``
+    ``200 [MESSAGE, …]``: everything queued, at once if anything is, else as
+    soon as something arrives, else ``[]`` after ``wait`` seconds (at most
+    ``poll_wait``).  A newer GET answers a waiting older one with ``[]``.
+``GET /sse?session=ID``
+    The same queue as a Server-Sent Events stream (see ``msgd.interfaces.sse``).
+``DELETE /poll?session=ID``
+    Ends the session and its subscriptions.
+
+An unknown or expired session is ``404 {"error": {"code": -32003, …}}``: open
+a new one and subscribe again with ``since``/``epoch`` to resume.
+
+Bounds: a session nobody polls for ``poll_idle`` seconds expires; its queue
+holds at most ``poll_max_queue`` bytes, past which the session is ended (a
+slow consumer, counted in ``msgd_poll_dropped_total``); at most
+``poll_max_sessions`` sessions exist at once (503 past that).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web import resource
+from twisted.web.server import NOT_DONE_YET
+
+from msgd.core import errors
+from msgd.core.jsonrpc import JSONRPC, dumps, error_response
+from msgd.core.pubsub import Session
+
+
+def _reply(request, status: int, obj) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return dumps(obj)
+
+
+def _arg(request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class PollSession:
+    """One client's queue of outgoing messages, its subscriptions, and the
+    GET (or SSE stream) currently waiting for them."""
+
+    def __init__(self, registry: "Sessions", sid: str, principal):
+        self.registry = registry
+        self.id = sid
+        self.principal = principal
+        self.pubsub = Session(registry.node.pubsub, self,
+                              max_subscriptions=registry.options.ws_max_subscriptions)
+        self.builtins = self.pubsub.builtins()
+        self.queue: deque[bytes] = deque()
+        self.queued = 0          # bytes
+        self.waiter = None       # (request, timer) of the GET waiting
+        self.stream = None       # an attached sse.EventStream
+        self.last_seen = registry.clock.seconds()
+        self._flush = None
+        self.closed: str | None = None
+
+    # -- outgoing --------------------------------------------------------------
+
+    def deliver(self, event):
+        self.push(event.notification())
+
+    def push(self, message: bytes):
+        if self.closed:
+            return
+        if self.stream is not None:
+            self.stream.send(message)
+            return
+        self.queue.append(message)
+        self.queued += len(message)
+        limit = self.registry.options.poll_max_queue
+        if self.queued > limit:
+            self.registry.close(self, f"slow consumer: more than {limit} bytes queued", "slow_consumer")
+        elif self.waiter is not None and self._flush is None:
+            # answer on the next turn, so a burst (a replay, a batch) goes in one response
+            self._flush = self.registry.clock.callLater(0, self._answer_waiter)
+
+    def take(self) -> bytes:
+        data = b"[" + b",".join(self.queue) + b"]"
+        self.queue.clear()
+        self.queued = 0
+        return data
+
+    # -- waiting GETs ----------------------------------------------------------
+
+    def wait(self, request, seconds: float):
+        self._answer_waiter()          # only one waiter: an older GET gets what there is (often [])
+        self.last_seen = self.registry.clock.seconds()
+        if self.queue or seconds <= 0:
+            return self._respond(request)
+        timer = self.registry.clock.callLater(seconds, self._answer_waiter)
+        self.waiter = (request, timer)
+        request.notifyFinish().addErrback(lambda f: self._gone(request))
+        return NOT_DONE_YET
+
+    def _respond(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.take()
+
+    def _answer_waiter(self):
+        if self._flush is not None:
+            if self._flush.active():
+                self._flush.cancel()
+            self._flush = None
+        if self.waiter is None:
+            return
+        (request, timer), self.waiter = self.waiter, None
+        if timer.active():
+            timer.cancel()
+        self.last_seen = self.registry.clock.seconds()
+        request.write(self._respond(request))
+        request.finish()
+
+    def _gone(self, request):
+        if self.waiter is not None and self.waiter[0] is request:
+            _, timer = self.waiter
+            self.waiter = None
+            if timer.active():
+                timer.cancel()
+            self.last_seen = self.registry.clock.seconds()
+
+    # -- SSE ---------------------------------------------------------------------
+
+    def attach(self, stream):
+        """Send the queue, then everything new, to an SSE stream (replacing
+        any stream attached before)."""
+        if self.stream is not None:
+            self.stream.close()
+        self._answer_waiter()
+        self.stream = stream
+        for message in self.queue:
+            stream.send(message)
+        self.queue.clear()
+        self.queued = 0
+
+    def detach(self, stream):
+        if self.stream is stream:
+            self.stream = None
+            self.last_seen = self.registry.clock.seconds()
+
+    def idle(self, now: float) -> bool:
+        return self.waiter is None and self.stream is None and now - self.last_seen > self.registry.options.poll_idle
+
+    def end(self, reason: str):
+        self.closed = reason
+        self.pubsub.close()
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        if self.waiter is not None:
+            request, timer = self.waiter
+            self.waiter = None
+            if timer.active():
+                timer.cancel()
+            request.write(_reply(request, 410, {"error": errors.Unavailable(f"session ended: {reason}").to_dict()}))
+            request.finish()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.queue.clear()
+
+
+class Sessions:
+    """The long-poll sessions of one HTTP interface.  The expiry check runs
+    only while sessions exist, so an idle node has no timer."""
+
+    log = Logger()
+
+    def __init__(self, interface):
+        self.interface = interface
+        self.node = interface.node
+        self.options = interface.options
+        self.clock = interface.node.reactor
+        self.sessions: dict[str, PollSession] = {}
+        self.jsonrpc = JSONRPC(self.node.dispatcher, max_batch=self.options.max_batch)
+        self._expiry: LoopingCall | None = None
+        m = self.node.metrics
+        self.gauge = m.gauge("msgd_poll_sessions", "Open long-poll sessions", ["interface"]).labels(interface.name)
+        self.dropped = m.counter("msgd_poll_dropped_total", "Long-poll sessions ended by the node",
+                                 ["interface", "reason"])
+
+    def open(self, principal) -> PollSession:
+        if len(self.sessions) >= self.options.poll_max_sessions:
+            raise errors.Overloaded(f"too many long-poll sessions ({len(self.sessions)})")
+        session = PollSession(self, os.urandom(16).hex(), principal)
+        self.sessions[session.id] = session
+        self.gauge.inc()
+        if self._expiry is None:
+            self._expiry = LoopingCall(self.expire)
+            self._expiry.clock = self.clock
+            self._expiry.start(max(0.05, self.options.poll_idle / 4), now=False)
+        return session
+
+    def get(self, sid: str | None) -> PollSession | None:
+        return self.sessions.get(sid) if sid else None
+
+    def close(self, session: PollSession, reason: str, metric: str | None = None):
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.gauge.dec()
+        if metric:
+            self.dropped.labels(self.interface.name, metric).inc()
+            self.log.info("long-poll session ended: {reason}", reason=reason)
+        session.end(reason)
+        if not self.sessions and self._expiry is not None:
+            if self._expiry.running:
+                self._expiry.stop()
+            self._expiry = None
+
+    def close_all(self, reason: str = "interface stopped"):
+        for s in list(self.sessions.values()):
+            self.close(s, reason)
+
+    def expire(self):
+        if not self.interface.running:
+            return self.close_all()
+        now = self.clock.seconds()
+        for s in [s for s in self.sessions.values() if s.idle(now)]:
+            self.close(s, "idle", "idle")
+
+    def handle(self, session: PollSession, body: bytes):
+        node, iface = self.node, self.interface
+        timeout = iface.timeout()
+
+        def make_request():
+            return node.new_request(iface.name, timeout=timeout, principal=session.principal)
+        d = self.jsonrpc.handle(body, make_request, session.builtins)
+        d.addCallback(lambda data: session.push(data) if data is not None else None)
+        d.addErrback(lambda f: self.log.failure("long-poll message failed", f))
+
+
+def sessions(interface) -> Sessions:
+    """The interface's session registry, made on first use (``/poll`` and
+    ``/sse?session=`` share it)."""
+    registry = getattr(interface, "poll_sessions", None)
+    if registry is None:
+        registry = interface.poll_sessions = Sessions(interface)
+    return registry
+
+
+class PollResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, interface):
+        super().__init__()
+        self.registry = sessions(interface)
+
+    def _session(self, request):
+        session = self.registry.get(_arg(request, b"session"))
+        if session is None:
+            return None, _reply(request, 404, {"error": errors.Unavailable(
+                "no such long-poll session (expired?): open a new one").to_dict()})
+        return session, None
+
+    def render_POST(self, request):
+        if _arg(request, b"session") is None:
+            try:
+                session = self.registry.open(getattr(request, "principal", None))
+            except errors.Overloaded as e:
+                return _reply(request, 503, {"error": e.to_dict()})
+            o = self.registry.options
+            return _reply(request, 201, {"session": session.id, "wait": o.poll_wait, "idle": o.poll_idle})
+        session, refusal = self._session(request)
+        if session is None:
+            return refusal
+        session.last_seen = self.registry.clock.seconds()
+        self.registry.handle(session, request.content.read())
+        return _reply(request, 202, {"queued": True})
+
+    def render_GET(self, request):
+        session, refusal = self._session(request)
+        if session is None:
+            return refusal
+        limit = self.registry.options.poll_wait
+        try:
+            wait = min(limit, max(0.0, float(_arg(request, b"wait") or limit)))
+        except ValueError:
+            return _reply(request, 400, error_response(errors.InvalidParams("wait must be a number of seconds")))
+        return session.wait(request, wait)
+
+    def render_DELETE(self, request):
+        session, refusal = self._session(request)
+        if session is None:
+            return refusal
+        self.registry.close(session, "closed by the client")
+        return _reply(request, 200, {"closed": True})

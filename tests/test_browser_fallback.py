@@ -1,0 +1,68 @@
+"""The demo page in headless Chromium without WebSocket: msgd.js told to use
+SSE (one page) and long-poll (the other), or finding /ws missing; the pages
+chat through the node with the same API."""
+
+import os
+
+from twisted.trial import unittest
+
+from tests.browser import chromium, wait_for
+from tests.helpers import ROOT
+from tests.process import NodeProcess
+
+INI = """
+[node]
+name = browser-fallback
+apps = {apps}
+
+[interface:web]
+type = http
+endpoint = tcp:{port}:interface=127.0.0.1
+poll_wait = 5s
+{extra}
+"""
+
+
+class FallbackTests(unittest.TestCase):
+    def start(self, extra=""):
+        ini = INI.replace("{apps}", os.path.join(ROOT, "apps")).replace("{extra}", extra)
+        self.node = NodeProcess(os.path.abspath(self.mktemp()), ini).start()
+        self.addCleanup(self.node.stop)
+
+    def open_page(self, name, query=""):
+        driver = chromium(self)
+        driver.get(f"http://127.0.0.1:{self.node.port}/?name={name}{query}")
+        self.assertTrue(wait_for(driver, "window.demo && demo.client.state === 'open' "
+                                         "&& demo.client.channels.has('chat.lobby') "
+                                         "&& demo.client.channels.get('chat.lobby').epoch !== null"))
+        return driver
+
+    def send(self, driver, text):
+        driver.find_element("id", "text").send_keys(text)
+        driver.find_element("css selector", "form button").click()
+
+    def chat(self, alice, bob):
+        self.send(bob, "hello alice")
+        self.assertTrue(wait_for(alice, "demo.messages.some(m => m.text === 'hello alice')"))
+        self.send(alice, "hi bob")
+        self.assertTrue(wait_for(bob, "demo.messages.some(m => m.text === 'hi bob')"))
+        self.assertIn("hi bob", alice.find_element("id", "log").text)
+        for d in (alice, bob):
+            self.assertEqual(d.execute_script("return demo.messages.map(m => m.text)"), ["hello alice", "hi bob"])
+
+    def test_told_not_to_use_websocket(self):
+        self.start()
+        alice = self.open_page("alice", "&transport=sse")
+        bob = self.open_page("bob", "&transport=poll")
+        self.assertEqual(alice.execute_script("return demo.client.transport"), "sse")
+        self.assertEqual(bob.execute_script("return demo.client.transport"), "poll")
+        self.chat(alice, bob)
+        # presence counts both pages, whatever their transport
+        self.assertTrue(wait_for(bob, "document.getElementById('presence').textContent === '2 here'"))
+
+    def test_falls_back_when_websocket_cannot_open(self):
+        self.start("websocket = no")         # /ws is not there: the upgrade fails
+        alice = self.open_page("alice")
+        bob = self.open_page("bob")
+        self.assertEqual(alice.execute_script("return demo.client.transport"), "sse")
+        self.chat(alice, bob)

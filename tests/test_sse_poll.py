@@ -1,0 +1,234 @@
+"""/sse with a real SSE client (sseclient-py over requests, in a thread) and
+/poll with plain HTTP: subscribe, receive, resume after a cut, calls,
+session expiry and bounds."""
+
+import json
+
+import requests
+import sseclient
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from tests.helpers import http, http_port, make_node
+
+INI = """
+[node]
+name = sse-test
+
+[pubsub]
+history_size = 10
+
+[interface:web]
+type = http
+endpoint = tcp:0:interface=127.0.0.1
+poll_wait = 5s
+poll_max_queue = 4KiB
+"""
+
+APPS = {"m.py": '''
+from msgd import api
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+def announce(channel: str, text: str):
+    return api.publish(channel, {"text": text})
+'''}
+
+
+class SSE:
+    """A blocking SSE client: every method runs in a thread."""
+
+    def __init__(self, url: str, last_event_id: str | None = None):
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        self.response = requests.get(url, stream=True, headers=headers, timeout=10)
+        self.status = self.response.status_code
+        self.content_type = self.response.headers.get("content-type")
+        self.events = sseclient.SSEClient(self.response).events()
+
+    def read(self, n: int) -> list[tuple[str, dict]]:
+        """The next ``n`` messages as (id, JSON-RPC message)."""
+        out = []
+        for event in self.events:
+            out.append((event.id, json.loads(event.data)))
+            if len(out) == n:
+                break
+        return out
+
+    def close(self):
+        self.response.close()
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.node = make_node(self, INI, APPS)
+        self.base = f"http://127.0.0.1:{http_port(self.node)}"
+        self.registry = self.node.interfaces["web"].poll_sessions
+        self.addCleanup(self.registry.close_all)
+
+    @defer.inlineCallbacks
+    def sse(self, query: str, last_event_id=None):
+        c = yield deferToThread(SSE, f"{self.base}/sse?{query}", last_event_id)
+        self.addCleanup(deferToThread, c.close)
+        return c
+
+    def publish(self, channel, *values):
+        for v in values:
+            self.node.pubsub.publish(channel, v)
+
+
+class SSETests(Base):
+    @defer.inlineCallbacks
+    def test_subscribe_receive_resume(self):
+        c = yield self.sse("channel=room&channel=news.*")
+        self.assertEqual((c.status, c.content_type), (200, "text/event-stream; charset=utf-8"))
+        first = yield deferToThread(c.read, 2)
+        answers = {m["params"]["channel"]: m["params"] for _, m in first}
+        self.assertEqual(set(answers), {"room", "news.*"})
+        self.assertEqual(first[0][1]["method"], "rpc.subscribed")
+        epoch = answers["room"]["epoch"]
+        self.publish("room", "a", "b")
+        self.publish("news.today", "n1")
+        got = yield deferToThread(c.read, 3)
+        self.assertEqual([(m["method"], m["params"]["channel"], m["params"]["data"]) for _, m in got],
+                         [("rpc.event", "room", "a"), ("rpc.event", "room", "b"), ("rpc.event", "news.today", "n1")])
+        last_id = got[1][0]          # seen: room up to offset 2 (not news yet)
+        self.assertEqual(last_id, f"{epoch}:2:room")
+        yield deferToThread(c.close)
+        # the cut: more events while away; a new stream with Last-Event-ID gets exactly the missed ones
+        self.publish("room", "c", "d")
+        c2 = yield self.sse("channel=room", last_event_id=last_id)
+        got = yield deferToThread(c2.read, 3)
+        self.assertEqual([m["params"].get("data") for _, m in got[:2]], ["c", "d"])
+        self.assertEqual([m["params"]["offset"] for _, m in got[:2]], [3, 4])
+        self.assertEqual(got[2][1]["method"], "rpc.subscribed")
+        self.assertTrue(got[2][1]["params"]["recovered"])
+        self.assertEqual(got[1][0], f"{epoch}:4:room")
+
+    @defer.inlineCallbacks
+    def test_resume_with_a_lost_epoch_is_told(self):
+        self.publish("room", "a")
+        c = yield self.sse("channels=room", last_event_id="oldepoch:1:room")
+        got = yield deferToThread(c.read, 1)
+        self.assertEqual(got[0][1]["method"], "rpc.subscribed")
+        self.assertFalse(got[0][1]["params"]["recovered"])
+
+    @defer.inlineCallbacks
+    def test_bad_requests(self):
+        for query in ["", "channel=", "channel=bad%20name"]:
+            code, _, body = yield http("GET", f"{self.base}/sse?{query}")
+            self.assertEqual(code, 400, query)
+            self.assertEqual(json.loads(body)["error"]["code"], -32602)
+        code, _, _ = yield http("GET", f"{self.base}/sse?session=nope")
+        self.assertEqual(code, 404)
+
+
+class PollTests(Base):
+    @defer.inlineCallbacks
+    def open(self):
+        code, _, body = yield http("POST", f"{self.base}/poll")
+        self.assertEqual(code, 201)
+        info = json.loads(body)
+        self.assertEqual((info["wait"], info["idle"]), (5.0, 60.0))
+        return info["session"]
+
+    @defer.inlineCallbacks
+    def post(self, sid, msg):
+        data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        code, _, body = yield http("POST", f"{self.base}/poll?session={sid}", data,
+                                   {"content-type": "application/json"})
+        return code, json.loads(body)
+
+    @defer.inlineCallbacks
+    def get(self, sid, wait=5):
+        code, _, body = yield http("GET", f"{self.base}/poll?session={sid}&wait={wait}")
+        return code, json.loads(body)
+
+    @defer.inlineCallbacks
+    def test_calls_answered(self):
+        sid = yield self.open()
+        code, out = yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})
+        self.assertEqual((code, out), (202, {"queued": True}))
+        yield self.post(sid, [{"jsonrpc": "2.0", "id": 2, "method": "m.add", "params": [1, 1]},
+                              {"jsonrpc": "2.0", "id": 3, "method": "nope.nope"}])
+        code, msgs = yield self.get(sid)
+        self.assertEqual(code, 200)
+        self.assertEqual(msgs[0], {"jsonrpc": "2.0", "result": 5, "id": 1})
+        self.assertEqual([(a["id"], a.get("result"), a.get("error", {}).get("code")) for a in msgs[1]],
+                         [(2, 2, None), (3, None, -32601)])
+        yield self.post(sid, b"{not json")
+        code, msgs = yield self.get(sid)
+        self.assertEqual(msgs[0]["error"]["code"], -32700)
+
+    @defer.inlineCallbacks
+    def test_subscribe_receive_and_wait(self):
+        sid = yield self.open()
+        self.publish("room", "old")
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe",
+                              "params": {"channel": "room", "since": 0}})
+        code, msgs = yield self.get(sid)
+        # the replayed event comes before the subscribe answer, as on /ws
+        self.assertEqual(msgs[0]["method"], "rpc.event")
+        self.assertEqual(msgs[0]["params"]["data"], "old")
+        self.assertEqual((msgs[1]["id"], msgs[1]["result"]["recovered"]), (1, True))
+        # a waiting GET is answered when an event comes
+        waiting = self.get(sid)
+        yield deferToThread(lambda: None)     # let the GET reach the node
+        for _ in range(100):
+            session = self.registry.get(sid)
+            if session.waiter is not None:
+                break
+            yield deferToThread(lambda: None)
+        self.assertIsNotNone(session.waiter)
+        other = yield self.open()
+        yield self.post(other, {"jsonrpc": "2.0", "id": 9, "method": "m.announce", "params": ["room", "hi"]})
+        code, msgs = yield waiting
+        self.assertEqual([(m["method"], m["params"]["data"]) for m in msgs], [("rpc.event", {"text": "hi"})])
+        # nothing queued: an empty answer after the wait
+        code, msgs = yield self.get(sid, wait=0)
+        self.assertEqual((code, msgs), (200, []))
+
+    @defer.inlineCallbacks
+    def test_session_stream_over_sse(self):
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
+        c = yield self.sse(f"session={sid}")
+        got = yield deferToThread(c.read, 1)
+        self.assertEqual(got[0][1]["id"], 1)      # the queued answer
+        self.publish("room", "x")
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 2, "method": "m.add", "params": [1, 2]})
+        got = yield deferToThread(c.read, 2)
+        self.assertEqual(got[0][1]["params"]["data"], "x")
+        self.assertEqual(got[1][1]["result"], 3)
+
+    @defer.inlineCallbacks
+    def test_expiry_and_delete(self):
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
+        self.assertEqual(len(self.node.pubsub.channels["room"].subscribers), 1)
+        self.registry.get(sid).last_seen -= 61       # as if nobody polled for longer than poll_idle
+        self.registry.expire()
+        code, out = yield self.get(sid)
+        self.assertEqual((code, out["error"]["code"]), (404, -32003))
+        self.assertEqual(len(self.node.pubsub.channels["room"].subscribers), 0)
+        self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
+                                                 {"interface": "web", "reason": "idle"}), 1)
+        sid = yield self.open()
+        code, _, _ = yield http("DELETE", f"{self.base}/poll?session={sid}")
+        self.assertEqual(code, 200)
+        code, _ = yield self.get(sid)
+        self.assertEqual(code, 404)
+        self.assertIsNone(self.registry._expiry)    # no sessions: no timer
+
+    @defer.inlineCallbacks
+    def test_slow_consumer_ends_the_session(self):
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
+        self.publish("room", *["x" * 500] * 10)
+        code, _ = yield self.get(sid)
+        self.assertEqual(code, 404)
+        self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
+                                                 {"interface": "web", "reason": "slow_consumer"}), 1)
