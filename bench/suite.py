@@ -192,7 +192,9 @@ def row(label, unit, results: dict, key="per_second", fmt="{:,.0f}", higher_bett
             ratio = f"   msgd = {b / value:.2f}x" if higher_better else f"   msgd = {b / value:.2f}x of it"
         note = ""
         if isinstance(r, dict) and "server_cpu" in r:
-            note = "   " + common.bottleneck(r["server_cpu"], r["client_cpu"], r["seconds"])
+            ops = r.get("deliveries") or r.get("calls") or r.get("sessions") or 0
+            per_op = f"   server {r['server_cpu'] / ops * 1e6:.1f} us/op" if ops else ""
+            note = per_op + "   " + common.bottleneck(r["server_cpu"], r["client_cpu"], r["seconds"])
             if "p50_ms" in r:
                 note = f"   p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" + note
         lines.append(f"    {name:16s} {fmt.format(value):>12s}{ratio}{note}")
@@ -213,8 +215,8 @@ def main(argv=None):
     for name in a.servers:
         print(f"  measuring {name} ...", flush=True)
         results = table.setdefault(name, {})
-        for kind, args, key in (("fanout", [100, fan[100], 32, 100], "fanout 100"),
-                                ("fanout", [1000, fan[1000], 8, 100], "fanout 1000"),
+        for kind, args, key in (("fanout", [100, fan[100], 256, 100], "fanout 100"),
+                                ("fanout", [1000, fan[1000], 64, 100], "fanout 1000"),
                                 ("rpc", [10, 10, rpc_seconds], "rpc"),
                                 ("connect", [rpc_seconds, 20], "connect")):
             target = start(name, rpc_callee=(kind == "rpc"))

@@ -24,8 +24,8 @@ def run_one(server, subscribers, events, window, payload):
     return result
 
 
-def measure(subscribers=1000, events=None, window=8, payload=100) -> dict:
-    events = events or max(200, 400_000 // subscribers)
+def measure(subscribers=1000, events=None, window=256, payload=100) -> dict:
+    events = events or max(400, 1_000_000 // subscribers)
     out = {}
     for name, start in (("raw autobahn", common.ref_server), ("msgd", lambda: common.msgd_server()[0])):
         server = start()
@@ -40,7 +40,9 @@ def measure(subscribers=1000, events=None, window=8, payload=100) -> dict:
 def report(subscribers, out) -> list[str]:
     lines = []
     for name, r in out.items():
-        lines.append(f"  {name:13s} {r['per_second']:>10,.0f} deliveries/s  p50 {r['p50_ms']:.1f} ms  "
+        per = r["server_cpu"] / r["deliveries"] * 1e6
+        lines.append(f"  {name:13s} {r['per_second']:>10,.0f} deliveries/s  server {per:.2f} us/delivery  "
+                     f"p50 {r['p50_ms']:.1f} ms  "
                      f"p99 {r['p99_ms']:.1f} ms  peak RSS {r['peak_rss_mib']:.0f} MiB  "
                      f"({common.bottleneck(r['server_cpu'], r['client_cpu'], r['seconds'])})")
     ratio = out["msgd"]["per_second"] / out["raw autobahn"]["per_second"]
@@ -52,7 +54,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subscribers", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--events", type=int, default=None)
-    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--window", type=int, default=256, help="events in flight (not yet seen by every subscriber)")
     p.add_argument("--payload", type=int, default=100)
     a = p.parse_args(argv)
     print(common.machine())

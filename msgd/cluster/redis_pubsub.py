@@ -184,7 +184,10 @@ class RedisBridge(MultiService):
 
     def synced(self, name: str) -> bool:
         ch = self.broker.channels.get(name)
-        return ch is not None and self._synced.get(name) is ch
+        if ch is not None and self._synced.get(name) is ch:
+            return True
+        self._synced.pop(name, None)     # the channel was collected (or never synced)
+        return False
 
     def unsync(self, name: str) -> None:
         self._synced.pop(name, None)
