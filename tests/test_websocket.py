@@ -216,3 +216,26 @@ class WebSocketTests(unittest.TestCase):
         yield self.client()
         m = self.node.metrics.value("msgd_ws_connections", {"interface": "web"})
         self.assertEqual(m, 1)
+
+
+class RefusalTests(unittest.TestCase):
+    """A refused login reaches msgd.js in-band (4001), other clients as HTTP 401."""
+
+    @defer.inlineCallbacks
+    def test_refused_login_closes_with_4001_for_msgd_js(self):
+        node = make_node(self, """
+            [interface:web]
+            type = http
+            endpoint = tcp:0:interface=127.0.0.1
+            anonymous = no
+            """, APPS)
+        port = http_port(node)
+        with self.assertRaises(websocket.WebSocketBadStatusException) as e:
+            yield WS.connect(port)
+        self.assertEqual(e.exception.status_code, 401)
+        c = yield WS.connect(port, subprotocols=("jsonrpc", "msgd.refusal"))
+        self.addCleanup(c.close)
+        yield c.send({"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [1, 2]})
+        frame = yield deferToThread(c.ws.recv_data_frame, True)
+        self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)       # no answer: only the close
+        self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 4001)

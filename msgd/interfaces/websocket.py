@@ -53,6 +53,7 @@ from msgd.core.pubsub import Session
 from msgd.security.guard import TOKEN_SUBPROTOCOL
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
+REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
 STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
 
 
@@ -90,6 +91,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
     _backlog_bytes = 0
     _closing = False
     _opened = False
+    _refusal = None
 
     # -- handshake -------------------------------------------------------------
 
@@ -100,19 +102,26 @@ class MsgdWebSocket(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
         # who is calling (a token, Basic/Bearer, or anonymous): see msgd.security; may wait for a thread
         d = self.factory.interface.guard.authenticate_ws(request, self.transport)
-        return d.addCallbacks(self._authenticated, self._refused, callbackArgs=(request,))
+        return d.addCallbacks(self._authenticated, self._refused, callbackArgs=(request,),
+                              errbackArgs=(request,))
 
-    def _refused(self, failure):
+    def _refused(self, failure, request):
         e = failure.value
         if isinstance(e, errors.Overloaded):
             raise ConnectionDeny(429, e.message)
         if isinstance(e, errors.Unauthorized):
+            if REFUSAL_SUBPROTOCOL in request.protocols:
+                # a browser cannot see the HTTP status of a refused handshake: open, then close
+                # with 4001 and the reason, so that msgd.js stops retrying
+                self._refusal = e.message
+                return "jsonrpc" if "jsonrpc" in request.protocols else REFUSAL_SUBPROTOCOL
             raise ConnectionDeny(401, e.message)
         raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "credentials cannot be checked now")
 
     def _authenticated(self, principal, request):
         self.principal = principal
-        offered = [p for p in request.protocols if not p.startswith(TOKEN_SUBPROTOCOL)]
+        offered = [p for p in request.protocols
+                   if not p.startswith(TOKEN_SUBPROTOCOL) and p != REFUSAL_SUBPROTOCOL]
         if not offered:
             return None
         for p in offered:
@@ -125,6 +134,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
                              f"unsupported subprotocol(s) {', '.join(offered)}; use jsonrpc")
 
     def onOpen(self):
+        if self._refusal is not None:
+            self.sendClose(4001, self._refusal[:120])
+            return
         iface = self.factory.interface
         iface.connection_opened(self.transport)
         iface.goodbyes[self.transport] = self.going_away
@@ -150,6 +162,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
     # -- requests ----------------------------------------------------------------
 
     def onMessage(self, payload, isBinary):
+        if self._refusal is not None:
+            return      # refused: closing, nothing is served
         if self.stomp is not None:
             self.stomp.data_received(payload)
             return

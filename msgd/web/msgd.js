@@ -132,7 +132,7 @@
         timeout: 30000,        // default call timeout (ms)
         minDelay: 250,         // first reconnect delay (ms)
         maxDelay: 30000,       // longest reconnect delay (ms)
-        protocols: ["jsonrpc"],
+        protocols: ["jsonrpc", "msgd.refusal"],   // msgd.refusal: a refused login closes with 4001
         WebSocket: root.WebSocket,
         transport: "auto",     // auto (WebSocket, else SSE/poll) | websocket | sse | poll
         httpUrl: null,         // base of /poll and /sse (default: from url)
