@@ -232,3 +232,36 @@ class PollTests(Base):
         self.assertEqual(code, 404)
         self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
                                                  {"interface": "web", "reason": "slow_consumer"}), 1)
+
+
+class AccessTests(unittest.TestCase):
+    """The [access:*] rules hold on /sse and /poll as on /ws."""
+
+    def setUp(self):
+        self.node = make_node(self, INI + """
+            [access:public]
+            interfaces = web
+            call = m.add
+            subscribe = news.*
+            """, APPS)
+        self.base = f"http://127.0.0.1:{http_port(self.node)}"
+        self.addCleanup(self.node.interfaces["web"].poll_sessions.close_all)
+
+    @defer.inlineCallbacks
+    def test_rules(self):
+        code, _, body = yield http("GET", f"{self.base}/sse?channel=secret")
+        self.assertEqual((code, json.loads(body)["error"]["code"]), (403, -32001))
+        code, _, body = yield http("POST", f"{self.base}/poll")
+        sid = json.loads(body)["session"]
+        url = f"{self.base}/poll?session={sid}"
+        yield http("POST", url, json.dumps([
+            {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "secret"}},
+            {"jsonrpc": "2.0", "id": 2, "method": "m.announce", "params": ["news.a", "x"]},
+            {"jsonrpc": "2.0", "id": 3, "method": "rpc.subscribe", "params": {"channel": "news.a"}},
+            {"jsonrpc": "2.0", "id": 4, "method": "m.add", "params": [1, 2]}]).encode())
+        code, _, body = yield http("GET", url + "&wait=5")
+        answers = {a["id"]: a for a in json.loads(body)[0]}
+        self.assertEqual(answers[1]["error"]["code"], -32001)
+        self.assertEqual(answers[2]["error"]["code"], -32001)
+        self.assertTrue(answers[3]["result"]["recovered"])
+        self.assertEqual(answers[4]["result"], 3)

@@ -86,7 +86,7 @@ class Peer(MultiService):
         self.live.append(perspective)
         broker.notifyOnDisconnect(lambda: self._lost(perspective, endpoint))
         self.log.info("peer {peer}: connected to {endpoint}", peer=self.peer_name, endpoint=endpoint)
-        for listener in self.listeners:
+        for listener in list(self.listeners):
             listener(self.peer_name)
 
     def _lost(self, perspective, endpoint):

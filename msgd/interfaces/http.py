@@ -324,7 +324,7 @@ class HTTPInterface(Listener):
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.guard = Guard(self)
-        guarded = {b"rpc", b"RPC2", b"soap", b"targets"}    # what needs authentication (and may be refused)
+        guarded = {b"rpc", b"RPC2", b"soap", b"targets", b"poll", b"sse"}    # what needs authentication (and may be refused)
 
         def put(segment, res):
             self.root.putChild(segment, self.guard.protect(res, REFUSALS) if segment in guarded else res)

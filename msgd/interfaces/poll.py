@@ -66,7 +66,8 @@ class PollSession:
         self.id = sid
         self.principal = principal
         self.pubsub = Session(registry.node.pubsub, self,
-                              max_subscriptions=registry.options.ws_max_subscriptions)
+                              max_subscriptions=registry.options.ws_max_subscriptions,
+                              authorize=registry.node.access.authorize_channel)
         self.builtins = self.pubsub.builtins()
         self.queue: deque[bytes] = deque()
         self.queued = 0          # bytes

@@ -173,15 +173,18 @@ class SSEResource(resource.Resource):
                 raise errors.InvalidParams("give channel=NAME (repeatable) or channels=A,B, or session=ID")
             if len(set(names)) > limit:
                 raise errors.TooLarge(f"at most {limit} channels per stream")
+            principal = getattr(request, "principal", None)     # set by the interface's guard
+            check = self.interface.node.new_request(self.interface.name, principal=principal)
             for n in names:
-                check_channel(n, pattern_ok=True)
+                self.interface.node.access.authorize_channel(check, "subscribe", check_channel(n, pattern_ok=True))
+        except errors.Unauthorized as e:
+            return _reply(request, 403, error_response(e))
         except errors.MsgdError as e:
             return _reply(request, 400, error_response(e))
         last = request.getHeader(b"last-event-id") or _arg(request, b"last_event_id")
         if isinstance(last, bytes):
             last = last.decode("utf-8", "replace")
         resume = parse_last_event_id(last)
-        principal = getattr(request, "principal", None)
         sub = ChannelStream(None, principal)
         pubsub = Session(self.interface.node.pubsub, sub, max_subscriptions=limit)
         sub.stream = EventStream(request, self.registry, on_close=lambda s: pubsub.close())

@@ -94,7 +94,9 @@ class StreamProtocol(protocol.Protocol):
         iface = self.interface
         iface.connection_opened(self.transport)
         iface.gauge.inc()
-        self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions)
+        # the node's [access:*] rules apply to channels (anonymous here: the socket's permissions are the login)
+        self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
+                               authorize=iface.node.access.authorize_channel)
         self.builtins = self.session.builtins()
         self.transport.registerProducer(self, True)
 

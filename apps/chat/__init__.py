@@ -1,4 +1,6 @@
-"""Chat rooms: the demo behind the page at ``/``.
+"""Chat rooms: the demo.  An app package with both halves: these server
+functions, and the page that calls them in ``static/index.html`` (served at
+``/apps/chat/``; ``/`` leads there).
 
 Messages go out on the pub/sub channel ``chat.ROOM``; browsers subscribe to
 it with msgd.js and see who is there with ``rpc.presence``.  Sending goes
