@@ -147,7 +147,12 @@ class Perspective(pb.Avatar):
         return self._track(defer.maybeDeferred(fn, *args))
 
     def perspective_call(self, target, args=(), kwargs=None, deadline=None):
-        return self._guard(self._call, target, args, kwargs, deadline)
+        # a synchronous app function is answered at once, without Deferreds (dispatcher.run)
+        try:
+            result = self._call(target, args, kwargs, deadline)
+        except errors.MsgdError as e:
+            raise PBError(e) from None
+        return self._track(result) if isinstance(result, defer.Deferred) else result
 
     def _call(self, target, args, kwargs, deadline):
         if not isinstance(target, str):
@@ -156,7 +161,7 @@ class Perspective(pb.Avatar):
             raise errors.InvalidRequest("deadline must be a number of seconds >= 0")
         timeout = self.interface.timeout() if deadline is None else float(deadline)
         req = self.node.new_request(self.interface.name, timeout=timeout, principal=self.user)
-        return self.node.dispatcher.call(req, target, list(args or ()), dict(kwargs or {}))
+        return self.node.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
 
     def perspective_publish(self, channel, data=None):
         return self._guard(self._publish, channel, data)
@@ -176,7 +181,7 @@ class Perspective(pb.Avatar):
             raise errors.Timeout(f"message {message_id} expired before it arrived")
 
         def handle():
-            return self._call(target, args, kwargs, None)
+            return defer.maybeDeferred(self._call, target, args, kwargs, None)
         return self.node.received.handle(message_id, handle).addCallback(
             lambda duplicate: {"message_id": message_id, "duplicate": duplicate})
 
