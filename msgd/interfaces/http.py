@@ -6,13 +6,16 @@ Paths on the Site::
                      HTTP 200 with a JSON-RPC answer, 204 when there is none
     GET  /health     JSON: node, uptime, interfaces, modules, load errors
     GET  /metrics    Prometheus text format
-    GET  /           the chat demo page (msgd.js over /ws)
+    GET  /           a landing page (it opens the chat demo at /apps/chat/ when
+                     that app is there)
     GET  /targets    a page listing the node's targets
     GET  /msgd.js    the browser client (/msgd.mjs: as an ES module)
 
-Other interfaces mount on the same Site through :data:`MOUNTS` (WebSocket at
-``/ws``, XML-RPC at ``/RPC2``, SOAP under ``/soap/``), each switched by a key
-of this section.
+Other interfaces mount on the same Site through :data:`MOUNTS`, each switched
+by a key of this section: WebSocket at ``/ws``, XML-RPC at ``/RPC2``, SOAP
+under ``/soap/``, Server-Sent Events at ``/sse``, long-poll at ``/poll``,
+app packages' static files under ``/apps/NAME/``, the status page and admin
+calls at ``/status`` and ``/admin``.
 
 Bodies larger than ``max_body`` are refused with 413 before they are read
 whole.  A client that goes away cancels its call.

@@ -98,10 +98,10 @@ class Schedule(Interface):
     type_name = "schedule"
     log = Logger()
 
-    def __init__(self, name, options, node, rng: random.Random | None = None):
+    def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.clock = node.reactor
-        self.random = rng or random.Random()
+        self.random = random.Random()
         self.tz = None if options.timezone.lower() == "local" else ZoneInfo(options.timezone)
         self.state_path = os.path.join(node.config.node.state_dir, f"schedule-{name}.json")
         self.anchor: float | None = None   # interval grid origin
