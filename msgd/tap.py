@@ -99,8 +99,15 @@ def makeService(options):
         # twistd would re-kill the process with the signal after the reactor
         # stops, so the exit status would say "killed"; a drained stop is a
         # clean exit, status 0.
-        node.log.info("signal {signal} received: shutting down", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping:
+            node.log.info("signal {signal} received: already shutting down", signal=name)
+            return
+        stopping.append(name)
+        node.log.info("signal {signal} received: shutting down", signal=name)
         reactor.callFromThread(reactor.stop)
+
+    stopping: list = []
 
     def install_signals():
         signal.signal(signal.SIGTERM, graceful)
