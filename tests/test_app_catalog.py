@@ -105,3 +105,19 @@ class CatalogOverXMLRPCTests(unittest.TestCase):
         self.assertEqual(picture, b"\x00\x01")
         self.assertEqual(report, [{"sku": "B-1", "stock": 2, "value": "25.00"}])
         self.assertEqual(fault, -32020)
+
+
+class CatalogOverJSONRPCTests(unittest.TestCase):
+    """JSON-RPC carries a Product as a plain object; the dispatcher builds it."""
+
+    def test_add_from_plain_object(self):
+        import json
+        from msgd.core.jsonrpc import JSONRPC
+        harness = AppHarness(os.path.join(ROOT, "apps"))
+        rpc = JSONRPC(harness.dispatcher)
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "catalog.add",
+               "params": [{"sku": "json-1", "name": "Lamp", "price": "12.50", "stock": 3}]}
+        answer = json.loads(self.successResultOf(rpc.handle(json.dumps(msg), harness.request)))
+        self.assertEqual(answer["result"]["sku"], "json-1")
+        self.assertEqual(answer["result"]["price"], "12.50")
+        harness.result("catalog.remove", "json-1")

@@ -61,6 +61,17 @@ def in_thread():
 
 def nested():
     return api.call("m.add", 2, 3)
+
+import dataclasses, decimal
+
+@dataclasses.dataclass
+class Item:
+    sku: str
+    price: decimal.Decimal
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+def total(items: list[Item], discount: decimal.Decimal = decimal.Decimal(0)) -> str:
+    return str(sum(i.price for i in items) - discount)
 '''
 
 
@@ -120,6 +131,18 @@ class DispatchTests(unittest.TestCase):
         self.assertEqual(self.result("m.named", x="a", y=2), ["a", 2])
         self.assertEqual(self.result("m.named", x="a", y=None), ["a", None])
         self.assertEqual(self.result("m.anything", 1, 2, k=3), [1, [2], {"k": 3}])
+
+    def test_structures_built_from_hints(self):
+        """JSON objects become the dataclasses the hints name, strings and
+        numbers Decimals, positional or by name."""
+        items = [{"sku": "a", "price": "1.10"}, {"sku": "b", "price": 2, "tags": ["x"]}]
+        self.assertEqual(self.result("m.total", items), "3.10")
+        self.assertEqual(self.result("m.total", items=items, discount="0.10"), "3.00")
+        e = self.error("m.total", [{"sku": "a", "price": "1", "colour": "red"}])
+        self.assertIsInstance(e, errors.InvalidParams)
+        self.assertIn("colour", e.message)
+        self.assertIsInstance(self.error("m.total", [{"sku": "a", "price": "cheap"}]), errors.InvalidParams)
+        self.assertIsInstance(self.error("m.total", [{"price": "1"}]), errors.InvalidParams)
 
     def test_params_shape(self):
         d = self.dispatcher.call(self.request(), "m.add", "notalist", {})

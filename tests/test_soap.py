@@ -198,7 +198,7 @@ class RawTests(SOAPCase):
             (SOAP12, b"<not-soap/>", 400, "soap:Sender", "-32600"),
             (SOAP11, b"<broken", 500, "soap:Client", "-32700"),
             (SOAP12, envelope(SOAP12, "<t:f><t:a>1</t:a></t:f>",
-                              f'<e:Header><h:x xmlns:h="urn:x" e:mustUnderstand="true"/></e:Header>'),
+                              '<e:Header><h:x xmlns:h="urn:x" e:mustUnderstand="true"/></e:Header>'),
              500, "soap:MustUnderstand", "-32600"),
         ]
         for version, body, status, faultcode, code in cases:

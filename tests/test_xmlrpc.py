@@ -10,7 +10,8 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from msgd.core import errors
-from msgd.interfaces import typehints, xmlrpc as xr
+from msgd.core import typehints
+from msgd.interfaces import xmlrpc as xr
 from msgd.interfaces import xmlsafe
 
 from tests.helpers import http, http_port, make_node

@@ -22,7 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from msgd.core import errors
+from msgd.core import errors, typehints
 from msgd.core.request import Request, current
 
 BLOCKING_ATTR = "__msgd_blocking__"
@@ -61,7 +61,7 @@ class _Signature:
     positional arguments only, to a function with plain parameters, take a
     fast path that does not build a BoundArguments."""
 
-    __slots__ = ("sig", "checks", "positional", "required", "by_index")
+    __slots__ = ("sig", "checks", "positional", "required", "by_index", "coercions")
 
     def __init__(self, fn: Callable):
         self.sig = inspect.signature(fn)
@@ -80,20 +80,38 @@ class _Signature:
         self.positional = len(params) if plain else None
         self.required = sum(1 for p in params if p.default is p.empty)
         self.by_index = [(i, p.name, self.checks[p.name]) for i, p in enumerate(params) if p.name in self.checks]
+        # parameters whose decoded JSON/XML value must be built into what the hint says
+        # (a dataclass or TypedDict from an object, Decimal, date)
+        try:
+            model = typehints.signature(fn)
+        except Exception:
+            model = None
+        self.coercions = {f.name: f.type for f in model.params if _builds(f.type)} if model else {}
 
-    def check(self, target: str, args, kwargs) -> None:
-        if not kwargs and self.positional is not None and self.required <= len(args) <= self.positional:
+    def check(self, target: str, args, kwargs) -> tuple:
+        """The arguments, checked (and built, see ``coercions``); raises
+        InvalidParams."""
+        if not kwargs and not self.coercions and self.positional is not None \
+                and self.required <= len(args) <= self.positional:
             for i, name, allowed in self.by_index:
                 if i < len(args):
                     _check_type(target, name, allowed, args[i])
-            return
+            return args, kwargs
         try:
             bound = self.sig.bind(*args, **kwargs)
         except TypeError as e:
             raise errors.InvalidParams(f"invalid params for {target}: {e}") from None
+        for name, t in self.coercions.items():
+            if name in bound.arguments:
+                bound.arguments[name] = typehints.coerce(bound.arguments[name], t, f"{target}: {name}")
         for name, allowed in self.checks.items():
             if name in bound.arguments:
                 _check_type(target, name, allowed, bound.arguments[name])
+        return (bound.args, bound.kwargs) if self.coercions else (args, kwargs)
+
+
+def _builds(t) -> bool:
+    return t.kind in ("struct", "decimal", "date") or (t.kind == "list" and _builds(t.item))
 
 
 def _check_type(target: str, name: str, allowed: tuple, value) -> None:
@@ -165,7 +183,7 @@ class Dispatcher:
             if self.authorize is not None:
                 self.authorize(request, target)
             fn = self.apps.resolve(target)
-            self.signature(fn).check(target, args, kwargs)
+            args, kwargs = self.signature(fn).check(target, args, kwargs)
             if request.expired():
                 raise errors.Timeout(f"deadline passed before {target} started")
         except errors.MsgdError as e:

@@ -185,10 +185,14 @@ class MsgdSite(server.Site):
         self.noisy = False
         self.responses = interface.node.metrics.counter(
             "msgd_http_responses_total", "HTTP responses by interface and status code", ["interface", "code"])
+        self._by_code: dict = {}
 
     def log(self, request):
         # access logging is the metrics' job; twisted.web's per-request line is noise here
-        self.responses.labels(self.interface.name, str(request.code)).inc()
+        counter = self._by_code.get(request.code)
+        if counter is None:
+            counter = self._by_code[request.code] = self.responses.labels(self.interface.name, str(request.code))
+        counter.inc()
 
 
 def _json(request, status: int, obj) -> bytes:

@@ -44,7 +44,8 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.interfaces import http, typehints, xmlsafe
+from msgd.core import typehints
+from msgd.interfaces import http, xmlsafe
 
 EXTENSIONS_NS = "{http://ws.apache.org/xmlrpc/namespaces/extensions}"
 MAXINT = 2 ** 31 - 1

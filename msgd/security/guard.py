@@ -309,7 +309,12 @@ class Protected(resource.Resource):
         self.refusals = refusals
 
     def render(self, request):
-        d = self.guard.authenticate_http(request)
+        guard = self.guard
+        if guard.options.anonymous and not guard.options.cert_principal \
+                and not request.requestHeaders.hasHeader(b"authorization"):
+            request.principal = None    # the common case, decided without Deferreds
+            return self.inner.render(request)
+        d = guard.authenticate_http(request)
         result = []
         d.addCallbacks(lambda p: result.append(("ok", p)), lambda f: result.append(("no", f)))
         if result:                              # decided at once: no thread hop

@@ -39,8 +39,8 @@ import json
 from lxml import etree
 
 from msgd.core import errors
-from msgd.interfaces import typehints
-from msgd.interfaces.typehints import Type
+from msgd.core import typehints
+from msgd.core.typehints import Type
 
 XSD = "http://www.w3.org/2001/XMLSchema"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
