@@ -16,7 +16,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache", "bench-node")

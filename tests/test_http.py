@@ -2,7 +2,6 @@ import json
 import socket
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial import unittest
 
 from tests.helpers import http, http_port, make_node, rpc

@@ -10,7 +10,7 @@ import time
 from twisted.trial import unittest
 
 from tests.helpers import ROOT
-from tests.process import TWISTD, NodeProcess, call, post
+from tests.process import TWISTD, NodeProcess, call
 from tests.servers import free_port, port_open
 
 INI = """

@@ -28,7 +28,7 @@ import os
 import sys
 import traceback
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime

@@ -21,7 +21,7 @@ import decimal
 import enum
 import json
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import orjson
 from twisted.internet import defer
