@@ -75,3 +75,20 @@ def rpc(port: int, payload, raw: bool = False):
     code, _, data = yield http("POST", f"http://127.0.0.1:{port}/rpc", body,
                                {"content-type": "application/json"})
     return json.loads(data) if code == 200 else (None if code == 204 else (code, data))
+
+
+@defer.inlineCallbacks
+def breaker_opens(testcase, attempt, attempts: int = 5):
+    """Call ``attempt()`` until the adapter's circuit breaker refuses it
+    (bounded); returns that CircuitOpen.  On a loaded machine a call that only
+    waited in the pool does not count as the server's failure, so the breaker
+    may need a few more real timeouts than the fault test made."""
+    from msgd.adapters.base import AdapterTimeout, CircuitOpen
+    for _ in range(attempts):
+        try:
+            yield attempt()
+        except CircuitOpen as e:
+            return e
+        except AdapterTimeout:
+            continue
+    testcase.fail("the circuit breaker did not open")

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgd.core import errors, typehints
+from msgd.core.metrics import CallStats
 from msgd.core.request import Request, current
 
 BLOCKING_ATTR = "__msgd_blocking__"
@@ -143,14 +144,11 @@ class Dispatcher:
         self._drained: list[Deferred] = []
         self._children: dict = {}
         self._m = None
+        self.stats = None
         if metrics is not None:
-            self._m = (
-                metrics.counter("msgd_requests_total", "App calls by interface, target and outcome",
-                                ["interface", "target", "outcome"]),
-                metrics.histogram("msgd_request_duration_seconds", "App call latency",
-                                  ["interface", "target"]),
-                metrics.gauge("msgd_requests_in_flight", "App calls running now", ["interface"]),
-            )
+            self.stats = CallStats()            # msgd_requests_total, msgd_request_duration_seconds
+            metrics.register(self.stats)
+            self._m = (metrics.gauge("msgd_requests_in_flight", "App calls running now", ["interface"]),)
 
     def signature(self, fn: Callable) -> _Signature:
         sig = self._signatures.get(fn)
@@ -256,20 +254,18 @@ class Dispatcher:
         return child
 
     def _count(self, request: Request, target: str, outcome: str, started: float) -> None:
-        if self._m is None:
-            return
-        self._child(0, request.interface, target, outcome).inc()
-        self._child(1, request.interface, target).observe(self.clock.seconds() - started)
+        if self.stats is not None:
+            self.stats.record(request.interface, target, outcome, self.clock.seconds() - started)
 
     def _enter(self, request: Request) -> None:
         self.in_flight += 1
         if self._m is not None:
-            self._child(2, request.interface).inc()
+            self._child(0, request.interface).inc()
 
     def _leave(self, request: Request) -> None:
         self.in_flight -= 1
         if self._m is not None:
-            self._child(2, request.interface).dec()
+            self._child(0, request.interface).dec()
         if self.in_flight == 0:
             waiting, self._drained = self._drained, []
             for d in waiting:
