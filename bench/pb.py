@@ -77,7 +77,8 @@ def serve(kind: str, port: int) -> None:
 def start_server(kind: str) -> tuple[subprocess.Popen, int]:
     from tests.servers import free_port, wait_port
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.pb", "serve", kind, str(port)],
+    from bench.common import SERVER_CPU, pinned
+    proc = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.pb", "serve", kind, str(port)]),
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     wait_port("127.0.0.1", port, 20, proc)
     return proc, port
@@ -182,6 +183,9 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--events", type=int, default=5000)
     args = p.parse_args(argv)
+    from bench.common import CLIENT_CPU, CPUS
+    if CPUS > 1:
+        os.sched_setaffinity(0, {int(CLIENT_CPU)})   # this process is the load generator: off the servers' core
 
     from twisted.internet import defer, task, threads
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 import xmlrpc.client
 
+from bench.common import CLIENT_CPU, SERVER_CPU, pinned
+
 APP = '''
 def add(a: int, b: int) -> int:
     """Add two integers."""
@@ -92,8 +94,8 @@ class Server:
     def __init__(self, kind: str):
         self.kind = kind
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.xmlrpc", "serve", kind, str(self.port)],
-                                     stdout=subprocess.PIPE, cwd=ROOT)
+        self.proc = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.xmlrpc", "serve", kind,
+                                                         str(self.port)]), stdout=subprocess.PIPE, cwd=ROOT)
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
             self.stop()
@@ -213,8 +215,9 @@ def main(argv=None) -> int:
 def run_round(server: Server, seconds: float, connections: int) -> tuple[int, int, float]:
     """One load round in a child process (a Twisted reactor runs once per
     process): (answers, wrong answers, the child's CPU seconds)."""
-    out = subprocess.run([sys.executable, "-m", "bench.xmlrpc", "load", server.kind, str(server.port),
-                          str(seconds), str(connections)], capture_output=True, check=True, cwd=ROOT)
+    out = subprocess.run(pinned(CLIENT_CPU, [sys.executable, "-m", "bench.xmlrpc", "load", server.kind,
+                                             str(server.port), str(seconds), str(connections)]),
+                         capture_output=True, check=True, cwd=ROOT)
     ok, bad, cpu = out.stdout.split()
     return int(ok), int(bad), float(cpu)
 
