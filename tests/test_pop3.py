@@ -202,7 +202,7 @@ class POP3Tests(unittest.TestCase):
         servers.deliver(self.srv, "alice", plain("after outage"))
         self.srv.start()
         # the mail leaves the server at QUIT; the poller's own state is settled just after
-        yield until(lambda: self.on_server() == 0 and self.iface.errors_in_row == 0)
+        yield until(lambda: self.on_server() == 0 and self.iface.errors_in_row == 0, timeout=30)
         self.assertEqual(self.app.mails[0]["message"]["subject"], "after outage")
         self.assertEqual((self.iface.errors_in_row, self.iface.next_delay), (0, 0.2))
 
