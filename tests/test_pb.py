@@ -36,6 +36,10 @@ def add(a: int, b: int) -> int:
 def who():
     return api.request().principal
 
+def whoname():
+    p = api.request().principal
+    return getattr(p, "name", p)
+
 def fail():
     raise api.AppError("nope", code=-32011, data={"why": "test"})
 
@@ -194,3 +198,77 @@ class PBConfigTests(unittest.TestCase):
             f.write("# logins\ncarol:pw3\n")
         node = make_node(self, f"[interface:p]\ntype = pb\nendpoint = tcp:0\nusers_file = {path}\n", start=False)
         self.assertEqual(node.interfaces["p"].checkers()[0].users, {b"carol": b"pw3"})
+
+
+class GuardLoginTests(unittest.TestCase):
+    """``auth = password``: bcrypt logins (and tokens) through the guard, after
+    an anonymous PB login; connection limits apply."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from msgd.security.credentials import set_password
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        passwords = os.path.join(base, "users")
+        set_password(passwords, "carol", "s3cret", rounds=4)
+        self.node = make_node(self, f"""
+            [interface:pb]
+            type = pb
+            endpoint = tcp:0:interface=127.0.0.1
+            auth = password
+            auth_file = {passwords}
+            token_secret = a-secret-of-enough-length
+            max_connections_per_address = 2
+            """, APPS)
+        yield self.node.interfaces["pb"].ready
+        self.port = self.node.interfaces["pb"].port.getHost().port
+        self.factories = []
+        self.addCleanup(lambda: [f.disconnect() for f in self.factories])
+
+    @defer.inlineCallbacks
+    def door(self):
+        from twisted.cred.credentials import Anonymous
+        factory = pb.PBClientFactory()
+        self.factories.append(factory)
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        door = yield factory.login(Anonymous())
+        return door
+
+    @defer.inlineCallbacks
+    def test_bcrypt_login_then_call(self):
+        door = yield self.door()
+        me = yield door.callRemote("login", "carol", "s3cret")
+        self.assertEqual((yield me.callRemote("call", "m.add", [2, 3])), 5)
+        self.assertEqual((yield me.callRemote("call", "m.whoname")), "carol")
+
+    @defer.inlineCallbacks
+    def test_wrong_password_and_no_calls_at_the_door(self):
+        door = yield self.door()
+        e = yield door.callRemote("login", "carol", "wrong").addCallbacks(self.fail, rebuild)
+        self.assertIsInstance(e, errors.Unauthorized)
+        e = yield door.callRemote("call", "m.add", [1, 1]).addCallbacks(self.fail, rebuild)   # the door only logs in
+        self.assertIsInstance(e, errors.Unauthorized)
+
+    @defer.inlineCallbacks
+    def test_token(self):
+        token = self.node.interfaces["pb"].guard.issue_token("dave")["token"]
+        door = yield self.door()
+        me = yield door.callRemote("token", token)
+        self.assertEqual((yield me.callRemote("call", "m.add", [1, 1])), 2)
+        door2 = yield self.door()
+        e = yield door2.callRemote("token", token[:-2] + "xx").addCallbacks(self.fail, rebuild)
+        self.assertIsInstance(e, errors.Unauthorized)
+
+    @defer.inlineCallbacks
+    def test_connection_limit(self):
+        yield self.door()
+        yield self.door()
+        factory = pb.PBClientFactory()
+        self.factories.append(factory)
+        broker = yield TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        lost = defer.Deferred()
+        broker.notifyOnDisconnect(lambda: lost.callback(None))
+        yield lost.addTimeout(10, reactor)      # the third connection from this address is closed at once
+        limited = [s for m in self.node.metrics.registry.collect() if m.name == "msgd_limited"
+                   for s in m.samples if s.name == "msgd_limited_total" and s.labels["interface"] == "pb"]
+        self.assertEqual(sum(s.value for s in limited), 1)

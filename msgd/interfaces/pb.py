@@ -27,10 +27,18 @@ Errors are the core taxonomy: the remote failure's type is
 ``{"code", "name", "message", "data"}``; :func:`rebuild` turns a failure
 back into the :class:`~msgd.core.errors.MsgdError` subclass.
 
-Logins are checked by the checkers of :meth:`PBInterface.checkers`
-(``users`` and ``users_file`` for now); PB's challenge-response login
-needs checkers of ``IUsernameHashedPassword``.  When a connection drops, the
-calls it had running are cancelled.
+Logins: PB's own challenge-response login (``factory.login(UsernamePassword
+(...))``) is checked against ``users``/``users_file``: it needs the password
+on the server, so it cannot use bcrypt hashes or LDAP.  For those (``auth =
+password | ldap``, and for tokens) a client logs in anonymously and then
+through the interface's guard, like every other interface::
+
+    door = await factory.login(Anonymous())
+    perspective = await door.callRemote("login", "alice", "secret")   # or ("token", TOKEN)
+
+The password crosses the wire as is: use an ``ssl:``/``mtls:`` endpoint.
+Connection limits and per-principal rates of ``docs/security.rst`` apply.
+When a connection drops, the calls it had running are cancelled.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from msgd.config import Invalid, duration, option, optional_duration, optional_p
 from msgd.core import errors
 from msgd.core.pubsub import check_channel
 from msgd.interfaces.base import Listener, StartupError
+from msgd.security import Guard, SecurityOptions
 
 
 class PBError(pb.Error):
@@ -107,8 +116,8 @@ def _users(value: str, ctx) -> tuple:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class Options:
+@dataclass(frozen=True, kw_only=True)
+class Options(SecurityOptions):     # auth, token, limits: see docs/security.rst
     endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8789:interface=127.0.0.1")
     users: tuple = option((), parse=_users, doc="logins as NAME:PASSWORD words (e.g. node-a:secret app:pw)")
     users_file: str | None = option(None, parse=optional_path,
@@ -119,8 +128,9 @@ class Options:
                                doc="allowance for the sender's clock when checking a message's expiry")
 
     def check(self):
-        if not self.users and not self.users_file:
-            raise Invalid("set users or users_file: nobody could log in", "users")
+        super().check()
+        if not self.users and not self.users_file and self.auth == "none" and not self.token_secret:
+            raise Invalid("set users, users_file, auth or token_secret: nobody could log in", "users")
 
 
 class Perspective(pb.Avatar):
@@ -190,6 +200,45 @@ class Perspective(pb.Avatar):
             d.cancel()
 
 
+class Door(pb.Avatar):
+    """What an anonymous PB login gets: the way in through the guard
+    (bcrypt file, LDAP, tokens, login throttling), nothing else."""
+
+    def __init__(self, interface: "PBInterface"):
+        self.interface = interface
+        self.perspectives: list[Perspective] = []
+
+    def perspective_login(self, user, password):
+        if not isinstance(user, str) or not isinstance(password, str):
+            raise PBError(errors.InvalidRequest("user and password must be strings"))
+        return self._enter(self.interface.guard.login(user, password))
+
+    def perspective_token(self, token):
+        if not isinstance(token, str):
+            raise PBError(errors.InvalidRequest("token must be a string"))
+        return self._enter(self.interface.guard.login("", token))
+
+    def _enter(self, d: defer.Deferred) -> defer.Deferred:
+        def admitted(principal):
+            perspective = Perspective(self.interface, principal)
+            self.perspectives.append(perspective)
+            return pb.AsReferenceable(perspective, "perspective")
+
+        def refused(f):
+            f.trap(errors.MsgdError)
+            raise PBError(f.value)
+        return d.addCallbacks(admitted, refused)
+
+    def _closed(self, *args, **kwargs):
+        raise PBError(errors.Unauthorized("log in first: login(user, password) or token(TOKEN)"))
+
+    perspective_call = perspective_publish = perspective_send = _closed
+
+    def logout(self):
+        for perspective in self.perspectives:
+            perspective.logout()
+
+
 @implementer(portal.IRealm)
 class Realm:
     def __init__(self, interface: "PBInterface"):
@@ -198,6 +247,9 @@ class Realm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("only PB perspectives")
+        if avatarId is checkers.ANONYMOUS:
+            door = Door(self.interface)
+            return pb.IPerspective, door, door.logout
         user = avatarId.decode() if isinstance(avatarId, bytes) else avatarId
         avatar = Perspective(self.interface, user)
         return pb.IPerspective, avatar, avatar.logout
@@ -217,10 +269,16 @@ class _Portal(portal.Portal):
 class _Broker(pb.Broker):
     def connectionMade(self):
         super().connectionMade()
-        self.factory.interface.connection_opened(self.transport)
+        iface = self.factory.interface
+        if iface.guard.admit(self.transport) is not None:     # connection limits: counted by the guard
+            self.transport.abortConnection()
+            return
+        iface.connection_opened(self.transport)
 
     def connectionLost(self, reason):
-        self.factory.interface.connection_closed(self.transport)
+        iface = self.factory.interface
+        iface.guard.release(self.transport)
+        iface.connection_closed(self.transport)
         super().connectionLost(reason)
 
 
@@ -237,6 +295,7 @@ class PBInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
+        self.guard = Guard(self)
         self.portal = _Portal(Realm(self), self.checkers())
 
     def checkers(self) -> list:
@@ -256,6 +315,8 @@ class PBInterface(Listener):
                 if line and not line.startswith("#"):
                     name, _, password = line.partition(":")
                     db.addUser(name.strip().encode(), password.strip().encode())
+        if self.guard.checker is not None or self.options.token_secret:
+            return [db, checkers.AllowAnonymousAccess()]     # the Door: logins through the guard
         return [db]
 
     def factory(self):
