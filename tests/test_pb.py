@@ -103,6 +103,18 @@ class PBTests(unittest.TestCase):
             self.assertIsInstance(rebuild(failure), errors.Unauthorized)
 
     @defer.inlineCallbacks
+    def test_login_attempts_throttled(self):
+        """Five wrong passwords for a name (login_attempts), then even the
+        right one is refused for the window, as overloaded."""
+        for _ in range(5):
+            [failure] = yield self.login("bob", "wrong").addCallbacks(lambda r: self.fail("accepted"), lambda f: [f])
+            self.assertIsInstance(rebuild(failure), errors.Unauthorized)
+        [failure] = yield self.login("bob", "pw").addCallbacks(lambda r: self.fail("accepted"), lambda f: [f])
+        self.assertIsInstance(rebuild(failure), errors.Overloaded)
+        p = yield self.login()      # another name is not affected
+        self.assertIsNotNone(p)
+
+    @defer.inlineCallbacks
     def test_errors_are_the_taxonomy(self):
         p = yield self.login()
         value, e = yield self.remote_error(p, "call", "m.nothing", [], {})

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from msgd.core import errors
 from msgd.security.tls import make_ca, make_cert
 from tests.helpers import http_port, make_node
 
@@ -154,6 +155,12 @@ class StompAndPBTLSTests(unittest.TestCase):
         type = pb
         endpoint = ssl:0:{keys}
         users = alice:pw
+
+        [interface:mpb]
+        type = pb
+        endpoint = mtls:0:{keys}:caCerts={self.ca['cert']}
+        users = node-b:pw node-c:pw
+        cert_principal = yes
         """
         self.node = make_node(self, ini, APPS)
 
@@ -206,3 +213,32 @@ class StompAndPBTLSTests(unittest.TestCase):
         yield SSL4ClientEndpoint(reactor, "127.0.0.1", self.port("pb"), options).connect(factory)
         p = yield factory.login(UsernamePassword(b"alice", b"pw"))
         self.assertEqual((yield p.callRemote("call", "m.whoami")), "alice")
+
+    @defer.inlineCallbacks
+    def test_pb_login_must_be_the_certificate_name(self):
+        """A peer on ``mtls:`` with ``cert_principal``: its certificate's CN
+        (node-b) is the only name it may log in as."""
+        from twisted.cred.credentials import UsernamePassword
+        from twisted.internet import reactor, ssl as tssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        from twisted.spread import pb
+
+        from msgd.interfaces.pb import rebuild
+        with open(self.ca["cert"], "rb") as f:
+            trust = tssl.Certificate.loadPEM(f.read())
+        with open(self.client["cert"], "rb") as f, open(self.client["key"], "rb") as k:
+            mine = tssl.PrivateCertificate.loadPEM(f.read() + k.read())
+
+        @defer.inlineCallbacks
+        def login(name):
+            factory = pb.PBClientFactory()
+            self.addCleanup(factory.disconnect)
+            options = tssl.optionsForClientTLS("127.0.0.1", trustRoot=trust, clientCertificate=mine)
+            yield SSL4ClientEndpoint(reactor, "127.0.0.1", self.port("mpb"), options).connect(factory)
+            p = yield factory.login(UsernamePassword(name, b"pw"))
+            return p
+
+        p = yield login(b"node-b")
+        self.assertEqual((yield p.callRemote("call", "m.whoami")), "node-b")
+        e = yield login(b"node-c").addCallbacks(self.fail, rebuild)    # right password, wrong certificate
+        self.assertIsInstance(e, errors.Unauthorized)

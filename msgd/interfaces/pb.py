@@ -59,6 +59,7 @@ from msgd.core import errors
 from msgd.core.pubsub import check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
+from msgd.security.tls import peer_common_name
 
 
 class PBError(pb.Error):
@@ -257,13 +258,45 @@ class Realm:
 
 class _Portal(portal.Portal):
     """A refused login is answered as ``unauthorized`` (and is not logged
-    as a server error)."""
+    as a server error).  With ``cert_principal = yes`` (on an ``mtls:``
+    endpoint) the login name must be the CN of the client's certificate —
+    a peer node proves its name twice — and, since PB's anonymous login does
+    not show the connection, only challenge-response logins are taken."""
+
+    def __init__(self, interface: "PBInterface", realm, checkers_):
+        super().__init__(realm, checkers_)
+        self.interface = interface
 
     def login(self, credentials, mind, *interfaces):
+        guard = self.interface.guard
+        name = getattr(credentials, "username", b"")
+        key = "user:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
+        try:
+            guard.throttle.check(key)                 # login throttling, as on every interface
+        except errors.Overloaded as e:
+            guard.limited("login_throttle", key)
+            return defer.fail(PBError(e))
+
         def refused(failure):
             failure.trap(UnauthorizedLogin, UnhandledCredentials)    # wrong password; anonymous
+            if failure.check(UnauthorizedLogin):
+                guard.throttle.failed(key)
             raise PBError(errors.Unauthorized("login refused"))
-        return super().login(credentials, mind, *interfaces).addErrback(refused)
+        d = super().login(credentials, mind, *interfaces)
+        if self.interface.options.cert_principal:
+            d.addCallback(self._named_by_certificate, credentials)
+        return d.addErrback(refused)
+
+    def _named_by_certificate(self, result, credentials):
+        _, avatar, logout = result
+        transport = getattr(getattr(credentials, "broker", None), "transport", None)   # PB's challenger
+        cn = peer_common_name(transport) if transport is not None else None
+        user = getattr(avatar, "user", None)
+        if cn is None or cn != user:
+            logout()
+            self.interface.guard.denied("certificate", user, "", f"certificate names {cn!r}")
+            raise PBError(errors.Unauthorized("the client certificate does not name this login"))
+        return result
 
 
 class _Broker(pb.Broker):
@@ -296,7 +329,7 @@ class PBInterface(Listener):
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.guard = Guard(self)
-        self.portal = _Portal(Realm(self), self.checkers())
+        self.portal = _Portal(self, Realm(self), self.checkers())
 
     def checkers(self) -> list:
         """The credential checkers of the portal.  Override (or replace
@@ -315,7 +348,7 @@ class PBInterface(Listener):
                 if line and not line.startswith("#"):
                     name, _, password = line.partition(":")
                     db.addUser(name.strip().encode(), password.strip().encode())
-        if self.guard.checker is not None or self.options.token_secret:
+        if (self.guard.checker is not None or self.options.token_secret) and not self.options.cert_principal:
             return [db, checkers.AllowAnonymousAccess()]     # the Door: logins through the guard
         return [db]
 
