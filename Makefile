@@ -33,7 +33,7 @@ test: $(VENV)/.test-installed
 	$(BIN)/python .ci/trial_summary.py .trial.log || status=1; \
 	exit $$status
 
-bench: venv
+bench: $(VENV)/.test-installed
 	$(BIN)/python -m bench all
 
 clean:
