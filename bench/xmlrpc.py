@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import xmlrpc.client
 
-from bench.common import CLIENT_CPU, SERVER_CPU, pinned
+from bench.common import CLIENT_CPU, SERVER_CPU, cpu_seconds, free_port, pinned
 
 APP = '''
 def add(a: int, b: int) -> int:
@@ -65,19 +64,6 @@ def serve(kind: str, port: int) -> None:
         reactor.listenTCP(port, site, interface="127.0.0.1")
     reactor.callWhenRunning(lambda: (print("ready", flush=True)))
     reactor.run()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def call_request(kind: str) -> bytes:

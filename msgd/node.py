@@ -24,7 +24,6 @@ from msgd.config import Config, ConfigError, load
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
-from msgd.core.jsonrpc import JSONRPC
 from msgd.core.metrics import Metrics
 from msgd.core.pubsub import Broker
 from msgd.core.request import Request
@@ -50,7 +49,6 @@ class NodeService(MultiService):
         self.apps = AppRegistry(config.node.apps, reactor, interval=config.node.reload_interval,
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)
-        self.jsonrpc = JSONRPC(self.dispatcher)
         # [access:*] rules and per-principal rates; built before the interfaces, whose guards it consults
         self.access = Access(self, config.access)
         self.dispatcher.authorize = self.access.authorize

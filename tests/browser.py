@@ -47,3 +47,20 @@ def wait_for(driver, script: str, timeout: float = 15.0, step: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def open_demo(testcase, url: str):
+    """Chromium on the chat demo at ``url``, once its client is connected and
+    subscribed to the lobby."""
+    driver = chromium(testcase)
+    driver.get(url)
+    testcase.assertTrue(wait_for(driver, "window.demo && demo.client.state === 'open' "
+                                         "&& demo.client.channels.has('chat.lobby') "
+                                         "&& demo.client.channels.get('chat.lobby').epoch !== null"))
+    return driver
+
+
+def send_chat(driver, text: str) -> None:
+    """Type ``text`` into the demo's form and send it, as a person would."""
+    driver.find_element("id", "text").send_keys(text)
+    driver.find_element("css selector", "form button").click()

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, wait_for
+from tests.browser import open_demo, send_chat, wait_for
 from tests.helpers import ROOT
 from tests.process import NodeProcess
 from tests.proxy import CuttableProxy
@@ -31,16 +31,10 @@ class DemoPageTests(unittest.TestCase):
         self.addCleanup(self.proxy.stop)
 
     def open_page(self, port, name):
-        driver = chromium(self)
-        driver.get(f"http://127.0.0.1:{port}/?name={name}")
-        self.assertTrue(wait_for(driver, "window.demo && demo.client.state === 'open' "
-                                         "&& demo.client.channels.has('chat.lobby') "
-                                         "&& demo.client.channels.get('chat.lobby').epoch !== null"))
-        return driver
+        return open_demo(self, f"http://127.0.0.1:{port}/?name={name}")
 
     def send(self, driver, text):
-        driver.find_element("id", "text").send_keys(text)
-        driver.find_element("css selector", "form button").click()
+        send_chat(driver, text)
 
     def texts(self, driver):
         return driver.execute_script("return demo.messages.filter(m => m.room === 'lobby').map(m => m.text)")

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, wait_for
+from tests.browser import open_demo, send_chat, wait_for
 from tests.helpers import ROOT
 from tests.process import NodeProcess
 
@@ -30,16 +30,10 @@ class FallbackTests(unittest.TestCase):
         self.addCleanup(self.node.stop)
 
     def open_page(self, name, query=""):
-        driver = chromium(self)
-        driver.get(f"http://127.0.0.1:{self.node.port}/?name={name}{query}")
-        self.assertTrue(wait_for(driver, "window.demo && demo.client.state === 'open' "
-                                         "&& demo.client.channels.has('chat.lobby') "
-                                         "&& demo.client.channels.get('chat.lobby').epoch !== null"))
-        return driver
+        return open_demo(self, f"http://127.0.0.1:{self.node.port}/?name={name}{query}")
 
     def send(self, driver, text):
-        driver.find_element("id", "text").send_keys(text)
-        driver.find_element("css selector", "form button").click()
+        send_chat(driver, text)
 
     def chat(self, alice, bob):
         self.send(bob, "hello alice")

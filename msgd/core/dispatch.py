@@ -142,13 +142,13 @@ class Dispatcher:
         self._signatures: "weakref.WeakKeyDictionary[Callable, _Signature]" = weakref.WeakKeyDictionary()
         self.in_flight = 0
         self._drained: list[Deferred] = []
-        self._children: dict = {}
-        self._m = None
+        self._in_flight_gauge = None
+        self._in_flight_children: dict = {}     # interface -> gauge child, looked up once
         self.stats = None
         if metrics is not None:
             self.stats = CallStats()            # msgd_requests_total, msgd_request_duration_seconds
             metrics.register(self.stats)
-            self._m = (metrics.gauge("msgd_requests_in_flight", "App calls running now", ["interface"]),)
+            self._in_flight_gauge = metrics.gauge("msgd_requests_in_flight", "App calls running now", ["interface"])
 
     def signature(self, fn: Callable) -> _Signature:
         sig = self._signatures.get(fn)
@@ -244,13 +244,10 @@ class Dispatcher:
 
     # -- accounting ----------------------------------------------------------
 
-    def _child(self, metric: int, *labels):
-        """The labelled child of a metric, looked up once (``labels()`` costs
-        more than the increment itself)."""
-        key = (metric,) + labels
-        child = self._children.get(key)
+    def _gauge(self, interface: str):
+        child = self._in_flight_children.get(interface)
         if child is None:
-            child = self._children[key] = self._m[metric].labels(*labels)
+            child = self._in_flight_children[interface] = self._in_flight_gauge.labels(interface)
         return child
 
     def _count(self, request: Request, target: str, outcome: str, started: float) -> None:
@@ -259,13 +256,13 @@ class Dispatcher:
 
     def _enter(self, request: Request) -> None:
         self.in_flight += 1
-        if self._m is not None:
-            self._child(0, request.interface).inc()
+        if self._in_flight_gauge is not None:
+            self._gauge(request.interface).inc()
 
     def _leave(self, request: Request) -> None:
         self.in_flight -= 1
-        if self._m is not None:
-            self._child(0, request.interface).dec()
+        if self._in_flight_gauge is not None:
+            self._gauge(request.interface).dec()
         if self.in_flight == 0:
             waiting, self._drained = self._drained, []
             for d in waiting:
