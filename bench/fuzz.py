@@ -29,6 +29,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
+from msgd.core.jsonrpc import JSONRPC
+
 APP = '''
 from msgd import api
 
@@ -242,14 +244,17 @@ class Harness:
         for call in self.clock.getDelayedCalls():
             call.cancel()
 
+    _jsonrpc = None
+
     def _settle(self):
         self.clock.advance(10)      # past every deadline: nothing stays pending
 
     # JSON-RPC over HTTP: the /rpc resource's own path (decode, dispatch, encode)
     def feed_jsonrpc(self, data: bytes) -> str:
         answers = []
-        d = self.node.jsonrpc.__class__(self.node.dispatcher, max_batch=20).handle(
-            data, lambda: self.node.new_request("web", timeout=5), self.web.builtins())
+        if self._jsonrpc is None:
+            self._jsonrpc = JSONRPC(self.node.dispatcher, max_batch=20)
+        d = self._jsonrpc.handle(data, lambda: self.node.new_request("web", timeout=5), self.web.builtins())
         d.addBoth(answers.append)
         self._settle()
         return _json_outcome(answers, data)
