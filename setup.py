@@ -11,7 +11,7 @@ setup(
     package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"], "twisted": ["plugins/msgd_plugin.py", "plugins/msgd_endpoints.py"]},
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=24.11",
+        "twisted[tls]>=25.5",   # Site(parsePOSTFormSubmission=...)
         "autobahn>=24.4",
         "orjson>=3.9",
         "prometheus-client>=0.20",

@@ -89,6 +89,16 @@ class HTTPTests(unittest.TestCase):
         self.assertEqual(out["result"], 5)
 
     @defer.inlineCallbacks
+    def test_form_bodies_are_not_parsed(self):
+        """Arguments come from the query string only: a form-encoded POST body
+        never becomes request arguments (the Site does not parse forms)."""
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        code, _, body = yield http("POST", self.url + "/poll", b"session=nope", form)
+        self.assertEqual(code, 201, body)      # no session argument seen: a new session is opened
+        code, _, _ = yield http("POST", self.url + "/poll?session=nope", b"[]", form)
+        self.assertEqual(code, 404)            # the query string's argument is seen
+
+    @defer.inlineCallbacks
     def test_get_rpc_is_405(self):
         code, headers, _ = yield http("GET", self.url + "/rpc")
         self.assertEqual(code, 405)

@@ -178,7 +178,11 @@ class MsgdSite(server.Site):
     protocol = TrackedChannel
 
     def __init__(self, root, interface: "HTTPInterface"):
-        super().__init__(root, timeout=interface.options.idle_timeout)
+        # Nothing here takes HTML form posts: bodies are JSON or XML, arguments come
+        # from the query string.  Twisted would otherwise parse every POST's
+        # Content-Type with the email package (tens of microseconds) and a
+        # multipart body in full before any resource saw the request.
+        super().__init__(root, timeout=interface.options.idle_timeout, parsePOSTFormSubmission=False)
         self.interface = interface
         self.max_body = interface.options.max_body
         self.displayTracebacks = False
@@ -359,3 +363,10 @@ class HTTPInterface(Listener):
         """The ``rpc.*`` methods JSON-RPC over plain HTTP offers."""
         pubsub = self.node.pubsub
         return self.guard.http_builtins(pubsub.http_builtins() if pubsub is not None else {})
+
+    def close_connections(self):
+        # Long-poll sessions outlive their connections: end them with the interface.
+        sessions = getattr(self, "poll_sessions", None)
+        if sessions is not None:
+            sessions.close_all()
+        return super().close_connections()
