@@ -74,6 +74,19 @@ class ParserTests(unittest.TestCase):
         # past libxml2's own limit too
         self.assertRaises(errors.TooLarge, xmlsafe.parse, deep(100000), limits)
 
+    def test_depth_bound_without_the_walk(self):
+        """Documents with few "<" skip the depth walk; the bound still holds
+        at its edge (a self-closed innermost element has no end tag) and in
+        other encodings (where the count is not trusted)."""
+        limits = xmlsafe.Limits(max_depth=10)
+        edge = b"<a>" * 10 + b"<a/>" + b"</a>" * 10        # 11 levels, 21 "<"
+        self.assertRaises(errors.TooLarge, xmlsafe.parse, edge, limits)
+        xmlsafe.parse(b"<a>" * 9 + b"<a/>" + b"</a>" * 9, limits)
+        utf16 = ('<?xml version="1.0" encoding="UTF-16"?>' + "<a>" * 11 + "</a>" * 11).encode("utf-16")
+        self.assertRaises(errors.TooLarge, xmlsafe.parse, utf16, limits)
+        padded = b"<!-- " + b"</x>" * 30 + b" -->" + deep(11)   # end tags in a comment do not help
+        self.assertRaises(errors.TooLarge, xmlsafe.parse, padded, limits)
+
     def test_malformed_and_empty(self):
         for bad in [b"", b"   ", b"<a>", b"<a></b>", b"\x00\x01"]:
             self.assertRaises(errors.ParseError, xmlsafe.parse, bad)

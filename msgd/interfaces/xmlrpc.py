@@ -97,9 +97,10 @@ _SCALAR_DECODERS = {
 
 def load_value(el):
     """The Python value of a ``<value>`` element."""
-    if len(el) == 0:
-        return el.text or ""
-    typed = el[0]
+    for typed in el:            # its one child names the type ...
+        break
+    else:
+        return el.text or ""    # ... or it has none: a string
     tag = typed.tag
     decoder = _SCALAR_DECODERS.get(tag)
     if decoder is not None:
@@ -126,19 +127,24 @@ def load_value(el):
 
 
 def load_call(root) -> tuple[str, list]:
-    """(methodName, params) of a parsed ``<methodCall>``."""
+    """(methodName, params) of a parsed ``<methodCall>`` (one pass over its
+    children: this runs for every call)."""
     if root.tag != "methodCall":
         raise errors.InvalidRequest(f"expected <methodCall>, got <{root.tag}>")
-    name = (root.findtext("methodName") or "").strip()
+    name = ""
+    args = []
+    for child in root:
+        tag = child.tag
+        if tag == "methodName":
+            name = (child.text or "").strip()
+        elif tag == "params":
+            for p in child:
+                value = p[0] if len(p) == 1 else None
+                if p.tag != "param" or value is None or value.tag != "value":
+                    raise errors.InvalidRequest("each <param> needs one <value>")
+                args.append(load_value(value))
     if not name:
         raise errors.InvalidRequest("<methodCall> without <methodName>")
-    args = []
-    params = root.find("params")
-    if params is not None:
-        for p in params:
-            if p.tag != "param" or len(p) != 1 or p[0].tag != "value":
-                raise errors.InvalidRequest("each <param> needs one <value>")
-            args.append(load_value(p[0]))
     return name, args
 
 

@@ -70,7 +70,7 @@ def parse(data: bytes, limits: Limits = Limits()) -> etree._Element:
         raise errors.TooLarge(f"XML body of {len(data)} bytes is larger than {limits.max_size}")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise errors.ParseError("XML with a DTD or entity declarations is refused")
-    if not data.strip():
+    if not data or data.isspace():
         raise errors.ParseError("empty XML body")
     try:
         root = etree.fromstring(data, _parser())
@@ -79,9 +79,15 @@ def parse(data: bytes, limits: Limits = Limits()) -> etree._Element:
         if "depth" in message.lower():
             raise errors.TooLarge(f"XML nested deeper than {limits.max_depth} levels") from None
         raise errors.ParseError(f"malformed XML: {message}") from None
+    info = root.getroottree().docinfo
     # A DTD in an encoding the byte check above cannot see (UTF-16, ...).
-    if root.getroottree().docinfo.doctype:
+    if info.doctype:
         raise errors.ParseError("XML with a DTD or entity declarations is refused")
-    if _too_deep(limits.max_depth)(root):
+    # An element nested d levels deep has d - 1 ancestors, each with a start and
+    # an end tag (the document is well-formed), so at least 2d - 1 "<" bytes when
+    # "<" is one byte, as in UTF-8: a call with no more than 2 * max_depth of them
+    # cannot be too deep, and most calls skip the walk.
+    if (info.encoding.upper() != "UTF-8" or data.count(b"<") > 2 * limits.max_depth) \
+            and _too_deep(limits.max_depth)(root):
         raise errors.TooLarge(f"XML nested deeper than {limits.max_depth} levels")
     return root
