@@ -333,22 +333,22 @@ class XMLRPCResource(resource.Resource):
 
     def render_POST(self, request):
         iface = self.interface
+        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
         try:
             method, params = load_call(xmlsafe.parse(request.content.read(), self.limits))
             req = self.node.new_request(iface.name, timeout=iface.timeout(),
                                         principal=getattr(request, "principal", None))
             outcome = self.call(req, method, params)
         except errors.MsgdError as e:
-            return self._body(request, fault(e))
+            return fault(e)                 # twisted.web adds the Content-Length of a returned body
         if not isinstance(outcome, defer.Deferred):
-            return self._body(request, self.response(outcome))   # a plain function: answered at once
+            return self.response(outcome)   # a plain function: answered at once
         gone = []
         request.notifyFinish().addErrback(lambda f: (gone.append(True), outcome.cancel()))
 
         def answer(result):
             if not gone:
-                request.write(self._body(request, self.response(result)))
-                request.finish()
+                self._send(request, self.response(result))
 
         def failed(f):
             if gone:
@@ -357,8 +357,7 @@ class XMLRPCResource(resource.Resource):
             if not isinstance(e, errors.MsgdError):
                 iface.log.failure("XML-RPC call {method} failed", f, method=method)
                 e = errors.InternalError(f"internal error (request {req.id})")
-            request.write(self._body(request, fault(e)))
-            request.finish()
+            self._send(request, fault(e))
         outcome.addCallbacks(answer, failed)
         return NOT_DONE_YET
 
@@ -369,10 +368,10 @@ class XMLRPCResource(resource.Resource):
             return fault(e)
 
     @staticmethod
-    def _body(request, body: bytes) -> bytes:
-        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
+    def _send(request, body: bytes) -> None:
         request.setHeader(b"content-length", b"%d" % len(body))
-        return body
+        request.write(body)
+        request.finish()
 
     # -- calls ------------------------------------------------------------------
 
