@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import open_demo, send_chat, wait_for
+from tests.browser import chromium, open_demo, send_chat, wait_for
 from tests.helpers import ROOT
 from tests.process import NodeProcess
 
@@ -60,3 +60,57 @@ class FallbackTests(unittest.TestCase):
         bob = self.open_page("bob")
         self.assertEqual(alice.execute_script("return demo.client.transport"), "sse")
         self.chat(alice, bob)
+
+
+CONNECT = """
+const [transport, token, cookie, done] = arguments;
+if (cookie) document.cookie = "msgd_token=" + cookie + "; path=/";
+const go = () => {
+  const client = msgd.connect(undefined, { transport, token, minDelay: 50, maxDelay: 200 });
+  client.on("state", (s) => { if (s === "refused") done({ state: s, transport: client.transport }); });
+  client.call("secure.whoami", [], { timeout: 10000 }).then(
+    (who) => done({ state: client.state, transport: client.transport, who: who.name }),
+    (e) => done({ error: e.message, state: client.state }));
+};
+if (window.msgd) go();
+else {
+  const s = document.createElement("script");
+  s.src = "/msgd.js";
+  s.onload = go;
+  document.head.appendChild(s);
+}
+"""
+
+
+class LoginTests(unittest.TestCase):
+    """msgd.js on a node that refuses anonymous callers: a token given to
+    connect() (or the msgd_token cookie) logs it in over every transport,
+    and refused credentials stop its retries on every transport."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+        from msgd.security.tokens import Tokens
+        extra = "anonymous = no\ntoken_secret = browser-login-secret\n"
+        ini = INI.replace("{apps}", os.path.join(ROOT, "apps")).replace("{extra}", extra)
+        self.node = NodeProcess(os.path.abspath(self.mktemp()), ini).start()
+        self.addCleanup(self.node.stop)
+        self.token = Tokens(b"browser-login-secret", reactor, 3600).issue("alice")[0]
+        self.driver = chromium(self)
+        self.driver.get(f"http://127.0.0.1:{self.node.port}/msgd.js")    # any page of the node's origin
+
+    def connect(self, transport, token=None, cookie=None):
+        return self.driver.execute_async_script(CONNECT, transport, token, cookie)
+
+    def test_token_option_on_every_transport(self):
+        for transport in ("websocket", "sse", "poll"):
+            self.assertEqual(self.connect(transport, self.token),
+                             {"state": "open", "transport": transport, "who": "alice"})
+
+    def test_token_cookie_on_every_transport(self):
+        for transport in ("websocket", "sse", "poll"):
+            self.assertEqual(self.connect(transport, cookie=self.token),
+                             {"state": "open", "transport": transport, "who": "alice"})
+
+    def test_refused_stops_retrying(self):
+        for transport in ("sse", "poll", "websocket"):
+            self.assertEqual(self.connect(transport, "v1.forged.token"), {"state": "refused", "transport": transport})

@@ -265,3 +265,69 @@ class AccessTests(unittest.TestCase):
         self.assertEqual(answers[2]["error"]["code"], -32001)
         self.assertTrue(answers[3]["result"]["recovered"])
         self.assertEqual(answers[4]["result"], 3)
+
+
+class LoginTests(unittest.TestCase):
+    """With anonymous off: opening a long-poll session or an SSE stream needs
+    credentials (Authorization, or the msgd_token cookie from an allowed
+    Origin, as on the WebSocket handshake); after that the session id speaks
+    for the session and its principal."""
+
+    SECRET = "sse-login-secret"
+
+    def setUp(self):
+        self.node = make_node(self, INI + f"""
+            anonymous = no
+            token_secret = {self.SECRET}
+            ws_origins = http://app.example
+            """, dict(APPS, **{"who.py": "from msgd import api\n\ndef ami():\n"
+                                     "    p = api.request().principal\n    return p and p.name\n"}))
+        self.base = f"http://127.0.0.1:{http_port(self.node)}"
+        self.addCleanup(self.node.interfaces["web"].poll_sessions.close_all)
+        self.token = self.node.interfaces["web"].guard.issue_token("alice")["token"]
+
+    @defer.inlineCallbacks
+    def who(self, sid):
+        url = f"{self.base}/poll?session={sid}"
+        code, _, _ = yield http("POST", url, b'{"jsonrpc": "2.0", "id": 1, "method": "who.ami"}')
+        self.assertEqual(code, 202)          # no credentials needed: the session id speaks for it
+        code, _, body = yield http("GET", url + "&wait=5")
+        return json.loads(body)[0]["result"]
+
+    @defer.inlineCallbacks
+    def test_open_needs_credentials(self):
+        code, headers, _ = yield http("POST", f"{self.base}/poll")
+        self.assertEqual(code, 401)
+        # no Basic challenge: a browser would prompt for a password instead of failing the fetch
+        self.assertEqual(headers.getRawHeaders(b"www-authenticate"), [b'Bearer realm="msgd"'])
+        code, _, _ = yield http("GET", f"{self.base}/sse?channel=room")
+        self.assertEqual(code, 401)
+        code, _, _ = yield http("POST", f"{self.base}/poll", None, {"authorization": "Bearer v1.forged.token"})
+        self.assertEqual(code, 401)
+        code, _, _ = yield http("POST", f"{self.base}/poll?session=unknown", b"{}")
+        self.assertEqual(code, 404)          # an unknown id is not a login: nothing to authenticate
+
+    @defer.inlineCallbacks
+    def test_token_header_then_session(self):
+        code, _, body = yield http("POST", f"{self.base}/poll", None, {"authorization": f"Bearer {self.token}"})
+        self.assertEqual(code, 201)
+        name = yield self.who(json.loads(body)["session"])
+        self.assertEqual(name, "alice")
+
+    @defer.inlineCallbacks
+    def test_token_cookie_from_an_allowed_origin(self):
+        cookie = {"cookie": f"theme=dark; msgd_token={self.token}"}
+        code, _, body = yield http("POST", f"{self.base}/poll", None, dict(cookie, origin="http://app.example"))
+        self.assertEqual(code, 201)
+        name = yield self.who(json.loads(body)["session"])
+        self.assertEqual(name, "alice")
+        code, _, _ = yield http("POST", f"{self.base}/poll", None, dict(cookie, origin="http://evil.example"))
+        self.assertEqual(code, 401)          # a cookie another site's page brought along is not believed
+        c = yield deferToThread(requests.get, f"{self.base}/sse?channel=room", stream=True, timeout=10,
+                                headers=cookie)
+        self.addCleanup(deferToThread, c.close)
+        self.assertEqual(c.status_code, 200)
+        # the cookie counts only where a browser cannot send a header: not on /rpc
+        code, _, _ = yield http("POST", f"{self.base}/rpc", b'{"jsonrpc": "2.0", "id": 1, "method": "who.ami"}',
+                                dict(cookie, origin="http://app.example"))
+        self.assertEqual(code, 401)

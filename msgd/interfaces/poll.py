@@ -7,7 +7,10 @@ Wire protocol
 
 ``POST /poll``  (no ``session``)
     Opens a session: ``201 {"session": ID, "wait": SECONDS, "idle": SECONDS}``.
-    The id is a secret: whoever has it speaks for the session.
+    The id is a secret: whoever has it speaks for the session, with the
+    principal it was opened by (``Authorization``, or the ``msgd_token``
+    cookie from an allowed ``Origin``: see ``msgd.security.guard.Protected``);
+    requests naming a session bring no credentials.
 ``POST /poll?session=ID``  body: one JSON-RPC message (call, notification, batch)
     ``202 {"queued": true}``.  The answer is *queued* in the session like the
     events, so a ``rpc.subscribe`` answer always comes after the events it
@@ -262,6 +265,7 @@ def sessions(interface) -> Sessions:
 
 class PollResource(resource.Resource):
     isLeaf = True
+    session_ids = True     # the guard lets ?session=ID through: the id speaks for the session
 
     def __init__(self, interface):
         super().__init__()

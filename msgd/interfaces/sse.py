@@ -149,6 +149,7 @@ class ChannelStream:
 
 class SSEResource(resource.Resource):
     isLeaf = True
+    session_ids = True     # the guard lets ?session=ID through: the id speaks for the session
 
     def __init__(self, interface):
         super().__init__()

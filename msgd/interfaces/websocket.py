@@ -36,7 +36,6 @@ affected.  Keep-alive pings every ``ws_ping_interval``; no pong within
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import importlib
 
 from autobahn.twisted.resource import WebSocketResource
@@ -50,7 +49,7 @@ from zope.interface import implementer
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.core.pubsub import Session
-from msgd.security.guard import TOKEN_SUBPROTOCOL
+from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
@@ -96,9 +95,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
     # -- handshake -------------------------------------------------------------
 
     def onConnect(self, request):
-        origins = self.factory.interface.options.ws_origins
         origin = request.headers.get("origin")
-        if origin and "*" not in origins and not any(fnmatch.fnmatchcase(origin, p) for p in origins):
+        if not origin_allowed(origin, self.factory.interface.options.ws_origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
         # who is calling (a token, Basic/Bearer, or anonymous): see msgd.security; may wait for a thread
         d = self.factory.interface.guard.authenticate_ws(request, self.transport)

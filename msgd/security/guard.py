@@ -20,6 +20,7 @@ message whether or not the target exists, or :class:`errors.Overloaded`
 from __future__ import annotations
 
 import base64
+import fnmatch
 import os
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ class Guard:
         self.interface = interface.name
         self.node = node
         self.options = o
+        self.origins = getattr(o, "ws_origins", ("*",))    # where browsers may bring the token cookie from
         self.checker = None
         if o.auth == "password":
             self.checker = PasswordFileChecker(o.auth_file, node.run_blocking)
@@ -213,9 +215,16 @@ class Guard:
         except errors.MsgdError as e:
             return defer.fail(e)
 
-    def authenticate_http(self, request) -> defer.Deferred:
+    def authenticate_http(self, request, cookie: bool = False) -> defer.Deferred:
+        """From the ``Authorization`` header; with ``cookie`` (opening a
+        long-poll session or an SSE stream, what a browser cannot add a header
+        to) also the ``msgd_token`` cookie, unless the request's ``Origin`` is
+        not one of ``ws_origins`` (as on the WebSocket handshake)."""
         header = request.getHeader(b"authorization")
-        return self.authenticate(header.decode("latin-1") if header else None, None, _address(request),
+        token = None
+        if cookie and header is None and origin_allowed(request.getHeader(b"origin"), self.origins):
+            token = _cookie((request.getHeader(b"cookie") or b"").decode("latin-1"), TOKEN_COOKIE)
+        return self.authenticate(header.decode("latin-1") if header else None, token, _address(request),
                                  request.channel.transport)
 
     def authenticate_ws(self, request, transport=None) -> defer.Deferred:
@@ -281,6 +290,16 @@ def checked_builtins(access: "Access", builtins: dict, methods=("rpc.publish", "
     return out
 
 
+def origin_allowed(origin, patterns) -> bool:
+    """Whether a browser's ``Origin`` (str, bytes or None: not a browser, or
+    same-origin GET) matches one of ``patterns`` (``ws_origins``)."""
+    if not origin or "*" in patterns:
+        return True
+    if isinstance(origin, bytes):
+        origin = origin.decode("latin-1")
+    return any(fnmatch.fnmatchcase(origin, p) for p in patterns)
+
+
 def _address(request) -> str:
     addr = request.getClientAddress()
     return getattr(addr, "host", None) or str(addr)
@@ -307,14 +326,21 @@ class Protected(resource.Resource):
         self.inner = inner
         self.guard = guard
         self.refusals = refusals
+        # /poll and /sse: a request naming a long-poll session is the session's (its
+        # id is the secret); opening one may bring the token cookie (see authenticate_http)
+        self.sessions = getattr(inner, "session_ids", False)
 
     def render(self, request):
         guard = self.guard
         if guard.options.anonymous and not guard.options.cert_principal \
-                and not request.requestHeaders.hasHeader(b"authorization"):
+                and not request.requestHeaders.hasHeader(b"authorization") \
+                and not (self.sessions and request.requestHeaders.hasHeader(b"cookie")):
             request.principal = None    # the common case, decided without Deferreds
             return self.inner.render(request)
-        d = guard.authenticate_http(request)
+        if self.sessions and b"session" in request.args:
+            request.principal = None    # the session's principal applies; an unknown id is a 404
+            return self.inner.render(request)
+        d = guard.authenticate_http(request, cookie=self.sessions)
         result = []
         d.addCallbacks(lambda p: result.append(("ok", p)), lambda f: result.append(("no", f)))
         if result:                              # decided at once: no thread hop
@@ -347,7 +373,9 @@ class Protected(resource.Resource):
             e = errors.Unavailable("credentials cannot be checked now")
         status = {errors.Unauthorized: 401, errors.Overloaded: 429}.get(type(e), 503)
         if status == 401:
-            request.setHeader(b"www-authenticate", b'Basic realm="msgd", charset="UTF-8"')
+            # no Basic challenge to msgd.js's fetch/EventSource: a browser would ask the user for a password
+            if not self.sessions:
+                request.responseHeaders.addRawHeader(b"www-authenticate", b'Basic realm="msgd", charset="UTF-8"')
             request.responseHeaders.addRawHeader(b"www-authenticate", b'Bearer realm="msgd"')
         if status == 429 and isinstance(e.data, dict) and "retry_after" in e.data:
             request.setHeader(b"retry-after", b"%d" % max(1, int(e.data["retry_after"] + 0.999)))

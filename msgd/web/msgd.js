@@ -36,7 +36,7 @@
    * GET /poll.  Any failure closes it (code 1006) and the Client reconnects
    * and resumes as after a WebSocket drop. */
   class PollSocket {
-    constructor(base, useSSE, fetchFn) {
+    constructor(base, useSSE, fetchFn, token) {
       this.base = base;
       this.useSSE = useSSE;
       this.fetch = fetchFn;
@@ -44,10 +44,21 @@
       this.outbox = [];
       this.sending = false;
       this.abort = new AbortController();
-      this.fetch(base + "/poll", { method: "POST", signal: this.abort.signal })
-        .then((r) => { if (r.status !== 201) throw new Error("HTTP " + r.status); return r.json(); })
+      // credentials go with the opening only (a token, else the msgd_token cookie):
+      // after that the session id speaks for the session
+      const headers = token ? { authorization: "Bearer " + token } : {};
+      this.fetch(base + "/poll", { method: "POST", headers, signal: this.abort.signal })
+        .then((r) => {
+          if (r.status === 401 || r.status === 403) {
+            // refused credentials: like a refused WebSocket login, the Client stops retrying
+            this._lost("unauthorized", 4001);
+            return null;
+          }
+          if (r.status !== 201) throw new Error("HTTP " + r.status);
+          return r.json();
+        })
         .then((info) => {
-          if (this.readyState !== 0) return;
+          if (!info || this.readyState !== 0) return;
           this.sid = info.session;
           this.wait = info.wait;
           this.readyState = 1;
@@ -104,10 +115,10 @@
       if (this.es) this.es.close();
     }
 
-    _lost(reason) {
+    _lost(reason, code) {
       if (this.readyState === 3) return;
       this._end();
-      if (this.onclose) this.onclose({ code: 1006, reason });
+      if (this.onclose) this.onclose({ code: code || 1006, reason });
     }
 
     close(code) {
@@ -136,6 +147,7 @@
         WebSocket: root.WebSocket,
         transport: "auto",     // auto (WebSocket, else SSE/poll) | websocket | sse | poll
         httpUrl: null,         // base of /poll and /sse (default: from url)
+        token: null,           // a bearer token, or a function returning one (read at each connect)
         fetch: root.fetch ? root.fetch.bind(root) : null,
       }, options || {});
       this.fallback = this.options.transport === "sse" || this.options.transport === "poll"
@@ -170,7 +182,10 @@
       this._setState(this.attempt ? "reconnecting" : "connecting");
       let ws;
       try {
-        ws = this.fallback ? this._fallbackSocket() : new this.options.WebSocket(this.url, this.options.protocols);
+        const token = typeof this.options.token === "function" ? this.options.token() : this.options.token;
+        ws = this.fallback ? this._fallbackSocket(token)
+          : new this.options.WebSocket(this.url, token ? this.options.protocols.concat(["bearer." + token])
+            : this.options.protocols);
       } catch (e) {
         if (this.options.transport === "auto") this.fallback = !this.fallback;
         this._scheduleReconnect();
@@ -185,11 +200,11 @@
       ws.onerror = () => {};   // onclose follows
     }
 
-    _fallbackSocket() {
+    _fallbackSocket(token) {
       const o = this.options;
       const base = o.httpUrl || this.url.replace(/^ws/, "http").replace(/\/ws\/?$/, "");
       const useSSE = o.transport !== "poll" && !!root.EventSource;
-      return new PollSocket(base, useSSE, o.fetch);
+      return new PollSocket(base, useSSE, o.fetch, token);
     }
 
     _onOpen() {
