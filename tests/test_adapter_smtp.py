@@ -90,10 +90,10 @@ class MailServer(protocol.ServerFactory):
     """Twisted's ESMTP server; ``tls`` offers STARTTLS, ``users`` requires
     AUTH."""
 
-    def __init__(self, tls=None, users=None):
+    def __init__(self, tls=None, users=None, smtps=None):
         self.box = []
         self.delivery = Delivery(self.box)
-        self.tls, self.users = tls, users
+        self.tls, self.users, self.smtps = tls, users, smtps
         self.port = None
         self.number = servers.free_port()
         self.conns = []
@@ -109,10 +109,19 @@ class MailServer(protocol.ServerFactory):
         else:
             p.delivery = self.delivery
         self.conns.append(p)
+        lost = p.connectionLost
+
+        def connectionLost(reason):
+            self.conns.remove(p)      # only connections still open are aborted at stop
+            lost(reason)
+        p.connectionLost = connectionLost
         return p
 
     def start(self):
-        self.port = reactor.listenTCP(self.number, self, interface="127.0.0.1")
+        if self.smtps is not None:     # implicit TLS from the first byte (SMTPS, port 465 style)
+            self.port = reactor.listenSSL(self.number, self, self.smtps, interface="127.0.0.1")
+        else:
+            self.port = reactor.listenTCP(self.number, self, interface="127.0.0.1")
         return self
 
     def stop(self):
@@ -192,6 +201,27 @@ class SMTPTests(unittest.TestCase):
         unverified = self.adapter(srv.number, starttls="required", tls_hostname="localhost", retries="0")
         yield self.assertFailure(unverified.send(message()), base.AdapterError)
         self.assertEqual(len(srv.box), 1)
+
+    @defer.inlineCallbacks
+    def test_smtps_verifies_like_starttls(self):
+        """A tls: endpoint (SMTPS) is verified against ca_file and
+        tls_hostname, like STARTTLS, and tls_verify = no turns that off."""
+        key, cert = self_signed()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(cert)
+        srv = self.server(smtps=ssl.PrivateCertificate.loadPEM(key + cert).options())
+        smtps = f"tls:host=127.0.0.1:port={srv.number}"
+        mail = self.adapter(srv.number, endpoint=smtps, ca_file=path, tls_hostname="localhost")
+        self.assertEqual((yield mail.send(message())), ["ann@example.org"])
+        for refused in (dict(tls_hostname="localhost"),                  # the system's roots do not know it
+                        dict(ca_file=path, tls_hostname="mail.example.org")):   # not the certificate's name
+            e = yield self.assertFailure(self.adapter(srv.number, endpoint=smtps, retries="0", **refused)
+                                         .send(message()), base.AdapterUnavailable)
+            self.assertRegex(str(e).lower(), "certificate|mismatch")
+        unverified = self.adapter(srv.number, endpoint=smtps, tls_verify="no")
+        self.assertEqual((yield unverified.send(message())), ["ann@example.org"])
+        self.assertEqual(len(srv.box), 2)
 
     @defer.inlineCallbacks
     def test_starttls_required_but_not_offered(self):

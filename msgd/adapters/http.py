@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, boolean, option, optional_path, size, string
+from msgd.security.tls import client_tls, trust_root
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -75,7 +76,7 @@ class _TrustRoot:
         self.trust = trust
 
     def creatorForNetloc(self, hostname, port):
-        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self.trust)
+        return client_tls(hostname.decode("ascii"), self.trust)
 
 
 class _Pool(HTTPConnectionPool):
@@ -127,8 +128,7 @@ class HTTPAdapter(Adapter):
         if not options.tls_verify:
             policy = _NoVerify()
         elif options.ca_file:
-            with open(options.ca_file, "rb") as f:   # read once: a missing file stops start-up
-                policy = _TrustRoot(ssl.Certificate.loadPEM(f.read()))
+            policy = _TrustRoot(trust_root(options.ca_file))
         else:
             policy = BrowserLikePolicyForHTTPS()
         self.client = HTTPClient(Agent(self.reactor, contextFactory=policy, pool=self.http_pool))

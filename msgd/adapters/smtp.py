@@ -19,7 +19,9 @@ deliver the mail twice.
 TLS: ``starttls = auto`` upgrades when the server offers it, ``required``
 refuses to send in clear, ``off`` never upgrades; for SMTPS use a ``tls:``
 endpoint (``tls:host=smtp.example.org:port=465``).  Certificates are verified
-unless ``tls_verify = no``.  ``username``/``password`` turn on AUTH (then
+(against ``ca_file``, else the system's roots; the name is ``tls_hostname``,
+else the endpoint's host) unless ``tls_verify = no``, for STARTTLS and SMTPS
+alike.  ``username``/``password`` turn on AUTH (then
 only over TLS unless ``starttls = off``).
 
 There is no connection pool: each message is one connection; ``pool_size``
@@ -30,16 +32,16 @@ from __future__ import annotations
 
 import email.utils
 import io
-import re
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 
-from twisted.internet import defer, ssl
-from twisted.internet.endpoints import clientFromString
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.mail import smtp
 
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import boolean, choice, client_endpoint, option, optional_path, string
+from msgd.security.tls import client_tls, trust_root
 
 
 class _Sender(smtp.ESMTPSender):
@@ -62,6 +64,26 @@ class _Sender(smtp.ESMTPSender):
             self.factory.result.errback(smtp.SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}"))
 
 
+def _fields(description: str) -> tuple[str, list, dict]:
+    """(kind, positional, keyword) arguments of a Twisted endpoint string
+    (``\\`` escapes a colon, as in Twisted's own parser)."""
+    parts, cur, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    kw = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], [p for p in parts[1:] if "=" not in p], kw
+
+
 class _Factory(smtp.ESMTPSenderFactory):
     protocol = _Sender
 
@@ -82,19 +104,21 @@ class SMTPAdapter(Adapter):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
-        self.implicit_tls = options.endpoint.split(":", 1)[0] in ("tls", "ssl")
-        m = re.search(r"(?:^|:)host=([^:]+)", options.endpoint)
-        self.hostname = options.tls_hostname or (m.group(1) if m else "localhost")
-
-        self.trust = None
-        if options.ca_file:
-            with open(options.ca_file, "rb") as f:   # read once: a missing file stops start-up
-                self.trust = ssl.Certificate.loadPEM(f.read())
+        kind, args, kw = _fields(options.endpoint)
+        host = kw.get("host") or (args[0] if args else "localhost")
+        self.hostname = options.tls_hostname or host
+        self.trust = trust_root(options.ca_file)
+        self.implicit_tls = kind in ("tls", "ssl")
+        if self.implicit_tls:
+            # SMTPS: TLS is layered here, on a plain connection to the same place, so that
+            # ca_file and tls_verify apply (Twisted's own tls:/ssl: would ignore them)
+            port = int(kw.get("port") or (args[1] if len(args) > 1 else 465))
+            bind = kw.get("bindAddress")
+            self.smtps = HostnameEndpoint(self.reactor, host, port, timeout=float(kw.get("timeout", 30)),
+                                          bindAddress=(bind, 0) if bind else None)
 
     def _tls(self):
-        if not self.options.tls_verify:
-            return ssl.CertificateOptions()
-        return ssl.optionsForClientTLS(self.hostname, trustRoot=self.trust)
+        return client_tls(self.hostname, self.trust, self.options.tls_verify)
 
     def classify(self, e):
         if isinstance(e, smtp.SMTPDeliveryError) or (isinstance(e, smtp.SMTPClientError)
@@ -152,7 +176,9 @@ class SMTPAdapter(Adapter):
                            hostname=self.hostname)
         factory.adapter = self
         try:
-            proto = yield clientFromString(self.reactor, o.endpoint).connect(factory)
+            endpoint = (wrapClientTLS(self._tls(), self.smtps) if self.implicit_tls
+                        else clientFromString(self.reactor, o.endpoint))
+            proto = yield endpoint.connect(factory)
         except Exception as e:
             raise smtp.SMTPConnectError(-2, f"cannot connect: {e}") from e   # nothing was sent
         try:

@@ -86,6 +86,37 @@ def make_cert(ca: dict, directory: str, name: str, cn: str, hosts=("127.0.0.1", 
     return paths
 
 
+def load_certificates(path: str) -> list:
+    """Every certificate of a PEM file (a CA bundle may hold several), as
+    ``twisted.internet.ssl.Certificate``; read once, so a missing file stops
+    start-up rather than the first connection."""
+    from twisted.internet import ssl
+    with open(path, "rb") as f:
+        data = f.read()
+    certs = [ssl.Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
+             for p in data.split(b"-----END CERTIFICATE-----") if b"BEGIN CERTIFICATE" in p]
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate in it")
+    return certs
+
+
+def trust_root(ca_file: str | None):
+    """What client TLS verifies servers against: the CAs of ``ca_file``, or
+    None (the system's roots)."""
+    from twisted.internet import ssl
+    return ssl.trustRootFromCertificates(load_certificates(ca_file)) if ca_file else None
+
+
+def client_tls(hostname: str, trust=None, verify: bool = True):
+    """Client TLS options for a connection to ``hostname``: its certificate
+    must match the name and chain to ``trust`` (see :func:`trust_root`);
+    with ``verify`` off, any certificate is taken (tests, private networks)."""
+    from twisted.internet import ssl
+    if not verify:
+        return ssl.CertificateOptions()
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+
+
 def mtls_endpoint(reactor, port, privateKey, certKey=None, caCerts=None, interface="", backlog=50):
     """The ``mtls:`` endpoint (see the module docstring)."""
     from twisted.internet import ssl
@@ -96,9 +127,7 @@ def mtls_endpoint(reactor, port, privateKey, certKey=None, caCerts=None, interfa
         cert_pem = f.read()
     with open(privateKey, "rb") as f:
         key_pem = f.read()
-    with open(caCerts, "rb") as f:
-        cas = [ssl.Certificate.loadPEM(p + b"-----END CERTIFICATE-----\n")
-               for p in f.read().split(b"-----END CERTIFICATE-----") if b"BEGIN CERTIFICATE" in p]
+    cas = load_certificates(caCerts)
     me = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     options = ssl.CertificateOptions(privateKey=me.privateKey.original, certificate=me.original, verify=True,
                                      caCerts=[c.original for c in cas], requireCertificate=True)
