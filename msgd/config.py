@@ -311,6 +311,14 @@ class NodeConfig:
                                   doc="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     reload_interval: float = option(1.0, parse=duration,
                                     doc="how often app modules are checked for changes (0 turns reloading off)")
+    outbox_retry_min: float = option(1.0, parse=duration,
+                                     doc="first retry delay of an undelivered message to a peer (doubles each time)")
+    outbox_retry_max: float = option(300.0, parse=duration, doc="longest retry delay of the outbox")
+    outbox_window: int = option(64, parse=integer(1, 100000),
+                                doc="messages in flight at once to one peer (without [peer:NAME] ordered)")
+    dedup_retention: float = option(7 * 86400.0, parse=duration,
+                                    doc="how long ids of handled peer messages are kept to drop duplicates; "
+                                        "keep it above the senders' message_ttl")
     log_format: str = option("text", parse=choice("text", "json"),
                              doc="text (for a terminal) or json (one JSON object per line, for journald/collectors)")
     log_level: str = option("info", parse=log_level, doc="lowest level logged (debug, info, warn, error, critical)")

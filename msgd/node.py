@@ -77,7 +77,9 @@ class NodeService(MultiService):
         received ones, and the Redis pub/sub bridge (msgd/cluster)."""
         from msgd.cluster.outbox import Outbox, Received
         state = config.node.state_dir
-        self.received = Received(os.path.join(state, "received.sqlite"), self.reactor, self.run_blocking)
+        n = config.node
+        self.received = Received(os.path.join(state, "received.sqlite"), self.reactor, self.run_blocking,
+                                 retention=n.dedup_retention)
         self.outbox = self.pubsub_bridge = None
         if config.peers:
             from msgd.cluster.peers import Peer
@@ -85,7 +87,8 @@ class NodeService(MultiService):
                 self.peers[name] = Peer(name, peer_config, self)
                 self.peers[name].setServiceParent(self)
             self.outbox = Outbox(os.path.join(state, "outbox.sqlite"), self.reactor, self.run_blocking,
-                                 self.peers, metrics=self.metrics)
+                                 self.peers, metrics=self.metrics, base_delay=n.outbox_retry_min,
+                                 max_delay=n.outbox_retry_max, window=n.outbox_window)
             for p in self.peers.values():
                 p.listeners.append(self.outbox.kick)
         if config.pubsub.backend == "redis":
@@ -255,6 +258,10 @@ class NodeService(MultiService):
                 yield ready
 
     def _apply_node(self, old, new) -> None:
+        self.received.retention = new.dedup_retention
+        if self.outbox is not None:     # from the next delivery on; retries already planned keep their times
+            self.outbox.base_delay, self.outbox.max_delay = new.outbox_retry_min, new.outbox_retry_max
+            self.outbox.window = new.outbox_window
         if new.threads != old.threads:
             self.threadpool.adjustPoolsize(maxthreads=new.threads)
         if new.reload_interval != old.reload_interval and self.running:

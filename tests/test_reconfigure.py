@@ -170,6 +170,20 @@ handler = m.nope
         self.assertEqual(seen, [node.config])
 
     @defer.inlineCallbacks
+    def test_outbox_and_dedup_keys(self):
+        peer = "[peer:other]\nendpoints = tcp:host=127.0.0.1:port=1\n"
+        node = make_node(self, "[node]\noutbox_retry_min = 250ms\noutbox_retry_max = 2m\noutbox_window = 8\n"
+                               "dedup_retention = 2d\n" + self.INI + peer, {"m.py": APP})
+        yield node.ready()
+        self.assertEqual((node.outbox.base_delay, node.outbox.max_delay, node.outbox.window), (0.25, 120.0, 8))
+        self.assertEqual(node.received.retention, 2 * 86400)
+        new = parse_text("[node]\nname = test\noutbox_retry_max = 10m\noutbox_window = 2\n"
+                         "dedup_retention = 30d\n" + self.INI + peer, node.config.path)
+        yield node.reconfigure(new)
+        self.assertEqual((node.outbox.base_delay, node.outbox.max_delay, node.outbox.window), (1.0, 600.0, 2))
+        self.assertEqual(node.received.retention, 30 * 86400)
+
+    @defer.inlineCallbacks
     def test_admin_reload(self):
         ini = self.INI + "admin = yes\n"
         node = make_node(self, ini, {"m.py": APP})
