@@ -160,9 +160,11 @@ class Server:
 
 # -- Redis ---------------------------------------------------------------------
 
-def redis(own: bool = True) -> Server:
+def redis(own: bool = True, tls: tuple = ()) -> Server:
     """A private redis-server (``own=False`` accepts MSGD_TEST_REDIS or the
-    machine's instance on 6379, for tests that never stop it)."""
+    machine's instance on 6379, for tests that never stop it).  ``tls``: the
+    names (e.g. ``("127.0.0.1",)``) of the certificate, from a test CA
+    (``extra['ca']``, PEM), it then serves TLS only with."""
     addr = _env_addr("MSGD_TEST_REDIS")
     if addr and not own:
         return Server("redis", *addr)
@@ -173,9 +175,17 @@ def redis(own: bool = True) -> Server:
         unavailable("redis-server is not installed (Debian package redis-server)")
     d = tempfile.mkdtemp(prefix="msgd-redis-")
     port = free_port()
-    srv = Server("redis", "127.0.0.1", port, dir=d, own=True, argv=[
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-        "--dir", d, "--daemonize", "no", "--logfile", os.path.join(d, "redis.log")])
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            "--dir", d, "--daemonize", "no", "--logfile", os.path.join(d, "redis.log")]
+    extra = {}
+    if tls:
+        from msgd.security.tls import make_ca, make_cert
+        ca = make_ca(d)
+        cert = make_cert(ca, d, "server", tls[0], hosts=tls)
+        argv[3:5] = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", cert["cert"],
+                     "--tls-key-file", cert["key"], "--tls-ca-cert-file", ca["cert"], "--tls-auth-clients", "no"]
+        extra = {"ca": ca["cert"]}
+    srv = Server("redis", "127.0.0.1", port, dir=d, own=True, argv=argv, extra=extra)
     return srv.start()
 
 
@@ -202,25 +212,53 @@ index member eq
 """
 
 
-def slapd(suffix: str = "dc=example,dc=org", password: str = "secret", ldif: str = "") -> Server:
+SLAPD_TLS = """\
+TLSCACertificateFile {ca}
+TLSCertificateFile {cert}
+TLSCertificateKeyFile {key}
+"""
+
+
+def slapd(suffix: str = "dc=example,dc=org", password: str = "secret", ldif: str = "", tls: bool = False,
+          tls_hosts=("127.0.0.1", "localhost")) -> Server:
     """A private slapd with ``suffix``; ``ldif`` is added with ldapadd.
-    ``extra``: ``base``, ``bind_dn``, ``password``."""
+    ``extra``: ``base``, ``bind_dn``, ``password``.
+    ``tls``: always a private slapd (MSGD_TEST_LDAP is not used), with a
+    certificate for ``tls_hosts`` from a test CA: StartTLS on the
+    plain port and LDAPS on ``extra['tls_port']`` (``extra['ldaps_url']``);
+    ``extra['ca']`` is the CA's PEM file, ``extra['ca_info']`` what
+    msgd.security.tls.make_ca returned (to sign more certificates)."""
     addr = _env_addr("MSGD_TEST_LDAP")
-    if addr:
+    if addr and not tls:
         return Server("slapd", *addr, extra={"base": suffix, "bind_dn": f"cn=admin,{suffix}", "password": password})
     binary, ldapadd = which("slapd"), which("ldapadd")
     if binary is None or ldapadd is None:
         unavailable("slapd/ldapadd are not installed (Debian packages slapd, ldap-utils)")
     d = tempfile.mkdtemp(prefix="msgd-slapd-")
     os.makedirs(os.path.join(d, "data"))
-    with open(os.path.join(d, "slapd.conf"), "w") as f:
-        f.write(SLAPD_CONF.format(schema="/etc/ldap/schema", dir=d, suffix=suffix, password=password))
     port = free_port()
     url = f"ldap://127.0.0.1:{port}/"
+    extra = {"base": suffix, "bind_dn": f"cn=admin,{suffix}", "password": password, "url": url}
+    listen = url
+    with open(os.path.join(d, "slapd.conf"), "w") as f:
+        if tls:
+            from msgd.security.tls import make_ca, make_cert
+            ca = make_ca(d)
+            cert = make_cert(ca, d, "slapd", tls_hosts[0], hosts=tls_hosts)
+            f.write(SLAPD_TLS.format(ca=ca["cert"], cert=cert["cert"], key=cert["key"]))
+            tls_port = free_port()
+            extra.update(tls_port=tls_port, ca=ca["cert"], ca_info=ca, ldaps_url=f"ldaps://127.0.0.1:{tls_port}/")
+            listen = f"{url} {extra['ldaps_url']}"
+        f.write(SLAPD_CONF.format(schema="/etc/ldap/schema", dir=d, suffix=suffix, password=password))
     srv = Server("slapd", "127.0.0.1", port, dir=d, own=True, pidfile=os.path.join(d, "slapd.pid"),
-                 argv=[binary, "-d", "0", "-f", os.path.join(d, "slapd.conf"), "-h", url],
-                 extra={"base": suffix, "bind_dn": f"cn=admin,{suffix}", "password": password, "url": url})
+                 argv=[binary, "-d", "0", "-f", os.path.join(d, "slapd.conf"), "-h", listen], extra=extra)
     srv.start()
+    if tls:
+        try:
+            wait_port("127.0.0.1", extra["tls_port"], 10.0)
+        except RuntimeError:
+            srv.cleanup()
+            raise
     dc = suffix.split(",")[0].split("=")[1]
     base = f"dn: {suffix}\nobjectClass: dcObject\nobjectClass: organization\no: {dc}\ndc: {dc}\n"
     _ldapadd(srv, base + ("\n" + ldif if ldif else ""))

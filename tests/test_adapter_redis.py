@@ -183,3 +183,51 @@ class RedisDownTests(unittest.TestCase):
         self.assertEqual(len(cache.pool.waiters), 0)
         f = yield breaker_opens(self, lambda: cache.get("x"))
         self.assertIn("circuit open", f.message)
+
+
+class RedisTLSTests(unittest.TestCase):
+    """rediss:// against a redis-server that speaks only TLS, with a
+    certificate from a test CA: verified with ``ca_file``, refused against
+    the system's roots or when the name does not match, taken unverified only
+    with ``tls_verify = no``; pub/sub goes over TLS too."""
+
+    def node(self, srv, **keys):
+        keys.setdefault("retries", "0")
+        node = make_node(self, ini(f"rediss://127.0.0.1:{srv.port}/0", **keys))
+        return node.adapter("cache")
+
+    def server(self, names=("127.0.0.1", "localhost")):
+        srv = servers.redis(tls=names)
+        self.addCleanup(srv.cleanup)
+        return srv
+
+    @defer.inlineCallbacks
+    def test_verified_with_ca_file(self):
+        srv = self.server()
+        cache = self.node(srv, ca_file=srv.extra["ca"])
+        self.assertEqual((yield cache.set("k", "v")), "OK")
+        self.assertEqual((yield cache.get("k")), "v")
+        got = []
+        sub = cache.subscribe(["news"], lambda channel, message: got.append((channel, message)))
+        self.addCleanup(sub.stop)
+        yield sub.ready
+        yield cache.publish("news", "over tls")
+        yield eventually(lambda: got == [("news", "over tls")])
+
+    @defer.inlineCallbacks
+    def test_refused_without_the_ca(self):
+        srv = self.server()
+        e = yield self.assertFailure(self.node(srv).get("k"), base.AdapterUnavailable)
+        self.assertIn("certificate", str(e).lower())
+
+    @defer.inlineCallbacks
+    def test_refused_when_the_name_does_not_match(self):
+        srv = self.server(names=("other.example",))
+        e = yield self.assertFailure(self.node(srv, ca_file=srv.extra["ca"]).get("k"), base.AdapterUnavailable)
+        self.assertIn("mismatch", str(e).lower())     # service_identity: the name is not the certificate's
+
+    @defer.inlineCallbacks
+    def test_unverified_when_told(self):
+        srv = self.server(names=("other.example",))
+        cache = self.node(srv, tls_verify="no")
+        self.assertEqual((yield cache.set("k", "v")), "OK")

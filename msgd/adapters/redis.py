@@ -28,11 +28,12 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import Factory
 
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
-from msgd.config import Invalid, option
+from msgd.config import Invalid, boolean, option, optional_path
+from msgd.security.tls import client_tls, trust_root
 
 # commands that change nothing: safe to retry
 READS = frozenset("""get mget exists hget hgetall hmget hkeys hvals hlen hexists lrange llen lindex
@@ -66,8 +67,17 @@ def endpoint_of(url: str, timeout: float = 10.0) -> tuple[str, str | None, int]:
         return f"unix:path={u.path}:timeout={int(max(1, timeout))}", password, int(db)
     host, port = u.hostname or "127.0.0.1", u.port or 6379
     db = int(u.path.strip("/") or 0)
-    kind = "tls" if u.scheme == "rediss" else "tcp"
-    return f"{kind}:host={host}:port={port}:timeout={int(max(1, timeout))}", password, db
+    return f"tcp:host={host}:port={port}:timeout={int(max(1, timeout))}", password, db   # rediss: TLS on top
+
+
+class _Protocol(txredisapi.RedisProtocol):
+    """txredisapi's protocol, whose waiting commands fail with why the
+    connection was lost (a refused certificate, say), not just that it was."""
+
+    def connectionLost(self, why):
+        while self.replyQueue.waiting:
+            self.replyReceived(txredisapi.ConnectionError(f"lost connection: {why.getErrorMessage()}"))
+        super().connectionLost(why)
 
 
 class _ConnFactory(Factory):
@@ -81,7 +91,7 @@ class _ConnFactory(Factory):
         def put(self, conn):
             pass
 
-    def __init__(self, password, db, protocol=txredisapi.RedisProtocol):
+    def __init__(self, password, db, protocol=_Protocol):
         self.password, self.db, self.protocol = password, db, protocol
         self.ready = defer.Deferred()
         self.connectionQueue = self._NoQueue()
@@ -105,22 +115,32 @@ class RedisAdapter(Adapter):
     class Options(AdapterOptions):
         url: str = option("redis://127.0.0.1:6379/0", parse=parse_url,
                           doc="redis://[:password@]host:port/db, rediss:// for TLS, unix:///path?db=N")
+        tls_verify: bool = option(True, parse=boolean, doc="verify the server certificate (rediss://)")
+        ca_file: str | None = option(None, parse=optional_path,
+                                     doc="CA certificates (PEM) to verify against (default: the system's)")
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.endpoint, self.password, self.db = endpoint_of(options.url, options.timeout)
+        u = urlsplit(options.url)
+        self.tls = (client_tls(u.hostname or "127.0.0.1", trust_root(options.ca_file), options.tls_verify)
+                    if u.scheme == "rediss" else None)
         self.subscriptions: set = set()
 
     @defer.inlineCallbacks
     def connect(self):
         factory = _ConnFactory(self.password, self.db)
-        proto = yield clientFromString(self.reactor, self.endpoint).connect(factory)
+        proto = yield self.client_endpoint().connect(factory)
         try:
             conn = yield factory.ready
         except Exception:
             proto.transport.abortConnection()
             raise
         return conn
+
+    def client_endpoint(self):
+        endpoint = clientFromString(self.reactor, self.endpoint)
+        return endpoint if self.tls is None else wrapClientTLS(self.tls, endpoint)
 
     def disconnect(self, conn):
         if conn.transport is not None:
@@ -207,7 +227,7 @@ class Subscription:
         self.ready = defer.Deferred()
         factory = Factory()
         factory.buildProtocol = self._build
-        self.service = ClientService(clientFromString(adapter.reactor, adapter.endpoint), factory,
+        self.service = ClientService(adapter.client_endpoint(), factory,
                                      retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
                                      clock=adapter.reactor)
 
