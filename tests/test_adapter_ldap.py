@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 from types import SimpleNamespace
 
 from twisted.internet import defer
@@ -201,3 +202,99 @@ class LDAPFaultTests(unittest.TestCase):
                         [f.value for ok, f in results])
         self.assertLessEqual(ldap.pool.total, 2)    # never more threads/connections than the pool
         self.assertEqual(len(ldap.pool.waiters), 0)
+
+
+@defer.inlineCallbacks
+def assertRefused(testcase, ldap, *words):
+    """A search fails at once, not retried, with an error naming ``words``."""
+    e = yield testcase.assertFailure(ldap.search("(uid=ann)"), base.AdapterUnavailable)
+    testcase.assertNotIsInstance(e, base.CircuitOpen)
+    testcase.assertFalse(e.retryable)
+    for w in words:
+        testcase.assertIn(w, e.reason)
+    testcase.assertIn("adapter directory", e.message)
+    testcase.assertEqual(ldap.pool.total, 0)
+    testcase.assertEqual(ldap.describe()["failures"], 1)   # tried once: no retry of a certificate failure
+
+
+class TLSTests(unittest.TestCase):
+    """LDAPS and StartTLS against a slapd with a certificate for
+    127.0.0.1/localhost from a test CA: verified against ``ca_file``, refused
+    against the system's roots, taken unverified with ``tls_verify = no``."""
+
+    def setUp(self):
+        self.srv = servers.slapd(suffix=BASE, ldif=LDIF, tls=True)
+        self.addCleanup(self.srv.cleanup)
+        self.ldaps = self.srv.extra["ldaps_url"]
+        self.plain = self.srv.extra["url"]
+
+    def adapter(self, url, **extra):
+        node = make_node(self, ini(url, self.srv, **extra))
+        return node.adapter("directory")
+
+    @defer.inlineCallbacks
+    def assertWorks(self, ldap, start_tls=False):
+        found = yield ldap.search("(uid={})", "ann", attributes=["mail"])
+        self.assertEqual([e["attributes"]["mail"] for e in found], [["ann@example.org"]])
+        # the pooled connection really is TLS
+        (lease, _), = ldap.pool.idle
+        self.assertIsInstance(lease.conn.socket, ssl.SSLSocket)
+        self.assertEqual(lease.conn.tls_started, start_tls)
+        # search-then-bind opens a second connection, the same way
+        ann = yield ldap.authenticate("ann", "annpw")
+        self.assertEqual(ann["roles"], ["admins", "staff"])
+
+    def test_ldaps_with_ca_file(self):
+        return self.assertWorks(self.adapter(self.ldaps, ca_file=self.srv.extra["ca"]))
+
+    def test_start_tls_with_ca_file(self):
+        return self.assertWorks(self.adapter(self.plain, start_tls="yes", ca_file=self.srv.extra["ca"]),
+                                start_tls=True)
+
+    def test_ldaps_by_name(self):
+        # the certificate is for localhost too (and localhost may resolve to ::1 first)
+        url = self.ldaps.replace("127.0.0.1", "localhost")
+        return self.assertWorks(self.adapter(url, ca_file=self.srv.extra["ca"]))
+
+    @defer.inlineCallbacks
+    def test_system_roots_refuse_test_ca(self):
+        for kind, url, extra in [("LDAPS", self.ldaps, {}), ("StartTLS", self.plain, {"start_tls": "yes"})]:
+            ldap = self.adapter(url, **extra)
+            yield assertRefused(self, ldap, f"TLS ({kind}) with 127.0.0.1:", "certificate not accepted",
+                                "self-signed certificate", "ca_file")
+
+    @defer.inlineCallbacks
+    def test_ldaps_to_plain_port(self):
+        # not a certificate problem: a failed handshake, which may be retried
+        ldap = self.adapter(self.plain.replace("ldap:", "ldaps:"), ca_file=self.srv.extra["ca"], retries="0")
+        e = yield self.assertFailure(ldap.search("(uid=ann)"), base.AdapterUnavailable)
+        self.assertIn("TLS (LDAPS) with 127.0.0.1:", e.reason)
+        self.assertIn("handshake failed", e.reason)
+        self.assertTrue(e.retryable)
+
+    @defer.inlineCallbacks
+    def test_no_verify(self):
+        yield self.assertWorks(self.adapter(self.ldaps, tls_verify="no"))
+        yield self.assertWorks(self.adapter(self.plain, start_tls="yes", tls_verify="no"), start_tls=True)
+
+
+class TLSNameTests(unittest.TestCase):
+    """A certificate the CA signed, but for another name, is refused."""
+
+    def setUp(self):
+        self.srv = servers.slapd(suffix=BASE, ldif=LDIF, tls=True, tls_hosts=("other.example",))
+        self.addCleanup(self.srv.cleanup)
+
+    def adapter(self, url, **extra):
+        return make_node(self, ini(url, self.srv, ca_file=self.srv.extra["ca"], **extra)).adapter("directory")
+
+    @defer.inlineCallbacks
+    def test_name_mismatch_refused(self):
+        for url, extra in [(self.srv.extra["ldaps_url"], {}),
+                           (self.srv.extra["ldaps_url"].replace("127.0.0.1", "localhost"), {}),
+                           (self.srv.extra["url"], {"start_tls": "yes"})]:
+            yield assertRefused(self, self.adapter(url, **extra), "certificate not accepted", "mismatch",
+                                "certificate is not valid for")
+        # the same server, unverified, is fine: only the name was wrong
+        ldap = self.adapter(self.srv.extra["ldaps_url"], tls_verify="no")
+        self.assertEqual(len((yield ldap.search("(uid=ann)"))), 1)

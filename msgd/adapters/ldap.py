@@ -80,6 +80,37 @@ def _entry(item: dict) -> dict:
     return {"dn": item["dn"], "attributes": attrs}
 
 
+class _Tls(ldap3.Tls):
+    """ldap3's Tls with the server's name checked by Python's ssl during the
+    handshake (and sent as SNI).  ldap3 2.9 checks it after the handshake
+    with ssl.match_hostname, which warns on Python 3.11 and is gone from
+    3.12, where ldap3 falls back to a copy that ignores IP addresses in the
+    certificate (so ``ldaps://10.0.0.5`` never verified).  The original
+    error of a failed handshake is kept on the connection (``tls_error``):
+    ldap3 re-raises it as text only, once per address it tried."""
+
+    def wrap_socket(self, connection, do_handshake=False):
+        context = ssl.create_default_context(cafile=self.ca_certs_file)
+        if self.validate == ssl.CERT_NONE:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        try:
+            connection.socket = context.wrap_socket(connection.socket, server_hostname=connection.server.host,
+                                                    do_handshake_on_connect=do_handshake)
+        except Exception as e:
+            connection.tls_error = e
+            raise
+
+
+class _TLSFailed(Exception):
+    """The TLS handshake (LDAPS or StartTLS) failed; ``certificate``: the
+    server's certificate was not accepted."""
+
+    def __init__(self, text: str, certificate: bool):
+        super().__init__(text)
+        self.certificate = certificate
+
+
 class LDAPAdapter(Adapter):
     threaded = True
 
@@ -109,16 +140,26 @@ class LDAPAdapter(Adapter):
         u = urlsplit(options.url)
         tls = None
         if u.scheme == "ldaps" or options.start_tls:
-            tls = ldap3.Tls(validate=ssl.CERT_REQUIRED if options.tls_verify else ssl.CERT_NONE,
-                            ca_certs_file=options.ca_file)
-        self.server = ldap3.Server(u.hostname, port=u.port or (636 if u.scheme == "ldaps" else 389),
-                                   use_ssl=u.scheme == "ldaps", tls=tls, get_info=ldap3.NONE,
-                                   connect_timeout=max(1, round(options.timeout)))   # ldap3 wants ints
+            tls = _Tls(validate=ssl.CERT_REQUIRED if options.tls_verify else ssl.CERT_NONE,
+                       ca_certs_file=options.ca_file)
+            if not options.tls_verify:
+                self.log.warn("adapter {adapter}: tls_verify = no: the LDAP server's certificate is not checked",
+                              adapter=name)
+        self._server_args = dict(host=u.hostname, port=u.port or (636 if u.scheme == "ldaps" else 389),
+                                 use_ssl=u.scheme == "ldaps", tls=tls, get_info=ldap3.NONE,
+                                 connect_timeout=max(1, round(options.timeout)))   # ldap3 wants ints
 
     # -- connections (in threads) -----------------------------------------------
 
+    def _server(self) -> ldap3.Server:
+        """A new ldap3 Server for each connection: a Server remembers which
+        of its addresses failed and skips them for 5 seconds ("invalid server
+        address", hiding the real error and a server that is back), and its
+        current address is state no two threads should share."""
+        return ldap3.Server(**self._server_args)
+
     def _open(self, user: str | None, password: str | None) -> ldap3.Connection:
-        conn = ldap3.Connection(self.server, user=user or None, password=password or None,
+        conn = ldap3.Connection(self._server(), user=user or None, password=password or None,
                                 receive_timeout=max(1, round(self.options.timeout)), raise_exceptions=True,
                                 client_strategy=ldap3.SYNC, auto_referrals=False)
         try:
@@ -126,10 +167,23 @@ class LDAPAdapter(Adapter):
             if self.options.start_tls:
                 conn.start_tls()
             conn.bind()
-        except BaseException:
-            conn.unbind()
+        except BaseException as e:
+            _quietly(conn.unbind)   # an error here must not hide the first one
+            tls_error = getattr(conn, "tls_error", None)
+            if tls_error is not None and isinstance(e, Exception):
+                raise self._tls_failed(tls_error) from e
             raise
         return conn
+
+    def _tls_failed(self, e: Exception) -> _TLSFailed:
+        s = self._server_args
+        where = f"TLS ({'StartTLS' if self.options.start_tls else 'LDAPS'}) with {s['host']}:{s['port']}"
+        if isinstance(e, ssl.SSLCertVerificationError):
+            trusted = f"CAs of ca_file {self.options.ca_file}" if self.options.ca_file else \
+                "the system's CAs; a private CA needs ca_file"
+            return _TLSFailed(f"{where}: server certificate not accepted: {e.verify_message or e} ({trusted})",
+                              certificate=True)
+        return _TLSFailed(f"{where}: handshake failed: {e}", certificate=False)
 
     def connect(self):
         return self.in_thread(None, self._open, self.options.bind_dn, self.options.password)
@@ -138,6 +192,9 @@ class LDAPAdapter(Adapter):
         self.threads.callInThread(_quietly, conn.unbind)
 
     def classify(self, e):
+        if isinstance(e, _TLSFailed):
+            # a certificate that is not accepted now will not be on a retry
+            return AdapterUnavailable(self.name, f"ldap: {e}", retryable=not e.certificate)
         if isinstance(e, (lx.LDAPCommunicationError, lx.LDAPSocketOpenError, lx.LDAPResponseTimeoutError,
                           lx.LDAPStartTLSError, lx.LDAPSessionTerminatedByServerError)):
             return AdapterUnavailable(self.name, f"ldap: {e}", retryable=True)
