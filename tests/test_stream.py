@@ -190,3 +190,99 @@ class StreamTests(unittest.TestCase):
                                                  {"interface": "local", "reason": "slow_consumer"}), 1)
         for p in (slow, fast):
             p.connectionLost(None)
+
+
+class LoginTests(unittest.TestCase):
+    """The interface's security keys on a stream: rpc.login with a password
+    or a token, anonymous callers refused until then, login throttling,
+    connection limits and per-principal rules."""
+
+    def setUp(self):
+        from msgd.security.credentials import set_password
+        self.dir = tempfile.mkdtemp(prefix="msgd-stream-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "msgd.sock")
+        users = os.path.join(self.dir, "users")
+        set_password(users, "alice", "wonder", roles=["ops"], rounds=4)
+        set_password(users, "bob", "builder", rounds=4)
+        self.node = make_node(self, f"""
+            [interface:local]
+            type = jsonrpc-stream
+            endpoint = unix:{self.path}
+            auth = password
+            auth_file = {users}
+            anonymous = no
+            token_secret = stream-login-secret
+            login_attempts = 2
+            max_connections = 2
+
+            [access:ops]
+            principals = @ops
+            call = m.* who.*
+            subscribe = *
+
+            [access:everyone]
+            principals = *
+            call = who.*
+            """, dict(APPS, **{"who.py": "from msgd import api\n\ndef ami():\n"
+                                         "    p = api.request().principal\n    return p and p.name\n"}))
+        return self.node.interfaces["local"].ready
+
+    @defer.inlineCallbacks
+    def client(self):
+        c = yield deferToThread(LineClient, self.path)
+        self.addCleanup(c.close)
+        return c
+
+    def ask(self, c, method, params, id=1):
+        return deferToThread(c.exchange, call(method, params, id))
+
+    @defer.inlineCallbacks
+    def test_password_login_then_calls_as_that_principal(self):
+        c = yield self.client()
+        out = yield self.ask(c, "who.ami", [])
+        self.assertEqual(out[0]["error"]["code"], -32001)          # not logged in yet
+        out = yield self.ask(c, "rpc.subscribe", {"channel": "room"})
+        self.assertEqual(out[0]["error"]["code"], -32001)
+        out = yield self.ask(c, "rpc.login", {"user": "alice", "password": "wonder"})
+        self.assertEqual(out[0]["result"], {"name": "alice", "roles": ["ops"], "via": "password"})
+        self.assertEqual((yield self.ask(c, "who.ami", []))[0]["result"], "alice")
+        self.assertEqual((yield self.ask(c, "m.add", [2, 3]))[0]["result"], 5)
+
+    @defer.inlineCallbacks
+    def test_rules_follow_the_principal(self):
+        c = yield self.client()
+        yield self.ask(c, "rpc.login", ["bob", "builder"])
+        self.assertEqual((yield self.ask(c, "who.ami", []))[0]["result"], "bob")
+        self.assertEqual((yield self.ask(c, "m.add", [2, 3]))[0]["error"]["code"], -32001)   # no ops role
+
+    @defer.inlineCallbacks
+    def test_token_login(self):
+        token = self.node.interfaces["local"].guard.issue_token("carol", roles=["ops"])["token"]
+        c = yield self.client()
+        out = yield self.ask(c, "rpc.login", {"token": token})
+        self.assertEqual(out[0]["result"], {"name": "carol", "roles": ["ops"], "via": "token"})
+        out = yield self.ask(c, "rpc.login", {"token": token[:-2] + "xx"})
+        self.assertEqual(out[0]["error"]["code"], -32001)
+        self.assertEqual((yield self.ask(c, "who.ami", []))[0]["result"], "carol")   # the first login holds
+
+    @defer.inlineCallbacks
+    def test_wrong_passwords_are_throttled(self):
+        c = yield self.client()
+        for _ in range(2):
+            out = yield self.ask(c, "rpc.login", {"user": "alice", "password": "nope"})
+            self.assertEqual(out[0]["error"]["code"], -32001)
+        out = yield self.ask(c, "rpc.login", {"user": "alice", "password": "wonder"})
+        self.assertEqual(out[0]["error"]["code"], -32005)          # even the right one, for login_window
+        out = yield self.ask(c, "rpc.login", {"user": "alice"})
+        self.assertEqual(out[0]["error"]["code"], -32602)
+
+    @defer.inlineCallbacks
+    def test_connection_limit(self):
+        yield self.client()
+        yield self.client()
+        third = yield self.client()
+        out = yield deferToThread(third.lines, 2)
+        self.assertEqual(out[0]["method"], "rpc.closing")
+        self.assertIn("too many connections", out[0]["params"]["reason"])
+        self.assertIsNone(out[1])                                   # and closed

@@ -20,6 +20,16 @@ A line that is not JSON is answered with a -32700 error and the connection
 stays open.  A line longer than ``max_line`` is answered with a -32004 error
 and the connection is closed (the stream cannot be resynchronised safely).
 
+Logging in: the interface takes the security keys of every interface
+(``auth``, ``anonymous``, ``token_secret``, limits; see docs/security.rst).
+A client gives credentials with the builtin ``rpc.login {"user", "password"}``
+or ``rpc.login {"token"}`` (answered ``{"name", "roles", "via"}``); they hold
+for the rest of the connection.  With ``anonymous = no`` every other call
+before a successful login is refused with -32001.  On an ``mtls:`` endpoint
+with ``cert_principal = yes`` the client certificate's CN is the principal
+from the start.  A connection past ``max_connections`` (or per address) gets
+an ``rpc.closing`` notification and is closed.
+
 Slow consumers: while the client does not read, the node stops reading its
 requests and queues what it has to send, up to ``max_pending`` bytes; past
 that the client is sent a last ``rpc.closing`` notification naming the reason
@@ -38,9 +48,11 @@ from zope.interface import implementer
 
 from msgd.config import Invalid, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response
+from msgd.core.jsonrpc import JSONRPC, dumps, error_response, param
 from msgd.core.pubsub import Session
 from msgd.interfaces.base import Listener
+from msgd.security import Guard, Principal, SecurityOptions
+from msgd.security.tls import peer_common_name
 
 
 def stream_endpoint(value: str, ctx) -> str:
@@ -62,7 +74,7 @@ def stream_endpoint(value: str, ctx) -> str:
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see docs/security.rst
     endpoint: str = option(parse=stream_endpoint,
                            doc="where to listen, e.g. unix:../var/msgd.sock or tcp:7070:interface=127.0.0.1")
     max_line: int = option(1024 * 1024, parse=size, doc="longest line (message) accepted; longer closes")
@@ -90,15 +102,43 @@ class StreamProtocol(protocol.Protocol):
         self._backlog_bytes = 0
         self._closing = False
 
+    _admitted = False
+
     def connectionMade(self):
         iface = self.interface
+        hit = iface.guard.admit(self.transport)
+        if hit is not None:
+            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                        "params": {"reason": f"too many connections ({hit})"}}) + b"\n")
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._admitted = True
         iface.connection_opened(self.transport)
         iface.gauge.inc()
-        # the node's [access:*] rules apply to channels (anonymous here: the socket's permissions are the login)
+        if iface.options.cert_principal:
+            cn = peer_common_name(self.transport)
+            if cn:
+                self.principal = Principal(cn, frozenset(), "certificate")
+        # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
         self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
                                authorize=iface.node.access.authorize_channel)
-        self.builtins = self.session.builtins()
+        self.builtins = dict(self.session.builtins(), **{"rpc.login": self._login})
         self.transport.registerProducer(self, True)
+
+    def _login(self, request, params):
+        token = param(params, "token", 0, str, required=False) if isinstance(params, dict) else None
+        if token is None:
+            user = param(params, "user", 0, str)
+            password = param(params, "password", 1, str)
+        else:
+            user, password = "", token        # the guard takes a token in place of a password
+        address = getattr(self.transport.getPeer(), "host", "") or ""
+
+        def logged_in(principal):
+            self.principal = principal
+            return {"name": principal.name, "roles": sorted(principal.roles), "via": principal.via}
+        return self.interface.guard.login(user, password, address).addCallback(logged_in)
 
     # -- input -------------------------------------------------------------------
 
@@ -190,9 +230,13 @@ class StreamProtocol(protocol.Protocol):
     # -- end ---------------------------------------------------------------------
 
     def connectionLost(self, reason):
+        if not self._admitted:
+            return
+        self._admitted = False
         if self.session is not None:
             self.session.close()
             self.session = None
+        self.interface.guard.release(self.transport)
         self.interface.gauge.dec()
         self.interface.connection_closed(self.transport)
 
@@ -215,6 +259,7 @@ class StreamInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
+        self.guard = Guard(self)
         self.jsonrpc = JSONRPC(node.dispatcher, max_batch=options.max_batch)
         m = node.metrics
         self.gauge = m.gauge("msgd_stream_connections", "Open JSON-RPC stream connections",

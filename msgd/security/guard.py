@@ -414,6 +414,10 @@ class Access:
             return
         guard = self.guard(request.interface)
         if guard is not None:
+            if request.principal is None and not guard.options.anonymous:
+                # where no handshake could refuse it first (a stream before rpc.login)
+                self._denied.labels(request.interface, "anonymous").inc()
+                raise errors.Unauthorized("authentication required")
             guard.check_rate(request)
         if not self.rules.allows(request.interface, request.principal, action, name):
             self._denied.labels(request.interface, "rule").inc()
