@@ -161,6 +161,12 @@ class StompAndPBTLSTests(unittest.TestCase):
         endpoint = mtls:0:{keys}:caCerts={self.ca['cert']}
         users = node-b:pw node-c:pw
         cert_principal = yes
+
+        [interface:mstream]
+        type = jsonrpc-stream
+        endpoint = mtls:0:{keys}:caCerts={self.ca['cert']}
+        cert_principal = yes
+        anonymous = no
         """
         self.node = make_node(self, ini, APPS)
 
@@ -185,6 +191,31 @@ class StompAndPBTLSTests(unittest.TestCase):
                         data += chunk
                     return data.split(b"\n")[0]
         return deferToThread(go)
+
+    def stream_call(self, cert):
+        import socket
+
+        def go():
+            ctx = ssl.create_default_context(cafile=self.ca["cert"])
+            ctx.load_cert_chain(cert["cert"], cert["key"])
+            with socket.create_connection(("127.0.0.1", self.port("mstream")), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"m.whoami"}\n')
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    return json.loads(data)
+        return deferToThread(go)
+
+    @defer.inlineCallbacks
+    def test_stream_mutual_tls_names_the_principal(self):
+        out = yield self.stream_call(self.client)
+        self.assertEqual(out["result"], "node-b")          # no rpc.login needed: the certificate's CN
+        with self.assertRaises(Exception):
+            yield self.stream_call(self.stranger)
 
     @defer.inlineCallbacks
     def test_stomp_over_tls(self):

@@ -116,10 +116,6 @@ class StreamProtocol(protocol.Protocol):
         self._admitted = True
         iface.connection_opened(self.transport)
         iface.gauge.inc()
-        if iface.options.cert_principal:
-            cn = peer_common_name(self.transport)
-            if cn:
-                self.principal = Principal(cn, frozenset(), "certificate")
         # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
         self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
                                authorize=iface.node.access.authorize_channel)
@@ -168,6 +164,12 @@ class StreamProtocol(protocol.Protocol):
         iface = self.interface
         node = iface.node
         timeout = iface.timeout()
+
+        if self.principal is None and iface.options.cert_principal:
+            # known once the TLS handshake is done, which is before any request can arrive
+            cn = peer_common_name(self.transport)
+            if cn:
+                self.principal = Principal(cn, frozenset(), "certificate")
 
         def make_request():
             return node.new_request(iface.name, timeout=timeout, principal=self.principal)
