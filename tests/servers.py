@@ -271,6 +271,44 @@ def _ldapadd(srv: Server, ldif: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
 
 
+PEOPLE_BASE = "dc=example,dc=org"
+# two people (ann, bob) and two groups (admins: ann; staff: both), for slapd(ldif=...)
+PEOPLE_LDIF = f"""\
+dn: ou=people,{PEOPLE_BASE}
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=groups,{PEOPLE_BASE}
+objectClass: organizationalUnit
+ou: groups
+
+dn: uid=ann,ou=people,{PEOPLE_BASE}
+objectClass: inetOrgPerson
+uid: ann
+cn: Ann Smith
+sn: Smith
+mail: ann@example.org
+userPassword: annpw
+
+dn: uid=bob,ou=people,{PEOPLE_BASE}
+objectClass: inetOrgPerson
+uid: bob
+cn: Bob Jones
+sn: Jones
+userPassword: bobpw
+
+dn: cn=admins,ou=groups,{PEOPLE_BASE}
+objectClass: groupOfNames
+cn: admins
+member: uid=ann,ou=people,{PEOPLE_BASE}
+
+dn: cn=staff,ou=groups,{PEOPLE_BASE}
+objectClass: groupOfNames
+cn: staff
+member: uid=ann,ou=people,{PEOPLE_BASE}
+member: uid=bob,ou=people,{PEOPLE_BASE}
+"""
+
 # -- POP3 ----------------------------------------------------------------------
 
 DOVECOT_CONF = """\

@@ -20,42 +20,7 @@ from tests import servers
 from tests.helpers import ROOT, make_node
 from tests.test_adapter_redis import eventually, hung_listener
 
-BASE = "dc=example,dc=org"
-LDIF = f"""\
-dn: ou=people,{BASE}
-objectClass: organizationalUnit
-ou: people
-
-dn: ou=groups,{BASE}
-objectClass: organizationalUnit
-ou: groups
-
-dn: uid=ann,ou=people,{BASE}
-objectClass: inetOrgPerson
-uid: ann
-cn: Ann Smith
-sn: Smith
-mail: ann@example.org
-userPassword: annpw
-
-dn: uid=bob,ou=people,{BASE}
-objectClass: inetOrgPerson
-uid: bob
-cn: Bob Jones
-sn: Jones
-userPassword: bobpw
-
-dn: cn=admins,ou=groups,{BASE}
-objectClass: groupOfNames
-cn: admins
-member: uid=ann,ou=people,{BASE}
-
-dn: cn=staff,ou=groups,{BASE}
-objectClass: groupOfNames
-cn: staff
-member: uid=ann,ou=people,{BASE}
-member: uid=bob,ou=people,{BASE}
-"""
+BASE, LDIF = servers.PEOPLE_BASE, servers.PEOPLE_LDIF
 
 DIRECTORY = open(os.path.join(ROOT, "apps", "directory.py")).read()
 PING = "def ping():\n    return 'pong'\n"

@@ -15,41 +15,7 @@ from tests.helpers import http, http_port, make_node
 from tests.test_security_matrix import basic
 from tests.wsclient import WS
 
-BASE = "dc=example,dc=org"
-LDIF = f"""\
-dn: ou=people,{BASE}
-objectClass: organizationalUnit
-ou: people
-
-dn: ou=groups,{BASE}
-objectClass: organizationalUnit
-ou: groups
-
-dn: uid=ann,ou=people,{BASE}
-objectClass: inetOrgPerson
-uid: ann
-cn: Ann Smith
-sn: Smith
-userPassword: annpw
-
-dn: uid=bob,ou=people,{BASE}
-objectClass: inetOrgPerson
-uid: bob
-cn: Bob Jones
-sn: Jones
-userPassword: bobpw
-
-dn: cn=admins,ou=groups,{BASE}
-objectClass: groupOfNames
-cn: admins
-member: uid=ann,ou=people,{BASE}
-
-dn: cn=staff,ou=groups,{BASE}
-objectClass: groupOfNames
-cn: staff
-member: uid=ann,ou=people,{BASE}
-member: uid=bob,ou=people,{BASE}
-"""
+BASE, LDIF = servers.PEOPLE_BASE, servers.PEOPLE_LDIF
 
 APPS = {"admin.py": '''
 from msgd import api
