@@ -96,6 +96,9 @@ class StreamTests(unittest.TestCase):
         out = yield deferToThread(c.exchange, call("nope.nope", []))
         self.assertEqual(out[0]["error"]["code"], -32601)
 
+    def test_health_names_the_socket(self):
+        self.assertEqual(self.node.health()["interfaces"]["local"]["listening"], self.path)
+
     @defer.inlineCallbacks
     def test_batch(self):
         c = yield self.client()

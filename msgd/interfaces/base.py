@@ -9,6 +9,8 @@ those that do not close within a grace period.
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -104,7 +106,8 @@ class Listener(Interface):
         host = self.port.getHost()
         if hasattr(host, "port"):
             return f"{host.host}:{host.port}"
-        return str(getattr(host, "name", host))
+        name = getattr(host, "name", host)      # a unix socket's path (bytes)
+        return os.fsdecode(name) if isinstance(name, bytes) else str(name)
 
     def describe(self) -> dict:
         return dict(super().describe(), listening=self.address(), connections=len(self.connections))
