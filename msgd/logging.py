@@ -24,6 +24,11 @@ a level set for ``msgd`` covers ``msgd.core.apps``).  They come from
 ``[node] log_level`` / ``log_levels`` and can be changed while running
 (:meth:`LogSetup.set_level`, the admin call ``/admin/log-level``, or a reload).
 
+Autobahn logs through txaio, whose loggers turn the levels below txaio's
+global level into no-ops before any event is made (Autobahn logs at debug
+several times per WebSocket message); :class:`LogSetup` keeps that level at
+the most verbose one set for ``*`` or an ``autobahn``/``txaio`` namespace.
+
 twistd's own logger is replaced through the application's ``ILogObserver``
 component (see :mod:`msgd.tap`); lines go where twistd's ``--logfile`` says
 (``-`` or ``--nodaemon`` without it: standard output, which systemd hands to
@@ -111,6 +116,12 @@ def event_as_text(event: dict) -> str:
     return line.replace("\n", "\n\t") + "\n"
 
 
+def _set_txaio_level(level: LogLevel) -> None:
+    import txaio
+    txaio.use_twisted()
+    txaio.set_global_log_level(level.name)     # twisted's level names are txaio's
+
+
 class LogSetup:
     """The node's log observer: format and per-namespace levels, both
     changeable while running.  ``stream`` is a file opened for text."""
@@ -144,6 +155,8 @@ class LogSetup:
             raise BadLevel(f"{namespace!r} is not a log namespace (e.g. msgd.core.apps)")
         self.predicate.setLogLevelForNamespace("" if namespace == "*" else namespace, lvl)
         self._levels["*" if namespace in ("", "*") else namespace] = lvl.name
+        _set_txaio_level(min((level_named(name) for ns, name in self._levels.items()
+                              if ns == "*" or ns.split(".")[0] in ("autobahn", "txaio")), default=lvl))
 
     def levels(self) -> dict:
         """The levels in force: ``{"*": default, namespace: level, ...}``."""

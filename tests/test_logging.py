@@ -89,6 +89,31 @@ class FormatTests(unittest.TestCase):
         setup.configure("text", "warn")
         self.assertEqual(setup.levels(), {"*": "warn"})
 
+    def test_autobahn_debug_lines_exist_only_when_asked_for(self):
+        """Autobahn's txaio loggers make no event at all below the levels set
+        for ``*`` or ``autobahn``: its per-message debug calls cost nothing."""
+        import txaio
+        from twisted.logger import globalLogPublisher
+        txaio.use_twisted()
+        self.addCleanup(txaio.set_global_log_level, "info")
+        probe = txaio.make_logger()
+        seen = []
+
+        def observer(event):
+            if event.get("log_format") == "probe":
+                seen.append(event["log_level"])
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        setup = LogSetup(io.StringIO(), "text", "info")
+        probe.debug("probe")
+        probe.info("probe")
+        setup.set_level("autobahn.websocket", "debug")
+        probe.debug("probe")
+        setup.configure("text", "error")
+        probe.info("probe")
+        probe.error("probe")
+        self.assertEqual(seen, [LogLevel.info, LogLevel.debug, LogLevel.error])
+
 
 APP = '''
 from twisted.logger import Logger

@@ -76,11 +76,23 @@ def _stomp_session_class():
         return None
 
 
+log = Logger()
+
+# Autobahn copies these options from the factory to each new connection and,
+# doing so, formats all of them with pprint for a debug line, logged or not:
+# a fifth of the CPU a new connection costs.  MsgdWebSocket copies them itself
+# and leaves Autobahn none to copy.
+_PROTOCOL_OPTIONS = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
 @implementer(IPushProducer)
 class MsgdWebSocket(WebSocketServerProtocol):
-    """One browser (or other client) connection."""
+    """One browser (or other client) connection.  ``self.log`` stays
+    Autobahn's own (txaio's, whose levels below ``[node] log_level`` are
+    no-ops: Autobahn logs at debug several times per message); msgd's own
+    lines go to this module's ``log``."""
 
-    log = Logger()
+    CONFIG_ATTRS = ()
     principal = None
     session = None
     builtins = None
@@ -91,6 +103,11 @@ class MsgdWebSocket(WebSocketServerProtocol):
     _closing = False
     _opened = False
     _refusal = None
+
+    def connectionMade(self):
+        factory = self.factory
+        self.__dict__.update({name: getattr(factory, name) for name in _PROTOCOL_OPTIONS})
+        super().connectionMade()
 
     # -- handshake -------------------------------------------------------------
 
@@ -178,7 +195,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         answer = self.factory.jsonrpc.answer(payload, make_request, self.builtins)
         if isinstance(answer, Deferred):
             answer.addCallback(self._answer)
-            answer.addErrback(lambda f: self.log.failure("WebSocket message failed", f))
+            answer.addErrback(lambda f: log.failure("WebSocket message failed", f))
         elif answer is not None:
             self._answer(answer)
 
@@ -221,7 +238,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self._closing = True
         self._backlog, self._backlog_bytes = None, 0
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
-        self.log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
+        log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
                       peer=self.peer, limit=limit)
         # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
         # The close handshake timeout drops the connection when the client does not answer.
