@@ -107,6 +107,37 @@ class OutboxTests(unittest.TestCase):
         self.assertEqual(self.rows(), [])
         self.assertEqual(self.metrics.value("msgd_outbox_dropped_total", {"peer": "b", "reason": "expired"}), 1)
 
+    def test_expiring_in_flight_then_failing_is_dropped_not_retried(self):
+        peer = self.peers["b"]
+        self.outbox.send("b", "m.take", ["x"], ttl=3)
+        self.clock.advance(4)                 # expires while its delivery is out
+        peer.answer(ok=False)
+        self.assertEqual(self.rows(), [])
+        self.clock.advance(10)
+        self.assertEqual(peer.pending, [])
+        self.assertEqual(self.metrics.value("msgd_outbox_dropped_total", {"peer": "b", "reason": "expired"}), 1)
+
+    def test_expiry_waits_for_no_retry(self):
+        """A message waiting out a long back-off is dropped when its ttl ends."""
+        peer = self.peers["b"]
+        self.outbox.max_delay = self.outbox.base_delay = 100.0
+        self.outbox.send("b", "m.take", ["x"], ttl=10)
+        peer.answer(ok=False)                 # next try in 100 s
+        self.clock.advance(10)
+        self.assertEqual(self.rows(), [])
+        self.assertEqual(self.metrics.value("msgd_outbox_dropped_total", {"peer": "b", "reason": "expired"}), 1)
+
+    def test_bookkeeping_stays_bounded(self):
+        """Delivered messages leave nothing behind in the scheduling heaps,
+        however long their ttl."""
+        peer = self.peers["b"]
+        for i in range(500):
+            self.outbox.send("b", "m.take", [i], ttl=86400)
+            peer.answer()
+        self.assertEqual(len(self.outbox.queues["b"]), 0)
+        self.assertLessEqual(len(self.outbox._expiry["b"]), 64)
+        self.assertLessEqual(len(self.outbox._due["b"]), 64)
+
     def test_refused_for_good_is_dropped(self):
         peer = self.peers["b"]
         self.outbox.send("b", "m.nothing", ["x"])

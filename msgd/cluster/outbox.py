@@ -33,6 +33,8 @@ one connection guarded by a lock.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import sqlite3
@@ -120,6 +122,13 @@ class Outbox:
         self.base_delay, self.max_delay, self.window = base_delay, max_delay, window
         self.queues: dict[str, OrderedDict[str, Message]] = {}
         self.in_flight: dict[str, set[str]] = {}
+        # per peer, heaps of (time, tie, id): when each message not in flight is due, and
+        # when each one with a ttl expires.  A pass looks only at what is due, so a long
+        # queue to a peer that is down costs O(log n) per send or failure, not a scan.
+        # Entries go stale (a message forgotten, sent, or rescheduled) and are skipped.
+        self._due: dict[str, list] = {}
+        self._expiry: dict[str, list] = {}
+        self._tie = itertools.count()
         self._timers: dict[str, object] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
@@ -142,7 +151,7 @@ class Outbox:
             "SELECT id, peer, target, body, created, expires FROM messages ORDER BY seq").fetchall())
         for mid, peer, target, body, created, expires in rows:
             args, kwargs = json.loads(body)
-            self._queue(peer)[mid] = Message(mid, peer, target, args, kwargs, created, expires)
+            self._add(Message(mid, peer, target, args, kwargs, created, expires))
         if rows:
             self.log.info("outbox: {n} message(s) left from before, delivering", n=len(rows))
         for peer in list(self.queues):
@@ -161,6 +170,7 @@ class Outbox:
         if q is None:
             q = self.queues[peer] = OrderedDict()
             self.in_flight[peer] = set()
+            self._due[peer], self._expiry[peer] = [], []
             if self._m is not None:
                 self._m[3].labels(peer).set_function(lambda: len(q))
                 self._m[4].labels(peer).set_function(
@@ -190,18 +200,31 @@ class Outbox:
                          (msg.id, peer, target, body, msg.created, msg.expires))
 
         def written(_):
-            self._queue(peer)[msg.id] = msg
+            self._add(msg)
             self._pump(peer)
             return msg.id
         return self.run_blocking(self.db.run, insert).addCallback(written)
+
+    def _add(self, msg: Message) -> None:
+        self._queue(msg.peer)[msg.id] = msg
+        tie = next(self._tie)
+        heapq.heappush(self._due[msg.peer], (msg.next_try, tie, msg.id))
+        if msg.expires is not None:
+            heapq.heappush(self._expiry[msg.peer], (msg.expires, tie, msg.id))
+
+    def _retry_at(self, msg: Message, when: float) -> None:
+        msg.next_try = when
+        heapq.heappush(self._due[msg.peer], (when, next(self._tie), msg.id))
 
     def kick(self, peer: str) -> None:
         """The peer is reachable again: retry its messages now."""
         q = self.queues.get(peer)
         if not q:
             return
+        flying = self.in_flight[peer]
         for msg in q.values():
             msg.next_try = 0.0
+        self._due[peer] = [(0.0, next(self._tie), mid) for mid in q if mid not in flying]   # in order: a heap
         self._pump(peer)
 
     # -- delivering -------------------------------------------------------------------
@@ -229,26 +252,36 @@ class Outbox:
         target = self.peers.get(peer)
         if target is None:
             return            # a peer no longer configured: its messages wait in the file
-        ordered = target.ordered
         now = self.clock.seconds()
-        wake = None
-        for msg in list(q.values()):
-            if ordered and flying:
-                break
-            if len(flying) >= self.window:
-                break
-            if msg.id in flying:
-                continue
-            if msg.expires is not None and now >= msg.expires:
+        expiry, due = self._expiry[peer], self._due[peer]
+        while expiry and expiry[0][0] <= now:
+            mid = heapq.heappop(expiry)[2]
+            msg = q.get(mid)
+            if msg is not None and mid not in flying:   # one in flight is dropped if it fails (_failed)
                 self._drop(msg, "expired")
-                continue
-            if msg.next_try > now:
-                wake = msg.next_try if wake is None else min(wake, msg.next_try)
-                if ordered:
-                    break
-                continue
-            flying.add(msg.id)
-            self._deliver(target, msg)
+        if target.ordered:
+            # one at a time, in the order sent: only the head of the queue matters
+            while q and not flying:
+                msg = next(iter(q.values()))
+                if msg.expires is not None and now >= msg.expires:
+                    self._drop(msg, "expired")
+                    continue
+                if msg.next_try <= now:
+                    flying.add(msg.id)
+                    self._deliver(target, msg)
+                break
+            wake = next(iter(q.values())).next_try if q and not flying else None
+        else:
+            while due and due[0][0] <= now and len(flying) < self.window:
+                when, _, mid = heapq.heappop(due)
+                msg = q.get(mid)
+                if msg is None or mid in flying or msg.next_try != when:
+                    continue                            # stale: forgotten, sent, or rescheduled
+                flying.add(mid)
+                self._deliver(target, msg)
+            wake = due[0][0] if due and len(flying) < self.window else None
+        if expiry:
+            wake = expiry[0][0] if wake is None else min(wake, expiry[0][0])
         self._schedule(peer, wake)
 
     def _schedule(self, peer: str, when: float | None) -> None:
@@ -278,8 +311,11 @@ class Outbox:
             self.log.error("outbox: peer {peer} refused message {id} to {target} for good ({error}); dropped",
                            peer=msg.peer, id=msg.id, target=msg.target, error=msg.error)
             return self._drop(msg, "rejected")
+        now = self.clock.seconds()
+        if msg.expires is not None and now >= msg.expires:
+            return self._drop(msg, "expired")
         delay = min(self.max_delay, self.base_delay * 2 ** (msg.attempts - 1))
-        msg.next_try = self.clock.seconds() + delay
+        self._retry_at(msg, now + delay)
         if self._m is not None:
             self._m[2].labels(msg.peer).inc()
         self.log.debug("outbox: delivery of {id} to {peer} failed ({error}); retry in {delay}s",
@@ -295,7 +331,12 @@ class Outbox:
         return self._forget(msg)
 
     def _forget(self, msg: Message):
-        self.queues[msg.peer].pop(msg.id, None)
+        q = self.queues[msg.peer]
+        q.pop(msg.id, None)
+        expiry = self._expiry[msg.peer]
+        if len(expiry) > 2 * len(q) + 64:     # entries of messages gone wait for their ttl: drop them now
+            self._expiry[msg.peer] = [(m.expires, next(self._tie), m.id) for m in q.values() if m.expires is not None]
+            heapq.heapify(self._expiry[msg.peer])
         d = self.run_blocking(self.db.run, lambda c: c.execute("DELETE FROM messages WHERE id = ?", (msg.id,)))
         d.addCallback(lambda _: self._pump(msg.peer))
         return d
