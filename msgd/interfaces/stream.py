@@ -101,8 +101,7 @@ class StreamProtocol(protocol.Protocol):
         self._backlog: list[bytes] = []
         self._backlog_bytes = 0
         self._closing = False
-
-    _admitted = False
+        self._admitted = False      # within the connection limits (then released when it closes)
 
     def connectionMade(self):
         iface = self.interface

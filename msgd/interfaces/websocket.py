@@ -239,7 +239,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self._backlog, self._backlog_bytes = None, 0
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
         log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
-                      peer=self.peer, limit=limit)
+                 peer=self.peer, limit=limit)
         # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
         # The close handshake timeout drops the connection when the client does not answer.
         self.sendCloseFrame(1008, f"slow consumer: more than {limit} bytes unsent".encode())
