@@ -433,8 +433,11 @@ class Failures:
 
 
 def main(argv) -> int:
+    import argparse
     from twisted.logger import globalLogBeginner
-    per = int(argv[0]) if argv else 20_000
+    p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
+    p.add_argument("n", nargs="?", type=int, default=20_000, help="inputs per decoder (default 20,000)")
+    per = p.parse_args(argv).n
     variants = 7                    # each generated input is followed by 7 damaged copies of it
     examples = max(1, per // (variants + 1))
     failures = Failures()
