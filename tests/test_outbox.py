@@ -135,8 +135,17 @@ class OutboxTests(unittest.TestCase):
             self.outbox.send("b", "m.take", [i], ttl=86400)
             peer.answer()
         self.assertEqual(len(self.outbox.queues["b"]), 0)
-        self.assertLessEqual(len(self.outbox._expiry["b"]), 64)
-        self.assertLessEqual(len(self.outbox._due["b"]), 64)
+        self.assertLessEqual(len(self.outbox._expiry["b"]) + len(self.outbox._due["b"]), 128)
+
+    def test_bookkeeping_stays_bounded_for_an_ordered_peer(self):
+        self.peers["o"] = peer = FakePeer(ordered=True)
+        for i in range(500):
+            self.outbox.send("o", "m.take", [i], ttl=86400)
+            peer.answer(ok=False)             # a retry first, then accepted
+            self.clock.advance(1)
+            peer.answer()
+        self.assertEqual((len(self.outbox.queues["o"]), len(peer.seen)), (0, 1000))
+        self.assertLessEqual(len(self.outbox._expiry["o"]) + len(self.outbox._due["o"]), 128)
 
     def test_refused_for_good_is_dropped(self):
         peer = self.peers["b"]

@@ -216,6 +216,15 @@ class Outbox:
         msg.next_try = when
         heapq.heappush(self._due[msg.peer], (when, next(self._tie), msg.id))
 
+    def _compact(self, peer: str) -> None:
+        """Rebuild the heaps from the queue: stale entries otherwise wait for
+        their time (a ttl of a day), and an ordered peer's are never popped."""
+        q, flying = self.queues[peer], self.in_flight[peer]
+        self._due[peer] = [(m.next_try, next(self._tie), m.id) for m in q.values() if m.id not in flying]
+        self._expiry[peer] = [(m.expires, next(self._tie), m.id) for m in q.values() if m.expires is not None]
+        heapq.heapify(self._due[peer])
+        heapq.heapify(self._expiry[peer])
+
     def kick(self, peer: str) -> None:
         """The peer is reachable again: retry its messages now."""
         q = self.queues.get(peer)
@@ -333,10 +342,8 @@ class Outbox:
     def _forget(self, msg: Message):
         q = self.queues[msg.peer]
         q.pop(msg.id, None)
-        expiry = self._expiry[msg.peer]
-        if len(expiry) > 2 * len(q) + 64:     # entries of messages gone wait for their ttl: drop them now
-            self._expiry[msg.peer] = [(m.expires, next(self._tie), m.id) for m in q.values() if m.expires is not None]
-            heapq.heapify(self._expiry[msg.peer])
+        if len(self._due[msg.peer]) + len(self._expiry[msg.peer]) > 4 * len(q) + 128:
+            self._compact(msg.peer)
         d = self.run_blocking(self.db.run, lambda c: c.execute("DELETE FROM messages WHERE id = ?", (msg.id,)))
         d.addCallback(lambda _: self._pump(msg.peer))
         return d
