@@ -131,8 +131,13 @@ class BrowserTests(unittest.TestCase):
 
         # steady traffic while the page watches: its figures follow
         traffic = task.LoopingCall(rpc, port, {"jsonrpc": "2.0", "id": 1, "method": "m.ping"})
-        traffic.start(0.02)
-        self.addCleanup(lambda: traffic.running and traffic.stop())
+        traffic_done = traffic.start(0.02)      # fires once stopped and the call in flight is answered
+
+        def stop_traffic():
+            if traffic.running:
+                traffic.stop()
+            return traffic_done
+        self.addCleanup(stop_traffic)
         live = yield deferToThread(wait_for, driver, "Number(document.getElementById('total').textContent) > 20 "
                                                      "&& document.getElementById('p95').textContent.endsWith(' ms')")
         self.assertTrue(live)
@@ -155,7 +160,7 @@ class BrowserTests(unittest.TestCase):
                     p95: t('p95'), rate: t('rate'), interfaces: cells('interfaces'), modules: cells('modules'),
                     adapters: cells('adapters'), inked: inked, text: document.body.innerText};
         """)
-        traffic.stop()
+        yield stop_traffic()
         self.assertEqual(page["node"], "test")
         self.assertEqual(page["status"], "ok")
         self.assertGreater(int(page["total"]), 20)
