@@ -64,7 +64,17 @@ def call(method, params, id=1):
     return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
 
 
-class StreamTests(unittest.TestCase):
+class Base(unittest.TestCase):
+    """Connects LineClients to ``self.path`` (closed at cleanup)."""
+
+    @defer.inlineCallbacks
+    def client(self):
+        c = yield deferToThread(LineClient, self.path)
+        self.addCleanup(c.close)
+        return c
+
+
+class StreamTests(Base):
     def setUp(self):
         # unix socket paths are limited to ~100 bytes: not under _trial_temp
         self.dir = tempfile.mkdtemp(prefix="msgd-stream-")
@@ -80,11 +90,6 @@ class StreamTests(unittest.TestCase):
             """, APPS)
         return self.node.interfaces["local"].ready
 
-    @defer.inlineCallbacks
-    def client(self):
-        c = yield deferToThread(LineClient, self.path)
-        self.addCleanup(c.close)
-        return c
 
     @defer.inlineCallbacks
     def test_call_and_errors(self):
@@ -195,7 +200,7 @@ class StreamTests(unittest.TestCase):
             p.connectionLost(None)
 
 
-class LoginTests(unittest.TestCase):
+class LoginTests(Base):
     """The interface's security keys on a stream: rpc.login with a password
     or a token, anonymous callers refused until then, login throttling,
     connection limits and per-principal rules."""
@@ -231,11 +236,6 @@ class LoginTests(unittest.TestCase):
                                          "    p = api.request().principal\n    return p and p.name\n"}))
         return self.node.interfaces["local"].ready
 
-    @defer.inlineCallbacks
-    def client(self):
-        c = yield deferToThread(LineClient, self.path)
-        self.addCleanup(c.close)
-        return c
 
     def ask(self, c, method, params, id=1):
         return deferToThread(c.exchange, call(method, params, id))
