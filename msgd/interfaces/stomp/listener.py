@@ -13,25 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import bcrypt
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
-from msgd.core import errors
 from msgd.interfaces.base import Listener
 from msgd.interfaces.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.security import Guard, SecurityOptions
+from msgd.security.credentials import PasswordFileChecker
 
 
 @dataclass(frozen=True)
 class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security.rst
     endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:61613:interface=127.0.0.1")
     users: str | None = option(None, parse=optional_path,
-                               doc="password file (lines login:bcrypt-hash); when set, CONNECT needs a valid "
-                                   "login and passcode")
+                               doc="password file (lines login:bcrypt-hash[:roles], as auth_file); when set, "
+                                   "CONNECT needs a valid login and passcode")
     request_timeout: float | None = option(None, parse=optional_duration,
                                            doc="deadline of /app calls (default: [node] request_timeout)")
     heartbeat: float = option(10.0, parse=duration,
@@ -54,21 +53,6 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
         super().check()
         if self.max_body > self.max_frame:
             raise Invalid("max_body must not exceed max_frame", "max_body")
-
-
-def load_users(path: str) -> dict[str, bytes]:
-    """``login:bcrypt-hash`` lines (blank lines and ``#`` comments skipped)."""
-    users = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            login, sep, hashed = line.partition(":")
-            if not sep or not hashed.startswith("$2"):
-                raise ValueError(f"{path}:{n}: expected login:bcrypt-hash")
-            users[login] = hashed.encode()
-    return users
 
 
 @implementer(IPushProducer)
@@ -135,7 +119,6 @@ class StompInterface(Listener):
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         o = options
-        self.users = load_users(o.users) if o.users else None
         hb = int(o.heartbeat * 1000)
         self.session_options = SessionOptions(
             limits=Limits(max_frame=o.max_frame, max_headers=o.max_headers,
@@ -144,6 +127,9 @@ class StompInterface(Listener):
             max_subscriptions=o.max_subscriptions, max_unacked=o.max_unacked, max_in_flight=o.max_in_flight,
             max_pending=o.max_pending, authenticate=self.authenticate)
         self.guard = Guard(self)
+        if o.users:     # the older key: a password file checked by the guard like auth = password's
+            self.guard.checker = PasswordFileChecker(o.users, node.run_blocking)
+            self.guard.checker.users()     # read now: a missing or bad file stops start-up
         self.stomp_connections = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
                                                     ["interface"]).labels(name)
 
@@ -153,23 +139,12 @@ class StompInterface(Listener):
         return f
 
     def authenticate(self, login: str, passcode: str):
-        """The principal of a CONNECT: through the interface's guard (``auth
-        = password|ldap``, ``anonymous``; see msgd.security) unless the
-        older ``users`` file is set, which gives the login as principal when
-        the passcode matches its bcrypt hash (in the thread pool: bcrypt is
-        slow on purpose).  A login is never believed unchecked."""
-        if self.users is None:
-            if self.guard.checker is None and not (passcode and not login):
-                return self.guard.anonymous()  # auth = none: anonymous, whatever login is claimed
-            if login or passcode or not self.options.anonymous:
-                return self.guard.login(login, passcode)
-            return None
-        hashed = self.users.get(login)
-        if hashed is None:
-            raise errors.Unauthorized("unknown login")
-
-        def check():
-            if not bcrypt.checkpw(passcode.encode(), hashed):
-                raise errors.Unauthorized("wrong passcode")
-            return login
-        return self.node.run_blocking(check)
+        """The principal of a CONNECT, through the interface's guard (``auth
+        = password|ldap`` or the older ``users`` file, tokens, ``anonymous``,
+        login throttling; see msgd.security).  A login is never believed
+        unchecked; with ``users`` set, CONNECT needs one."""
+        if self.guard.checker is None and not (passcode and not login):
+            return self.guard.anonymous()  # auth = none: anonymous, whatever login is claimed
+        if login or passcode or not self.options.anonymous or self.options.users:
+            return self.guard.login(login, passcode)
+        return None
