@@ -43,16 +43,21 @@ def post(port, ca, cert=None, path="/rpc"):
     return deferToThread(go)
 
 
+def make_certificates(testcase) -> None:
+    """The test CA and another CA; certificates for the server (node-a),
+    a client (node-b) and a stranger claiming node-b from the other CA."""
+    d = testcase.dir = os.path.abspath(testcase.mktemp())
+    os.makedirs(d)
+    testcase.ca = make_ca(d)
+    testcase.other_ca = make_ca(d, "other-ca", "another CA")
+    testcase.server = make_cert(testcase.ca, d, "node", "node-a")
+    testcase.client = make_cert(testcase.ca, d, "client", "node-b")
+    testcase.stranger = make_cert(testcase.other_ca, d, "stranger", "node-b")
+
+
 class TLSTests(unittest.TestCase):
     def setUp(self):
-        d = os.path.abspath(self.mktemp())
-        os.makedirs(d)
-        self.ca = make_ca(d)
-        self.other_ca = make_ca(d, "other-ca", "another CA")
-        self.server = make_cert(self.ca, d, "node", "node-a")
-        self.client = make_cert(self.ca, d, "client", "node-b")
-        self.stranger = make_cert(self.other_ca, d, "stranger", "node-b")
-        self.dir = d
+        make_certificates(self)
 
     def node(self, endpoint: str, extra: str = ""):
         ini = f"""
@@ -134,13 +139,7 @@ class StompAndPBTLSTests(unittest.TestCase):
     ``mtls:`` STOMP listener refuses a client certificate from another CA."""
 
     def setUp(self):
-        d = os.path.abspath(self.mktemp())
-        os.makedirs(d)
-        self.ca = make_ca(d)
-        self.other_ca = make_ca(d, "other-ca", "another CA")
-        self.server = make_cert(self.ca, d, "node", "node-a")
-        self.client = make_cert(self.ca, d, "client", "node-b")
-        self.stranger = make_cert(self.other_ca, d, "stranger", "node-b")
+        make_certificates(self)
         keys = f"interface=127.0.0.1:privateKey={self.server['key']}:certKey={self.server['cert']}"
         ini = f"""
         [interface:stomp]
