@@ -6,7 +6,11 @@ import json
 import os
 import textwrap
 
+import socket
+
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -52,6 +56,41 @@ def make_node(testcase, ini: str, apps: dict[str, str] | None = None, start: boo
 
 def http_port(node, name: str = "web") -> int:
     return node.interfaces[name].port.getHost().port
+
+
+@defer.inlineCallbacks
+def eventually(check, tries=200, step=0.02):
+    """Wait (bounded) until ``check()`` (may return a Deferred) is true."""
+    for _ in range(tries):
+        if (yield defer.maybeDeferred(check)):
+            return
+        yield deferLater(reactor, step, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+class Hung(Protocol):
+    """Accepts and never answers."""
+
+
+def hung_listener(testcase) -> int:
+    port = reactor.listenTCP(0, Factory.forProtocol(Hung), interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+@defer.inlineCallbacks
+def disconnect_cancels(testcase, node, port: int, path: bytes, body: bytes, calls: list):
+    """POST ``body`` to ``path`` through a raw socket, wait for the app to
+    record ``"started"`` in ``calls``, drop the connection, and check that the
+    call was cancelled (``"cancelled"``) and nothing is left in flight."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s"
+              % (path, len(body), body))
+    yield eventually(lambda: calls == ["started"], step=0.01)
+    s.close()
+    yield eventually(lambda: len(calls) > 1, step=0.01)
+    testcase.assertEqual(calls, ["started", "cancelled"])
+    testcase.assertEqual(node.dispatcher.in_flight, 0)
 
 
 @defer.inlineCallbacks

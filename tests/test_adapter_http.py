@@ -14,8 +14,7 @@ from twisted.web import resource, server
 from msgd.adapters import base
 
 from tests import servers
-from tests.helpers import breaker_opens, make_node
-from tests.test_adapter_redis import eventually, hung_listener
+from tests.helpers import breaker_opens, eventually, hung_listener, make_node
 from tests.test_adapter_smtp import self_signed
 
 

@@ -17,8 +17,7 @@ from msgd.adapters.ldap import ldap_dn, ldap_filter
 from msgd.core import errors
 
 from tests import servers
-from tests.helpers import ROOT, make_node
-from tests.test_adapter_redis import eventually, hung_listener
+from tests.helpers import ROOT, eventually, hung_listener, make_node
 
 BASE, LDIF = servers.PEOPLE_BASE, servers.PEOPLE_LDIF
 

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 
-from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from msgd.adapters import base
 from msgd.core import errors
 
 from tests import servers
-from tests.helpers import ROOT, breaker_opens, make_node
+from tests.helpers import ROOT, breaker_opens, eventually, hung_listener, make_node
 
 COUNTER = open(os.path.join(ROOT, "apps", "counter.py")).read()
 
@@ -31,26 +29,6 @@ def ini(url: str, **extra) -> str:
 
 def call(node, target, *args, timeout=5.0):
     return node.dispatcher.call(node.new_request("test", timeout=timeout), target, args, {})
-
-
-@defer.inlineCallbacks
-def eventually(check, tries=200, step=0.02):
-    """Wait (bounded) until ``check()`` (may return a Deferred) is true."""
-    for _ in range(tries):
-        if (yield defer.maybeDeferred(check)):
-            return
-        yield deferLater(reactor, step, lambda: None)
-    raise AssertionError("condition not reached")
-
-
-class Hung(Protocol):
-    """Accepts and never answers."""
-
-
-def hung_listener(testcase) -> int:
-    port = reactor.listenTCP(0, Factory.forProtocol(Hung), interface="127.0.0.1")
-    testcase.addCleanup(port.stopListening)
-    return port.getHost().port
 
 
 class RedisTests(unittest.TestCase):

@@ -20,8 +20,7 @@ from zope.interface import implementer
 from msgd.adapters import base
 
 from tests import servers
-from tests.helpers import breaker_opens, make_node
-from tests.test_adapter_redis import eventually, hung_listener
+from tests.helpers import breaker_opens, eventually, hung_listener, make_node
 
 
 def self_signed(hostname="localhost") -> tuple[bytes, bytes]:

@@ -16,8 +16,7 @@ from msgd.adapters import base
 from msgd.core import errors
 
 from tests import servers
-from tests.helpers import make_node
-from tests.test_adapter_redis import eventually, hung_listener
+from tests.helpers import eventually, hung_listener, make_node
 
 PING = """
 def ping():

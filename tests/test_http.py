@@ -1,10 +1,9 @@
 import json
-import socket
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.helpers import http, http_port, make_node, rpc
+from tests.helpers import disconnect_cancels, http, http_port, make_node, rpc
 
 INI = """
 [node]
@@ -139,19 +138,5 @@ class HTTPTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_client_disconnect_cancels_call(self):
-        mod = self.node.apps.modules["m"].module
-        body = b'{"jsonrpc":"2.0","id":1,"method":"m.hold"}'
-        s = socket.create_connection(("127.0.0.1", self.port))
-        s.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        for _ in range(200):
-            if mod.calls:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(mod.calls, ["started"])
-        s.close()
-        for _ in range(200):
-            if len(mod.calls) > 1:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(mod.calls, ["started", "cancelled"])
-        self.assertEqual(self.node.dispatcher.in_flight, 0)
+        yield disconnect_cancels(self, self.node, self.port, b"/rpc", b'{"jsonrpc":"2.0","id":1,"method":"m.hold"}',
+                                 self.node.apps.modules["m"].module.calls)

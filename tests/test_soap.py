@@ -4,20 +4,19 @@ with raw envelopes for the fault forms."""
 import datetime
 import json
 import os
-import socket
 from decimal import Decimal
 
 import zeep
 import zeep.exceptions
 from lxml import etree
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.interfaces.soap import SOAP11, SOAP12
 from msgd.interfaces.soap.service import Service
 
-from tests.helpers import ROOT, http, http_port, make_node, write
+from tests.helpers import ROOT, disconnect_cancels, http, http_port, make_node, write
 
 INI = """
 [node]
@@ -222,22 +221,8 @@ class RawTests(SOAPCase):
 
     @defer.inlineCallbacks
     def test_client_disconnect_cancels_call(self):
-        mod = self.node.apps.modules["t"].module
-        body = envelope(SOAP11, "<t:hold/>")
-        s = socket.create_connection(("127.0.0.1", self.port))
-        s.sendall(b"POST /soap/t HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
-        for _ in range(200):
-            if mod.calls:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        s.close()
-        for _ in range(200):
-            if len(mod.calls) > 1:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(mod.calls, ["started", "cancelled"])
-        self.assertEqual(self.node.dispatcher.in_flight, 0)
+        yield disconnect_cancels(self, self.node, self.port, b"/soap/t", envelope(SOAP11, "<t:hold/>"),
+                                 self.node.apps.modules["t"].module.calls)
 
     @defer.inlineCallbacks
     def test_index_unknown_module_and_plain_get(self):

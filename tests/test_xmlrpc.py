@@ -2,11 +2,10 @@
 socket (in a thread, so the node keeps running on the reactor)."""
 
 import datetime
-import socket
 import xmlrpc.client
 from decimal import Decimal
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from msgd.core import errors
@@ -14,7 +13,7 @@ from msgd.core import typehints
 from msgd.interfaces import xmlrpc as xr
 from msgd.interfaces import xmlsafe
 
-from tests.helpers import http, http_port, make_node
+from tests.helpers import disconnect_cancels, http, http_port, make_node
 
 INI = """
 [node]
@@ -207,21 +206,8 @@ class XMLRPCClientTests(ClientCase):
 
     @defer.inlineCallbacks
     def test_client_disconnect_cancels_call(self):
-        mod = self.node.apps.modules["m"].module
-        body = xmlrpc.client.dumps((), "m.hold").encode()
-        s = socket.create_connection(("127.0.0.1", self.port))
-        s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        for _ in range(200):
-            if mod.calls:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        s.close()
-        for _ in range(200):
-            if len(mod.calls) > 1:
-                break
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(mod.calls, ["started", "cancelled"])
-        self.assertEqual(self.node.dispatcher.in_flight, 0)
+        yield disconnect_cancels(self, self.node, self.port, b"/RPC2", xmlrpc.client.dumps((), "m.hold").encode(),
+                                 self.node.apps.modules["m"].module.calls)
 
 
 class ExtensionsTests(ClientCase):
