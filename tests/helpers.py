@@ -59,13 +59,14 @@ def http_port(node, name: str = "web") -> int:
 
 
 @defer.inlineCallbacks
-def eventually(check, tries=200, step=0.02):
-    """Wait (bounded) until ``check()`` (may return a Deferred) is true."""
-    for _ in range(tries):
+def eventually(check, timeout=10.0, step=0.02):
+    """Let the reactor run until ``check()`` (may return a Deferred) is true,
+    polling every ``step`` seconds; fail after ``timeout``."""
+    for _ in range(max(1, int(timeout / step))):
         if (yield defer.maybeDeferred(check)):
             return
         yield deferLater(reactor, step, lambda: None)
-    raise AssertionError("condition not reached")
+    raise AssertionError(f"condition not reached within {timeout}s")
 
 
 class Hung(Protocol):

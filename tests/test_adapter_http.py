@@ -117,7 +117,7 @@ class HTTPTests(unittest.TestCase):
         self.assertIn(base.CircuitOpen, seen)
         self.port = reactor.listenTCP(number, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
-        yield eventually(lambda: self.svc.get_json("/ok").addCallbacks(lambda r: True, lambda f: False), tries=300)
+        yield eventually(lambda: self.svc.get_json("/ok").addCallbacks(lambda r: True, lambda f: False))
         self.assertEqual(self.svc.describe()["breaker"], "closed")
 
 

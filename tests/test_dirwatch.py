@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from msgd.config import ConfigError, parse_text
-from tests.helpers import make_node
+from tests.helpers import eventually, make_node
 from tests.process import NodeProcess
 
 APP = '''
@@ -40,16 +40,6 @@ handler = t.take
 poll_interval = 0.1
 {lines}
 """
-
-
-@defer.inlineCallbacks
-def until(cond, timeout=10.0, step=0.02):
-    """Wait (on the reactor, bounded) until ``cond()`` is true."""
-    for _ in range(int(timeout / step)):
-        if cond():
-            return
-        yield task.deferLater(reactor, step, lambda: None)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def pause(seconds):
@@ -93,7 +83,7 @@ class DirWatchTests(unittest.TestCase):
         for i in range(5):
             self.put(f"a{i}.json", b"%d" % i, old=True)
         self.start()
-        yield until(lambda: len(self.listing("done")) == 5)
+        yield eventually(lambda: len(self.listing("done")) == 5)
         self.assertEqual(sorted(self.seen), [(f"a{i}.json", b"%d" % i, False) for i in range(5)])
         self.assertEqual(self.listing(), [])
         self.assertEqual(self.listing("processing"), [])
@@ -117,7 +107,7 @@ class DirWatchTests(unittest.TestCase):
         finally:
             for f in files:
                 f.close()
-        yield until(lambda: len(self.listing("done")) == 3)
+        yield eventually(lambda: len(self.listing("done")) == 3)
         whole = b"".join(b"%d" % c * 1000 for c in range(6))
         self.assertEqual(sorted(self.seen), [(n, whole, False) for n in names])
 
@@ -138,7 +128,7 @@ class DirWatchTests(unittest.TestCase):
         with open(self.path(".d.json.tmp"), "wb") as f:
             f.write(b"moved")
         os.rename(self.path(".d.json.tmp"), self.path("d.json"))
-        yield until(lambda: self.listing("done") == ["d.json"])
+        yield eventually(lambda: self.listing("done") == ["d.json"])
         self.assertEqual(self.seen, [("d.json", b"moved", False)])
         yield pause(0.3)   # several polls: the ignored names stay where they are
         self.assertEqual(sorted(os.listdir(self.dir)),
@@ -149,14 +139,14 @@ class DirWatchTests(unittest.TestCase):
         self.node()
         self.put("bad-1.json", b"{")
         self.put("good.json", b"{}")
-        yield until(lambda: self.listing("failed") == ["bad-1.json", "bad-1.json.error"]
+        yield eventually(lambda: self.listing("failed") == ["bad-1.json", "bad-1.json.error"]
                     and self.listing("done") == ["good.json"])
         with open(self.path("failed", "bad-1.json.error")) as f:
             self.assertEqual(f.read(), "application_error (-32000): cannot take bad-1.json\n")
         with open(self.path("failed", "bad-1.json"), "rb") as f:
             self.assertEqual(f.read(), b"{")
         self.put("bad-1.json", b"again")   # the same name again: nothing is overwritten
-        yield until(lambda: len(self.listing("failed")) == 4)
+        yield eventually(lambda: len(self.listing("failed")) == 4)
         self.assertIn("bad-1.json.1.error", self.listing("failed"))
         self.assertEqual((self.metric("failed_total"), self.metric("succeeded_total")), (2, 1))
 
@@ -167,7 +157,7 @@ class DirWatchTests(unittest.TestCase):
         self.put(os.path.join("processing", "left.json"), b"half-done")
         self.put("left.json", b"newer one, same name", old=True)
         self.start()
-        yield until(lambda: len(self.listing("done")) == 2)
+        yield eventually(lambda: len(self.listing("done")) == 2)
         self.assertEqual(self.seen[0], ("left.json", b"half-done", False))
         self.assertEqual(self.seen[1], ("left.json", b"newer one, same name", False))
         self.assertEqual(self.listing("done"), ["left.json", "left.json.1"])
@@ -179,7 +169,7 @@ class DirWatchTests(unittest.TestCase):
         yield pause(0.3)
         self.assertEqual(self.seen, [])        # no marker yet
         self.put("big.bin.ready", b"")
-        yield until(lambda: len(self.seen) == 1 and not os.listdir(self.path("processing")))
+        yield eventually(lambda: len(self.seen) == 1 and not os.listdir(self.path("processing")))
         self.assertEqual(self.seen, [("big.bin", b"0123456789ABCDEF", True)])
         self.assertEqual(self.listing(), [])
         self.assertEqual(self.listing("done"), [])
@@ -191,7 +181,7 @@ class DirWatchTests(unittest.TestCase):
             self.put(name, old=True)
             os.utime(self.path(name), (1000 + i, 1000 + i))
         self.start()
-        yield until(lambda: len(self.seen) == 3)
+        yield eventually(lambda: len(self.seen) == 3)
         self.assertEqual([s[0] for s in self.seen], ["c", "a", "b"])
 
     @defer.inlineCallbacks
@@ -201,7 +191,7 @@ class DirWatchTests(unittest.TestCase):
             self.put(f"slow-{i}", old=True)
         self.start()
         most = []
-        yield until(lambda: most.append(self.metric("in_flight")) or len(self.listing("done")) == 5)
+        yield eventually(lambda: most.append(self.metric("in_flight")) or len(self.listing("done")) == 5)
         self.assertEqual(max(most), 2)
         self.assertEqual(sorted(s[0] for s in self.seen), [f"slow-{i}" for i in range(5)])
 
@@ -211,7 +201,7 @@ class DirWatchTests(unittest.TestCase):
         self.put("slow-1", old=True)
         self.put("slow-2", old=True)
         self.start()
-        yield until(lambda: self.listing("processing") == ["slow-1"])
+        yield eventually(lambda: self.listing("processing") == ["slow-1"])
         yield self.n.stopService()
         self.assertEqual(self.listing("done"), ["slow-1"])
         self.assertEqual(self.listing(), ["slow-2"])
@@ -306,7 +296,7 @@ class CrashTests(unittest.TestCase):
         feed(50)
         node.start()
         done = os.path.join(incoming, "done")
-        yield until(lambda: len(os.listdir(done)) >= len(names), timeout=60, step=0.1)
+        yield eventually(lambda: len(os.listdir(done)) >= len(names), timeout=60, step=0.1)
         yield pause(0.3)
         self.assertEqual(sorted(os.listdir(done)), sorted(names))   # exactly once each, no .1 copies
         self.assertEqual(os.listdir(os.path.join(incoming, "processing")), [])

@@ -5,7 +5,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from msgd.core import errors
-from tests.helpers import make_node, rpc
+from tests.helpers import eventually, make_node, rpc
 from tests.servers import free_port
 
 CALLEE = """
@@ -171,7 +171,7 @@ class PeerTests(unittest.TestCase):
         results = yield defer.gatherResults([a.peer("back").inv.total(i) for i in range(4)])
         self.assertEqual(results, [0, 1, 2, 3])
         yield self.callee.stopService()
-        yield until(lambda: len(peer.live) == 1)     # the drop is seen when the connection closes
+        yield eventually(lambda: len(peer.live) == 1)     # the drop is seen when the connection closes
         self.assertEqual((yield a.peer("back").inv.total(7)), 7)
 
     @defer.inlineCallbacks
@@ -181,19 +181,9 @@ class PeerTests(unittest.TestCase):
         r = yield rpc(web, {"jsonrpc": "2.0", "id": 1, "method": "front.queue", "params": ["apple"]})
         message_id = r["result"]
         self.assertTrue(message_id)
-        yield until(lambda: not a.outbox.queues["back"])
+        yield eventually(lambda: not a.outbox.queues["back"])
         self.assertEqual(self.events, ["apple"])
         yield self.callee.received.handle(message_id, lambda: self.fail("handled twice")).addCallback(
             self.assertTrue)
 
 
-@defer.inlineCallbacks
-def until(condition, turns=1000):
-    """Let the reactor run (bounded) until ``condition()`` holds."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-    for _ in range(turns):
-        if condition():
-            return
-        yield deferLater(reactor, 0.005, lambda: None)
-    raise AssertionError("condition not reached")

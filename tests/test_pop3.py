@@ -14,9 +14,9 @@ from twisted.trial import unittest
 
 from msgd.config import ConfigError, parse_text
 from tests import servers
-from tests.helpers import make_node
+from tests.helpers import eventually, make_node
 from tests.process import NodeProcess
-from tests.test_dirwatch import pause, until
+from tests.test_dirwatch import pause
 
 APP = '''
 from msgd import api
@@ -111,7 +111,7 @@ class POP3Tests(unittest.TestCase):
         servers.deliver(self.srv, "alice", multipart("with files"))
         servers.deliver(self.srv, "alice", latin1("latin"))
         self.node()
-        yield until(lambda: len(self.app.mails) == 3 and self.on_server() == 0)
+        yield eventually(lambda: len(self.app.mails) == 3 and self.on_server() == 0)
         by = {str(m["message"]["subject"]).split()[0]: m for m in self.app.mails}
         p = by["plain"]["message"]
         self.assertEqual(p.get_body().get_content(), "hello\nworld\n")
@@ -134,15 +134,15 @@ class POP3Tests(unittest.TestCase):
         servers.deliver(self.srv, "alice", plain("fine"))
         self.node()
         self.app.fail["flaky"] = 2
-        yield until(lambda: len(self.app.mails) >= 2)
-        yield until(lambda: self.on_server() == 1)    # fine is gone, flaky is kept
+        yield eventually(lambda: len(self.app.mails) >= 2)
+        yield eventually(lambda: self.on_server() == 1)    # fine is gone, flaky is kept
         with open(self.iface.state.path) as f:
             state = json.load(f)
         (uid, entry), = state["retry"].items()
         self.assertEqual(entry["tries"], 1)
         self.assertEqual(entry["reason"], "application_error (-32000): refused flaky")
         self.assertEqual(len(self.app.mails), 2)         # polls in between do not retry before the back-off
-        yield until(lambda: self.on_server() == 0)
+        yield eventually(lambda: self.on_server() == 0)
         flaky = [m["message"]["subject"] for m in self.app.mails].count("flaky")
         self.assertEqual(flaky, 3)
         self.assertEqual(self.iface.state.retry, {})
@@ -155,7 +155,7 @@ class POP3Tests(unittest.TestCase):
         state = os.path.abspath(self.mktemp())
         self.node(state, max_tries="2", retry_backoff="0.05s", max_size="2KiB")
         self.app.fail["hopeless"] = "always"
-        yield until(lambda: self.iface.describe()["failed"] == 2)
+        yield eventually(lambda: self.iface.describe()["failed"] == 2)
         yield pause(0.5)                                   # more polls: no more tries
         self.assertEqual([m["message"]["subject"] for m in self.app.mails], ["hopeless", "hopeless"])
         self.assertEqual(self.on_server(), 2)
@@ -175,7 +175,7 @@ class POP3Tests(unittest.TestCase):
     def test_apop(self):
         servers.deliver(self.srv, "alice", plain("by apop"))
         self.node(auth="apop", allow_plaintext="no")
-        yield until(lambda: self.on_server() == 0)
+        yield eventually(lambda: self.on_server() == 0)
         self.assertEqual(self.app.mails[0]["message"]["subject"], "by apop")
 
     @defer.inlineCallbacks
@@ -185,7 +185,7 @@ class POP3Tests(unittest.TestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.node(password="wrong", error_backoff="30s")
-        yield until(lambda: self.iface.errors_in_row == 1)
+        yield eventually(lambda: self.iface.errors_in_row == 1)
         self.assertEqual(self.iface.next_delay, 30)
         logged = [e for e in events if e.get("interface") == "mail" and "error" in e and "delay" in e]
         self.assertIn("ServerErrorResponse", logged[0]["error"])
@@ -197,12 +197,12 @@ class POP3Tests(unittest.TestCase):
     def test_server_down_then_back(self):
         self.srv.stop(signal.SIGKILL)
         self.node(error_backoff="0.02s", max_error_backoff="0.1s")
-        yield until(lambda: self.iface.errors_in_row >= 5)
+        yield eventually(lambda: self.iface.errors_in_row >= 5)
         self.assertEqual(self.iface.next_delay, 0.1)          # 0.02, 0.04, 0.08, then the cap
         servers.deliver(self.srv, "alice", plain("after outage"))
         self.srv.start()
         # the mail leaves the server at QUIT; the poller's own state is settled just after
-        yield until(lambda: self.on_server() == 0 and self.iface.errors_in_row == 0, timeout=30)
+        yield eventually(lambda: self.on_server() == 0 and self.iface.errors_in_row == 0, timeout=30)
         self.assertEqual(self.app.mails[0]["message"]["subject"], "after outage")
         self.assertEqual((self.iface.errors_in_row, self.iface.next_delay), (0, 0.2))
 
@@ -211,7 +211,7 @@ class POP3Tests(unittest.TestCase):
         for i in range(7):
             servers.deliver(self.srv, "alice", plain(f"m{i}"))
         self.node(batch="3", interval="1h")
-        yield until(lambda: self.on_server() == 0)
+        yield eventually(lambda: self.on_server() == 0)
         self.assertEqual(sorted(m["message"]["subject"] for m in self.app.mails), [f"m{i}" for i in range(7)])
 
     @defer.inlineCallbacks
@@ -219,12 +219,12 @@ class POP3Tests(unittest.TestCase):
         self.srv = dovecot(self, tls=True)
         servers.deliver(self.srv, "alice", plain("over stls"))
         self.node(allow_plaintext="no", starttls="yes", tls_ca=self.srv.extra["ca"])
-        yield until(lambda: self.on_server() == 0)
+        yield eventually(lambda: self.on_server() == 0)
         yield self.n.stopService()
         servers.deliver(self.srv, "alice", plain("over pop3s"))
         tls = f"tls:host=127.0.0.1:port={self.srv.extra['tls_port']}:trustRoots={self.srv.extra['ca_dir']}"
         self.node(allow_plaintext="no", endpoint=tls)
-        yield until(lambda: self.on_server() == 0)
+        yield eventually(lambda: self.on_server() == 0)
         self.assertEqual(self.app.mails[0]["message"]["subject"], "over pop3s")
 
     @defer.inlineCallbacks
@@ -232,7 +232,7 @@ class POP3Tests(unittest.TestCase):
         self.srv = dovecot(self, tls=True)
         servers.deliver(self.srv, "alice", plain("never"))
         self.node(allow_plaintext="no", starttls="yes")       # system trust store: self-signed is refused
-        yield until(lambda: self.iface.errors_in_row >= 1)
+        yield eventually(lambda: self.iface.errors_in_row >= 1)
         self.assertEqual((self.app.mails, self.on_server()), ([], 1))
 
     @defer.inlineCallbacks
@@ -240,7 +240,7 @@ class POP3Tests(unittest.TestCase):
         for i in range(3):
             servers.deliver(self.srv, "alice", plain(f"slow {i}"))
         self.node()
-        yield until(lambda: len(self.app.mails) == 1)
+        yield eventually(lambda: len(self.app.mails) == 1)
         yield self.n.stopService()
         self.assertEqual(len(self.app.mails), 1)
         self.assertEqual(self.on_server(), 2)
@@ -252,7 +252,7 @@ class POP3Tests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         self.node(endpoint=f"tcp:host=127.0.0.1:port={port.getHost().port}", server_timeout="0.2s",
                   error_backoff="30s")
-        yield until(lambda: self.iface.errors_in_row == 1)
+        yield eventually(lambda: self.iface.errors_in_row == 1)
         self.assertEqual(self.metric("errors_total"), 1)
 
     def test_plaintext_needs_consent(self):
@@ -362,7 +362,7 @@ class POP3CrashTests(unittest.TestCase):
             interrupted += on_server() > 0
         self.assertGreater(interrupted, 0, "the kills all came too late to interrupt anything")
         node.start()
-        yield until(lambda: on_server() == 0, timeout=60, step=0.1)
+        yield eventually(lambda: on_server() == 0, timeout=60, step=0.1)
         with open(os.path.join(node.base, "handled.log")) as f:
             handled = f.read().split()
         self.assertEqual(set(handled), set(ids))

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from msgd.security.credentials import set_password
 from msgd.security.tokens import Tokens
-from tests.helpers import http, http_port, make_node
+from tests.helpers import eventually, http, http_port, make_node
 from tests.wsclient import WS
 
 SECRET = "0123456789abcdef0123456789abcdef"
@@ -342,17 +342,9 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(json.loads(data)["error"]["code"], -32005)
         held.transport.loseConnection()
         # once it closed, the address may connect again (bounded wait, no sleep-based timing)
-        for _ in range(50):
-            if node.interfaces["web"].guard.connections.total == 0:
-                break
-            yield deferLater(0.01)
+        yield eventually(lambda: node.interfaces["web"].guard.connections.total == 0, step=0.01)
         code, _, _ = yield http("GET", f"http://127.0.0.1:{port}/health")
         self.assertEqual(code, 200)
-
-
-def deferLater(seconds):
-    from twisted.internet.task import deferLater as later
-    return later(reactor, seconds, lambda: None)
 
 
 # -- STOMP (its own listener) and PB -------------------------------------------------
