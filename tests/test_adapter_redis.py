@@ -193,6 +193,24 @@ class RedisTLSTests(unittest.TestCase):
         yield eventually(lambda: got == [("news", "over tls")])
 
     @defer.inlineCallbacks
+    def test_verified_with_a_ca_bundle(self):
+        """Every certificate of a ca_file counts, not only its first."""
+        from msgd.security.tls import load_certificates, make_ca
+        srv = self.server()
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        bundle = os.path.join(d, "bundle.pem")
+        with open(bundle, "wb") as out:
+            for path in (make_ca(d, "unrelated")["cert"], srv.extra["ca"]):
+                with open(path, "rb") as f:
+                    out.write(f.read())
+        self.assertEqual(len(load_certificates(bundle)), 2)
+        self.assertEqual((yield self.node(srv, ca_file=bundle).set("k", "v")), "OK")
+        empty = os.path.join(d, "empty.pem")
+        open(empty, "w").close()
+        self.assertRaises(ValueError, load_certificates, empty)
+
+    @defer.inlineCallbacks
     def test_refused_without_the_ca(self):
         srv = self.server()
         e = yield self.assertFailure(self.node(srv).get("k"), base.AdapterUnavailable)
