@@ -63,10 +63,11 @@ class FallbackTests(unittest.TestCase):
 
 
 CONNECT = """
-const [transport, token, cookie, done] = arguments;
+const [transport, token, cookie, asFunction, done] = arguments;
 if (cookie) document.cookie = "msgd_token=" + cookie + "; path=/";
 const go = () => {
-  const client = msgd.connect(undefined, { transport, token, minDelay: 50, maxDelay: 200 });
+  const client = msgd.connect(undefined, { transport, token: asFunction ? () => token : token,
+                                            minDelay: 50, maxDelay: 200 });
   client.on("state", (s) => { if (s === "refused") done({ state: s, transport: client.transport }); });
   client.call("secure.whoami", [], { timeout: 10000 }).then(
     (who) => done({ state: client.state, transport: client.transport, who: who.name }),
@@ -98,13 +99,14 @@ class LoginTests(unittest.TestCase):
         self.driver = chromium(self)
         self.driver.get(f"http://127.0.0.1:{self.node.port}/msgd.js")    # any page of the node's origin
 
-    def connect(self, transport, token=None, cookie=None):
-        return self.driver.execute_async_script(CONNECT, transport, token, cookie)
+    def connect(self, transport, token=None, cookie=None, as_function=False):
+        return self.driver.execute_async_script(CONNECT, transport, token, cookie, as_function)
 
     def test_token_option_on_every_transport(self):
         for transport in ("websocket", "sse", "poll"):
-            self.assertEqual(self.connect(transport, self.token),
-                             {"state": "open", "transport": transport, "who": "alice"})
+            for as_function in (False, True):          # the token, or a function giving it
+                self.assertEqual(self.connect(transport, self.token, as_function=as_function),
+                                 {"state": "open", "transport": transport, "who": "alice"})
 
     def test_token_cookie_on_every_transport(self):
         for transport in ("websocket", "sse", "poll"):
