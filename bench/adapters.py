@@ -19,22 +19,11 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 
 from twisted.internet import defer, task
 
-
-def _node(reactor, ini: str):
-    from msgd.config import parse_text
-    from msgd.node import NodeService
-    base = tempfile.mkdtemp(prefix="msgd-bench-")
-    os.makedirs(os.path.join(base, "apps"))
-    node = NodeService(parse_text("[node]\nname = bench\napps = apps\nstate_dir = state\n" + ini,
-                                  os.path.join(base, "node.ini")), reactor)
-    node.privilegedStartService()
-    node.startService()
-    return node
+from bench.common import node_in_process
 
 
 async def _rate(call, seconds: float, concurrency: int, node=None) -> float:
@@ -70,8 +59,8 @@ async def main(reactor, args):
           f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     redis = servers.redis(own=False)
     try:
-        node = _node(reactor, f"[adapter:cache]\ntype = redis\nurl = redis://{redis.host}:{redis.port}/0\n"
-                              f"pool_size = {args.concurrency}\n")
+        node = node_in_process(reactor, f"[adapter:cache]\ntype = redis\nurl = redis://{redis.host}:{redis.port}/0\n"
+                               f"pool_size = {args.concurrency}\n")
         cache = node.adapter("cache")
         await cache.set("bench:key", "x" * 32)
         raw = await txredisapi.ConnectionPool(redis.host, redis.port, poolsize=args.concurrency,
@@ -95,9 +84,9 @@ async def main(reactor, args):
                    for i in range(100))
     slapd = servers.slapd(suffix="dc=bench,dc=org", ldif=ldif.replace("{base}", "dc=bench,dc=org"))
     try:
-        node = _node(reactor, f"[adapter:dir]\ntype = ldap\nurl = ldap://{slapd.host}:{slapd.port}\n"
-                              f"bind_dn = {slapd.extra['bind_dn']}\npassword = {slapd.extra['password']}\n"
-                              f"base = dc=bench,dc=org\npool_size = {args.ldap_pool}\n")
+        node = node_in_process(reactor, f"[adapter:dir]\ntype = ldap\nurl = ldap://{slapd.host}:{slapd.port}\n"
+                               f"bind_dn = {slapd.extra['bind_dn']}\npassword = {slapd.extra['password']}\n"
+                               f"base = dc=bench,dc=org\npool_size = {args.ldap_pool}\n")
         ldap = node.adapter("dir")
         n = [0]
 

@@ -113,6 +113,27 @@ class Server:
             self.proc.stderr.close()
 
 
+def node_in_process(reactor, ini: str, apps: dict | None = None, base: str | None = None):
+    """A started msgd NodeService in this process: ``ini`` after a ``[node]``
+    section (apps and state in ``base``, a new temp dir by default; no
+    reloading), the ``apps`` modules ({file name: source}) written first.
+    It stops when the reactor shuts down, unless stopped before."""
+    from msgd.config import parse_text
+    from msgd.node import NodeService
+    base = base or tempfile.mkdtemp(prefix="msgd-bench-")
+    os.makedirs(os.path.join(base, "apps"), exist_ok=True)
+    for name, source in (apps or {}).items():
+        with open(os.path.join(base, "apps", name), "w") as f:
+            f.write(source)
+    config = parse_text("[node]\nname = bench\napps = apps\nstate_dir = state\nreload_interval = 0\n" + ini,
+                        os.path.join(base, "node.ini"))
+    node = NodeService(config, reactor)
+    node.privilegedStartService()
+    node.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: node.stopService() if node.running else None)
+    return node
+
+
 def msgd_argv(port: int, extra_ini: str = "") -> tuple[list, str]:
     """The command line of a benchmark node on ``port`` and its directory."""
     base = tempfile.mkdtemp(prefix="msgd-bench-")

@@ -20,21 +20,9 @@ import unittest
 
 from twisted.internet import defer, task
 
-from msgd.config import parse_text
-from msgd.node import NodeService
+from bench.common import node_in_process
 
 NOOP = "def take(item: dict):\n    return None\n"
-
-
-def make_node(reactor, base: str, section: str) -> NodeService:
-    os.makedirs(os.path.join(base, "apps"), exist_ok=True)
-    with open(os.path.join(base, "apps", "bench.py"), "w") as f:
-        f.write(NOOP)
-    text = f"[node]\nname = bench\nreload_interval = 0\n{section}"
-    node = NodeService(parse_text(text, os.path.join(base, "node.ini")), reactor)
-    node.privilegedStartService()
-    node.startService()
-    return node
 
 
 @defer.inlineCallbacks
@@ -58,8 +46,8 @@ def bench_dirwatch(reactor, n: int):
         for i in range(n):
             with open(os.path.join(staging, f"f{i:06d}.json"), "wb") as f:
                 f.write(b'{"n": %d}\n' % i)
-        node = make_node(reactor, base, f"[interface:drop]\ntype = dirwatch\ndirectory = {incoming}\n"
-                                        "handler = bench.take\nconcurrency = 8\n")
+        node = node_in_process(reactor, f"[interface:drop]\ntype = dirwatch\ndirectory = {incoming}\n"
+                                        "handler = bench.take\nconcurrency = 8\n", {"bench.py": NOOP}, base)
         yield node.ready()
         started = time.perf_counter()
         yield node.run_blocking(lambda: [os.rename(os.path.join(staging, name), os.path.join(incoming, name))
@@ -88,10 +76,10 @@ def bench_pop3(reactor, n: int):
         for i in range(n):
             servers.deliver(srv, "bench", b"From: a@example.org\r\nSubject: m%d\r\n\r\nhello %d\r\n" % (i, i))
         started = time.perf_counter()
-        node = make_node(reactor, base, "[interface:mail]\ntype = pop3\n"
+        node = node_in_process(reactor, "[interface:mail]\ntype = pop3\n"
                                         f"endpoint = tcp:host=127.0.0.1:port={srv.port}\n"
                                         "username = bench\npassword = secret\nallow_plaintext = yes\n"
-                                        "handler = bench.take\nbatch = 100\n")
+                                        "handler = bench.take\nbatch = 100\n", {"bench.py": NOOP}, base)
         yield until_done(reactor, node, "mail", n)
         while node.interfaces["mail"]._session is not None:      # the last QUIT commits the deletions
             yield task.deferLater(reactor, 0.005, lambda: None)

@@ -47,19 +47,9 @@ def serve(kind: str, port: int) -> None:
     from twisted.internet import reactor
 
     if kind == "msgd":
-        from msgd.config import parse_text
-        from msgd.node import NodeService
-        base = tempfile.mkdtemp(prefix="msgd-bench-")
-        os.makedirs(os.path.join(base, "apps"))
-        with open(os.path.join(base, "apps", "bench.py"), "w") as f:
-            f.write(APP)
-        config = parse_text(f"[node]\nname = bench\napps = apps\nstate_dir = state\nreload_interval = 0\n"
-                            f"[interface:pb]\ntype = pb\nendpoint = tcp:{port}:interface=127.0.0.1\n"
-                            f"users = bench:bench\n", os.path.join(base, "node.ini"))
-        node = NodeService(config, reactor)
-        node.privilegedStartService()
-        node.startService()
-        reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+        from bench.common import node_in_process
+        node_in_process(reactor, f"[interface:pb]\ntype = pb\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+                                 f"users = bench:bench\n", {"bench.py": APP})
     else:
         from twisted.spread import pb
 

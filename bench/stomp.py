@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -30,18 +29,9 @@ import stomp
 def serve(port: int) -> None:
     from twisted.internet import reactor
 
-    from msgd.config import parse_text
-    from msgd.node import NodeService
-    base = tempfile.mkdtemp(prefix="msgd-bench-")
-    os.makedirs(os.path.join(base, "apps"))
-    config = parse_text(f"[node]\nname = bench\napps = apps\nstate_dir = state\n"
-                        f"[interface:stomp]\ntype = stomp\nendpoint = tcp:{port}:interface=127.0.0.1\n"
-                        f"max_pending = 64MiB\n",
-                        os.path.join(base, "node.ini"))
-    node = NodeService(config, reactor)
-    node.privilegedStartService()
-    node.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+    from bench.common import node_in_process
+    node_in_process(reactor, f"[interface:stomp]\ntype = stomp\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+                             f"max_pending = 64MiB\n")
     reactor.run()
 
 

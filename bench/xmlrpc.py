@@ -23,11 +23,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import xmlrpc.client
 
-from bench.common import CLIENT_CPU, SERVER_CPU, cpu_seconds, free_port, pinned
+from bench.common import CLIENT_CPU, SERVER_CPU, cpu_seconds, free_port, node_in_process, pinned
 
 APP = '''
 def add(a: int, b: int) -> int:
@@ -42,19 +41,8 @@ def serve(kind: str, port: int) -> None:
     from twisted.internet import reactor
 
     if kind == "msgd":
-        from msgd.config import parse_text
-        from msgd.node import NodeService
-        base = tempfile.mkdtemp(prefix="msgd-bench-")
-        os.makedirs(os.path.join(base, "apps"))
-        with open(os.path.join(base, "apps", "bench.py"), "w") as f:
-            f.write(APP)
-        config = parse_text(f"[node]\nname = bench\napps = apps\nstate_dir = state\n"
-                            f"[interface:web]\ntype = http\nendpoint = tcp:{port}:interface=127.0.0.1\n",
-                            os.path.join(base, "node.ini"))
-        node = NodeService(config, reactor)
-        node.privilegedStartService()
-        node.startService()
-        reactor.addSystemEventTrigger("before", "shutdown", node.stopService)
+        node_in_process(reactor, f"[interface:web]\ntype = http\nendpoint = tcp:{port}:interface=127.0.0.1\n",
+                        {"bench.py": APP})
     else:
         from twisted.web import resource, server, xmlrpc as txrpc
 
