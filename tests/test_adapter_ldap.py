@@ -139,7 +139,7 @@ class LDAPTests(unittest.TestCase):
         finally:
             self.srv.start()
         yield eventually(lambda: self.ldap.search("(uid=ann)").addCallbacks(lambda r: len(r) == 1,
-                                                                            lambda f: False), tries=300)
+                                                                            lambda f: False))
         self.assertEqual(self.ldap.describe()["breaker"], "closed")
 
 

@@ -191,7 +191,7 @@ class PostgresTests(unittest.TestCase):
         self.assertEqual(db.describe()["breaker"], "open")
         proxy.start()
         yield eventually(lambda: db.query("SELECT 1 AS one").addCallbacks(lambda r: r == [{"one": 1}],
-                                                                          lambda f: False), tries=300)
+                                                                          lambda f: False))
         self.assertEqual(db.describe()["breaker"], "closed")
         # adbapi logs the rollback on each connection it finds dead; expected here
         import psycopg2

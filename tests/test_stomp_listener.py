@@ -105,7 +105,9 @@ class Client:
 
     def close(self):
         if self.conn.is_connected():
-            return deferToThread(self.conn.disconnect)
+            # the server may close it meanwhile (after an ERROR frame): then there is nothing to disconnect
+            return deferToThread(self.conn.disconnect).addErrback(
+                lambda f: f.trap(OSError, stomp.exception.StompException))
         return defer.succeed(None)
 
 
