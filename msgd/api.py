@@ -88,7 +88,10 @@ def peer(name: str):
     *args)`` call it within this request's remaining deadline (a Deferred;
     ``Unavailable`` at once when it is not connected), and
     ``peer("b").send("module.function", *args)`` queues a durable async
-    message (fires with its id once it is on disk).  See docs/cluster.rst."""
+    message (fires with its id once it is on disk);
+    ``peer("b").send_with_id(message_id, "module.function", *args)`` does so
+    under the caller's id, so that sending it again is harmless.  See
+    docs/cluster.rst."""
     return services().peer(name)
 
 

@@ -24,12 +24,14 @@ from tests.servers import free_port
 USERS = "peer:s3cret"
 
 
-def node_ini(name: str, pb_port: int, redis, peers: dict | None = None, timeout: str = "10s") -> str:
+def node_ini(name: str, pb_port: int, redis, peers: dict | None = None, timeout: str = "10s",
+             threads: int = 10) -> str:
     text = f"""
 [node]
 name = {name}
 request_timeout = {timeout}
 reload_interval = 0
+threads = {threads}
 
 [interface:web]
 type = http
@@ -78,15 +80,21 @@ def state():
 async def ask(peer: str, target: str, *args):
     return await api.peer(peer).call(target, *args)
 
-async def burst(peer: str, n: int):
+async def burst(peer: str, n: int, target: str = "work.take"):
     from twisted.internet import defer
-    ids = await defer.gatherResults([api.peer(peer).send("work.take", i) for i in range(n)])
+    ids = await defer.gatherResults([api.peer(peer).send(target, i) for i in range(n)])
     return len(set(ids))
 
 @api.blocking
 def take(i):
     with open("handled.txt", "a") as f:
         f.write(f"{i}\\n")
+
+@api.blocking
+def take_slowly(i):
+    import time
+    time.sleep(0.05)
+    take(i)
 ''',
 }
 
@@ -353,6 +361,44 @@ class ClusterTests(unittest.TestCase):
         got = lines()
         self.assertEqual(len(got), 1000)
         self.assertEqual(sorted(map(int, got)), list(range(1000)))
+
+    def test_sender_killed_during_delivery(self):
+        return self.run_scenario(self._sender_killed)
+
+    def _sender_killed(self):
+        """A is SIGKILLed while B's blocking handler works through A's
+        messages (a few running, the rest of the window queued for B's
+        threads), then restarted: B handles each message exactly once."""
+        n = 500
+        pa, pb_ = free_port(), free_port()
+        a = self.node("a", pa, None, {"b": pb_})
+        b = self.node("b", pb_, None, threads=4)
+        b.start()
+        a.start()
+        wait_for(lambda: health(a)["peers"]["b"]["connected"], what="A connected to B")
+        r = post(a.port, {"jsonrpc": "2.0", "id": 1, "method": "work.burst", "params": ["b", n, "work.take_slowly"]},
+                 timeout=60)
+        self.assertEqual(r.get("result"), n, r)        # all n written: none may be lost
+        handled = os.path.join(b.base, "handled.txt")
+
+        def lines():
+            if not os.path.exists(handled):
+                return []
+            with open(handled) as f:
+                return f.read().split()
+        wait_for(lambda: len(lines()) >= n // 5, what="B handling")
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        self.assertLess(len(lines()), n, "A was killed after the delivery")
+        a.start()
+        wait_for(lambda: health(a)["outbox"].get("b", {}).get("depth") == 0, timeout=120, what="outbox drained")
+        b.stop()                                       # lets B's threads finish what they were given
+        counts = {}
+        for i in map(int, lines()):
+            counts[i] = counts.get(i, 0) + 1
+        twice = sum(c - 1 for c in counts.values())
+        lost = n - len(counts)
+        self.assertEqual((twice, lost), (0, 0), f"of {n}: {twice} handled again, {lost} lost")
 
     # -- Redis outage ------------------------------------------------------------------------
 

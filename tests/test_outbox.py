@@ -199,6 +199,14 @@ class OutboxTests(unittest.TestCase):
         self.assertEqual(self.metrics.value("msgd_outbox_depth", {"peer": "b"}), 2)
         self.assertEqual(self.metrics.value("msgd_outbox_oldest_seconds", {"peer": "b"}), 30)
 
+    def test_the_callers_id_sent_again_is_one_message(self):
+        peer = self.peers["b"]
+        self.assertEqual(self.successResultOf(self.outbox.send("b", "m.take", [1], message_id="order-7")), "order-7")
+        self.assertEqual(self.successResultOf(self.outbox.send("b", "m.take", [1], message_id="order-7")), "order-7")
+        self.assertEqual((self.rows(), peer.seen), (["m.take"], [1]))
+        self.failureResultOf(self.outbox.send("b", "m.take", [1], message_id=""), errors.InvalidParams)
+        self.failureResultOf(self.outbox.send("b", "m.take", [1], message_id="x" * 201), errors.InvalidParams)
+
     def test_unknown_peer_and_bad_arguments(self):
         self.failureResultOf(self.outbox.send("nobody", "m.take", [1]), errors.NotFound)
         self.failureResultOf(self.outbox.send("b", "m.take", [object()]), errors.InvalidParams)
@@ -240,6 +248,31 @@ class ReceivedTests(unittest.TestCase):
         self.assertFalse(self.successResultOf(first))
         self.assertTrue(self.successResultOf(second))
         self.assertEqual(self.calls, [])
+
+    def test_handler_outliving_its_caller_is_remembered(self):
+        """A PB connection that drops cancels the Deferred of its send(); the
+        handler (a thread, which nothing stops) goes on.  Its id is recorded
+        when it finishes, and the sender's redelivery meanwhile joins it
+        instead of running it a second time."""
+        thread = defer.Deferred()          # no canceller, like deferToThreadPool's
+        first = self.store.handle("m1", lambda: thread)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        again = self.store.handle("m1", self.handler())
+        self.assertNoResult(again)
+        thread.callback(None)
+        self.assertTrue(self.successResultOf(again))
+        self.assertTrue(self.successResultOf(self.store.handle("m1", self.handler())))
+        self.assertEqual(self.calls, [])
+
+    def test_cancelled_caller_of_a_failing_handler_leaves_it_to_the_retry(self):
+        thread = defer.Deferred()
+        first = self.store.handle("m1", lambda: thread)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        thread.errback(errors.ApplicationError("no"))
+        self.assertFalse(self.successResultOf(self.store.handle("m1", self.handler())))
+        self.assertEqual(self.calls, ["x"])
 
     def test_failed_handler_is_not_remembered(self):
         def boom():

@@ -59,6 +59,9 @@ async def explicit(target, *args):
 
 async def queue(item):
     return await api.peer("back").send("inv.take", item)
+
+async def queue_as(message_id, item):
+    return await api.peer("back").send_with_id(message_id, "inv.take", item)
 ''',
 }
 
@@ -185,5 +188,17 @@ class PeerTests(unittest.TestCase):
         self.assertEqual(self.events, ["apple"])
         yield self.callee.received.handle(message_id, lambda: self.fail("handled twice")).addCallback(
             self.assertTrue)
+
+    @defer.inlineCallbacks
+    def test_send_with_the_callers_id_again_is_harmless(self):
+        """A caller that cannot know whether its send() was written (it was
+        killed before the answer) sends again under the same id."""
+        a = yield self.caller()
+        web = a.interfaces["web"].port.getHost().port
+        for _ in range(2):
+            r = yield rpc(web, {"jsonrpc": "2.0", "id": 1, "method": "front.queue_as", "params": ["order-7", "pear"]})
+            self.assertEqual(r["result"], "order-7")
+            yield eventually(lambda: not a.outbox.queues["back"])
+        self.assertEqual(self.events, ["pear"])
 
 

@@ -23,9 +23,15 @@ Receiver side, :class:`Received`: the idempotency store.  A message id is
 remembered (in ``STATE_DIR/received.sqlite``) once its handler succeeded, and
 for ``retention`` seconds a copy with the same id is answered "duplicate"
 without running the handler; a copy that arrives while the first is still
-being handled waits for it.  Together: each message is handled once, unless
+being handled waits for it.  A handler, once started, is never cancelled by
+its caller (the sender's connection dropping): it runs to its end and its id
+is recorded when it succeeds.  Together: each message is handled once, unless
 the receiver dies between its handler's success and the write of the id (then
 it is handled again: at-least-once).
+
+The caller of ``send`` may choose the message id: sending again under an id
+still in the outbox is a no-op, and one delivered already is a duplicate at
+the receiver, so a caller that died before ``send`` answered sends again.
 
 All sqlite work runs in the node's thread pool through ``run_blocking``, on
 one connection guarded by a lock.
@@ -50,6 +56,14 @@ from twisted.python.failure import Failure
 from msgd.core import errors
 
 PERMANENT = (errors.NotFound, errors.InvalidParams, errors.InvalidRequest, errors.Unauthorized, errors.TooLarge)
+MAX_ID = 200        # characters of a message id (the receiver refuses longer ones)
+
+
+def bad_message_id(message_id) -> str | None:
+    """What is wrong with ``message_id``, or None when it will do."""
+    if not isinstance(message_id, str) or not message_id or len(message_id) > MAX_ID:
+        return f"message_id must be a non-empty string of at most {MAX_ID} characters"
+    return None
 
 
 class _DB:
@@ -181,9 +195,16 @@ class Outbox:
 
     def send(self, peer: str, target: str, args=(), kwargs=None, ttl: float | None = None,
              message_id: str | None = None) -> defer.Deferred:
-        """Write the message durably; fires with its id once it is on disk."""
+        """Write the message durably; fires with its id once it is on disk.
+
+        ``message_id`` (default: a fresh one) lets the caller own the id: a
+        second send with an id still in the outbox is the same message (not
+        written again, whatever its arguments), and one sent again after
+        delivery is dropped as a duplicate by the receiver."""
         if peer not in self.peers:
             return defer.fail(errors.NotFound(f"no peer named {peer!r}"))
+        if message_id is not None and (problem := bad_message_id(message_id)):
+            return defer.fail(errors.InvalidParams(problem))
         kwargs = dict(kwargs or {})
         try:
             body = json.dumps([list(args), kwargs])
@@ -196,12 +217,14 @@ class Outbox:
                       None if ttl is None else now + ttl)
 
         def insert(conn):
-            conn.execute("INSERT INTO messages (id, peer, target, body, created, expires) VALUES (?,?,?,?,?,?)",
-                         (msg.id, peer, target, body, msg.created, msg.expires))
+            return conn.execute(
+                "INSERT OR IGNORE INTO messages (id, peer, target, body, created, expires) VALUES (?,?,?,?,?,?)",
+                (msg.id, peer, target, body, msg.created, msg.expires)).rowcount == 1
 
-        def written(_):
-            self._add(msg)
-            self._pump(peer)
+        def written(new):
+            if new:
+                self._add(msg)
+                self._pump(peer)
             return msg.id
         return self.run_blocking(self.db.run, insert).addCallback(written)
 
@@ -372,14 +395,19 @@ class Received:
 
     def handle(self, message_id: str, handler) -> defer.Deferred:
         """Run ``handler()`` unless ``message_id`` was handled already; fires
-        with ``True`` for a duplicate, ``False`` once handled."""
+        with ``True`` for a duplicate, ``False`` once handled.
+
+        Each caller gets its own Deferred: cancelling it (the sender's
+        connection dropped) does not touch the handler, which runs to its end
+        (or its deadline) and has its id recorded when it succeeds; a copy that
+        arrives meanwhile waits for that run and is answered as a duplicate."""
         waiting = self.handling.get(message_id)
         if waiting is not None:
             d = defer.Deferred()
             waiting.append(d)
             return d
+        mine = defer.Deferred()
         self.handling[message_id] = []
-        d = self.run_blocking(self.db.run, self._seen, message_id, self.clock.seconds() - self.retention)
 
         def run(seen):
             if seen:
@@ -387,10 +415,13 @@ class Received:
             return defer.maybeDeferred(handler).addCallback(lambda _: self._remember(message_id))
 
         def done(result):
-            for w in self.handling.pop(message_id, []):
-                w.callback(True) if not isinstance(result, Failure) else w.errback(result)
-            return result
-        return d.addCallback(run).addBoth(done)
+            waiting = self.handling.pop(message_id)
+            for d, r in [(mine, result)] + [(w, True) for w in waiting]:
+                d.errback(result) if isinstance(result, Failure) else d.callback(r)
+            return None
+        self.run_blocking(self.db.run, self._seen, message_id, self.clock.seconds() - self.retention) \
+            .addCallback(run).addBoth(done)
+        return mine
 
     @staticmethod
     def _seen(conn, message_id, since):

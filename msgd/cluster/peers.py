@@ -7,6 +7,7 @@ code uses the proxy from ``api.peer("NAME")``::
     result = await api.peer("billing").invoices.total(customer)    # a call
     result = await api.peer("billing").call("invoices.total", customer)
     message_id = await api.peer("billing").send("invoices.add", item)  # async, durable
+    await api.peer("billing").send_with_id(f"invoice-{order}", "invoices.add", item)   # the caller's id
 
 Calls go to a connected replica (round-robin); when none is connected they
 fail at once with ``unavailable`` instead of waiting.  The caller's remaining
@@ -133,6 +134,12 @@ class Peer(MultiService):
         on disk."""
         return self.node.outbox.send(self.peer_name, target, args, kwargs)
 
+    def send_with_id(self, message_id: str, target: str, *args, **kwargs) -> defer.Deferred:
+        """:meth:`send` under the caller's ``message_id``: sending it again
+        (say, after this process was killed before ``send`` returned) is
+        harmless, the peer handles it once."""
+        return self.node.outbox.send(self.peer_name, target, args, kwargs, message_id=message_id)
+
     def deliver(self, msg) -> defer.Deferred:
         """Hand one outbox message to the peer (used by the outbox)."""
         return self._remote("send", self.config.timeout, msg.target, msg.args, msg.kwargs, msg.id, msg.expires)
@@ -143,7 +150,8 @@ class Peer(MultiService):
 
 class PeerProxy:
     """What ``api.peer(NAME)`` returns: ``.call(target, ...)``,
-    ``.send(target, ...)``, and ``.module.function(...)`` for calls."""
+    ``.send(target, ...)``, ``.send_with_id(message_id, target, ...)`` and
+    ``.module.function(...)`` for calls."""
 
     __slots__ = ("_peer",)
 
@@ -155,6 +163,9 @@ class PeerProxy:
 
     def send(self, target: str, *args, **kwargs) -> defer.Deferred:
         return self._peer.send(target, *args, **kwargs)
+
+    def send_with_id(self, message_id: str, target: str, *args, **kwargs) -> defer.Deferred:
+        return self._peer.send_with_id(message_id, target, *args, **kwargs)
 
     def __getattr__(self, module: str):
         if module.startswith("_"):

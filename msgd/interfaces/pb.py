@@ -20,7 +20,8 @@ and get a perspective that offers:
     handler.  ``expires`` is a Unix time; a message past it (allowing
     ``clock_skew``) is refused with ``timeout`` and not handled.  The answer
     comes after the handler succeeded, so a failed handler makes the sender
-    retry.
+    retry.  The handler is not cancelled when the connection drops: it runs
+    on and its id is remembered when it succeeds (``Received.handle``).
 
 Errors are the core taxonomy: the remote failure's type is
 ``msgd.interfaces.pb.PBError`` and its value a JSON object
@@ -38,7 +39,8 @@ through the interface's guard, like every other interface::
 
 The password crosses the wire as is: use an ``ssl:``/``mtls:`` endpoint.
 Connection limits and per-principal rates of ``docs/security.rst`` apply.
-When a connection drops, the calls it had running are cancelled.
+When a connection drops, the calls it had running are cancelled (not the
+handlers of its messages, see ``send``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from msgd.cluster.outbox import bad_message_id
 from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
 from msgd.core import errors
 from msgd.core.pubsub import check_channel
@@ -186,8 +189,8 @@ class Perspective(pb.Avatar):
         return self._guard(self._send, target, args, kwargs, message_id, expires)
 
     def _send(self, target, args, kwargs, message_id, expires):
-        if not isinstance(message_id, str) or not message_id or len(message_id) > 200:
-            raise errors.InvalidRequest("message_id must be a non-empty string of at most 200 characters")
+        if problem := bad_message_id(message_id):
+            raise errors.InvalidRequest(problem)
         if expires is not None and time.time() > float(expires) + self.interface.options.clock_skew:
             raise errors.Timeout(f"message {message_id} expired before it arrived")
 
