@@ -43,6 +43,12 @@ def f(a: int) -> int:
 def boom():
     raise ZeroDivisionError("secret")
 
+def total(values: list[int]) -> int:
+    return sum(values)
+
+def count(items: list) -> int:
+    return len(items)
+
 calls = []
 
 async def hold():
@@ -171,6 +177,14 @@ class ZeepTests(SOAPCase):
         self.assertEqual(json.loads(out), {"id": 1, "item": "book", "qty": 2, "status": "open", "by": None})
 
     @defer.inlineCallbacks
+    def test_empty_list_argument(self):
+        """zeep sends no element for [] (the list is minOccurs=0): that is an
+        empty list, not a missing argument."""
+        self.assertEqual((yield self.zeep("t", "tSoap11", lambda s, c: s.total(values=[]))), 0)
+        self.assertEqual((yield self.zeep("t", "tSoap12", lambda s, c: s.total(values=[2, 3]))), 5)
+        self.assertEqual((yield self.zeep("t", "tSoap12", lambda s, c: s.count(items=[]))), 0)
+
+    @defer.inlineCallbacks
     def test_internal_error_hides_details(self):
         f = yield self.zeep("t", "tSoap11", lambda s, c: s.boom())
         self.assertIsInstance(f, zeep.exceptions.Fault)
@@ -212,6 +226,14 @@ class RawTests(SOAPCase):
                 self.assertEqual(root.findtext(f".//{{{SOAP12}}}Code/{{{SOAP12}}}Value"), faultcode)
                 self.assertIn(b"application/soap+xml", headers.getRawHeaders(b"content-type")[0])
             self.assertEqual(detail_code, code, data)
+
+    @defer.inlineCallbacks
+    def test_untyped_item_that_is_not_json(self):
+        code, _, data = yield self.post(SOAP11, envelope(SOAP11, '<t:count><t:items>[1]</t:items>'
+                                                                 '<t:items>abc</t:items></t:count>'))
+        root, detail_code = self.fault_of(data)
+        self.assertEqual((code, detail_code), (500, "-32602"))
+        self.assertIn("items[1]: not a valid JSON text", root.findtext(f".//{{{SOAP11}}}Fault/faultstring"))
 
     @defer.inlineCallbacks
     def test_call_without_zeep(self):

@@ -18,7 +18,8 @@ hint                       XML Schema
 ``date``                   ``xsd:date``
 ``Decimal``                ``xsd:decimal``
 ``list[T]``                the element repeated (``maxOccurs="unbounded"``);
-                           a list of lists repeats an ``item`` element inside
+                           a list of lists repeats an ``item`` element inside;
+                           no element is an empty list
 ``T | None``               ``minOccurs="0" nillable="true"``
 a parameter with default   ``minOccurs="0"``
 dataclass / TypedDict      a named ``xsd:complexType`` (a sequence of its fields)
@@ -144,6 +145,15 @@ def _json_default(v):
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
+def _absent_lists(fields, values: dict) -> dict:
+    """An absent repeated element is an empty list: a list is declared
+    ``minOccurs="0"``, and SOAP stacks (zeep, suds) send nothing for ``[]``."""
+    for f in fields:
+        if f.name not in values and f.type.kind == "list" and not f.type.optional:
+            values[f.name] = []
+    return values
+
+
 def _local(tag) -> str:
     return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
@@ -177,11 +187,8 @@ class Service:
         unknown = sorted(set(children) - known)
         if unknown:
             raise errors.InvalidParams(f"{self.name}.{op}: unknown parameter(s) {', '.join(unknown)}")
-        kwargs = {}
-        for p in sig.params:
-            if p.name in children:
-                kwargs[p.name] = self._decode_field(children[p.name], p, p.name)
-        return op, kwargs
+        kwargs = {p.name: self._decode_field(children[p.name], p, p.name) for p in sig.params if p.name in children}
+        return op, _absent_lists(sig.params, kwargs)
 
     @staticmethod
     def _children(el) -> dict[str, list]:
@@ -210,15 +217,13 @@ class Service:
                 unknown = set(children) - {f.name for f in t.fields}
                 values = {f.name: self._decode_field(children[f.name], f, f"{where}.{f.name}")
                           for f in t.fields if f.name in children}
-                for f in t.fields:   # an absent list is an empty one
-                    if f.name not in values and f.type.kind == "list" and not f.type.optional:
-                        values[f.name] = []
-                return typehints.build_struct(t, values, where, unknown)
+                return typehints.build_struct(t, _absent_lists(t.fields, values), where, unknown)
             if len(el):
                 raise ValueError("expected text, got elements")
             return _DECODE.get(t.kind, _DECODE["any"])(el.text or "")
         except (ValueError, ArithmeticError, TypeError) as e:
-            raise errors.InvalidParams(f"{where}: not a valid {XSD_TYPES.get(t.kind, t.kind)}: {e}") from None
+            kind = "JSON text" if t.kind == "any" else XSD_TYPES.get(t.kind, t.kind)   # any: xsd:string of JSON
+            raise errors.InvalidParams(f"{where}: not a valid {kind}: {e}") from None
 
     # -- encoding ----------------------------------------------------------------
 
