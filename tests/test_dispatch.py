@@ -62,6 +62,9 @@ def in_thread():
 def nested():
     return api.call("m.add", 2, 3)
 
+def sequences(xs: list[int], pair: tuple[int, ...] = (), maybe: list | None = None):
+    return [type(v).__name__ for v in (xs, pair, maybe)]
+
 import dataclasses, decimal
 
 @dataclasses.dataclass
@@ -143,6 +146,15 @@ class DispatchTests(unittest.TestCase):
         self.assertIn("colour", e.message)
         self.assertIsInstance(self.error("m.total", [{"sku": "a", "price": "cheap"}]), errors.InvalidParams)
         self.assertIsInstance(self.error("m.total", [{"price": "1"}]), errors.InvalidParams)
+
+    def test_list_and_tuple_stand_for_each_other(self):
+        """PB carries tuples, JSON only lists: a parameter hinted ``list``
+        takes a tuple (as a list), one hinted ``tuple`` a list (as a tuple)."""
+        self.assertEqual(self.result("m.sequences", (1, 2)), ["list", "tuple", "NoneType"])
+        self.assertEqual(self.result("m.sequences", [1], [2], (3,)), ["list", "tuple", "list"])
+        self.assertEqual(self.result("m.sequences", xs=(1,), pair=[2]), ["list", "tuple", "NoneType"])
+        for bad in ("12", {1, 2}, {"a": 1}):
+            self.assertIsInstance(self.error("m.sequences", bad), errors.InvalidParams)
 
     def test_params_shape(self):
         d = self.dispatcher.call(self.request(), "m.add", "notalist", {})

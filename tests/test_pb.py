@@ -47,6 +47,9 @@ async def slow(seconds: float):
     await api.sleep(seconds)
     return "done"
 
+def total(values: list[int]) -> int:
+    return sum(values)
+
 def take(item):
     handled.append(item)
     return len(handled)
@@ -93,6 +96,12 @@ class PBTests(unittest.TestCase):
         self.assertEqual((yield p.callRemote("call", "m.add", [2, 3], {})), 5)
         self.assertEqual((yield p.callRemote("call", "m.add", [], {"a": 1, "b": 1}, 2.0)), 2)
         self.assertEqual((yield p.callRemote("call", "m.who")), "alice")
+
+    @defer.inlineCallbacks
+    def test_tuple_for_a_list_parameter(self):
+        p = yield self.login()
+        self.assertEqual((yield p.callRemote("call", "m.total", [(1, 2, 3)], {})), 6)
+        self.assertEqual((yield p.callRemote("call", "m.total", (), {"values": (4,)})), 4)
 
     @defer.inlineCallbacks
     def test_bad_password_refused(self):

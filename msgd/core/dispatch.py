@@ -96,28 +96,40 @@ class _Signature:
                 and self.required <= len(args) <= self.positional:
             for i, name, allowed in self.by_index:
                 if i < len(args):
-                    _check_type(target, name, allowed, args[i])
+                    value = _check_type(target, name, allowed, args[i])
+                    if value is not args[i]:
+                        args = [*args[:i], value, *args[i + 1:]]
             return args, kwargs
         try:
             bound = self.sig.bind(*args, **kwargs)
         except TypeError as e:
             raise errors.InvalidParams(f"invalid params for {target}: {e}") from None
+        changed = bool(self.coercions)
         for name, t in self.coercions.items():
             if name in bound.arguments:
                 bound.arguments[name] = typehints.coerce(bound.arguments[name], t, f"{target}: {name}")
         for name, allowed in self.checks.items():
             if name in bound.arguments:
-                _check_type(target, name, allowed, bound.arguments[name])
-        return (bound.args, bound.kwargs) if self.coercions else (args, kwargs)
+                value = _check_type(target, name, allowed, bound.arguments[name])
+                if value is not bound.arguments[name]:
+                    bound.arguments[name], changed = value, True
+        return (bound.args, bound.kwargs) if changed else (args, kwargs)
 
 
 def _builds(t) -> bool:
     return t.kind in ("struct", "decimal", "date") or (t.kind == "list" and _builds(t.item))
 
 
-def _check_type(target: str, name: str, allowed: tuple, value) -> None:
+def _check_type(target: str, name: str, allowed: tuple, value):
+    """``value`` if it is of an ``allowed`` type; a list or tuple where the
+    other is wanted (PB carries tuples, JSON only lists) as the one wanted;
+    else InvalidParams."""
     if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
-        return
+        return value
+    if type(value) in (list, tuple):
+        for sequence in (list, tuple):
+            if sequence in allowed:
+                return sequence(value)
     want = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
     raise errors.InvalidParams(f"invalid params for {target}: {name} must be {want}, not {type(value).__name__}")
 
