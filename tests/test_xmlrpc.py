@@ -59,6 +59,9 @@ def move(p: Point, dx: int) -> Point:
 def total(prices: list[Decimal]) -> Decimal:
     return sum(prices, Decimal(0))
 
+def keys(options: dict, more: dict[str, int] | None = None) -> list:
+    return sorted(options)
+
 def when(t: datetime.datetime) -> datetime.datetime:
     return t + datetime.timedelta(days=1)
 
@@ -155,7 +158,8 @@ class XMLRPCClientTests(ClientCase):
     @defer.inlineCallbacks
     def test_unsendable_results_are_faults(self):
         yield self.assertFault(lambda p: p.m.nothing(), -32603, "nil is off")
-        yield self.assertFault(lambda p: p.m.big(), -32603, "does not fit in 32")
+        f = yield self.assertFault(lambda p: p.m.big(), -32603, "does not fit in 32 bits (xmlrpc_i8 is off)")
+        self.assertIn(f"integer {2 ** 40}", f.faultString)
         yield self.assertFault(lambda p: p.m.aset(), -32603, "set value")
         yield self.assertFault(lambda p: p.m.bell(), -32603, "XML 1.0")
         yield self.assertFault(lambda p: p.m.echo("bell\x07"), errors.ParseError.code)   # sent by the client
@@ -173,6 +177,9 @@ class XMLRPCClientTests(ClientCase):
                          [["struct", "struct", "int"]])
         self.assertEqual((yield self.call(lambda p: p.system.methodSignature("m.total"))),
                          [["string", "array"]])
+        self.assertEqual((yield self.call(lambda p: p.system.methodSignature("m.keys"))),
+                         [["array", "struct"], ["array", "struct", "struct"]])
+        self.assertEqual((yield self.call(lambda p: p.m.keys({"b": 1, "a": 2}))), ["a", "b"])
         yield self.assertFault(lambda p: p.system.methodHelp("m.nope"), errors.NotFound.code)
         yield self.assertFault(lambda p: p.system.nope(), errors.NotFound.code)
 
@@ -271,4 +278,4 @@ class CodecTests(unittest.TestCase):
         def f(a: int, b: list[str], c: bytes | None = None) -> dict:
             pass
         self.assertEqual(xr.signatures(typehints.signature(f)),
-                         [["any", "int", "array"], ["any", "int", "array", "base64"]])
+                         [["struct", "int", "array"], ["struct", "int", "array", "base64"]])   # dict: struct

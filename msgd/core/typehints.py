@@ -9,7 +9,9 @@ expects (a dataclass, a Decimal, a date).  JSON-RPC does not need any of this.
 Understood hints: ``str int float bool bytes datetime date Decimal``,
 ``list[T]`` (also ``tuple[T, ...]``, ``Sequence[T]``), ``T | None`` /
 ``Optional[T]``, dataclasses and TypedDicts (structures, nested or not).
-Anything else (no hint, ``Any``, ``dict``, other unions) is ``any``.
+Anything else (no hint, ``Any``, ``dict``, other unions) is ``any``; a
+``dict`` (or ``Mapping``) is an ``any`` whose ``cls`` is ``dict``: its members
+are untyped, but it is a mapping (an XML-RPC struct).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ SCALARS: dict[type, str] = {
 class Type:
     """``kind`` is a scalar kind (see :data:`SCALARS`), ``list`` (of
     ``item``), ``struct`` (``cls`` with ``fields``), ``none`` (a function
-    that returns nothing) or ``any``."""
+    that returns nothing) or ``any`` (``cls`` is ``dict`` for a mapping)."""
 
     kind: str
     optional: bool = False
@@ -84,6 +86,8 @@ def model(hint, _seen: dict | None = None) -> Type:
         return Type("list", item=model(args[0], seen) if args else Type("any"))
     if hint is list:
         return Type("list", item=Type("any"))
+    if hint is dict or origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        return Type("any", cls=dict)
     if inspect.isclass(hint) and (dataclasses.is_dataclass(hint) or typing.is_typeddict(hint)):
         if hint in seen:
             return seen[hint]

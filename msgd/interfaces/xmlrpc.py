@@ -192,8 +192,8 @@ class Encoder:
         elif self.i8 and -MAXI8 - 1 <= v <= MAXI8:
             out.append("<value><i8>%d</i8></value>" % v)
         else:
-            limit = "64" if self.i8 else "32 (xmlrpc_i8 is off)"
-            raise Unsendable(f"result cannot be sent over XML-RPC: integer {v} does not fit in {limit} bits")
+            limit = "64 bits" if self.i8 else "32 bits (xmlrpc_i8 is off)"
+            raise Unsendable(f"result cannot be sent over XML-RPC: integer {v} does not fit in {limit}")
 
     def _bool(self, v, out):
         out.append("<value><boolean>%d</boolean></value>" % v)
@@ -285,10 +285,14 @@ XMLRPC_TYPES = {
 }
 
 
+def _xmlrpc_type(t: typehints.Type) -> str:
+    return "struct" if t.cls is dict else XMLRPC_TYPES[t.kind]      # a dict: untyped members
+
+
 def signatures(sig: typehints.Signature) -> list[list[str]]:
     """One signature per number of arguments a call may pass: [result, p1, …]."""
-    result = XMLRPC_TYPES[sig.result.kind]
-    types_ = [XMLRPC_TYPES[p.type.kind] for p in sig.params]
+    result = _xmlrpc_type(sig.result)
+    types_ = [_xmlrpc_type(p.type) for p in sig.params]
     least = sum(1 for p in sig.params if p.required)
     return [[result] + types_[:n] for n in range(least, len(types_) + 1)]
 
