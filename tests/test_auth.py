@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 
+import bcrypt
+
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
@@ -52,6 +54,18 @@ class PasswordFileTests(unittest.TestCase):
                 yield self.checker.requestAvatarId(UsernamePassword(user, pw))
 
     @defer.inlineCallbacks
+    def test_password_over_72_bytes_refused(self):
+        """bcrypt 5 raises for a password bcrypt cannot hash (over 72 bytes);
+        the login is refused like a wrong password, for a known user (even one
+        whose hash an older bcrypt made from the first 72 bytes) or not."""
+        long = "é" * 40                                  # 80 bytes
+        with open(self.path, "a") as f:
+            f.write(f"carol:{bcrypt.hashpw(long.encode()[:72], bcrypt.gensalt(4)).decode()}\n")
+        for user in (b"alice", b"carol", b"mallory"):
+            with self.assertRaises(UnauthorizedLogin):
+                yield self.checker.requestAvatarId(UsernamePassword(user, long.encode()))
+
+    @defer.inlineCallbacks
     def test_change_password_keeps_roles_and_is_seen_without_restart(self):
         set_password(self.path, "alice", "new", rounds=4)
         os.utime(self.path, ns=(1, 2))    # a different stamp even within one clock tick
@@ -71,6 +85,9 @@ class PasswordFileTests(unittest.TestCase):
         for user in ("", "a:b", " x"):
             with self.assertRaises(ValueError):
                 set_password(self.path, user, "pw", rounds=4)
+        with self.assertRaises(ValueError) as cm:
+            set_password(self.path, "carol", "x" * 73, rounds=4)
+        self.assertIn("at most 72 bytes", str(cm.exception))
 
     def test_passwd_command(self):
         err = io.StringIO()

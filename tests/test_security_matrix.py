@@ -181,6 +181,8 @@ class MatrixTests(unittest.TestCase):
             ("anonymous", None, "orders.place", "unauthorized"),
             ("wrong password", basic("alice", "nope"), "orders.place", "unauthorized"),
             ("unknown user", basic("mallory", "alice-pw"), "orders.place", "unauthorized"),
+            ("password over bcrypt's 72 bytes", basic("alice", "alice-pw" * 10), "orders.place", "unauthorized"),
+            ("unknown user, password over 72 bytes", basic("mallory", "x" * 100), "orders.place", "unauthorized"),
             ("expired token", "Bearer " + self.expired_token, "orders.place", "unauthorized"),
             ("forged token", "Bearer " + self.forged_token, "orders.place", "unauthorized"),
             ("principal without the right", basic("bob", "bob-pw"), "orders.place", "unauthorized"),

@@ -28,6 +28,15 @@ from msgd.security.principal import Principal
 # compared against when the user is unknown, so that unknown users and wrong
 # passwords take the same time
 _DUMMY = bcrypt.hashpw(b"-", bcrypt.gensalt(4))
+MAX_PASSWORD = 72       # bytes bcrypt hashes; bcrypt >= 5 raises for more (4 ignored the rest)
+
+
+def check_password(password: str, hashed: bytes) -> bool:
+    """Whether ``password`` is the one ``hashed`` was made from (blocking).
+    One longer than bcrypt can hash is refused, after the same bcrypt work
+    as any other wrong password."""
+    secret = password.encode()
+    return bcrypt.checkpw(secret[:MAX_PASSWORD], hashed) and len(secret) <= MAX_PASSWORD
 
 
 def _text(v) -> str:
@@ -60,6 +69,8 @@ def set_password(path: str, user: str, password: str, roles=None, rounds: int = 
     roles = frozenset(roles) if roles is not None else old_roles
     if any(not r or any(c in r for c in ":,\n") for r in roles):
         raise ValueError("a role may not be empty or hold ':' or ','")
+    if len(password.encode()) > MAX_PASSWORD:
+        raise ValueError(f"a password may be at most {MAX_PASSWORD} bytes long (bcrypt hashes no more)")
     users[user] = (bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)), roles)
     lines = [f"{u}:{h.decode()}" + (":" + ",".join(sorted(r)) if r else "") for u, (h, r) in users.items()]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".passwd-")
@@ -94,14 +105,11 @@ class PasswordFileChecker:
             return defer.fail(UnauthorizedLogin(f"password file unusable: {e}"))
         hashed, roles = entry if entry else (_DUMMY, frozenset())
 
-        def check():
-            return bcrypt.checkpw(password.encode(), hashed)
-
         def checked(ok):
             if not ok or entry is None:
                 raise UnauthorizedLogin("wrong user or password")
             return Principal(user, roles, "password")
-        return self.run_blocking(check).addCallback(checked)
+        return self.run_blocking(check_password, password, hashed).addCallback(checked)
 
 
 @implementer(ICredentialsChecker)
