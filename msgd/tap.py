@@ -29,6 +29,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from msgd.config import ConfigError, load
+from msgd.interfaces.base import StartupError
 
 
 class Options(usage.Options):
@@ -53,6 +54,30 @@ class Root(MultiService):
         super().setServiceParent(parent)
         if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.logs.observer)
+
+    def privilegedStartService(self):
+        # A port in use (or another part that cannot start before the reactor
+        # runs) is one log line naming the section, and exit status 1.  The
+        # exception still goes through twistd, which removes its pid file and
+        # tells a daemon's waiting parent (it does so for an Exception only:
+        # a SystemExit would leave that parent waiting for ever); only the
+        # traceback Python would print for it at the end is left out.
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            self.node.log.critical("{error}", error=str(e), **e.fields)
+            _without_traceback(e)
+            raise
+
+
+def _without_traceback(error: BaseException) -> None:
+    """Print nothing when ``error`` ends the process uncaught."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if value is not error:
+            previous(kind, value, tb)
+    sys.excepthook = hook
 
 
 def log_stream(options):

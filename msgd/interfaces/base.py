@@ -19,7 +19,13 @@ from twisted.python.failure import Failure
 
 
 class StartupError(Exception):
-    """A listener could not start; the message is one line for the operator."""
+    """A part of the node could not start.  The message is one line for the
+    operator that names the section; ``fields`` go with it into the log (tap
+    logs that one line and exits 1, without a traceback)."""
+
+    def __init__(self, message: str, **fields):
+        super().__init__(message)
+        self.fields = fields
 
 
 class Interface(Service):
@@ -82,8 +88,10 @@ class Listener(Interface):
         d.addBoth(lambda r: early.append(r) or r)
         if strict and early and isinstance(early[0], Failure):
             d.addErrback(lambda f: None)
-            raise StartupError(f"[interface:{self.name}] cannot listen on {self.options.endpoint}: "
-                               f"{early[0].getErrorMessage()}")
+            error = early[0].value
+            reason = getattr(getattr(error, "socketError", None), "strerror", None) or early[0].getErrorMessage()
+            raise StartupError(f"[interface:{self.name}] cannot listen on {self.options.endpoint}: {reason}",
+                               interface=self.name, endpoint=self.options.endpoint)
         d.addBoth(self._listening)
 
     def _listening(self, result):
