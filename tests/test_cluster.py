@@ -365,11 +365,10 @@ class ClusterTests(unittest.TestCase):
     def test_sender_killed_during_delivery(self):
         return self.run_scenario(self._sender_killed)
 
-    def _sender_killed(self):
+    def _sender_killed(self, n=500):
         """A is SIGKILLed while B's blocking handler works through A's
         messages (a few running, the rest of the window queued for B's
         threads), then restarted: B handles each message exactly once."""
-        n = 500
         pa, pb_ = free_port(), free_port()
         a = self.node("a", pa, None, {"b": pb_})
         b = self.node("b", pb_, None, threads=4)
@@ -399,6 +398,7 @@ class ClusterTests(unittest.TestCase):
         twice = sum(c - 1 for c in counts.values())
         lost = n - len(counts)
         self.assertEqual((twice, lost), (0, 0), f"of {n}: {twice} handled again, {lost} lost")
+        return twice, lost
 
     # -- Redis outage ------------------------------------------------------------------------
 
