@@ -116,6 +116,15 @@ def health(node: NodeProcess) -> dict:
         return json.loads(r.read())
 
 
+def handled(node: NodeProcess) -> list[str]:
+    """What ``work.take`` wrote down on ``node``, one line per message."""
+    path = os.path.join(node.base, "handled.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.read().split()
+
+
 def publish(node: NodeProcess, channel: str, data):
     r = call(node.port, "rpc.publish", channel, data)
     assert "result" in r, r
@@ -350,15 +359,8 @@ class ClusterTests(unittest.TestCase):
         a.start()
         wait_for(lambda: health(a)["outbox"].get("b", {}).get("depth") == 1000, what="outbox reloaded")
         b.start()
-        handled = os.path.join(b.base, "handled.txt")
-
-        def lines():
-            if not os.path.exists(handled):
-                return []
-            with open(handled) as f:
-                return f.read().split()
         wait_for(lambda: health(a)["outbox"]["b"]["depth"] == 0, timeout=60, what="outbox drained")
-        got = lines()
+        got = handled(b)
         self.assertEqual(len(got), 1000)
         self.assertEqual(sorted(map(int, got)), list(range(1000)))
 
@@ -378,22 +380,15 @@ class ClusterTests(unittest.TestCase):
         r = post(a.port, {"jsonrpc": "2.0", "id": 1, "method": "work.burst", "params": ["b", n, "work.take_slowly"]},
                  timeout=60)
         self.assertEqual(r.get("result"), n, r)        # all n written: none may be lost
-        handled = os.path.join(b.base, "handled.txt")
-
-        def lines():
-            if not os.path.exists(handled):
-                return []
-            with open(handled) as f:
-                return f.read().split()
-        wait_for(lambda: len(lines()) >= n // 5, what="B handling")
+        wait_for(lambda: len(handled(b)) >= n // 5, what="B handling")
         a.signal(signal.SIGKILL)
         a.wait(10)
-        self.assertLess(len(lines()), n, "A was killed after the delivery")
+        self.assertLess(len(handled(b)), n, "A was killed after the delivery")
         a.start()
         wait_for(lambda: health(a)["outbox"].get("b", {}).get("depth") == 0, timeout=120, what="outbox drained")
         b.stop()                                       # lets B's threads finish what they were given
         counts = {}
-        for i in map(int, lines()):
+        for i in map(int, handled(b)):
             counts[i] = counts.get(i, 0) + 1
         twice = sum(c - 1 for c in counts.values())
         lost = n - len(counts)
