@@ -18,6 +18,8 @@ LDAP        MSGD_TEST_LDAP=host:port   slapd with a generated slapd.conf
 POP3        (none: needs its users)    dovecot with a passwd-file
 STOMP       MSGD_TEST_STOMP=host:port  the machine's RabbitMQ (rabbitmq_stomp)
 PostgreSQL  MSGD_TEST_POSTGRES=DSN     the machine's PostgreSQL (trust auth)
+nginx       (none: needs its config)   nginx (nginx-light) with a given config
+HAProxy     (none: needs its config)   haproxy with a given config
 ==========  =========================  ======================================
 """
 
@@ -463,3 +465,54 @@ def postgres() -> Server:
         return Server("postgres", "127.0.0.1", 5432,
                       extra={"dsn": "host=127.0.0.1 port=5432 user=postgres dbname=postgres"})
     unavailable("no PostgreSQL at 127.0.0.1:5432 and MSGD_TEST_POSTGRES is not set")
+
+
+# -- reverse proxies (nginx, HAProxy) -----------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+{user}
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{http}
+}}
+"""
+
+
+def nginx(http_conf: str, port: int) -> Server:
+    """A private nginx whose ``http { }`` block holds ``http_conf`` (which
+    listens on ``port``)."""
+    binary = which("nginx")
+    if binary is None:
+        unavailable("nginx is not installed (Debian package nginx-light)")
+    d = tempfile.mkdtemp(prefix="msgd-nginx-")
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        # run as root (CI), its workers would switch to nobody, who cannot enter this temp dir
+        f.write(NGINX_CONF.format(dir=d, http=http_conf, user="user root;" if os.geteuid() == 0 else ""))
+    srv = Server("nginx", "127.0.0.1", port, dir=d, own=True,
+                 argv=[binary, "-p", d, "-c", conf, "-e", os.path.join(d, "error.log")])
+    return srv.start()
+
+
+def haproxy(conf: str, port: int) -> Server:
+    """A private HAProxy running ``conf`` (which listens on ``port``) in
+    the foreground."""
+    binary = which("haproxy")
+    if binary is None:
+        unavailable("haproxy is not installed (Debian package haproxy)")
+    d = tempfile.mkdtemp(prefix="msgd-haproxy-")
+    path = os.path.join(d, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(conf)
+    srv = Server("haproxy", "127.0.0.1", port, dir=d, own=True, argv=[binary, "-f", path, "-db"])
+    return srv.start()

@@ -35,8 +35,8 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
 
-from msgd.config import (boolean, duration, integer, networks, option, optional_duration, server_endpoint, size,
-                         words)
+from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
+                         size, words)
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
@@ -105,6 +105,9 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
     admin_allow: tuple = option(("127.0.0.1", "::1"), parse=networks,
                                 doc="addresses/networks allowed to use /status and /admin")
     admin_token: str = option("", doc="when set, /status and /admin also need it (Authorization: Bearer, ?token=)")
+    forwarded_header: str = option("x-forwarded-for", parse=choice("x-forwarded-for", "forwarded"),
+                                   doc="the header trusted_proxies tell the client's address in: "
+                                       "x-forwarded-for or forwarded (RFC 7239)")
 
 
 class BoundedRequest(server.Request):
@@ -163,17 +166,26 @@ class TrackedChannel(http.HTTPChannel):
     def connectionMade(self):
         super().connectionMade()
         iface = self.site.interface
-        hit = iface.guard.admit(self.transport)
+        hit = iface.guard.admit(self.transport, forwarded=True)
         if hit is not None:
-            body = dumps(error_response(errors.Overloaded(f"too many connections ({hit})")))
-            self.refuse(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                        % (len(body), body))
+            self._too_many(hit)
             return
         self._admitted = True
         iface.connection_opened(self.transport)
 
+    def _too_many(self, limit: str) -> None:
+        body = dumps(error_response(errors.Overloaded(f"too many connections ({limit})")))
+        self.refuse(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
     def allHeadersReceived(self):
+        guard = self.site.interface.guard
+        if guard.addresses.networks and self._admitted:
+            # through a trusted proxy the connection is the client's of this request: its limits apply
+            hit = guard.readmit(self.transport, guard.client_address(self.requests[-1]))
+            if hit is not None:
+                self._too_many(hit)
+                return
         if self.length is not None and self.length > self.site.max_body:
             # refused before twisted.web could answer "Expect: 100-continue"
             self.requests[-1].reject_too_large()
