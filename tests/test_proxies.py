@@ -9,6 +9,7 @@ trial reactor."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import textwrap
@@ -47,8 +48,8 @@ def swap(text: str, pairs: dict) -> str:
     return text
 
 
-NGINX_INTRO = "tested\nas it is written here by ``tests/test_proxies.py``)::"
-HAPROXY_INTRO = "With HAProxy (``haproxy.cfg``; tested the same way)::"
+NGINX_INTRO = "With nginx (inside ``http { }``)::"
+HAPROXY_INTRO = "With HAProxy (``haproxy.cfg``)::"
 NGINX_DENY = "    location ~ ^/(admin|status|metrics)(/|$) {\n        return 404;\n    }\n"
 HAPROXY_DENY = "    http-request deny deny_status 404 if { path,url_dec -m reg ^/+(admin|status|metrics)(/|$) }\n"
 
@@ -302,3 +303,121 @@ class ProxyProtocolTests(unittest.TestCase):
         self.assertEqual(command, b"")
         self.assertTrue(any(e.get("address") == BOB and "PROXY" in e.get("log_format", "") for e in events))
         self.assertNotIn("10.9.9.9", node.interfaces["stomp"].guard.connections.by_address)
+
+
+# -- long-poll sessions through a round-robin proxy in front of two nodes ------------
+
+CLUSTER_INI = """
+[node]
+name = {name}
+reload_interval = 0
+
+[interface:web]
+type = http
+endpoint = tcp:{port}:interface=127.0.0.1
+trusted_proxies = 127.0.0.1
+poll_wait = 1s
+
+[pubsub]
+backend = redis
+redis = tcp:host=127.0.0.1:port={redis}
+prefix = lb
+"""
+
+SUBSCRIBE = """
+const [transport, done] = arguments;
+const go = () => {
+  const got = [], states = [], gaps = [], answers = [];
+  // every HTTP answer the client gets, to see that none is a lost session's 404
+  const fetch = (url, init) => window.fetch(url, init).then((r) => { answers.push(r.status); return r; });
+  const client = msgd.connect(undefined, { transport, minDelay: 50, maxDelay: 200, fetch });
+  client.on("state", (s) => states.push(s));
+  client.on("gap", (c) => gaps.push(c));
+  window.lb = window.lb || {};
+  window.lb[transport] = { client, got, states, gaps, answers };
+  client.subscribe("lb.events", (data, ev) => got.push([ev.offset, data])).then(
+    () => done("subscribed"), (e) => done("failed: " + e.message));
+};
+if (window.msgd) go();
+else {
+  const s = document.createElement("script");
+  s.src = "/msgd.js";
+  s.onload = go;
+  document.head.appendChild(s);
+}
+"""
+
+
+class LongPollBehindBalancer(unittest.TestCase):
+    """msgd.js on long-poll and on SSE sessions, through the documented
+    nginx/HAProxy snippets (round robin for everything else) in front of two
+    nodes sharing pub/sub through Redis: every event arrives once, in order,
+    and the client never has to reconnect."""
+
+    def run_through(self, kind: str):
+        from tests.browser import chromium, wait_for
+        from tests.process import NodeProcess, call
+        redis = servers.redis()
+        self.addCleanup(redis.cleanup)
+        nodes = []
+        for name in ("a", "b"):
+            node = NodeProcess(os.path.abspath(self.mktemp()),
+                               CLUSTER_INI.replace("{name}", name).replace("{redis}", str(redis.port)))
+            self.addCleanup(node.stop)
+            nodes.append(node.start())
+        for node in nodes:                    # both nodes share pub/sub before anything is published
+            assert wait_for_health(node)
+        srv = start_proxy(kind, [n.port for n in nodes])
+        self.addCleanup(srv.cleanup)
+        # requests without an affinity key go round robin
+        seen = {json.loads(get(srv.port, "/health", source="127.0.0.1")[1])["node"] for _ in range(6)}
+        self.assertEqual(seen, {"a", "b"})
+        driver = chromium(self)
+        driver.get(f"http://127.0.0.1:{srv.port}/msgd.js")          # a page of the proxy's origin
+        for transport in ("poll", "sse"):
+            self.assertEqual(driver.execute_async_script(SUBSCRIBE, transport), "subscribed")
+        total = 0
+        for i in range(40):                   # from either node, and from the browser through its sessions
+            if i % 4 == 3:
+                for transport in ("poll", "sse"):
+                    driver.execute_script("lb[arguments[0]].client.publish('lb.events', arguments[1])",
+                                          transport, f"{transport}-{i}")
+                    total += 1
+            else:
+                r = call(nodes[i % 2].port, "rpc.publish", "lb.events", f"node-{i}")
+                self.assertIn("result", r)
+                total += 1
+        for transport in ("poll", "sse"):
+            self.assertTrue(wait_for(driver, f"lb.{transport}.got.length >= {total}", timeout=30),
+                            driver.execute_script(f"return lb.{transport}.states"))
+        # a few more long-polls through the balancer: nothing arrives twice, nobody reconnects
+        polled = driver.execute_script("return lb.poll.answers.length")
+        self.assertTrue(wait_for(driver, f"lb.poll.answers.length >= {polled + 3}", timeout=10))
+        for transport in ("poll", "sse"):
+            got, states, gaps, answers = driver.execute_script(
+                "const x = lb[arguments[0]]; return [x.got, x.states, x.gaps, x.answers]", transport)
+            self.assertEqual(set(answers) - {200, 201, 202}, set(), transport)
+            self.assertEqual([offset for offset, _ in got], list(range(1, total + 1)), transport)
+            self.assertEqual(len({data for _, data in got}), total)
+            self.assertEqual(states, ["open"], transport)       # no reconnect, ever
+            self.assertEqual(gaps, [])
+            self.assertEqual(driver.execute_script("return lb[arguments[0]].client.transport", transport), transport)
+
+    def test_nginx(self):
+        self.run_through("nginx")
+
+    def test_haproxy(self):
+        self.run_through("haproxy")
+
+
+def wait_for_health(node, timeout: float = 20.0) -> bool:
+    """Until the node's pub/sub bridge is connected to Redis (bounded)."""
+    import time
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
+            if json.loads(r.read())["pubsub"].get("connected"):
+                return True
+        time.sleep(0.05)
+    return False
