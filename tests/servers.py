@@ -475,8 +475,8 @@ worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log notice;
 {user}
-events {{ worker_connections 512; }}
-http {{
+events { worker_connections 512; }
+http {
     access_log off;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
@@ -484,35 +484,33 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
 {http}
-}}
+}
 """
+
+
+def _configured(name: str, package: str, conf: str, port: int, argv) -> Server:
+    """A private ``name`` started in the foreground as ``argv(binary, dir,
+    conf_path)``, ``conf`` (a template of ``{dir}``) in its temp dir."""
+    binary = which(name)
+    if binary is None:
+        unavailable(f"{name} is not installed (Debian package {package})")
+    d = tempfile.mkdtemp(prefix=f"msgd-{name}-")
+    path = os.path.join(d, name + ".conf")
+    with open(path, "w") as f:
+        f.write(conf.replace("{dir}", d))
+    return Server(name, "127.0.0.1", port, dir=d, own=True, argv=argv(binary, d, path)).start()
 
 
 def nginx(http_conf: str, port: int) -> Server:
     """A private nginx whose ``http { }`` block holds ``http_conf`` (which
     listens on ``port``)."""
-    binary = which("nginx")
-    if binary is None:
-        unavailable("nginx is not installed (Debian package nginx-light)")
-    d = tempfile.mkdtemp(prefix="msgd-nginx-")
-    conf = os.path.join(d, "nginx.conf")
-    with open(conf, "w") as f:
-        # run as root (CI), its workers would switch to nobody, who cannot enter this temp dir
-        f.write(NGINX_CONF.format(dir=d, http=http_conf, user="user root;" if os.geteuid() == 0 else ""))
-    srv = Server("nginx", "127.0.0.1", port, dir=d, own=True,
-                 argv=[binary, "-p", d, "-c", conf, "-e", os.path.join(d, "error.log")])
-    return srv.start()
+    # run as root (CI), its workers would switch to nobody, who cannot enter the temp dir
+    conf = NGINX_CONF.replace("{user}", "user root;" if os.geteuid() == 0 else "").replace("{http}", http_conf)
+    return _configured("nginx", "nginx-light", conf, port,
+                       lambda binary, d, path: [binary, "-p", d, "-c", path, "-e", os.path.join(d, "error.log")])
 
 
 def haproxy(conf: str, port: int) -> Server:
     """A private HAProxy running ``conf`` (which listens on ``port``) in
     the foreground."""
-    binary = which("haproxy")
-    if binary is None:
-        unavailable("haproxy is not installed (Debian package haproxy)")
-    d = tempfile.mkdtemp(prefix="msgd-haproxy-")
-    path = os.path.join(d, "haproxy.cfg")
-    with open(path, "w") as f:
-        f.write(conf)
-    srv = Server("haproxy", "127.0.0.1", port, dir=d, own=True, argv=[binary, "-f", path, "-db"])
-    return srv.start()
+    return _configured("haproxy", "haproxy", conf, port, lambda binary, d, path: [binary, "-f", path, "-db"])

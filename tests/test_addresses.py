@@ -2,8 +2,9 @@
 free: forwarding headers, the PROXY protocol wrapper on a StringTransport,
 and connection limits per client through a trusted proxy's connections."""
 
-import struct
+import os
 import socket
+import struct
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -198,3 +199,26 @@ class LimitsTests(unittest.TestCase):
         self.assertEqual(c.admit(None), "connections")
         c.release(None)
         self.assertEqual((c.total, c.by_address), (1, {"a": 1}))
+
+
+class ConfigTests(unittest.TestCase):
+    def check(self, keys: str) -> str:
+        from msgd.config import ConfigError, parse_text
+        try:
+            parse_text("[node]\nname = t\n[interface:s]\ntype = stomp\n" + keys, "/tmp/node.ini")
+        except ConfigError as e:
+            return str(e)
+        return "ok"
+
+    def test_proxy_protocol_needs_trusted_proxies_and_plain_tcp(self):
+        self.assertIn("proxy_protocol needs trusted_proxies",
+                      self.check("endpoint = tcp:0\nproxy_protocol = yes\n"))
+        from msgd.security.tls import make_ca, make_cert
+        d = self.mktemp()
+        os.makedirs(d)
+        cert = make_cert(make_ca(d), d, "node", "127.0.0.1")
+        self.assertIn("needs a plain endpoint",
+                      self.check(f"endpoint = ssl:0:privateKey={cert['key']}:certKey={cert['cert']}\n"
+                                 "proxy_protocol = yes\ntrusted_proxies = 127.0.0.1\n"))
+        self.assertEqual(self.check("endpoint = tcp:0\nproxy_protocol = yes\ntrusted_proxies = 10.0.0.0/8\n"), "ok")
+        self.assertIn("not an IP address", self.check("endpoint = tcp:0\ntrusted_proxies = proxy.example\n"))

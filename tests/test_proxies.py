@@ -20,6 +20,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from tests import servers
+from tests.browser import WITH_MSGD_JS
 from tests.helpers import ROOT, eventually, http_port, make_node
 from tests.servers import free_port
 
@@ -54,27 +55,27 @@ NGINX_DENY = "    location ~ ^/(admin|status|metrics)(/|$) {\n        return 404
 HAPROXY_DENY = "    http-request deny deny_status 404 if { path,url_dec -m reg ^/+(admin|status|metrics)(/|$) }\n"
 
 
-def start_proxy(kind: str, ports: list[int], deny: bool = True) -> int:
+# kind -> (the snippet's intro in docs/cluster.rst, its listening line, its line for the
+# listening address, its rule that keeps /admin, /status, /metrics off the public side)
+PROXIES = {
+    "nginx": (NGINX_INTRO, "listen 80;", "listen 127.0.0.1:{};", NGINX_DENY, servers.nginx),
+    "haproxy": (HAPROXY_INTRO, "bind :80", "bind 127.0.0.1:{}", HAPROXY_DENY, servers.haproxy),
+}
+
+
+def start_proxy(kind: str, ports: list[int], deny: bool = True) -> servers.Server:
     """nginx or HAProxy from docs/cluster.rst in front of the nodes on
-    ``ports`` (one or two); its port.  ``deny=False`` drops its rule that
-    keeps /admin, /status, /metrics off the public side."""
+    ``ports`` (one or two).  ``deny=False`` drops its rule that keeps
+    /admin, /status, /metrics off the public side."""
+    intro, listen, listen_here, deny_rule, start = PROXIES[kind]
     port = free_port()
     a, b = (ports * 2)[:2]
-    if kind == "nginx":
-        conf = swap(doc_block("cluster.rst", NGINX_INTRO),
-                    {"listen 80;": f"listen 127.0.0.1:{port};", "127.0.0.1:8081": f"127.0.0.1:{a}",
-                     "127.0.0.1:8082": f"127.0.0.1:{b}"})
-        if not deny:
-            conf = swap(conf, {NGINX_DENY: ""})
-        srv = servers.nginx(conf, port)
-    else:
-        conf = swap(doc_block("cluster.rst", HAPROXY_INTRO),
-                    {"bind :80": f"bind 127.0.0.1:{port}", "127.0.0.1:8081": f"127.0.0.1:{a}",
-                     "127.0.0.1:8082": f"127.0.0.1:{b}"})
-        if not deny:
-            conf = swap(conf, {HAPROXY_DENY: ""})
-        srv = servers.haproxy(conf, port)
-    return srv
+    conf = swap(doc_block("cluster.rst", intro), {listen: listen_here.format(port),
+                                                  "127.0.0.1:8081": f"127.0.0.1:{a}",
+                                                  "127.0.0.1:8082": f"127.0.0.1:{b}"})
+    if not deny:
+        conf = swap(conf, {deny_rule: ""})
+    return start(conf, port)
 
 
 def get(port: int, path: str, source: str = ALICE, headers: dict | None = None, method: str = "GET",
@@ -338,14 +339,7 @@ const go = () => {
   client.subscribe("lb.events", (data, ev) => got.push([ev.offset, data])).then(
     () => done("subscribed"), (e) => done("failed: " + e.message));
 };
-if (window.msgd) go();
-else {
-  const s = document.createElement("script");
-  s.src = "/msgd.js";
-  s.onload = go;
-  document.head.appendChild(s);
-}
-"""
+""" + WITH_MSGD_JS
 
 
 class LongPollBehindBalancer(unittest.TestCase):

@@ -95,6 +95,10 @@ class SecurityOptions:
         if self.proxy_protocol and not self.trusted_proxies:
             raise Invalid("proxy_protocol needs trusted_proxies (the proxies allowed to send the header)",
                           "trusted_proxies")
+        if self.proxy_protocol and getattr(self, "endpoint", "").partition(":")[0] in ("ssl", "mtls"):
+            # the PROXY header comes before any TLS handshake, and Twisted's TLS endpoints read TLS first
+            raise Invalid("proxy_protocol needs a plain endpoint (tcp:, unix:, systemd:): terminate TLS at "
+                          "the proxy", "proxy_protocol")
 
 
 class Guard:
