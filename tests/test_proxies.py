@@ -247,19 +247,29 @@ endpoint = tcp:0:interface=127.0.0.1
 trusted_proxies = 127.0.0.1
 proxy_protocol = yes
 max_connections_per_address = 1
+
+[interface:logins]
+type = stomp
+endpoint = tcp:0:interface=127.0.0.1
+trusted_proxies = 127.0.0.1
+proxy_protocol = yes
+auth = password
+auth_file = passwd
+login_attempts = 1
 """
 
 STOMP_INTRO = "of a STOMP listener::"
 
 
-def stomp_connect(port: int, source: str, header: bytes = b"") -> tuple[bytes, socket.socket]:
-    """CONNECT from ``source``: (the first frame's command, or b"" when the
-    connection was closed, the socket)."""
+def stomp_connect(port: int, source: str, header: bytes = b"", login: bytes = b"") -> tuple[bytes, socket.socket]:
+    """CONNECT from ``source``: (the first frame up to its body, or b""
+    when the connection was closed, the socket)."""
     s = socket.socket()
     s.settimeout(10)
     s.bind((source, 0))
     s.connect(("127.0.0.1", port))
-    s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n\n\x00")
+    creds = b"login:%s\npasscode:wrong\n" % login if login else b""
+    s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n" + creds + b"\n\x00")
     data = b""
     while b"\x00" not in data:
         try:
@@ -269,17 +279,24 @@ def stomp_connect(port: int, source: str, header: bytes = b"") -> tuple[bytes, s
         if not chunk:
             break
         data += chunk
-    return data.split(b"\n", 1)[0] if b"\x00" in data else b"", s
+    return data.partition(b"\n\n")[0] if b"\x00" in data else b"", s
 
 
 class ProxyProtocolTests(unittest.TestCase):
     """HAProxy in TCP mode with send-proxy-v2 (docs/security.rst's snippet)
-    in front of a STOMP listener with ``proxy_protocol = yes``."""
+    in front of STOMP listeners with ``proxy_protocol = yes``."""
 
-    @defer.inlineCallbacks
-    def test_stomp_sees_the_real_clients(self):
-        node = make_node(self, STOMP_INI)
-        direct = node.interfaces["stomp"].port.getHost().port
+    def setUp(self):
+        from msgd.security.credentials import set_password
+        self.node = make_node(self, STOMP_INI, start=False)
+        set_password(os.path.join(os.path.dirname(self.node.config.path), "passwd"), "carol", "right", rounds=4)
+        self.node.privilegedStartService()
+        self.node.startService()
+        self.addCleanup(lambda: self.node.stopService() if self.node.running else None)
+
+    def haproxy(self, interface: str) -> tuple[int, int]:
+        """(HAProxy's port, the node's) in front of ``interface``."""
+        direct = self.node.interfaces[interface].port.getHost().port
         port = free_port()
         conf = swap(doc_block("security.rst", STOMP_INTRO),
                     {"bind :61613": f"bind 127.0.0.1:{port}", "127.0.0.1:61701": f"127.0.0.1:{direct}",
@@ -287,23 +304,41 @@ class ProxyProtocolTests(unittest.TestCase):
         srv = servers.haproxy("defaults\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n\n"
                               + conf, port)
         self.addCleanup(srv.cleanup)
+        return port, direct
+
+    @defer.inlineCallbacks
+    def test_stomp_sees_the_real_clients(self):
+        node = self.node
+        port, direct = self.haproxy("stomp")
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         held = []
         self.addCleanup(lambda: [s.close() for s in held])
         for source, expected in ((ALICE, b"CONNECTED"), (ALICE, b"ERROR"), (BOB, b"CONNECTED")):
-            command, s = yield deferToThread(stomp_connect, port, source)
+            frame, s = yield deferToThread(stomp_connect, port, source)
             held.append(s)
-            self.assertEqual(command, expected, source)
+            self.assertEqual(frame.split(b"\n")[0], expected, source)
         self.assertEqual(node.interfaces["stomp"].guard.connections.by_address, {ALICE: 1, BOB: 1})
         # straight to the node from an address that is not a trusted proxy: its PROXY header is refused
         header = b"PROXY TCP4 10.9.9.9 127.0.0.1 5555 61613\r\n"
-        command, s = yield deferToThread(stomp_connect, direct, BOB, header)
+        frame, s = yield deferToThread(stomp_connect, direct, BOB, header)
         held.append(s)
-        self.assertEqual(command, b"")
+        self.assertEqual(frame, b"")
         self.assertTrue(any(e.get("address") == BOB and "PROXY" in e.get("log_format", "") for e in events))
         self.assertNotIn("10.9.9.9", node.interfaces["stomp"].guard.connections.by_address)
+
+    @defer.inlineCallbacks
+    def test_stomp_login_throttling_per_real_client(self):
+        port, _ = self.haproxy("logins")
+        frames = []
+        for source, user in ((ALICE, b"u1"), (ALICE, b"u2"), (BOB, b"u3")):
+            frame, s = yield deferToThread(stomp_connect, port, source, login=user)
+            s.close()
+            frames.append(frame)
+        self.assertIn(b"message:login failed", frames[0])
+        self.assertIn(b"msgd-code:-32005", frames[1])          # Alice's address is throttled ...
+        self.assertIn(b"message:login failed", frames[2])      # ... Bob's is not
 
 
 # -- long-poll sessions through a round-robin proxy in front of two nodes ------------
