@@ -122,20 +122,25 @@ admin = yes
 """
 
 
+def start_node(testcase, ini: str):
+    """An in-process node from ``ini`` whose password file (``passwd``)
+    knows one user, carol."""
+    from msgd.security.credentials import set_password
+    node = make_node(testcase, ini, start=False)
+    set_password(os.path.join(os.path.dirname(node.config.path), "passwd"), "carol", "right", rounds=4)
+    node.privilegedStartService()
+    node.startService()
+    testcase.addCleanup(lambda: node.stopService() if node.running else None)
+    return node
+
+
 class HTTPBehindProxy:
     """The checks of one proxy (``kind``), through its documented snippet."""
 
     kind = ""
 
     def start(self, extra: str = "", deny: bool = True):
-        self.node = make_node(self, INI.replace("{extra}", extra), start=False)
-        if "auth_file" in extra:
-            from msgd.security.credentials import set_password
-            set_password(os.path.join(os.path.dirname(self.node.config.path), "passwd"), "carol", "right",
-                         rounds=4)
-        self.node.privilegedStartService()
-        self.node.startService()
-        self.addCleanup(lambda: self.node.stopService() if self.node.running else None)
+        self.node = start_node(self, INI.replace("{extra}", extra))
         self.direct = http_port(self.node)
         srv = start_proxy(self.kind, [self.direct], deny)
         self.addCleanup(srv.cleanup)
@@ -287,12 +292,7 @@ class ProxyProtocolTests(unittest.TestCase):
     in front of STOMP listeners with ``proxy_protocol = yes``."""
 
     def setUp(self):
-        from msgd.security.credentials import set_password
-        self.node = make_node(self, STOMP_INI, start=False)
-        set_password(os.path.join(os.path.dirname(self.node.config.path), "passwd"), "carol", "right", rounds=4)
-        self.node.privilegedStartService()
-        self.node.startService()
-        self.addCleanup(lambda: self.node.stopService() if self.node.running else None)
+        self.node = start_node(self, STOMP_INI)
 
     def haproxy(self, interface: str) -> tuple[int, int]:
         """(HAProxy's port, the node's) in front of ``interface``."""
