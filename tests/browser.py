@@ -39,6 +39,18 @@ def chromium(testcase):
     return driver
 
 
+# the end of an async script that defines go(): run it once msgd.js is loaded
+WITH_MSGD_JS = """
+if (window.msgd) go();
+else {
+  const s = document.createElement("script");
+  s.src = "/msgd.js";
+  s.onload = go;
+  document.head.appendChild(s);
+}
+"""
+
+
 def wait_for(driver, script: str, timeout: float = 15.0, step: float = 0.05):
     """Poll a JS expression until it is truthy (bounded); returns its value."""
     deadline = time.monotonic() + timeout

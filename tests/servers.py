@@ -18,6 +18,8 @@ LDAP        MSGD_TEST_LDAP=host:port   slapd with a generated slapd.conf
 POP3        (none: needs its users)    dovecot with a passwd-file
 STOMP       MSGD_TEST_STOMP=host:port  the machine's RabbitMQ (rabbitmq_stomp)
 PostgreSQL  MSGD_TEST_POSTGRES=DSN     the machine's PostgreSQL (trust auth)
+nginx       (none: needs its config)   nginx (nginx-light) with a given config
+HAProxy     (none: needs its config)   haproxy with a given config
 ==========  =========================  ======================================
 """
 
@@ -463,3 +465,52 @@ def postgres() -> Server:
         return Server("postgres", "127.0.0.1", 5432,
                       extra={"dsn": "host=127.0.0.1 port=5432 user=postgres dbname=postgres"})
     unavailable("no PostgreSQL at 127.0.0.1:5432 and MSGD_TEST_POSTGRES is not set")
+
+
+# -- reverse proxies (nginx, HAProxy) -----------------------------------------------
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+{user}
+events { worker_connections 512; }
+http {
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{http}
+}
+"""
+
+
+def _configured(name: str, package: str, conf: str, port: int, argv) -> Server:
+    """A private ``name`` started in the foreground as ``argv(binary, dir,
+    conf_path)``, ``conf`` (a template of ``{dir}``) in its temp dir."""
+    binary = which(name)
+    if binary is None:
+        unavailable(f"{name} is not installed (Debian package {package})")
+    d = tempfile.mkdtemp(prefix=f"msgd-{name}-")
+    path = os.path.join(d, name + ".conf")
+    with open(path, "w") as f:
+        f.write(conf.replace("{dir}", d))
+    return Server(name, "127.0.0.1", port, dir=d, own=True, argv=argv(binary, d, path)).start()
+
+
+def nginx(http_conf: str, port: int) -> Server:
+    """A private nginx whose ``http { }`` block holds ``http_conf`` (which
+    listens on ``port``)."""
+    # run as root (CI), its workers would switch to nobody, who cannot enter the temp dir
+    conf = NGINX_CONF.replace("{user}", "user root;" if os.geteuid() == 0 else "").replace("{http}", http_conf)
+    return _configured("nginx", "nginx-light", conf, port,
+                       lambda binary, d, path: [binary, "-p", d, "-c", path, "-e", os.path.join(d, "error.log")])
+
+
+def haproxy(conf: str, port: int) -> Server:
+    """A private HAProxy running ``conf`` (which listens on ``port``) in
+    the foreground."""
+    return _configured("haproxy", "haproxy", conf, port, lambda binary, d, path: [binary, "-f", path, "-db"])

@@ -140,3 +140,128 @@ class HTTPTests(unittest.TestCase):
     def test_client_disconnect_cancels_call(self):
         yield disconnect_cancels(self, self.node, self.port, b"/rpc", b'{"jsonrpc":"2.0","id":1,"method":"m.hold"}',
                                  self.node.apps.modules["m"].module.calls)
+
+
+def _raw_exchange(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send ``head`` then ``body`` through a blocking socket (run it in a
+    thread) and read the answer until the server closes; a reset is raised."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head)
+        if body:
+            s.sendall(body)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+class RefusalTests(unittest.TestCase):
+    """A refused request (413 past ``max_body``) through a real socket: the
+    client reads the whole answer, whether it waits for ``100 Continue`` or
+    sends its body regardless."""
+
+    def setUp(self):
+        self.node = make_node(self, INI, APPS)
+        self.port = http_port(self.node)
+
+    @defer.inlineCallbacks
+    def test_expect_continue_gets_only_the_413(self):
+        from twisted.internet.threads import deferToThread
+        head = (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 10000000\r\n\r\n")
+        answer = yield deferToThread(_raw_exchange, self.port, head)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"], -32004)
+
+    @defer.inlineCallbacks
+    def test_client_sending_its_body_first_reads_the_413(self):
+        from twisted.internet.threads import deferToThread
+        body = b"[" + b" " * (8 * 1024 * 1024) + b"]"       # far more than the sockets' buffers
+        head = (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        answer = yield deferToThread(_raw_exchange, self.port, head, body)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:200])
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"], -32004)
+        out = yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})
+        self.assertEqual(out["result"], 5)
+
+
+class LingeringTests(unittest.TestCase):
+    """The lingering close after a refusal, on a StringTransport and a
+    fake clock: what is sent, what is read, when the connection ends."""
+
+    def setUp(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        class HalfCloseable(StringTransport):
+            write_closed = False
+
+            def loseWriteConnection(self):
+                self.write_closed = True
+
+        self.node = make_node(self, INI, APPS)
+        self.clock = Clock()
+        self.channel = self.node.interfaces["web"].site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        self.channel.callLater = self.clock.callLater
+        self.transport = HalfCloseable()
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(lambda: self.channel.connectionLost(None) if self.channel.transport else None)
+
+    def refuse(self):
+        self.channel.dataReceived(b"POST /rpc HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                  b"Content-Length: 5000\r\n\r\n" + b"x" * 100)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertTrue(self.transport.write_closed)        # FIN after the answer
+        self.assertFalse(self.transport.disconnecting)      # but reading goes on
+        self.transport.clear()
+
+    def test_reads_and_discards_until_idle(self):
+        self.refuse()
+        for _ in range(4):                   # data keeps coming: the connection stays
+            self.clock.advance(0.9)
+            self.channel.dataReceived(b"y" * 1000)
+        self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"")     # nothing after the refusal is parsed
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1.0)               # linger_idle without data
+        self.assertTrue(self.transport.disconnected)
+
+    def test_bounded_in_time(self):
+        self.refuse()
+        for _ in range(10):
+            if self.transport.disconnected:
+                break
+            self.clock.advance(0.5)
+            self.channel.dataReceived(b"y" * 1000)
+        self.assertTrue(self.transport.disconnected)
+        self.assertEqual(self.clock.seconds(), self.channel.linger_time)
+
+    def test_bounded_in_bytes(self):
+        self.refuse()
+        self.channel.dataReceived(b"y" * self.channel.linger_bytes)
+        self.assertFalse(self.transport.disconnected)
+        self.channel.dataReceived(b"y")
+        self.assertTrue(self.transport.disconnected)
+
+    def test_connection_limit_refusal_lingers_too(self):
+        self.node.interfaces["web"].guard.connections.max_total = 1     # this test's channel holds the one
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        other = self.node.interfaces["web"].site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4322))
+        other.callLater = self.clock.callLater
+        t = StringTransport()
+        other.makeConnection(t)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 429 "))
+        other.dataReceived(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n[1]")
+        self.assertFalse(t.disconnecting)    # TLS-like transport (no half close): read on, nothing parsed
+        self.assertEqual(t.value().count(b"HTTP/1.1 "), 1)
+        self.clock.advance(other.linger_idle)
+        self.assertTrue(t.disconnected)

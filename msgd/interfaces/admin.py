@@ -17,7 +17,9 @@ calls.  Both are off by default.
     site cannot send without a CORS preflight (that the node never grants).
 
 Who may use them: clients whose address is in ``admin_allow`` (default:
-loopback only) and, when ``admin_token`` is set, that present it as
+loopback only; behind a reverse proxy, the client's address as the
+interface's ``trusted_proxies`` tell it: see ``msgd.security.addresses``)
+and, when ``admin_token`` is set, that present it as
 ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` (how a browser passes it,
 to the page and its WebSocket alike).
 
@@ -54,6 +56,7 @@ from msgd.core.pubsub import Broker, Session
 from msgd.interfaces.http import WebFile, _json
 from msgd.interfaces.websocket import MsgdWebSocket, MsgdWebSocketFactory
 from msgd.logging import BadLevel
+from msgd.security.addresses import ip
 
 CHANNEL = "msgd.status"
 
@@ -61,22 +64,19 @@ CHANNEL = "msgd.status"
 class Guard(resource.Resource):
     """Lets through only allowed addresses (and the token, when one is set)."""
 
-    def __init__(self, inner: resource.Resource, options):
+    def __init__(self, inner: resource.Resource, interface):
         super().__init__()
         self.inner = inner
-        self.allow = [ipaddress.ip_network(n, strict=False) for n in options.admin_allow]
-        self.token = options.admin_token.encode()
+        self.guard = interface.guard
+        self.allow = [ipaddress.ip_network(n, strict=False) for n in interface.options.admin_allow]
+        self.token = interface.options.admin_token.encode()
 
     def allowed(self, request) -> tuple[int, str] | None:
         """None when allowed, else (status, reason)."""
-        host = getattr(request.getClientAddress(), "host", None)
-        try:
-            addr = ipaddress.ip_address(host)
-        except (TypeError, ValueError):
-            return 403, "not allowed from this address"
-        if addr.version == 6 and addr.ipv4_mapped is not None:     # a tcp6: listener sees IPv4 clients so
-            addr = addr.ipv4_mapped
-        if not any(addr in net for net in self.allow):
+        address = self.guard.client_address(request)
+        addr = ip(address)
+        if addr is None or not any(addr in net for net in self.allow):
+            self.guard.denied("address", None, address, request.path.decode("latin-1")[:100])
             return 403, "not allowed from this address"
         if self.token:
             auth = request.getHeader(b"authorization") or b""
@@ -268,7 +268,7 @@ class _NoApps:
 
 
 def make_status(interface) -> resource.Resource:
-    return Guard(StatusRoot(interface), interface.options)
+    return Guard(StatusRoot(interface), interface)
 
 
 # -- admin -------------------------------------------------------------------------
@@ -337,4 +337,4 @@ def make_admin(interface) -> resource.Resource:
     root = resource.Resource()
     root.putChild(b"reload", ReloadResource(interface.node))
     root.putChild(b"log-level", LogLevelResource(interface.node))
-    return Guard(root, interface.options)
+    return Guard(root, interface)

@@ -17,6 +17,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgd.security.addresses import ProxyProtocolFactory
+
 
 class StartupError(Exception):
     """A part of the node could not start.  The message is one line for the
@@ -83,7 +85,10 @@ class Listener(Interface):
 
     def _listen(self, strict: bool):
         endpoint = serverFromString(self.node.reactor, self.options.endpoint)
-        d = endpoint.listen(self.factory())
+        factory = self.factory()
+        if getattr(self.options, "proxy_protocol", False):      # see msgd.security.addresses
+            factory = ProxyProtocolFactory(factory, self.guard.addresses, self.node.reactor, self.name)
+        d = endpoint.listen(factory)
         early = []
         d.addBoth(lambda r: early.append(r) or r)
         if strict and early and isinstance(early[0], Failure):

@@ -18,7 +18,9 @@ app packages' static files under ``/apps/NAME/``, the status page and admin
 calls at ``/status`` and ``/admin``.
 
 Bodies larger than ``max_body`` are refused with 413 before they are read
-whole.  A client that goes away cancels its call.
+whole (and before any ``100 Continue``); the connection then ends with a
+lingering close (:class:`TrackedChannel`).  A client that goes away cancels
+its call.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import importlib.resources
 import json
 from dataclasses import dataclass
 
+from twisted.internet.interfaces import ISSLTransport
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
 
-from msgd.config import (boolean, duration, integer, networks, option, optional_duration, server_endpoint, size,
-                         words)
+from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
+                         size, words)
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
@@ -102,27 +105,25 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
     admin_allow: tuple = option(("127.0.0.1", "::1"), parse=networks,
                                 doc="addresses/networks allowed to use /status and /admin")
     admin_token: str = option("", doc="when set, /status and /admin also need it (Authorization: Bearer, ?token=)")
+    forwarded_header: str = option("x-forwarded-for", parse=choice("x-forwarded-for", "forwarded"),
+                                   doc="the header trusted_proxies tell the client's address in: "
+                                       "x-forwarded-for or forwarded (RFC 7239)")
 
 
 class BoundedRequest(server.Request):
     """A Request that refuses bodies above the Site's ``max_body`` with 413
-    as soon as it knows (Content-Length, or while chunks arrive)."""
+    as soon as it knows (Content-Length, before any ``100 Continue``; or
+    while chunks arrive)."""
 
     _received = 0
     _rejected = False
-
-    def gotLength(self, length):
-        if length is not None and length > self.channel.site.max_body:
-            self._reject()
-            return
-        super().gotLength(length)
 
     def handleContentChunk(self, data):
         if self._rejected:
             return
         self._received += len(data)
         if self._received > self.channel.site.max_body:
-            self._reject()
+            self.reject_too_large()
             return
         super().handleContentChunk(data)
 
@@ -131,46 +132,114 @@ class BoundedRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
-    def _reject(self):
+    def reject_too_large(self):
         self._rejected = True
         error = errors.TooLarge(f"request body larger than {self.channel.site.max_body} bytes")
         answer = next(filter(None, (refuse(self, error) for refuse in REFUSALS)), None)
         status, ctype, body = answer or (b"413 Payload Too Large", b"application/json",
                                          dumps(error_response(error)))
-        head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (status, ctype, len(body)))
-        transport = self.channel.transport
-        transport.write(head + body)
-        transport.loseConnection()
+        self.channel.refuse(b"HTTP/1.1 %s\r\nContent-Type: %s\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (status, ctype, len(body), body))
 
 
 class TrackedChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that tells its interface when it opens and closes,
     so the interface can close every connection when it stops.  A connection
-    past the interface's connection limits is answered 429 and closed."""
+    past the interface's connection limits is answered 429 and closed.
+
+    A refusal (429, 413) is the connection's last answer, and it is closed
+    the way nginx's *lingering close* does it, so that a client still
+    sending its request gets to read the answer instead of a connection
+    reset: the channel parses nothing more, shuts down its sending side once
+    the answer is out (on TCP), and reads and discards what still comes,
+    until the client closes or ``linger_idle`` seconds pass without data, and
+    for at most ``linger_time`` seconds and ``linger_bytes`` bytes; then the
+    connection is aborted."""
+
+    linger_time = 5.0
+    linger_idle = 1.0
+    linger_bytes = 32 * 1024 * 1024
 
     _admitted = False
+    _lingering = None        # [bytes discarded, idle timer, deadline timer] once refused
 
     def connectionMade(self):
         super().connectionMade()
         iface = self.site.interface
-        hit = iface.guard.admit(self.transport)
+        hit = iface.guard.admit(self.transport, forwarded=True)
         if hit is not None:
-            body = dumps(error_response(errors.Overloaded(f"too many connections ({hit})")))
-            self.transport.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-                                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                 % (len(body), body))
-            self.transport.loseConnection()
+            self._too_many(hit)
             return
         self._admitted = True
         iface.connection_opened(self.transport)
 
+    def _too_many(self, limit: str) -> None:
+        body = dumps(error_response(errors.Overloaded(f"too many connections ({limit})")))
+        self.refuse(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def allHeadersReceived(self):
+        guard = self.site.interface.guard
+        if guard.addresses.networks and self._admitted:
+            # through a trusted proxy the connection is the client's of this request: its limits apply
+            hit = guard.readmit(self.transport, guard.client_address(self.requests[-1]))
+            if hit is not None:
+                self._too_many(hit)
+                return
+        if self.length is not None and self.length > self.site.max_body:
+            # refused before twisted.web could answer "Expect: 100-continue"
+            self.requests[-1].reject_too_large()
+            return
+        super().allHeadersReceived()
+
+    # -- refusing and lingering ---------------------------------------------------------
+
+    def refuse(self, response: bytes) -> None:
+        """Send ``response`` (a whole HTTP response with ``Connection:
+        close``) as the connection's last bytes, then linger (see above)."""
+        if self._lingering is not None:
+            return
+        self.setTimeout(None)
+        # nothing more is parsed: not the rest of this read, not what comes later
+        self._buffer = b""
+        self.lineReceived = self.rawDataReceived = self.allContentReceived = _ignore
+        self.dataReceived = self._discard
+        transport = self.transport
+        transport.write(response)
+        if hasattr(transport, "loseWriteConnection") and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()      # FIN once the answer is out; reading goes on
+        self._lingering = [0, self.callLater(self.linger_idle, self._linger_end),
+                           self.callLater(self.linger_time, self._linger_end)]
+
+    def _discard(self, data: bytes) -> None:
+        lingering = self._lingering
+        lingering[0] += len(data)
+        if lingering[0] > self.linger_bytes:
+            self._linger_end()
+        elif lingering[1].active():
+            lingering[1].reset(self.linger_idle)
+
+    def _linger_end(self) -> None:
+        for call in self._lingering[1:]:
+            if call.active():
+                call.cancel()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def connectionLost(self, reason):
+        if self._lingering is not None:
+            for call in self._lingering[1:]:
+                if call.active():
+                    call.cancel()
         if self._admitted:
             self._admitted = False
             self.site.interface.guard.release(self.transport)
             self.site.interface.connection_closed(self.transport)
         super().connectionLost(reason)
+
+
+def _ignore(*args):
+    return None
 
 
 class MsgdSite(server.Site):
@@ -182,7 +251,8 @@ class MsgdSite(server.Site):
         # from the query string.  Twisted would otherwise parse every POST's
         # Content-Type with the email package (tens of microseconds) and a
         # multipart body in full before any resource saw the request.
-        super().__init__(root, timeout=interface.options.idle_timeout, parsePOSTFormSubmission=False)
+        super().__init__(root, timeout=interface.options.idle_timeout, parsePOSTFormSubmission=False,
+                         reactor=interface.node.reactor)
         self.interface = interface
         self.max_body = interface.options.max_body
         self.displayTracebacks = False

@@ -27,6 +27,12 @@ Wire protocol
 An unknown or expired session is ``404 {"error": {"code": -32003, …}}``: open
 a new one and subscribe again with ``since``/``epoch`` to resume.
 
+A session lives on the node that opened it.  Behind a load balancer every
+request of a session must reach that node: requests may carry an
+``affinity=KEY`` query parameter that the node ignores and the balancer
+hashes (msgd.js sends the same random key with each ``/poll`` and
+``/sse?session=`` request of a client; see docs/cluster.rst).
+
 Bounds: a session nobody polls for ``poll_idle`` seconds expires; its queue
 holds at most ``poll_max_queue`` bytes, past which the session is ended (a
 slow consumer, counted in ``msgd_poll_dropped_total``); at most

@@ -128,7 +128,7 @@ class StreamProtocol(protocol.Protocol):
             password = param(params, "password", 1, str)
         else:
             user, password = "", token        # the guard takes a token in place of a password
-        address = getattr(self.transport.getPeer(), "host", "") or ""
+        address = self.interface.guard.addresses.of_connection(self.transport)
 
         def logged_in(principal):
             self.principal = principal

@@ -115,8 +115,13 @@ class MsgdWebSocket(WebSocketServerProtocol):
         origin = request.headers.get("origin")
         if not origin_allowed(origin, self.factory.interface.options.ws_origins):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {origin} is not allowed")
+        guard = self.factory.interface.guard
+        if guard.addresses.networks:        # behind a trusted proxy: log lines name the client
+            client = guard.addresses.of_handshake(request.headers, self.transport)
+            if client != guard.addresses.of_connection(self.transport):
+                self.peer = f"{client} (via {self.peer})"
         # who is calling (a token, Basic/Bearer, or anonymous): see msgd.security; may wait for a thread
-        d = self.factory.interface.guard.authenticate_ws(request, self.transport)
+        d = guard.authenticate_ws(request, self.transport)
         return d.addCallbacks(self._authenticated, self._refused, callbackArgs=(request,),
                               errbackArgs=(request,))
 

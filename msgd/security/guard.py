@@ -5,9 +5,12 @@ authorize.
   inheriting it (``auth``, ``anonymous``, tokens, limits).
 - :class:`Guard`: built per interface from those keys.  Interfaces call
   ``authenticate(authorization, token, address)`` (HTTP, WebSocket),
-  ``login(user, password, address)`` (STOMP, PB), ``admit(address)`` /
-  ``release(address)`` for connections, and :meth:`protect` wraps HTTP
-  resources.  Every refusal is counted and logged here.
+  ``login(user, password, address)`` (STOMP, PB), ``admit(transport)`` /
+  ``release(transport)`` for connections (``readmit`` for each request a
+  trusted proxy's connection carries), and :meth:`protect` wraps HTTP
+  resources.  Addresses are the clients' as ``guard.addresses``
+  (:mod:`msgd.security.addresses`) decides them behind trusted proxies.
+  Every refusal is counted and logged here.
 - :class:`Access`: the node's ``dispatcher.authorize`` and the channel check
   given to :class:`msgd.core.pubsub.Session`: rate per principal, then the
   ``[access:*]`` rules.
@@ -32,8 +35,9 @@ from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
-from msgd.config import Invalid, boolean, choice, duration, integer, option, optional_path, string
+from msgd.config import Invalid, boolean, choice, duration, integer, networks, option, optional_path, string
 from msgd.core import errors
+from msgd.security.addresses import ClientAddresses
 from msgd.security.credentials import LDAPChecker, PasswordFileChecker
 from msgd.security.limits import ConnectionLimits, LoginThrottle, RateLimit
 from msgd.security.principal import Principal
@@ -73,6 +77,13 @@ class SecurityOptions:
     cert_principal: bool = option(False, parse=boolean,
                                   doc="a client certificate verified by an mtls: endpoint names the principal "
                                       "(its CN) when no other credentials are given (HTTP, WebSocket)")
+    trusted_proxies: tuple = option((), parse=networks,
+                                    doc="addresses/networks of reverse proxies and load balancers whose word on "
+                                        "the client's address is believed (HTTP: forwarded_header; "
+                                        "proxy_protocol); nobody else's is")
+    proxy_protocol: bool = option(False, parse=boolean,
+                                  doc="every connection starts with a PROXY protocol v1/v2 header, accepted from "
+                                      "trusted_proxies only (HAProxy send-proxy, nginx stream proxy_protocol)")
 
     def check(self):
         if self.auth == "password" and not self.auth_file:
@@ -81,6 +92,13 @@ class SecurityOptions:
             raise Invalid("auth = ldap needs auth_adapter", "auth_adapter")
         if self.token_secret and len(self.token_secret.encode()) < 16:
             raise Invalid("must be at least 16 characters", "token_secret")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise Invalid("proxy_protocol needs trusted_proxies (the proxies allowed to send the header)",
+                          "trusted_proxies")
+        if self.proxy_protocol and getattr(self, "endpoint", "").partition(":")[0] in ("ssl", "mtls"):
+            # the PROXY header comes before any TLS handshake, and Twisted's TLS endpoints read TLS first
+            raise Invalid("proxy_protocol needs a plain endpoint (tcp:, unix:, systemd:): terminate TLS at "
+                          "the proxy", "proxy_protocol")
 
 
 class Guard:
@@ -100,8 +118,9 @@ class Guard:
             self.checker = LDAPChecker(node, o.auth_adapter)
         secret = o.token_secret.encode() if o.token_secret else os.urandom(32)
         self.tokens = Tokens(secret, node.reactor, o.token_ttl)
+        self.addresses = ClientAddresses(o.trusted_proxies, getattr(o, "forwarded_header", "x-forwarded-for"))
         self.connections = ConnectionLimits(o.max_connections, o.max_connections_per_address)
-        self._open: dict = {}          # admitted transport -> client address
+        self._open: dict = {}          # admitted transport -> client address (None: a proxy's, not yet known)
         self.rate = RateLimit(node.reactor, o.rate, o.rate_burst or int(o.rate))
         self.throttle = LoginThrottle(node.reactor, o.login_attempts, o.login_window)
         m = node.metrics
@@ -123,10 +142,30 @@ class Guard:
 
     # -- connections ---------------------------------------------------------------------
 
-    def admit(self, transport) -> str | None:
+    def admit(self, transport, forwarded: bool = False) -> str | None:
         """None when a new connection may stay open (then :meth:`release`
-        it when it closes), else the name of the limit it hits."""
-        address = getattr(transport.getPeer(), "host", "")
+        it when it closes), else the name of the limit it hits.  With
+        ``forwarded`` (HTTP), a connection from a trusted proxy counts only
+        towards ``max_connections`` until :meth:`readmit` names the client
+        of each request it carries."""
+        peer = self.addresses.of_connection(transport)
+        address = None if forwarded and self.addresses.trusts(peer) else peer
+        hit = self.connections.admit(address)
+        if hit is not None:
+            self.limited(hit, peer)
+        else:
+            self._open[transport] = address
+        return hit
+
+    def readmit(self, transport, address: str) -> str | None:
+        """A request arrived through a trusted proxy's connection (see
+        :meth:`admit`): from now on the connection counts as ``address``'s,
+        the client of that request (a proxy may carry several clients' requests
+        on one connection, one after the other).  None, or the limit hit
+        (then the connection is no longer counted: close it)."""
+        if transport not in self._open or self._open[transport] == address:
+            return None
+        self.connections.release(self._open.pop(transport))
         hit = self.connections.admit(address)
         if hit is not None:
             self.limited(hit, address)
@@ -136,9 +175,12 @@ class Guard:
 
     def release(self, transport) -> None:
         """Idempotent: a WebSocket releases the HTTP connection it took over."""
-        address = self._open.pop(transport, None)
-        if address is not None:
-            self.connections.release(address)
+        if transport in self._open:
+            self.connections.release(self._open.pop(transport))
+
+    def client_address(self, request) -> str:
+        """The client of a twisted.web request (through trusted proxies)."""
+        return self.addresses.of_http(request)
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -224,10 +266,10 @@ class Guard:
         token = None
         if cookie and header is None and origin_allowed(request.getHeader(b"origin"), self.origins):
             token = _cookie((request.getHeader(b"cookie") or b"").decode("latin-1"), TOKEN_COOKIE)
-        return self.authenticate(header.decode("latin-1") if header else None, token, _address(request),
-                                 request.channel.transport)
+        return self.authenticate(header.decode("latin-1") if header else None, token,
+                                 self.client_address(request), request.channel.transport)
 
-    def authenticate_ws(self, request, transport=None) -> defer.Deferred:
+    def authenticate_ws(self, request, transport) -> defer.Deferred:
         """From an Autobahn ConnectionRequest: ``Authorization`` header, a
         ``token`` query parameter, a ``bearer.TOKEN`` subprotocol, or the
         ``msgd_token`` cookie, in that order."""
@@ -237,7 +279,7 @@ class Guard:
                           if p.startswith(TOKEN_SUBPROTOCOL)), None)
         if token is None:
             token = _cookie(request.headers.get("cookie", ""), TOKEN_COOKIE)
-        address = request.peer.partition(":")[2].rpartition(":")[0]      # "tcp6:::1:4567" -> "::1"
+        address = self.addresses.of_handshake(request.headers, transport)
         return self.authenticate(request.headers.get("authorization"), token, address, transport)
 
     # -- tokens and limits -------------------------------------------------------------------
@@ -298,11 +340,6 @@ def origin_allowed(origin, patterns) -> bool:
     if isinstance(origin, bytes):
         origin = origin.decode("latin-1")
     return any(fnmatch.fnmatchcase(origin, p) for p in patterns)
-
-
-def _address(request) -> str:
-    addr = request.getClientAddress()
-    return getattr(addr, "host", None) or str(addr)
 
 
 def _cookie(header: str, name: str) -> str | None:

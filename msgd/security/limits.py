@@ -14,7 +14,8 @@ MAX_KEYS = 100_000     # most addresses/principals remembered by one limiter
 
 class ConnectionLimits:
     """``admit(address)`` → None when a connection may open, else the
-    name of the limit it hits; ``release(address)`` when it closes."""
+    name of the limit it hits; ``release(address)`` when it closes.  A
+    connection of no known address (None) counts only towards the total."""
 
     def __init__(self, max_total: int = 0, max_per_address: int = 0):
         self.max_total = max_total
@@ -22,9 +23,12 @@ class ConnectionLimits:
         self.total = 0
         self.by_address: dict[str, int] = {}
 
-    def admit(self, address: str) -> str | None:
+    def admit(self, address: str | None) -> str | None:
         if self.max_total and self.total >= self.max_total:
             return "connections"
+        if address is None:
+            self.total += 1
+            return None
         n = self.by_address.get(address, 0)
         if self.max_per_address and n >= self.max_per_address:
             return "connections_per_address"
@@ -32,8 +36,10 @@ class ConnectionLimits:
         self.by_address[address] = n + 1
         return None
 
-    def release(self, address: str) -> None:
+    def release(self, address: str | None) -> None:
         self.total -= 1
+        if address is None:
+            return
         n = self.by_address.get(address, 0) - 1
         if n > 0:
             self.by_address[address] = n

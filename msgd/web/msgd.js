@@ -34,10 +34,13 @@
   /* A WebSocket look-alike over HTTP: a long-poll session (/poll) for
    * sending, and for receiving either /sse (EventSource) or repeated
    * GET /poll.  Any failure closes it (code 1006) and the Client reconnects
-   * and resumes as after a WebSocket drop. */
+   * and resumes as after a WebSocket drop.  Every request carries the
+   * client's affinity key, which load balancers hash so that all of a
+   * session's requests reach the node that holds it (docs/cluster.rst). */
   class PollSocket {
-    constructor(base, useSSE, fetchFn, token) {
+    constructor(base, useSSE, fetchFn, token, affinity) {
       this.base = base;
+      this.affinity = "affinity=" + encodeURIComponent(affinity);
       this.useSSE = useSSE;
       this.fetch = fetchFn;
       this.readyState = 0;
@@ -47,7 +50,7 @@
       // credentials go with the opening only (a token, else the msgd_token cookie):
       // after that the session id speaks for the session
       const headers = token ? { authorization: "Bearer " + token } : {};
-      this.fetch(base + "/poll", { method: "POST", headers, signal: this.abort.signal })
+      this.fetch(base + "/poll?" + this.affinity, { method: "POST", headers, signal: this.abort.signal })
         .then((r) => {
           if (r.status === 401 || r.status === 403) {
             // refused credentials: like a refused WebSocket login, the Client stops retrying
@@ -68,7 +71,9 @@
         .catch((e) => this._lost(e.message || "cannot open a long-poll session"));
     }
 
-    _url() { return this.base + "/poll?session=" + encodeURIComponent(this.sid); }
+    _url(path, sid) {
+      return this.base + (path || "/poll") + "?session=" + encodeURIComponent(sid || this.sid) + "&" + this.affinity;
+    }
 
     send(text) {
       if (this.readyState !== 1) throw new Error("not open");
@@ -104,7 +109,7 @@
     }
 
     _stream() {
-      const es = this.es = new root.EventSource(this.base + "/sse?session=" + encodeURIComponent(this.sid));
+      const es = this.es = new root.EventSource(this._url("/sse"));
       es.onmessage = (e) => { if (this.onmessage && this.readyState === 1) this.onmessage({ data: e.data }); };
       es.onerror = () => this._lost("event stream lost");
     }
@@ -125,10 +130,17 @@
       if (this.readyState === 3) return;
       const sid = this.sid;
       this._end();
-      if (sid) this.fetch(this.base + "/poll?session=" + encodeURIComponent(sid), { method: "DELETE", keepalive: true })
+      if (sid) this.fetch(this._url("/poll", sid), { method: "DELETE", keepalive: true })
         .catch(() => {});
       setTimeout(() => { if (this.onclose) this.onclose({ code: code || 1000, reason: "" }); }, 0);
     }
+  }
+
+  function randomKey() {
+    const bytes = new Uint8Array(8);
+    if (root.crypto && root.crypto.getRandomValues) root.crypto.getRandomValues(bytes);
+    else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
   function defaultUrl() {
@@ -148,8 +160,10 @@
         transport: "auto",     // auto (WebSocket, else SSE/poll) | websocket | sse | poll
         httpUrl: null,         // base of /poll and /sse (default: from url)
         token: null,           // a bearer token, or a function returning one (read at each connect)
+        affinity: null,        // key sent with every /poll and /sse request, for load balancers (default: random)
         fetch: root.fetch ? root.fetch.bind(root) : null,
       }, options || {});
+      this.affinity = this.options.affinity || randomKey();
       this.fallback = this.options.transport === "sse" || this.options.transport === "poll"
         || (this.options.transport === "auto" && !this.options.WebSocket);
       this.state = "connecting";
@@ -204,7 +218,7 @@
       const o = this.options;
       const base = o.httpUrl || this.url.replace(/^ws/, "http").replace(/\/ws\/?$/, "");
       const useSSE = o.transport !== "poll" && !!root.EventSource;
-      return new PollSocket(base, useSSE, o.fetch, token);
+      return new PollSocket(base, useSSE, o.fetch, token, this.affinity);
     }
 
     _onOpen() {

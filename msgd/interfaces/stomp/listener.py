@@ -11,6 +11,7 @@ dropped) and the node stops reading that client's frames.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IPushProducer
@@ -74,9 +75,12 @@ class StompProtocol(Protocol):
         iface.connection_opened(self.transport)
         iface.stomp_connections.inc()
         peer = self.transport.getPeer()
+        address = iface.guard.addresses.of_connection(self.transport)     # its failed logins are throttled
+        options = dataclasses.replace(iface.session_options,
+                                      authenticate=lambda login, passcode: iface.authenticate(login, passcode, address))
         self.session = StompSession(iface.node, iface.name, self.transport.write, self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-                                    options=iface.session_options)
+                                    options=options)
         self.transport.registerProducer(self, True)
 
     def dataReceived(self, data):
@@ -138,13 +142,14 @@ class StompInterface(Listener):
         f.interface = self
         return f
 
-    def authenticate(self, login: str, passcode: str):
-        """The principal of a CONNECT, through the interface's guard (``auth
-        = password|ldap`` or the older ``users`` file, tokens, ``anonymous``,
-        login throttling; see msgd.security).  A login is never believed
-        unchecked; with ``users`` set, CONNECT needs one."""
+    def authenticate(self, login: str, passcode: str, address: str = ""):
+        """The principal of a CONNECT from ``address``, through the
+        interface's guard (``auth = password|ldap`` or the older ``users``
+        file, tokens, ``anonymous``, login throttling per address and user;
+        see msgd.security).  A login is never believed unchecked; with
+        ``users`` set, CONNECT needs one."""
         if self.guard.checker is None and not (passcode and not login):
-            return self.guard.anonymous()  # auth = none: anonymous, whatever login is claimed
+            return self.guard.anonymous(address)  # auth = none: anonymous, whatever login is claimed
         if login or passcode or not self.options.anonymous or self.options.users:
-            return self.guard.login(login, passcode)
+            return self.guard.login(login, passcode, address)
         return None
