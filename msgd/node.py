@@ -35,17 +35,24 @@ def _by_name(components) -> dict:
 
 
 class NodeService(MultiService):
-    """``reactor`` is passed in (only :mod:`msgd.tap` uses the global one)."""
+    """``reactor`` is passed in (only :mod:`msgd.tap` uses the global one).
+
+    ``run_blocking(fn, *args, **kwargs) -> Deferred`` runs blocking work off
+    the reactor thread: by default in the node's thread pool
+    (``deferToThreadPool``); a node on a ``task.Clock`` (which has no
+    threads) is given one that runs the work inline or queues it."""
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor):
+    def __init__(self, config: Config, reactor, run_blocking=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.name_ = config.node.name
         self.metrics = Metrics()
         self.threadpool = ThreadPool(minthreads=0, maxthreads=config.node.threads, name=f"msgd-{self.name_}")
+        if run_blocking is not None:
+            self.run_blocking = run_blocking
         self.apps = AppRegistry(config.node.apps, reactor, interval=config.node.reload_interval,
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)
@@ -306,6 +313,7 @@ class NodeService(MultiService):
     # -- what interfaces and app code use ------------------------------------
 
     def run_blocking(self, fn, *args, **kwargs) -> defer.Deferred:
+        """Run ``fn`` in the node's thread pool (unless another runner was passed in)."""
         return deferToThreadPool(self.reactor, self.threadpool, fn, *args, **kwargs)
 
     def new_request(self, interface: str, timeout: float | None = None, principal=None, **kw) -> Request:
