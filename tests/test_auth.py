@@ -15,12 +15,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msgd.config import ConfigError, parse_text
+from msgd.config import AccessConfig, ConfigError, parse_text
 from msgd.core import errors
 from msgd.security.credentials import PasswordFileChecker, passwd_main, read_password_file, set_password
 from msgd.security.limits import ConnectionLimits, LoginThrottle, RateLimit
 from msgd.security.principal import Principal
-from msgd.security.rules import AccessConfig, Rules, covers
+from msgd.security.rules import Rules, covers
 from msgd.security.tokens import Tokens, _b64
 from tests.helpers import QueuedPool, run_now
 
