@@ -14,7 +14,7 @@ fail at once with ``unavailable`` instead of waiting.  The caller's remaining
 deadline (or ``[peer:NAME] timeout`` outside a request) travels as relative
 seconds; the callee enforces it, and the caller stops waiting when it passes
 here too (``timeout``), so clock differences between nodes do not matter.
-Errors come back as the core taxonomy (see :mod:`msgd.interfaces.pb`).
+Errors come back as the core taxonomy (see :mod:`msgd.cluster.wire`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from twisted.spread import pb
 
 from msgd.core import errors
 from msgd.core.request import current
-from msgd.interfaces.pb import rebuild
+from msgd.cluster.wire import rebuild
 
 
 class _Factory(pb.PBClientFactory):
