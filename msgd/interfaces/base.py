@@ -17,6 +17,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgd.services import Services
+
 
 class StartupError(Exception):
     """A part of the node could not start.  The message is one line for the
@@ -29,7 +31,12 @@ class StartupError(Exception):
 
 
 class Interface(Service):
-    """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``."""
+    """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``.
+
+    ``services`` (:class:`msgd.services.Services`) is what an interface and
+    the parts it builds use: reactor, metrics, dispatcher, pub/sub, access,
+    apps, ``run_blocking``, ``new_request``.  ``node`` is the same object,
+    for the ``[node]`` settings and what is not a service yet."""
 
     log = Logger()
 
@@ -37,6 +44,7 @@ class Interface(Service):
         self.name = name
         self.options = options
         self.node = node
+        self.services: Services = node
         self.ready = defer.Deferred()   # fires when the interface accepts work
 
     def describe(self) -> dict:

@@ -97,7 +97,7 @@ class Perspective(pb.Avatar):
 
     def __init__(self, interface: "PBInterface", user: str):
         self.interface = interface
-        self.node = interface.node
+        self.services = interface.services
         self.user = user
         self.pending: set[defer.Deferred] = set()
 
@@ -129,16 +129,16 @@ class Perspective(pb.Avatar):
         if deadline is not None and (not isinstance(deadline, (int, float)) or deadline < 0):
             raise errors.InvalidRequest("deadline must be a number of seconds >= 0")
         timeout = self.interface.timeout() if deadline is None else float(deadline)
-        req = self.node.new_request(self.interface.name, timeout=timeout, principal=self.user)
-        return self.node.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
+        req = self.services.new_request(self.interface.name, timeout=timeout, principal=self.user)
+        return self.services.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
 
     def perspective_publish(self, channel, data=None):
         return self._guard(self._publish, channel, data)
 
     def _publish(self, channel, data):
-        req = self.node.new_request(self.interface.name, principal=self.user)
-        self.node.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
-        return self.node.pubsub.publish(channel, data, self.user)
+        req = self.services.new_request(self.interface.name, principal=self.user)
+        self.services.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
+        return self.services.pubsub.publish(channel, data, self.user)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
         return self._guard(self._send, target, args, kwargs, message_id, expires)
@@ -151,7 +151,7 @@ class Perspective(pb.Avatar):
 
         def handle():
             return defer.maybeDeferred(self._call, target, args, kwargs, None)
-        return self.node.received.handle(message_id, handle).addCallback(
+        return self.interface.received.handle(message_id, handle).addCallback(
             lambda duplicate: {"message_id": message_id, "duplicate": duplicate})
 
     def logout(self):
@@ -286,6 +286,7 @@ class PBInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
+        self.received = node.received     # the node's store of handled message ids (msgd.cluster.outbox)
         self.guard = Guard(self)
         self.portal = _Portal(self, Realm(self), self.checkers())
 

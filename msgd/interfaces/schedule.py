@@ -105,7 +105,7 @@ class Schedule(Interface):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
-        self.clock = node.reactor
+        self.clock = self.services.reactor
         self.random = random.Random()
         self.tz = None if options.timezone.lower() == "local" else ZoneInfo(options.timezone)
         self.state_path = os.path.join(node.config.node.state_dir, f"schedule-{name}.json")
@@ -116,7 +116,7 @@ class Schedule(Interface):
         self._call = None
         self._saving: defer.Deferred | None = None     # the state write in flight
         self._unsaved: float | None = None             # the value to write when it is done
-        m = node.metrics
+        m = self.services.metrics
         self.m_runs = m.counter("msgd_schedule_runs_total", "Scheduled runs by outcome", ["job", "outcome"])
         self.m_skipped = m.counter("msgd_schedule_skipped_total",
                                    "Scheduled firings not run (overlap: previous run still going; "
@@ -182,12 +182,12 @@ class Schedule(Interface):
     def _run(self, due: float) -> None:
         self.last_run = due
         self._save(due)
-        node = self.node
-        request = node.new_request(self.name, timeout=self.timeout())
+        services = self.services
+        request = services.new_request(self.name, timeout=self.timeout())
         params = self.options.params
         args, kwargs = (params, {}) if isinstance(params, tuple) else ((), dict(params))
         started = self.clock.seconds()
-        d = self.busy = node.dispatcher.call(request, self.options.handler, args, kwargs)
+        d = self.busy = services.dispatcher.call(request, self.options.handler, args, kwargs)
 
         def done(result):
             self.busy = None
@@ -231,8 +231,8 @@ class Schedule(Interface):
         if due is None:
             self._saving = None
             return
-        self._saving = d = self.node.run_blocking(atomic_write, self.state_path,
-                                                  json.dumps({"last_run": due}).encode())
+        self._saving = d = self.services.run_blocking(atomic_write, self.state_path,
+                                                      json.dumps({"last_run": due}).encode())
         d.addErrback(lambda f: self.log.error("job {job}: cannot save {path}: {error}", job=self.name,
                                               path=self.state_path, error=f.value))
         d.addCallback(self._write_next)
