@@ -383,8 +383,8 @@ class DirWatch(Interface):
                 marker = os.path.join(self.options.directory, name + self.options.done_marker) \
                     if self.options.done_marker else None
                 try:
-                    item = yield self.services.run_blocking(claim, os.path.join(self.options.directory, name), proc,
-                                                        marker, self.options.max_inline)
+                    item = yield self.services.run_blocking(claim, os.path.join(self.options.directory, name),
+                                                            proc, marker, self.options.max_inline)
                 finally:
                     self._closed.discard(name)
                 if item is None:      # gone meanwhile (deleted, or taken by someone else)
@@ -427,7 +427,8 @@ class DirWatch(Interface):
                           name=name, dst=dst, reason=why, request_id=request.id)
         else:
             m.succeeded.inc()
-            yield services.run_blocking(finish_ok, proc, self.dirs["done"] if self.options.on_success == "move" else None)
+            yield services.run_blocking(finish_ok, proc,
+                                        self.dirs["done"] if self.options.on_success == "move" else None)
         finally:
             m.in_flight.dec()
             if item["file"] is not None:
