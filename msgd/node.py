@@ -35,17 +35,28 @@ def _by_name(components) -> dict:
 
 
 class NodeService(MultiService):
-    """``reactor`` is passed in (only :mod:`msgd.tap` uses the global one)."""
+    """``reactor`` is passed in (only :mod:`msgd.tap` uses the global one).
+
+    The node provides :class:`msgd.services.Services` (reactor, metrics,
+    dispatcher, pubsub, access, apps, run_blocking, new_request) to the
+    interfaces it builds, and to app code as ``api.services()``.
+
+    ``run_blocking(fn, *args, **kwargs) -> Deferred`` runs blocking work off
+    the reactor thread: by default in the node's thread pool
+    (``deferToThreadPool``); a node on a ``task.Clock`` (which has no
+    threads) is given one that runs the work inline or queues it."""
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor):
+    def __init__(self, config: Config, reactor, run_blocking=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.name_ = config.node.name
         self.metrics = Metrics()
         self.threadpool = ThreadPool(minthreads=0, maxthreads=config.node.threads, name=f"msgd-{self.name_}")
+        if run_blocking is not None:
+            self.run_blocking = run_blocking
         self.apps = AppRegistry(config.node.apps, reactor, interval=config.node.reload_interval,
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)
@@ -66,6 +77,10 @@ class NodeService(MultiService):
         self._reconfiguring = defer.DeferredLock()
         self._reloads = self.metrics.counter("msgd_config_reloads_total",
                                              "Reconfigurations (SIGHUP, admin) by outcome", ["outcome"])
+        # the ids of handled peer messages (PB interfaces use it): made before the interfaces
+        from msgd.cluster.outbox import Received
+        self.received = Received(os.path.join(config.node.state_dir, "received.sqlite"), reactor, self.run_blocking,
+                                 retention=config.node.dedup_retention)
         for comp in config.interfaces:
             self._add(self.interfaces, "interface", registry.INTERFACES, comp)
         for comp in config.adapters:
@@ -73,24 +88,19 @@ class NodeService(MultiService):
         self._build_cluster(config)
 
     def _build_cluster(self, config: Config) -> None:
-        """Peers, the outbox of async messages, the idempotency store of
-        received ones, and the Redis pub/sub bridge (msgd/cluster)."""
-        from msgd.cluster.outbox import Outbox, Received
+        """Peers, the outbox of async messages and the Redis pub/sub bridge
+        (msgd/cluster)."""
+        from msgd.cluster.outbox import Outbox
         state = config.node.state_dir
         n = config.node
-        self.received = Received(os.path.join(state, "received.sqlite"), self.reactor, self.run_blocking,
-                                 retention=n.dedup_retention)
         self.outbox = self.pubsub_bridge = None
         if config.peers:
-            from msgd.cluster.peers import Peer
-            for name, peer_config in config.peers:
-                self.peers[name] = Peer(name, peer_config, self)
-                self.peers[name].setServiceParent(self)
             self.outbox = Outbox(os.path.join(state, "outbox.sqlite"), self.reactor, self.run_blocking,
                                  self.peers, metrics=self.metrics, base_delay=n.outbox_retry_min,
                                  max_delay=n.outbox_retry_max, window=n.outbox_window)
-            for p in self.peers.values():
-                p.listeners.append(self.outbox.kick)
+            for name, peer_config in config.peers:
+                self.peers[name] = self._new_peer(name, peer_config)
+                self.peers[name].setServiceParent(self)
         if config.pubsub.backend == "redis":
             from msgd.cluster.redis_pubsub import RedisBridge
             self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics)
@@ -236,7 +246,7 @@ class NodeService(MultiService):
 
     def _new_peer(self, name, peer_config):
         from msgd.cluster.peers import Peer
-        peer = Peer(name, peer_config, self)
+        peer = Peer(name, peer_config, self.reactor, self.outbox)
         peer.listeners.append(self.outbox.kick)
         return peer
 
@@ -306,6 +316,7 @@ class NodeService(MultiService):
     # -- what interfaces and app code use ------------------------------------
 
     def run_blocking(self, fn, *args, **kwargs) -> defer.Deferred:
+        """Run ``fn`` in the node's thread pool (unless another runner was passed in)."""
         return deferToThreadPool(self.reactor, self.threadpool, fn, *args, **kwargs)
 
     def new_request(self, interface: str, timeout: float | None = None, principal=None, **kw) -> Request:

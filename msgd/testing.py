@@ -17,6 +17,10 @@ dispatcher (argument checks, error taxonomy, deadlines on a
 calling thread.  ``api.publish`` is recorded in ``harness.published``;
 adapters and peers are whatever objects you put in ``harness.adapters`` /
 ``harness.peers``.
+
+The harness provides :class:`msgd.services.Services`, as the node does
+(``reactor`` is its clock, ``access`` has no rules), so parts of msgd built
+on those services — an HTTP mount such as ``/RPC2`` — run on it in tests too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from twisted.python.failure import Failure
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
+from msgd.core.metrics import Metrics
 from msgd.core.request import Request
+from msgd.security import Access
 
 
 class RecordingPubSub:
@@ -47,14 +53,17 @@ class RecordingPubSub:
 class AppHarness:
     def __init__(self, apps_dir: str, clock: Clock | None = None, timeout: float | None = 30.0,
                  principal: Any = None, interface: str = "test"):
-        self.clock = clock if clock is not None else Clock()
+        self.clock = self.reactor = clock if clock is not None else Clock()
+        self.metrics = Metrics()
         self.apps = AppRegistry(apps_dir, self.clock, interval=0)
         self.apps.scan()
-        self.dispatcher = Dispatcher(self.apps, self.clock, self._run_blocking)
+        self.dispatcher = Dispatcher(self.apps, self.clock, self.run_blocking)
         self.timeout = timeout
         self.principal = principal
         self.interface = interface
         self.pubsub = RecordingPubSub()
+        self.interfaces: dict[str, Any] = {}     # none: no guard, no rate limits
+        self.access = Access(self)               # no [access:*] rules: everything is allowed
         self.adapters: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
 
@@ -62,8 +71,19 @@ class AppHarness:
     def published(self) -> list:
         return self.pubsub.published
 
-    def _run_blocking(self, fn, *args, **kwargs):
+    def run_blocking(self, fn, *args, **kwargs) -> defer.Deferred:
+        """Blocking work runs inline, in the calling thread."""
         return defer.maybeDeferred(fn, *args, **kwargs)
+
+    def new_request(self, interface: str | None = None, timeout: float | None = None, principal: Any = None,
+                    **kw) -> Request:
+        """A request as the node makes them for an interface (defaults: the
+        harness's interface name, timeout and principal)."""
+        if timeout is None:
+            timeout = self.timeout
+        return Request(interface=interface or self.interface, clock=self.clock,
+                       deadline=None if timeout is None else self.clock.seconds() + timeout,
+                       principal=self.principal if principal is None else principal, services=self, **kw)
 
     # what msgd.api reaches through request().services
     def adapter(self, name: str):
@@ -79,6 +99,7 @@ class AppHarness:
             raise NotFound(f"no peer named {name!r}") from None
 
     def request(self, **kw) -> Request:
+        """A request of the harness; ``kw`` sets any of its fields."""
         deadline = None if self.timeout is None else self.clock.seconds() + self.timeout
         values = dict(interface=self.interface, clock=self.clock, deadline=deadline,
                       principal=self.principal, services=self)

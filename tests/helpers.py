@@ -35,6 +35,35 @@ def write(path: str, text: str, bump: bool = True) -> None:
             os.utime(path, ns=(st.st_atime_ns, old + 1_000_000))
 
 
+def run_now(fn, *args, **kwargs):
+    """A ``run_blocking`` stand-in that runs the work at once, in the calling
+    thread (for code on a task.Clock, which has no threads)."""
+    return defer.maybeDeferred(fn, *args, **kwargs)
+
+
+class QueuedPool:
+    """A ``run_blocking`` stand-in that only queues the work: nothing runs
+    until the test calls :meth:`run`, as with a busy thread pool; so a test
+    sees what happens on the calling (reactor) thread and what does not."""
+
+    def __init__(self):
+        self.queue: list = []
+
+    def __call__(self, fn, *args, **kwargs):
+        d = defer.Deferred()
+        self.queue.append((fn, args, kwargs, d))
+        return d
+
+    def run(self, most: int = 100) -> int:
+        """Run what is queued (and what that queues), in order; how many ran."""
+        n = 0
+        while self.queue and n < most:
+            fn, args, kwargs, d = self.queue.pop(0)
+            defer.maybeDeferred(fn, *args, **kwargs).chainDeferred(d)
+            n += 1
+        return n
+
+
 def make_node(testcase, ini: str, apps: dict[str, str] | None = None, start: bool = True) -> NodeService:
     """A node from ``ini`` text, with its apps dir and state dir in the test's
     temp dir, running on the real reactor; stopped at cleanup."""

@@ -15,18 +15,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msgd.config import ConfigError, parse_text
+from msgd.config import AccessConfig, ConfigError, parse_text
 from msgd.core import errors
 from msgd.security.credentials import PasswordFileChecker, passwd_main, read_password_file, set_password
 from msgd.security.limits import ConnectionLimits, LoginThrottle, RateLimit
 from msgd.security.principal import Principal
-from msgd.security.rules import AccessConfig, Rules, covers
+from msgd.security.rules import Rules, covers
 from msgd.security.tokens import Tokens, _b64
-
-
-def run_now(fn, *a, **kw):
-    """A run_blocking stand-in that runs in the calling thread."""
-    return defer.maybeDeferred(fn, *a, **kw)
+from tests.helpers import QueuedPool, run_now
 
 
 class PasswordFileTests(unittest.TestCase):
@@ -73,6 +69,23 @@ class PasswordFileTests(unittest.TestCase):
         self.assertEqual(p.roles, frozenset({"ops", "dev"}))
         with self.assertRaises(UnauthorizedLogin):
             yield self.checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret"))
+
+    def test_the_file_is_read_off_the_reactor_thread(self):
+        """A login touches the file only in run_blocking: the stat, the
+        re-read after a change and bcrypt run together in the pool."""
+        pool = QueuedPool()
+        checker = PasswordFileChecker(self.path, pool)
+        os.remove(self.path)
+        d = checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret"))
+        self.assertNoResult(d)                          # no stat on the calling thread
+        set_password(self.path, "alice", "s3cret", ["new"], rounds=4)    # back before the pool got to it
+        self.assertEqual(pool.run(), 1)
+        self.assertEqual(self.successResultOf(d), Principal("alice", frozenset({"new"}), "password"))
+        os.remove(self.path)
+        d = checker.requestAvatarId(UsernamePassword(b"alice", b"s3cret"))
+        self.assertNoResult(d)
+        pool.run()
+        self.assertIn("password file unusable", self.failureResultOf(d, UnauthorizedLogin).getErrorMessage())
 
     def test_bad_lines_refused(self):
         with open(self.path, "a") as f:

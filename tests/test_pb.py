@@ -293,3 +293,14 @@ class GuardLoginTests(unittest.TestCase):
         limited = [s for m in self.node.metrics.registry.collect() if m.name == "msgd_limited"
                    for s in m.samples if s.name == "msgd_limited_total" and s.labels["interface"] == "pb"]
         self.assertEqual(sum(s.value for s in limited), 1)
+
+
+class WireNameTests(unittest.TestCase):
+    def test_the_error_type_on_the_wire_is_unchanged(self):
+        """PB sends the qualified name of the error class; clients compare it
+        (docs/pb.rst), so it stays put wherever the class is defined."""
+        from twisted.python import reflect
+        from msgd.cluster import wire
+        self.assertIs(wire.PBError, PBError)
+        self.assertEqual(reflect.qual(PBError), "msgd.interfaces.pb.PBError")
+        self.assertIs(reflect.namedAny("msgd.interfaces.pb.PBError"), PBError)

@@ -1,5 +1,7 @@
 """The schedule interface on a task.Clock: firing times, overlap, deadline,
-jitter, catch-up after downtime."""
+jitter, catch-up after downtime, and its state written off the reactor
+thread (the node's ``run_blocking`` is injected: inline, or a queue the test
+runs)."""
 
 import datetime as dt
 import json
@@ -7,11 +9,12 @@ import os
 import textwrap
 
 from twisted.internet import defer, task
+from twisted.logger import Logger
 from twisted.trial import unittest
 
 from msgd.config import ConfigError, parse_text
 from msgd.node import NodeService
-from tests.helpers import write
+from tests.helpers import QueuedPool, run_now, write
 
 JOBS = '''
 from twisted.internet import defer
@@ -43,13 +46,13 @@ class ScheduleTests(unittest.TestCase):
         write(os.path.join(self.base, "apps", "jobs.py"), JOBS)
         self.nodes = []
 
-    def start(self, section: str, at: float = START, name: str = "job"):
+    def start(self, section: str, at: float = START, name: str = "job", run_blocking=run_now):
         """A node on a fresh task.Clock set to ``at``, with one schedule."""
         clock = task.Clock()
         clock.advance(at)
         text = f"[node]\nname = t\nrequest_timeout = 30s\n[interface:{name}]\ntype = schedule\n" + \
             textwrap.dedent(section)
-        node = NodeService(parse_text(text, os.path.join(self.base, "node.ini")), clock)
+        node = NodeService(parse_text(text, os.path.join(self.base, "node.ini")), clock, run_blocking=run_blocking)
         node.privilegedStartService()
         node.startService()
         self.nodes.append(node)
@@ -163,6 +166,46 @@ class ScheduleTests(unittest.TestCase):
         self.assertEqual(m.calls, [])
         self.clock.advance(3600 - 60)
         self.assertEqual([c[0] - START for c in m.calls], [7200])
+
+    def state(self):
+        try:
+            with open(os.path.join(self.base, "state", "schedule-job.json")) as f:
+                return json.load(f)["last_run"] - START
+        except FileNotFoundError:
+            return None
+
+    def test_state_written_off_the_reactor_thread(self):
+        """The run starts at once; its state write waits for the pool."""
+        pool = QueuedPool()
+        m = self.start("handler = jobs.tick\ninterval = 10s\n", run_blocking=pool)
+        self.clock.advance(10)
+        self.assertEqual([c[0] - START for c in m.calls], [10])
+        self.assertIsNone(self.state())                    # nothing written on the reactor thread
+        self.assertEqual(pool.run(), 1)
+        self.assertEqual(self.state(), 10)
+
+    def test_state_writes_do_not_overlap_and_the_newest_wins(self):
+        pool = QueuedPool()
+        m = self.start("handler = jobs.tick\ninterval = 10s\n", run_blocking=pool)
+        self.clock.pump([10, 10, 10])
+        self.assertEqual(len(m.calls), 3)
+        self.assertEqual(len(pool.queue), 1)               # one write in flight; the later runs wait
+        stopped = self.job.stopService()
+        self.assertNoResult(stopped)                       # stopping waits for the state on disk
+        self.assertEqual(pool.run(), 2)                    # the first run's write, then the third's
+        self.assertEqual(self.state(), 30)
+        self.successResultOf(stopped)
+
+    def test_a_failed_state_write_is_logged_and_runs_go_on(self):
+        m = self.start("handler = jobs.tick\ninterval = 10s\n")
+        events = []
+        self.job.log = Logger(observer=events.append)
+        os.rename(os.path.join(self.base, "state"), os.path.join(self.base, "gone"))
+        self.clock.pump([10, 10])
+        self.assertEqual(len(m.calls), 2)
+        self.assertIsNone(self.state())
+        self.assertEqual([e["log_format"].split(":")[0] for e in events], ["job {job}"] * 2)
+        self.assertEqual([e["path"] for e in events], [os.path.join(self.base, "state", "schedule-job.json")] * 2)
 
     def test_config_errors(self):
         for section, key in [("handler = jobs.tick\n", "cron"),

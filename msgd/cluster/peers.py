@@ -14,7 +14,7 @@ fail at once with ``unavailable`` instead of waiting.  The caller's remaining
 deadline (or ``[peer:NAME] timeout`` outside a request) travels as relative
 seconds; the callee enforces it, and the caller stops waiting when it passes
 here too (``timeout``), so clock differences between nodes do not matter.
-Errors come back as the core taxonomy (see :mod:`msgd.interfaces.pb`).
+Errors come back as the core taxonomy (see :mod:`msgd.cluster.wire`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from twisted.spread import pb
 
 from msgd.core import errors
 from msgd.core.request import current
-from msgd.interfaces.pb import rebuild
+from msgd.cluster.wire import rebuild
 
 
 class _Factory(pb.PBClientFactory):
@@ -49,17 +49,19 @@ class _Factory(pb.PBClientFactory):
 
 
 class Peer(MultiService):
-    """``[peer:NAME]``: one ClientService per endpoint."""
+    """``[peer:NAME]``: one ClientService per endpoint, on ``reactor``;
+    async messages go into ``outbox`` (:class:`msgd.cluster.outbox.Outbox`)."""
 
     log = Logger()
     grace = 1.0     # the caller waits this much past the deadline for the callee's own timeout answer
 
-    def __init__(self, name: str, config, node, retry_policy=None):
+    def __init__(self, name: str, config, reactor, outbox, retry_policy=None):
         super().__init__()
         self.setName(f"peer:{name}")
         self.peer_name = name
         self.config = config
-        self.node = node
+        self.reactor = reactor
+        self.outbox = outbox
         self.ordered = config.ordered
         self.default_ttl = config.message_ttl
         self.live: list = []              # perspectives of connected endpoints
@@ -68,8 +70,8 @@ class Peer(MultiService):
         self.proxy = PeerProxy(self)
         policy = retry_policy or backoffPolicy(initialDelay=0.2, maxDelay=config.max_retry_delay)
         for ep in config.endpoints:
-            svc = ClientService(clientFromString(node.reactor, ep), _Factory(), retryPolicy=policy,
-                                clock=node.reactor, prepareConnection=lambda broker, ep=ep: self._login(broker, ep))
+            svc = ClientService(clientFromString(reactor, ep), _Factory(), retryPolicy=policy,
+                                clock=reactor, prepareConnection=lambda broker, ep=ep: self._login(broker, ep))
             svc.setServiceParent(self)
 
     @defer.inlineCallbacks
@@ -112,7 +114,7 @@ class Peer(MultiService):
 
         def expired(result, _):
             return defer.fail(errors.Timeout(f"peer {self.peer_name} did not answer {method} in time"))
-        d.addTimeout(timeout + self.grace, self.node.reactor, onTimeoutCancel=expired)
+        d.addTimeout(timeout + self.grace, self.reactor, onTimeoutCancel=expired)
 
         def failed(f):
             if f.check(errors.MsgdError):
@@ -132,13 +134,13 @@ class Peer(MultiService):
     def send(self, target: str, *args, **kwargs) -> defer.Deferred:
         """Queue an async message in the outbox; fires with its id once it is
         on disk."""
-        return self.node.outbox.send(self.peer_name, target, args, kwargs)
+        return self.outbox.send(self.peer_name, target, args, kwargs)
 
     def send_with_id(self, message_id: str, target: str, *args, **kwargs) -> defer.Deferred:
         """:meth:`send` under the caller's ``message_id``: sending it again
         (say, after this process was killed before ``send`` returned) is
         harmless, the peer handles it once."""
-        return self.node.outbox.send(self.peer_name, target, args, kwargs, message_id=message_id)
+        return self.outbox.send(self.peer_name, target, args, kwargs, message_id=message_id)
 
     def deliver(self, msg) -> defer.Deferred:
         """Hand one outbox message to the peer (used by the outbox)."""

@@ -61,7 +61,7 @@ class AppStaticResource(resource.Resource):
 
     def __init__(self, interface):
         super().__init__()
-        self.apps = interface.node.apps
+        self.apps = interface.services.apps
         age = int(interface.options.apps_static_max_age)
         self.cache_control = b"public, max-age=%d" % age if age else b"no-cache"
 

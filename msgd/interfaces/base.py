@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgd.security.addresses import ProxyProtocolFactory
+from msgd.services import Services
 
 
 class StartupError(Exception):
@@ -31,7 +32,12 @@ class StartupError(Exception):
 
 
 class Interface(Service):
-    """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``."""
+    """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``.
+
+    ``services`` (:class:`msgd.services.Services`) is what an interface and
+    the parts it builds use: reactor, metrics, dispatcher, pub/sub, access,
+    apps, ``run_blocking``, ``new_request``.  ``node`` is the same object,
+    for the ``[node]`` settings and what is not a service yet."""
 
     log = Logger()
 
@@ -39,6 +45,7 @@ class Interface(Service):
         self.name = name
         self.options = options
         self.node = node
+        self.services: Services = node
         self.ready = defer.Deferred()   # fires when the interface accepts work
 
     def describe(self) -> dict:

@@ -180,7 +180,7 @@ class DirWatch(Interface):
     def __init__(self, name, options: Options, node):
         super().__init__(name, options, node)
         self.dirs = {d: os.path.join(options.directory, d) for d in SUBDIRS}
-        self.metrics = IngestMetrics(node.metrics, name)
+        self.metrics = IngestMetrics(self.services.metrics, name)
         self.mode = None             # "inotify" or "poll" once started
         self._notifier = None
         self._loop = None
@@ -217,7 +217,7 @@ class DirWatch(Interface):
                           interface=self.name, n=len(self._recovered))
         self._accepting = True
         self._loop = task.LoopingCall(self.scan)
-        self._loop.clock = self.node.reactor
+        self._loop.clock = self.services.reactor
         self._loop.start(self.options.poll_interval, now=True).addErrback(
             lambda f: self.log.failure("interface {interface}: scan loop stopped", f, interface=self.name))
         self.log.info("interface {interface} (dirwatch) watching {directory} with {mode}",
@@ -231,7 +231,7 @@ class DirWatch(Interface):
         try:
             from twisted.internet import inotify
             from twisted.python.filepath import FilePath
-            notifier = inotify.INotify(reactor=self.node.reactor)
+            notifier = inotify.INotify(reactor=self.services.reactor)
             notifier.startReading()
             mask = (inotify.IN_CREATE | inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO
                     | inotify.IN_MOVED_FROM | inotify.IN_DELETE)
@@ -260,7 +260,7 @@ class DirWatch(Interface):
         stays in processing/ and is handled again at the next start."""
         super().stopService()
         self.stop_accepting()
-        return settle_within(self._tasks, self.close_grace, self.node.reactor)
+        return settle_within(self._tasks, self.close_grace, self.services.reactor)
 
     def describe(self) -> dict:
         return dict(super().describe(), directory=self.options.directory, mode=self.mode,
@@ -314,7 +314,7 @@ class DirWatch(Interface):
             return
         self._scanning = True
         o = self.options
-        d = self.node.run_blocking(list_candidates, o.directory, o.pattern, o.ignore, o.done_marker)
+        d = self.services.run_blocking(list_candidates, o.directory, o.pattern, o.ignore, o.done_marker)
         d.addCallback(self._scanned)
         d.addErrback(self._scan_failed)
         d.addBoth(self._scan_done)
@@ -383,15 +383,15 @@ class DirWatch(Interface):
                 marker = os.path.join(self.options.directory, name + self.options.done_marker) \
                     if self.options.done_marker else None
                 try:
-                    item = yield self.node.run_blocking(claim, os.path.join(self.options.directory, name), proc,
-                                                        marker, self.options.max_inline)
+                    item = yield self.services.run_blocking(claim, os.path.join(self.options.directory, name),
+                                                            proc, marker, self.options.max_inline)
                 finally:
                     self._closed.discard(name)
                 if item is None:      # gone meanwhile (deleted, or taken by someone else)
                     done = True
                     return
             else:
-                item = yield self.node.run_blocking(read_item, proc, name, self.options.max_inline)
+                item = yield self.services.run_blocking(read_item, proc, name, self.options.max_inline)
             yield self._call(name, proc, item)
             done = True
         except Exception as e:
@@ -412,22 +412,23 @@ class DirWatch(Interface):
 
     @defer.inlineCallbacks
     def _call(self, name: str, proc: str, item: dict):
-        node, m = self.node, self.metrics
+        services, m = self.services, self.metrics
         m.taken.inc()
         m.lag.observe(item.pop("lag"))
         m.in_flight.inc()
-        request = node.new_request(self.name, timeout=self.timeout())
+        request = services.new_request(self.name, timeout=self.timeout())
         try:
-            yield node.dispatcher.call(request, self.options.handler, (item,))
+            yield services.dispatcher.call(request, self.options.handler, (item,))
         except Exception as e:
             why = reason(e)
             m.failed.inc()
-            dst = yield node.run_blocking(finish_failed, proc, self.dirs["failed"], why)
+            dst = yield services.run_blocking(finish_failed, proc, self.dirs["failed"], why)
             self.log.warn("interface {interface}: {name} failed, moved to {dst}: {reason}", interface=self.name,
                           name=name, dst=dst, reason=why, request_id=request.id)
         else:
             m.succeeded.inc()
-            yield node.run_blocking(finish_ok, proc, self.dirs["done"] if self.options.on_success == "move" else None)
+            yield services.run_blocking(finish_ok, proc,
+                                        self.dirs["done"] if self.options.on_success == "move" else None)
         finally:
             m.in_flight.dec()
             if item["file"] is not None:

@@ -40,6 +40,7 @@ from msgd.config import (boolean, choice, duration, integer, networks, option, o
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.interfaces.base import Listener
+from msgd.interfaces.responder import Answer, respond
 from msgd.security import Guard, SecurityOptions
 
 # key -> (path segment, "module:factory"); factory(interface) -> Resource
@@ -297,28 +298,12 @@ class JSONRPCResource(resource.Resource):
         def make_request():
             return node.new_request(iface.name, timeout=timeout, principal=getattr(request, "principal", None))
 
-        d = self.jsonrpc.handle(body, make_request, iface.builtins())
-        gone = []
-        request.notifyFinish().addErrback(lambda f: (gone.append(True), d.cancel()))
+        return respond(request, self.jsonrpc.answer(body, make_request, iface.builtins()), _jsonrpc_answer,
+                       lambda e: Answer(500, None, None), log=iface.log, event="JSON-RPC over HTTP failed")
 
-        def answer(data):
-            if gone:
-                return
-            if data is None:
-                request.setResponseCode(204)
-            else:
-                request.setHeader(b"content-type", b"application/json")
-                request.setHeader(b"content-length", b"%d" % len(data))
-                request.write(data)
-            request.finish()
 
-        def failed(f):
-            if not gone:
-                iface.log.failure("JSON-RPC over HTTP failed", f)
-                request.setResponseCode(500)
-                request.finish()
-        d.addCallbacks(answer, failed)
-        return NOT_DONE_YET
+def _jsonrpc_answer(data: bytes | None) -> Answer:
+    return Answer(204, None, None) if data is None else Answer(200, b"application/json", data)
 
 
 class HealthResource(resource.Resource):

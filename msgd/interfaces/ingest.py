@@ -44,7 +44,7 @@ def atomic_write(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash (or power loss) leaves
     either the old or the new content, never a mix: write a temp file in the
     same directory, fsync it, rename it over ``path``, fsync the directory.
-    Blocking: call it through ``node.run_blocking``."""
+    Blocking: call it through ``services.run_blocking``."""
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:

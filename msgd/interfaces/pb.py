@@ -45,68 +45,23 @@ handlers of its messages, see ``send``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 from twisted.cred import checkers, portal
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
 from msgd.cluster.outbox import bad_message_id
+from msgd.cluster.wire import PBError, rebuild  # noqa: F401  (rebuild: part of this module's documented API)
 from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
 from msgd.core import errors
 from msgd.core.pubsub import check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
 from msgd.security.tls import peer_common_name
-
-
-class PBError(pb.Error):
-    """A taxonomy error on the wire: ``str()`` is the JSON object
-    ``{"code", "name", "message", "data"}`` that PB copies to the client."""
-
-    def __init__(self, error: errors.MsgdError):
-        self.error = error
-        super().__init__(json.dumps({"code": error.code, "name": error.name, "message": error.message,
-                                     "data": error.data}, default=str))
-
-
-_QUAL = "msgd.interfaces.pb.PBError"
-
-
-def rebuild(failure) -> errors.MsgdError:
-    """The :class:`MsgdError` that a PB failure stands for.  Accepts the
-    failure of a ``callRemote`` Deferred, or the :class:`pb.RemoteError`
-    that ``await``/``inlineCallbacks`` raise for it.  Other remote errors
-    become ``internal_error``, a lost connection ``unavailable``."""
-    if isinstance(failure, BaseException):
-        failure = Failure(failure)
-    if failure.check(pb.PBConnectionLost, ConnectionError, pb.DeadReferenceError):
-        return errors.Unavailable(f"peer connection lost: {failure.getErrorMessage()}")
-    value = failure.value
-    if isinstance(value, PBError):
-        return value.error
-    if isinstance(value, errors.MsgdError):
-        return value
-    if isinstance(value, pb.RemoteError):
-        is_ours, value = _text(value.remoteType) == _QUAL, value.args[0]
-    else:
-        is_ours = bool(failure.check(PBError))
-    if is_ours:
-        try:
-            e = json.loads(value)
-            return errors.from_code(int(e["code"]), str(e["message"]), e.get("data"))
-        except (ValueError, KeyError, TypeError):
-            pass
-    return errors.InternalError(f"remote error: {failure.getErrorMessage()}")
-
-
-def _text(b) -> str:
-    return b.decode() if isinstance(b, bytes) else str(b)
 
 
 def _users(value: str, ctx) -> tuple:
@@ -142,7 +97,7 @@ class Perspective(pb.Avatar):
 
     def __init__(self, interface: "PBInterface", user: str):
         self.interface = interface
-        self.node = interface.node
+        self.services = interface.services
         self.user = user
         self.pending: set[defer.Deferred] = set()
 
@@ -174,16 +129,16 @@ class Perspective(pb.Avatar):
         if deadline is not None and (not isinstance(deadline, (int, float)) or deadline < 0):
             raise errors.InvalidRequest("deadline must be a number of seconds >= 0")
         timeout = self.interface.timeout() if deadline is None else float(deadline)
-        req = self.node.new_request(self.interface.name, timeout=timeout, principal=self.user)
-        return self.node.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
+        req = self.services.new_request(self.interface.name, timeout=timeout, principal=self.user)
+        return self.services.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
 
     def perspective_publish(self, channel, data=None):
         return self._guard(self._publish, channel, data)
 
     def _publish(self, channel, data):
-        req = self.node.new_request(self.interface.name, principal=self.user)
-        self.node.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
-        return self.node.pubsub.publish(channel, data, self.user)
+        req = self.services.new_request(self.interface.name, principal=self.user)
+        self.services.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
+        return self.services.pubsub.publish(channel, data, self.user)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
         return self._guard(self._send, target, args, kwargs, message_id, expires)
@@ -196,7 +151,7 @@ class Perspective(pb.Avatar):
 
         def handle():
             return defer.maybeDeferred(self._call, target, args, kwargs, None)
-        return self.node.received.handle(message_id, handle).addCallback(
+        return self.interface.received.handle(message_id, handle).addCallback(
             lambda duplicate: {"message_id": message_id, "duplicate": duplicate})
 
     def logout(self):
@@ -331,6 +286,7 @@ class PBInterface(Listener):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
+        self.received = node.received     # the node's store of handled message ids (msgd.cluster.outbox)
         self.guard = Guard(self)
         self.portal = _Portal(self, Realm(self), self.checkers())
 

@@ -173,7 +173,7 @@ class POP3Poller(Interface):
 
     def __init__(self, name, options: Options, node):
         super().__init__(name, options, node)
-        self.metrics = IngestMetrics(node.metrics, name)
+        self.metrics = IngestMetrics(self.services.metrics, name)
         self.state = MailboxState(os.path.join(node.config.node.state_dir, f"pop3-{name}.json"))
         self.host = endpoint_host(options.endpoint)
         self.mailbox = f"{options.username}@{self.host}"
@@ -231,7 +231,7 @@ class POP3Poller(Interface):
         def abort(_):
             if session is self._session and self._client is not None and self._client.transport is not None:
                 self._client.transport.abortConnection()
-        return settle_within([session], self.close_grace, self.node.reactor).addCallback(abort)
+        return settle_within([session], self.close_grace, self.services.reactor).addCallback(abort)
 
     def describe(self) -> dict:
         return dict(super().describe(), mailbox=self.mailbox, errors_in_row=self.errors_in_row,
@@ -243,7 +243,7 @@ class POP3Poller(Interface):
     def _schedule(self, delay: float) -> None:
         self.next_delay = delay
         if self._accepting:
-            self._call = self.node.reactor.callLater(delay, self.poll)
+            self._call = self.services.reactor.callLater(delay, self.poll)
 
     def poll(self) -> defer.Deferred:
         """One session; schedules the next poll when it ends."""
@@ -273,7 +273,7 @@ class POP3Poller(Interface):
 
     @defer.inlineCallbacks
     def _run_session(self):
-        o, reactor = self.options, self.node.reactor
+        o, reactor = self.options, self.services.reactor
         endpoint = clientFromString(reactor, o.endpoint)
         client = yield endpoint.connect(protocol.Factory.forProtocol(_Client)).addTimeout(o.server_timeout, reactor)
         self._client = client
@@ -334,19 +334,19 @@ class POP3Poller(Interface):
     @defer.inlineCallbacks
     def _take(self, client, index: int, uid: str, octets: int):
         """RETR, parse and hand one message; True if the handler succeeded."""
-        node, m = self.node, self.metrics
+        services, m = self.services, self.metrics
         lines = yield client.retrieve(index)
         raw = b"\r\n".join(lines) + b"\r\n"
-        msg, arrived = yield node.run_blocking(parse, raw)
+        msg, arrived = yield services.run_blocking(parse, raw)
         m.taken.inc()
         if arrived is not None:
-            m.lag.observe(max(0.0, node.reactor.seconds() - arrived))
+            m.lag.observe(max(0.0, services.reactor.seconds() - arrived))
         m.in_flight.inc()
-        request = node.new_request(self.name, timeout=self.timeout())
+        request = services.new_request(self.name, timeout=self.timeout())
         mail = {"uid": uid, "size": octets, "message": msg, "raw": raw, "mailbox": self.mailbox}
         client.setTimeout(None)     # the server is not expected to say anything while the handler runs
         try:
-            yield node.dispatcher.call(request, self.options.handler, (mail,))
+            yield services.dispatcher.call(request, self.options.handler, (mail,))
         except Exception as e:
             m.failed.inc()
             self._failed_try(uid, reason(e), request.id)
@@ -366,19 +366,19 @@ class POP3Poller(Interface):
             self._give_up(uid, why, entry["tries"])
             return
         delay = self.options.retry_backoff * 2 ** (entry["tries"] - 1)
-        entry["next"] = self.node.reactor.seconds() + delay
+        entry["next"] = self.services.reactor.seconds() + delay
         self.log.warn("interface {interface}: message {uid} failed (try {tries} of {max_tries}), kept on the "
                       "server, retried in {delay}s: {reason}", interface=self.name, uid=uid, tries=entry["tries"],
                       max_tries=self.options.max_tries, delay=delay, reason=why, request_id=request_id)
 
     def _give_up(self, uid: str, why: str, tries: int) -> None:
         self.state.retry.pop(uid, None)
-        self.state.failed[uid] = {"tries": tries, "reason": why, "at": self.node.reactor.seconds()}
+        self.state.failed[uid] = {"tries": tries, "reason": why, "at": self.services.reactor.seconds()}
         self.log.error("interface {interface}: message {uid} joins the failed list (kept on the server, no longer "
                        "tried): {reason}", interface=self.name, uid=uid, reason=why)
 
     def _save(self) -> defer.Deferred:
-        return self.node.run_blocking(atomic_write, self.state.path, self.state.dump())
+        return self.services.run_blocking(atomic_write, self.state.path, self.state.dump())
 
 
 def _error_text(f) -> str:

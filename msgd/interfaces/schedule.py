@@ -19,8 +19,12 @@ that calls an app function on a cron expression or every interval.
   yet) waits for its first firing.
 
 Everything runs on the node's reactor clock, so tests drive it with
-``task.Clock``.  The state file is a few bytes written (atomically, with a
-rename) in the reactor thread: it is not file I/O of a size worth a thread.
+``task.Clock``.  The state file is written on every run, atomically
+(:func:`~msgd.interfaces.ingest.atomic_write`), in the node's thread pool
+(``run_blocking``), never on the reactor thread; one write is in flight at a
+time and a run that comes while one is going only replaces the value written
+next.  It is read once, when the interface starts (as the ``pop3`` input
+reads its own).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from msgd.config import Invalid, choice, duration, option, optional_duration, ta
 from msgd.core import errors
 from msgd.core.cron import Cron, CronError
 from msgd.interfaces.base import Interface
+from msgd.interfaces.ingest import atomic_write
 
 
 def cron_expression(value: str, ctx) -> Cron | None:
@@ -100,7 +105,7 @@ class Schedule(Interface):
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
-        self.clock = node.reactor
+        self.clock = self.services.reactor
         self.random = random.Random()
         self.tz = None if options.timezone.lower() == "local" else ZoneInfo(options.timezone)
         self.state_path = os.path.join(node.config.node.state_dir, f"schedule-{name}.json")
@@ -109,7 +114,9 @@ class Schedule(Interface):
         self.next_due: float | None = None
         self.busy: defer.Deferred | None = None
         self._call = None
-        m = node.metrics
+        self._saving: defer.Deferred | None = None     # the state write in flight
+        self._unsaved: float | None = None             # the value to write when it is done
+        m = self.services.metrics
         self.m_runs = m.counter("msgd_schedule_runs_total", "Scheduled runs by outcome", ["job", "outcome"])
         self.m_skipped = m.counter("msgd_schedule_skipped_total",
                                    "Scheduled firings not run (overlap: previous run still going; "
@@ -175,12 +182,12 @@ class Schedule(Interface):
     def _run(self, due: float) -> None:
         self.last_run = due
         self._save(due)
-        node = self.node
-        request = node.new_request(self.name, timeout=self.timeout())
+        services = self.services
+        request = services.new_request(self.name, timeout=self.timeout())
         params = self.options.params
         args, kwargs = (params, {}) if isinstance(params, tuple) else ((), dict(params))
         started = self.clock.seconds()
-        d = self.busy = node.dispatcher.call(request, self.options.handler, args, kwargs)
+        d = self.busy = services.dispatcher.call(request, self.options.handler, args, kwargs)
 
         def done(result):
             self.busy = None
@@ -213,13 +220,33 @@ class Schedule(Interface):
             return None
 
     def _save(self, due: float) -> None:
-        tmp = self.state_path + ".tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"last_run": due}, f)
-            os.replace(tmp, self.state_path)
-        except OSError as e:
-            self.log.error("job {job}: cannot save {path}: {error}", job=self.name, path=self.state_path, error=e)
+        """Write ``due`` as the last run, off the reactor thread; writes never
+        overlap, and only the newest value waiting is written."""
+        self._unsaved = due
+        if self._saving is None:
+            self._write_next()
+
+    def _write_next(self, _=None) -> None:
+        due, self._unsaved = self._unsaved, None
+        if due is None:
+            self._saving = None
+            return
+        self._saving = d = self.services.run_blocking(atomic_write, self.state_path,
+                                                      json.dumps({"last_run": due}).encode())
+        d.addErrback(lambda f: self.log.error("job {job}: cannot save {path}: {error}", job=self.name,
+                                              path=self.state_path, error=f.value))
+        d.addCallback(self._write_next)
+
+    def saved(self) -> defer.Deferred:
+        """Fires when no state write is in flight."""
+        if self._saving is None:
+            return defer.succeed(None)
+        done = defer.Deferred()
+
+        def again(_):                 # the write that ended may have started the next one
+            self.saved().addCallback(done.callback)
+        self._saving.addBoth(again)
+        return done
 
     # -- service -------------------------------------------------------------------
 
@@ -231,7 +258,8 @@ class Schedule(Interface):
 
     def stopService(self):
         super().stopService()
-        return self.stop_accepting()
+        self.stop_accepting()
+        return self.saved()
 
     def describe(self) -> dict:
         o = self.options

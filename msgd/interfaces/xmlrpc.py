@@ -40,12 +40,13 @@ from collections.abc import Mapping
 from xml.sax.saxutils import escape
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web import resource
-from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
 from msgd.core import typehints
 from msgd.interfaces import http, xmlsafe
+from msgd.interfaces.responder import Answer, respond
 
 EXTENSIONS_NS = "{http://ws.apache.org/xmlrpc/namespaces/extensions}"
 MAXINT = 2 ** 31 - 1
@@ -257,6 +258,13 @@ def fault(e: errors.MsgdError) -> bytes:
     return ("<?xml version='1.0'?>\n<methodResponse><fault>%s</fault></methodResponse>\n" % body).encode("utf-8")
 
 
+XML = b"text/xml; charset=utf-8"
+
+
+def _fault(e: errors.MsgdError) -> Answer:
+    return Answer(200, XML, fault(e))
+
+
 def _short(v) -> str:
     r = repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
@@ -268,7 +276,7 @@ def refuse(request, error: errors.MsgdError):
     text/xml, but with a SOAPAction header."""
     ctype = (request.getHeader(b"content-type") or b"").lower()
     if ctype.startswith((b"text/xml", b"application/xml")) and request.getHeader(b"soapaction") is None:
-        return b"200 OK", b"text/xml; charset=utf-8", fault(error)
+        return b"200 OK", XML, fault(error)
     return None
 
 
@@ -314,14 +322,16 @@ SYSTEM_SIGNATURES = {
 
 
 class XMLRPCResource(resource.Resource):
-    """``/RPC2``: decode → ``node.dispatcher`` → encode."""
+    """``/RPC2``: decode → ``dispatcher`` → encode, answered through
+    :func:`~msgd.interfaces.responder.respond`.  Uses the interface's
+    ``name``, ``options``, ``timeout()``, ``log`` and ``services``."""
 
     isLeaf = True
 
     def __init__(self, interface):
         super().__init__()
         self.interface = interface
-        self.node = interface.node
+        self.services = interface.services
         opts = interface.options
         self.encoder = Encoder(allow_none=opts.xmlrpc_allow_none, i8=opts.xmlrpc_i8)
         self.limits = xmlsafe.Limits(max_size=opts.max_body, max_depth=opts.xml_max_depth)
@@ -337,45 +347,22 @@ class XMLRPCResource(resource.Resource):
 
     def render_POST(self, request):
         iface = self.interface
-        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
+        method = req = None
         try:
             method, params = load_call(xmlsafe.parse(request.content.read(), self.limits))
-            req = self.node.new_request(iface.name, timeout=iface.timeout(),
-                                        principal=getattr(request, "principal", None))
+            req = self.services.new_request(iface.name, timeout=iface.timeout(),
+                                            principal=getattr(request, "principal", None))
             outcome = self.call(req, method, params)
-        except errors.MsgdError as e:
-            return fault(e)                 # twisted.web adds the Content-Length of a returned body
-        if not isinstance(outcome, defer.Deferred):
-            return self.response(outcome)   # a plain function: answered at once
-        gone = []
-        request.notifyFinish().addErrback(lambda f: (gone.append(True), outcome.cancel()))
+        except errors.MsgdError:
+            outcome = Failure()
+        return respond(request, outcome, self.response, _fault, log=iface.log, event="XML-RPC call {method} failed",
+                       request_id=req.id if req is not None else None, method=method)
 
-        def answer(result):
-            if not gone:
-                self._send(request, self.response(result))
-
-        def failed(f):
-            if gone:
-                return
-            e = f.value
-            if not isinstance(e, errors.MsgdError):
-                iface.log.failure("XML-RPC call {method} failed", f, method=method)
-                e = errors.InternalError(f"internal error (request {req.id})")
-            self._send(request, fault(e))
-        outcome.addCallbacks(answer, failed)
-        return NOT_DONE_YET
-
-    def response(self, result) -> bytes:
+    def response(self, result) -> Answer:
         try:
-            return self.encoder.response(result)
+            return Answer(200, XML, self.encoder.response(result))
         except errors.MsgdError as e:
-            return fault(e)
-
-    @staticmethod
-    def _send(request, body: bytes) -> None:
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+            return _fault(e)
 
     # -- calls ------------------------------------------------------------------
 
@@ -400,19 +387,19 @@ class XMLRPCResource(resource.Resource):
         if method.startswith("system."):
             return self.system(req, method, params)
         try:
-            coercions = self.coercions(self.node.apps.resolve(method))
+            coercions = self.coercions(self.services.apps.resolve(method))
         except errors.NotFound:
             coercions = ()    # the dispatcher answers NotFound (and counts it)
         for i, p in coercions:
             if i < len(params):
                 params[i] = typehints.coerce(params[i], p.type, p.name)
-        return self.node.dispatcher.run(req, method, params)
+        return self.services.dispatcher.run(req, method, params)
 
     def system(self, req, method: str, params: list):
-        apps = self.node.apps
+        apps = self.services.apps
         if method == "system.multicall":
             return self.multicall(req, params)
-        access = self.node.access      # listings show, and help describes, only what the caller may call
+        access = self.services.access      # listings show, and help describes, only what the caller may call
         if method == "system.listMethods":
             return [t for t in apps.targets() if access.allows(req, t)] + sorted(SYSTEM_HELP)
         if method in ("system.methodHelp", "system.methodSignature"):

@@ -8,7 +8,9 @@ tens of milliseconds on purpose); the LDAP adapter runs ldap3 in its own.
 
 Password file: one ``user:bcrypt-hash[:role,role...]`` line per user; blank
 lines and ``#`` comments are skipped.  It is re-read when its modification
-time changes, so ``msgd passwd`` takes effect without a restart.
+time changes, so ``msgd passwd`` takes effect without a restart; the check
+of the file's stamp, its re-read and bcrypt run together in the node's thread
+pool, never on the reactor thread.
 """
 
 from __future__ import annotations
@@ -87,29 +89,37 @@ class PasswordFileChecker:
     def __init__(self, path: str, run_blocking):
         self.path = path
         self.run_blocking = run_blocking
-        self._stamp = None
-        self._users: dict = {}
+        self._cache: tuple = (None, {})      # (the file's stamp, its users), replaced whole
 
     def users(self) -> dict:
+        """user -> (hash, roles), re-read when the file changed (blocking:
+        called at start-up and, for logins, in ``run_blocking``)."""
         st = os.stat(self.path)
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            self._users, self._stamp = read_password_file(self.path), stamp
-        return self._users
+        cached, users = self._cache
+        if stamp != cached:
+            users = read_password_file(self.path)
+            self._cache = (stamp, users)
+        return users
 
-    def requestAvatarId(self, credentials):
-        user, password = _text(credentials.username), _text(credentials.password)
+    def _check(self, user: str, password: str):
+        """Blocking: the user's entry (or None) and whether the password is
+        right; the file's stat, re-read and bcrypt all run here."""
         try:
             entry = self.users().get(user)
         except (OSError, ValueError) as e:
-            return defer.fail(UnauthorizedLogin(f"password file unusable: {e}"))
-        hashed, roles = entry if entry else (_DUMMY, frozenset())
+            raise UnauthorizedLogin(f"password file unusable: {e}") from None
+        return entry, check_password(password, entry[0] if entry else _DUMMY)
 
-        def checked(ok):
+    def requestAvatarId(self, credentials):
+        user, password = _text(credentials.username), _text(credentials.password)
+
+        def checked(outcome):
+            entry, ok = outcome
             if not ok or entry is None:
                 raise UnauthorizedLogin("wrong user or password")
-            return Principal(user, roles, "password")
-        return self.run_blocking(check_password, password, hashed).addCallback(checked)
+            return Principal(user, entry[1], "password")
+        return self.run_blocking(self._check, user, password).addCallback(checked)
 
 
 @implementer(ICredentialsChecker)

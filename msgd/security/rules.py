@@ -18,26 +18,16 @@ rule allows it: the principal matches ``principals``, the interface matches
 A pattern *subscription* (``news.*``) is allowed only when it cannot reach a
 channel outside an allowed pattern: it equals an allowed pattern, or an
 allowed ``PREFIX*`` covers its literal prefix.
+
+The keys of a section are declared in :class:`msgd.config.AccessConfig`
+(with the node's other sections); this module imports nothing of msgd.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-
-from msgd.config import nonempty_words, option, words
 
 ACTIONS = ("call", "subscribe", "publish")
-
-
-@dataclass(frozen=True)
-class AccessConfig:
-    principals: tuple = option(("*",), parse=nonempty_words,
-                               doc="who: * (anyone, anonymous too), @authenticated, user names, @ROLE")
-    interfaces: tuple = option(("*",), parse=nonempty_words, doc="interface names or patterns this rule covers")
-    call: tuple = option((), parse=words, doc="target patterns that may be called, e.g. orders.* catalog.list")
-    subscribe: tuple = option((), parse=words, doc="channel patterns that may be subscribed to")
-    publish: tuple = option((), parse=words, doc="channel patterns that may be published to")
 
 
 def _literal_prefix(name: str) -> str:

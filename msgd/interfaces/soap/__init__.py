@@ -32,12 +32,12 @@ import html
 import re
 
 from lxml import etree
-from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web import pages, resource
-from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
 from msgd.interfaces import http, xmlsafe
+from msgd.interfaces.responder import Answer, respond
 from msgd.interfaces.soap.service import Service
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -78,6 +78,11 @@ def fault(version: str, e: errors.MsgdError) -> tuple[int, bytes]:
     return status, etree.tostring(env, xml_declaration=True, encoding="UTF-8")
 
 
+def _answer(version: str, status_body: tuple[int, bytes]) -> Answer:
+    status, body = status_body
+    return Answer(status, CONTENT_TYPES[version], body)
+
+
 def refuse(request, error: errors.MsgdError):
     """A SOAP body above ``max_body`` still gets a Fault (it is refused
     before it is read: see ``http.REFUSALS``).  SOAP 1.2 is told by its
@@ -102,14 +107,17 @@ def _true(value) -> bool:
 
 
 class SOAPResource(resource.Resource):
-    """``/soap/``: the services, their WSDLs and their calls."""
+    """``/soap/``: the services, their WSDLs and their calls (answered
+    through :func:`~msgd.interfaces.responder.respond`).  Uses the
+    interface's ``name``, ``options``, ``timeout()``, ``log`` and
+    ``services``."""
 
     isLeaf = True
 
     def __init__(self, interface):
         super().__init__()
         self.interface = interface
-        self.node = interface.node
+        self.services = interface.services
         opts = interface.options
         self.limits = xmlsafe.Limits(max_size=opts.max_body, max_depth=opts.xml_max_depth)
         self.base_address = opts.soap_address
@@ -117,7 +125,7 @@ class SOAPResource(resource.Resource):
 
     def service(self, name: str) -> Service:
         """The Service of the current version of module ``name``."""
-        app = self.node.apps.modules.get(name)
+        app = self.services.apps.modules.get(name)
         if app is None:
             self._services.pop(name, None)
             raise errors.NotFound(f"no app module {name!r}")
@@ -165,7 +173,7 @@ class SOAPResource(resource.Resource):
 
     def _index(self, request):
         rows = "".join(f'<li><a href="{html.escape(n)}?wsdl">{html.escape(n)}</a></li>'
-                       for n in sorted(self.node.apps.modules))
+                       for n in sorted(self.services.apps.modules))
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return (f"<!doctype html><meta charset=utf-8><title>SOAP services</title>"
                 f"<h1>SOAP services</h1><ul>{rows}</ul>").encode()
@@ -176,34 +184,19 @@ class SOAPResource(resource.Resource):
         ctype = (request.getHeader(b"content-type") or b"").lower()
         version = SOAP12 if ctype.startswith(b"application/soap+xml") else SOAP11
         iface = self.interface
+        svc = op = req = None
         try:
             version, svc, op, kwargs = self._decode(request)
-            req = self.node.new_request(iface.name, timeout=iface.timeout(),
-                                        principal=getattr(request, "principal", None))
-            outcome = self.node.dispatcher.run(req, f"{svc.name}.{op}", (), kwargs)
+            req = self.services.new_request(iface.name, timeout=iface.timeout(),
+                                            principal=getattr(request, "principal", None))
+            outcome = self.services.dispatcher.run(req, f"{svc.name}.{op}", (), kwargs)
         except errors.MsgdError as e:
             version = getattr(e, "soap_version", version)
-            return self._answer(request, version, *fault(version, e))
-        if not isinstance(outcome, defer.Deferred):
-            return self._answer(request, version, *self.response(version, svc, op, outcome))
-        gone = []
-        request.notifyFinish().addErrback(lambda f: (gone.append(True), outcome.cancel()))
-
-        def respond(status, body):
-            if not gone:
-                request.write(self._answer(request, version, status, body))
-                request.finish()
-
-        def failed(f):
-            if gone:
-                return
-            e = f.value
-            if not isinstance(e, errors.MsgdError):
-                iface.log.failure("SOAP call {module}.{op} failed", f, module=svc.name, op=op)
-                e = errors.InternalError(f"internal error (request {req.id})")
-            respond(*fault(version, e))
-        outcome.addCallbacks(lambda result: respond(*self.response(version, svc, op, result)), failed)
-        return NOT_DONE_YET
+            outcome = Failure()
+        return respond(request, outcome, lambda result: _answer(version, self.response(version, svc, op, result)),
+                       lambda e: _answer(version, fault(version, e)), log=iface.log,
+                       event="SOAP call {module}.{op} failed", request_id=req.id if req is not None else None,
+                       module=svc.name if svc is not None else None, op=op)
 
     @staticmethod
     def response(version: str, svc: Service, op: str, result) -> tuple[int, bytes]:
@@ -235,18 +228,11 @@ class SOAPResource(resource.Resource):
             ops = [c for c in body if isinstance(c.tag, str)] if body is not None else []
             if len(ops) != 1:
                 raise errors.InvalidRequest("the SOAP Body must hold exactly one element")
-            self.node.access.check_visible(self.interface.name, getattr(request, "principal", None),
-                                           f"{name}.{etree.QName(ops[0]).localname}")
+            self.services.access.check_visible(self.interface.name, getattr(request, "principal", None),
+                                               f"{name}.{etree.QName(ops[0]).localname}")
             svc = self.service(name)
             op, kwargs = svc.decode_call(ops[0])
         except errors.MsgdError as e:
             e.soap_version = ns
             raise
         return ns, svc, op, kwargs
-
-    @staticmethod
-    def _answer(request, version: str, status: int, body: bytes) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", CONTENT_TYPES[version])
-        request.setHeader(b"content-length", b"%d" % len(body))
-        return body

@@ -1,0 +1,87 @@
+"""How an HTTP mount answers a call, once for every mount: ``/rpc``
+(JSON-RPC), ``/RPC2`` (XML-RPC) and ``/soap/`` (SOAP).
+
+A mount decodes the request, starts the work (usually ``dispatcher.run``)
+and hands the outcome to :func:`respond` with two renderers of its own
+protocol: ``answer(result)`` and ``fault(error)``, each returning an
+:class:`Answer`.  The responder does the rest, the same way everywhere:
+
+* a result that is ready at once (a plain function) is answered at once,
+  without a Deferred;
+* a Deferred is answered when it fires; when the client goes away first the
+  Deferred is **cancelled** (cancellation reaches whatever the app waits on)
+  and nothing is written or logged;
+* a failure that is a taxonomy error (:class:`~msgd.core.errors.MsgdError`)
+  goes to ``fault`` as it is; any other is logged with its traceback (the
+  mount's ``event`` and fields) and goes to ``fault`` as ``internal error
+  (request ID)``;
+* the answer is written with its status, content type and length, and the
+  request finished.
+
+A new HTTP mount that answers calls uses this; see docs/architecture.rst.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+
+from msgd.core import errors
+
+
+class Answer(NamedTuple):
+    """What is written: the HTTP status, the content type (None: none) and
+    the body (None: no body, e.g. 204)."""
+
+    status: int
+    content_type: bytes | None
+    body: bytes | None
+
+
+def respond(request, outcome: Any, answer: Callable[[Any], Answer], fault: Callable[[errors.MsgdError], Answer],
+            *, log, event: str, request_id: str | None = None, **fields) -> int:
+    """Answer the twisted.web ``request`` with ``outcome``: a result, a
+    Deferred of one, or a :class:`Failure` (an error found before any work
+    started, e.g. while decoding).  Returns ``NOT_DONE_YET`` for ``render``."""
+    if isinstance(outcome, Deferred):
+        gone = []
+        request.notifyFinish().addErrback(lambda _: (gone.append(True), outcome.cancel()))
+
+        def done(result):
+            if not gone:
+                write(request, answer(result))
+
+        def failed(failure):
+            if not gone:
+                write(request, fault(_error(failure, log, event, request_id, fields)))
+        outcome.addCallbacks(done, failed)
+        return NOT_DONE_YET
+    if isinstance(outcome, Failure):
+        write(request, fault(_error(outcome, log, event, request_id, fields)))
+    else:
+        write(request, answer(outcome))
+    return NOT_DONE_YET
+
+
+def _error(failure: Failure, log, event: str, request_id: str | None, fields: dict) -> errors.MsgdError:
+    """The taxonomy error a failure is answered with; one that is not a
+    taxonomy error is a bug: logged with its traceback, answered without it."""
+    if isinstance(failure.value, errors.MsgdError):
+        return failure.value
+    log.failure(event, failure, request_id=request_id, **fields)
+    return errors.InternalError("internal error" + (f" (request {request_id})" if request_id else ""))
+
+
+def write(request, a: Answer) -> None:
+    """Write ``a`` and finish ``request``."""
+    if a.status != 200:
+        request.setResponseCode(a.status)
+    if a.content_type is not None:
+        request.setHeader(b"content-type", a.content_type)
+    if a.body is not None:
+        request.setHeader(b"content-length", b"%d" % len(a.body))
+        request.write(a.body)
+    request.finish()

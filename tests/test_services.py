@@ -1,0 +1,87 @@
+"""The services interface (msgd.services.Services): the node and the
+AppHarness both provide it, and parts built on it run on the harness without
+a node — a PB perspective, a peer (which takes a reactor and an outbox)."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from msgd.cluster.peers import Peer
+from msgd.config import PeerConfig, parse_text
+from msgd.core import errors
+from msgd.interfaces.pb import Perspective
+from msgd.node import NodeService
+from msgd.services import Services
+from msgd.testing import AppHarness
+from tests.helpers import write
+
+APP = '''
+from msgd import api
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+async def whoami() -> str:
+    await api.sleep(1)
+    return api.request().principal
+'''
+
+
+class ServicesTests(unittest.TestCase):
+    def setUp(self):
+        apps = os.path.abspath(self.mktemp())
+        write(os.path.join(apps, "m.py"), APP)
+        self.harness = AppHarness(apps, timeout=5, principal="bob", interface="web")
+
+    def test_node_and_harness_provide_it(self):
+        node = NodeService(parse_text("[node]\nname = n\n", os.path.abspath("node.ini")), Clock())
+        for services in (node, self.harness):
+            self.assertIsInstance(services, Services)
+        self.assertNotIsInstance(object(), Services)
+
+    def test_harness_requests(self):
+        self.harness.clock.advance(100)
+        r = self.harness.new_request("pb", timeout=2, principal="alice")
+        self.assertEqual((r.interface, r.deadline, r.principal, r.services), ("pb", 102, "alice", self.harness))
+        r = self.harness.new_request()
+        self.assertEqual((r.interface, r.deadline, r.principal), ("web", 105, "bob"))
+        self.assertEqual(self.successResultOf(self.harness.run_blocking(sum, [1, 2])), 3)
+
+    def test_pb_perspective_on_a_harness(self):
+        class Interface:
+            name = "pb"
+            services = self.harness
+
+            def timeout(self):
+                return 5.0
+        p = Perspective(Interface(), "alice")
+        self.assertEqual(p.perspective_call("m.add", [2, 3]), 5)
+        d = p.perspective_call("m.whoami")
+        self.assertNoResult(d)
+        self.harness.clock.advance(1)
+        self.assertEqual(self.successResultOf(d), "alice")
+        self.assertEqual(self.successResultOf(p.perspective_publish("news", {"n": 1})), 1)
+        self.assertEqual(self.harness.published, [("news", {"n": 1})])
+
+
+class PeerTests(unittest.TestCase):
+    def test_a_peer_takes_a_reactor_and_an_outbox(self):
+        sent = []
+
+        class Outbox:
+            def send(self, peer, target, args, kwargs, message_id=None):
+                sent.append((peer, target, args, kwargs, message_id))
+                return defer.succeed("id-1")
+        reactor = MemoryReactorClock()
+        peer = Peer("b", PeerConfig(endpoints=("tcp:host=127.0.0.1:port=1",)), reactor, Outbox())
+        self.assertEqual(self.successResultOf(peer.proxy.send("m.add", 1, b=2)), "id-1")
+        self.assertEqual(sent, [("b", "m.add", (1,), {"b": 2}, None)])
+        self.failureResultOf(peer.proxy.m.add(1, 2), errors.Unavailable)     # not connected: at once
+        peer.startService()
+        self.assertEqual(len(reactor.tcpClients), 1)                          # connecting on the given reactor
+        peer.stopService()
