@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.helpers import http, http_port, make_node
+from tests.helpers import SocketTransport, http, http_port, make_node
 
 INI = """
 [node]
@@ -126,6 +126,47 @@ class SSETests(Base):
         self.assertEqual(code, 404)
 
 
+    def test_slow_consumer_told_before_what_was_not_sent(self):
+        """Over a transport that buffers like Twisted's TCP one: the events
+        the socket has begun go whole, the rest is dropped, an rpc.closing
+        message comes next, then the end of the stream, and the connection
+        closes once that is read (aborted after close_timeout otherwise)."""
+        iface = self.node.interfaces["web"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.dataReceived(b"GET /sse?channel=room HTTP/1.1\r\nHost: x\r\n\r\n")
+        for i in range(3):
+            self.publish("room", "x" * 1000)
+        t.room = len(t.sent) + 1500     # the socket takes the head, one event and a half, then no more
+        t.flush()
+        for i in range(100):
+            self.publish("room", "x" * 1000)
+        self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
+                                                 {"interface": "web", "reason": "slow_consumer"}), 1)
+        self.assertEqual(self.node.pubsub.presence("room")["count"], 0)
+        self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
+        t.room = 10 ** 9                # it reads again
+        t.flush()
+        head, _, body = t.sent.partition(b"\r\n\r\n")
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        stream = b""
+        while True:                     # the chunked body: whole chunks, then the last one
+            size, _, body = body.partition(b"\r\n")
+            if int(size, 16) == 0:
+                self.assertEqual(body, b"\r\n")
+                break
+            stream, body = stream + body[:int(size, 16)], body[int(size, 16) + 2:]
+        messages = [json.loads(line[len(b"data: "):]) for line in stream.split(b"\n")
+                    if line.startswith(b"data: ")]
+        self.assertEqual([m["method"] for m in messages], ["rpc.subscribed"] + ["rpc.event"] * 3 + ["rpc.closing"])
+        self.assertEqual([m["params"]["offset"] for m in messages[1:4]], [1, 2, 3])
+        self.assertTrue(messages[-1]["params"]["reason"].startswith("slow consumer"))
+        self.assertTrue(t.disconnected)
+        self.assertNotIn(t, iface._aborts)
+
+
 class PollTests(Base):
     @defer.inlineCallbacks
     def open(self):
@@ -228,8 +269,11 @@ class PollTests(Base):
         sid = yield self.open()
         yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
         self.publish("room", *["x" * 500] * 10)
-        code, _ = yield self.get(sid)
-        self.assertEqual(code, 404)
+        code, body = yield self.get(sid)        # told why, on the next request
+        self.assertEqual(code, 410)
+        self.assertTrue(body["error"]["message"].startswith("session ended: slow consumer"))
+        code, _, _ = yield http("GET", f"{self.base}/sse?session={sid}")
+        self.assertEqual(code, 410)
         self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
                                                  {"interface": "web", "reason": "slow_consumer"}), 1)
 

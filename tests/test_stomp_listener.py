@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from msgd.interfaces.stomp.codec import Decoder, Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from tests.helpers import http_port, make_node
+from tests.helpers import SocketTransport, http_port, make_node
 from tests.wsclient import WS
 
 APPS = {"calc.py": """
@@ -398,6 +398,36 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.closed, ["slow consumer: more than 1000 bytes unsent"])
         self.assertEqual([f.command for f in frames_of(b"".join(self.out[written:]))], ["ERROR"])
         self.assertEqual(self.node.pubsub.presence("c")["count"], 0)
+
+    def test_slow_consumer_told_before_what_was_not_sent(self):
+        """On the listener, over a transport that buffers like Twisted's TCP
+        one: the frames the socket has begun go whole, the rest is dropped,
+        the ERROR comes next, and the connection closes once it is read."""
+        node = make_node(self, INI.format(heartbeat="0", extra="max_pending = 4KiB"))
+        iface = node.interfaces["stomp"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.dataReceived(encode(Frame("CONNECT", [("accept-version", "1.2")]))
+                       + encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1")])))
+        for i in range(3):
+            node.pubsub.publish("c", "x" * 1000)
+        t.room = len(t.sent) + 1500     # the socket takes CONNECTED, one message and a half, then no more
+        t.flush()
+        for i in range(200):
+            node.pubsub.publish("c", "x" * 1000)
+        self.assertTrue(t.disconnecting)
+        self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
+        t.room = 10 ** 9                # it reads again
+        t.flush()
+        got = frames_of(t.sent)
+        self.assertEqual([(f.command, f.get("msgd-offset")) for f in got],
+                         [("CONNECTED", None), ("MESSAGE", "1"), ("MESSAGE", "2"), ("MESSAGE", "3"),
+                          ("ERROR", None)])
+        self.assertTrue(got[-1].get("message").startswith("slow consumer"))
+        self.assertTrue(t.disconnected)
+        self.assertNotIn(t, iface._aborts)
 
     def test_paused_output_is_queued_then_flushed(self):
         s = self.session(max_pending=100000)

@@ -25,7 +25,12 @@ Wire protocol
 
 A comment line is sent every ``sse_ping`` seconds to keep proxies from
 closing an idle stream.  A client that does not read gets at most
-``poll_max_queue`` bytes queued, then its stream is ended (counted in
+``poll_max_queue`` bytes queued, then what was not yet handed to the socket
+is dropped, a last message says why (``{"jsonrpc":"2.0","method":
+"rpc.closing","params":{"reason":"slow consumer: …"}}``, no ``id``: a
+reconnecting ``EventSource`` resumes after the last event it got), and the
+stream and its connection are ended — aborted when the client has not read
+that within ``close_timeout`` (counted in
 ``msgd_poll_dropped_total{reason="slow_consumer"}``).
 """
 
@@ -41,6 +46,7 @@ from zope.interface import implementer
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import Session, check_channel, is_pattern
+from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.poll import _arg, _reply, sessions
 
 
@@ -85,8 +91,18 @@ class EventStream:
         if self.backlog_bytes > self.limit:
             self.log.warn("ending SSE stream: slow consumer (more than {limit} bytes unsent)", limit=self.limit)
             self.registry.dropped.labels(self.registry.interface.name, "slow_consumer").inc()
-            self.backlog, self.backlog_bytes = [], 0
-            self.close()
+            self.drop(f"slow consumer: more than {self.limit} bytes unsent")
+
+    def drop(self, reason: str):
+        """Drop what is not sent yet, say why, end the stream and its connection."""
+        self.backlog, self.backlog_bytes = [], 0
+        transport = self.request.transport
+        discard_unsent(transport)       # whole chunks only: the reason is the next message read
+        self.request.write(b"data: " + dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                              "params": {"reason": reason}}) + b"\n\n")
+        self.close()
+        iface = self.registry.interface
+        iface.close_within(transport, iface.options.close_timeout)
 
     def pauseProducing(self):
         self.paused = True
@@ -161,8 +177,7 @@ class SSEResource(resource.Resource):
         if sid is not None:
             session = self.registry.get(sid)
             if session is None:
-                return _reply(request, 404, {"error": errors.Unavailable(
-                    "no such long-poll session (expired?): open a new one").to_dict()})
+                return self.registry.gone(request, sid)
             session.attach(EventStream(request, self.registry, on_close=session.detach))
             return NOT_DONE_YET
         names = [v.decode("utf-8", "replace") for v in request.args.get(b"channel", [])]

@@ -3,7 +3,8 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable and feed it what arrives, so every rule below is
+``close(reason)`` callable (and ``discard()``, which drops what the transport
+has not begun to send) and feed it what arrives, so every rule below is
 written once.
 
 Wire protocol
@@ -54,8 +55,9 @@ Bad input (a malformed frame, a frame before CONNECT, an unknown command
 or destination) gets one ``ERROR`` frame and the connection is closed.
 Bounds: the codec's :class:`~.codec.Limits`, subscriptions, unacked
 messages, calls in flight, transactions, and ``max_pending`` bytes queued
-for a client whose socket does not drain (then dropped with an ERROR frame,
-reason ``slow consumer``).
+for a client whose socket does not drain (then what was not yet handed to
+the socket is dropped and the client gets an ERROR frame, reason ``slow
+consumer``, before the connection is closed).
 """
 
 from __future__ import annotations
@@ -122,11 +124,13 @@ class StompSession:
     log = Logger()
 
     def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
-                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
+                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
+                 discard: Callable[[], Any] | None = None):
         self.node = node
         self.interface = interface_name
         self._write_out = write
         self._close_out = close
+        self._discard = discard
         self.peer = peer
         self.hint = f"{version_hint[0]}.{version_hint[1]}" if version_hint else None
         self.options = options or _websocket_options(node, interface_name)
@@ -482,6 +486,8 @@ class StompSession:
             self.backlog_bytes += len(data)
             if self.backlog_bytes > self.options.max_pending:
                 self.backlog, self.backlog_bytes = [], 0
+                if self._discard is not None:
+                    self._discard()         # what the transport has not begun to send: the ERROR goes next
                 self.drop(f"slow consumer: more than {self.options.max_pending} bytes unsent", "slow_consumer")
             return
         self.last_write = self.clock.seconds()
