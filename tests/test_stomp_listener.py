@@ -440,6 +440,51 @@ class SessionTests(unittest.TestCase):
         got = frames_of(b"".join(self.out[written:]))
         self.assertEqual([json.loads(f.body) for f in got], [0, 1, 2, 3, 4])
 
+    def test_pattern_resume_replays_every_matched_channel_or_says_not_recovered(self):
+        node = make_node(self, "[pubsub]\nhistory_size = 3\n")
+        out = []
+
+        def subscribe(**headers):
+            del out[:]
+            s = StompSession(node, "test", out.append, lambda reason: None, options=SessionOptions(connect_timeout=0))
+            self.addCleanup(s.connection_lost)
+            s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
+            s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/a.*"), ("id", "1"),
+                                                       ("receipt", "r")] + list(headers.items()))))
+            got = frames_of(b"".join(out))[1:]
+            return [(f.get("msgd-channel"), f.get("msgd-offset")) for f in got[:-1]], got[-1]
+
+        node.pubsub.publish("a.x", 1)
+        _, receipt = subscribe()
+        epoch = node.pubsub.channels["a.x"].epoch
+        self.assertEqual((receipt.command, receipt.get("msgd-recovered"), receipt.get("msgd-positions")),
+                         ("RECEIPT", "true", f"{epoch}:1:a.x"))
+        held = receipt.get("msgd-positions")
+        node.pubsub.publish("a.x", 2)           # while away; and a channel begins
+        node.pubsub.publish("a.y", 1)
+        replayed, receipt = subscribe(**{"msgd-since": held})
+        self.assertEqual(replayed, [("a.x", "2"), ("a.y", "1")])
+        self.assertEqual(receipt.get("msgd-recovered"), "true")
+        for i in range(3):                      # history 3: a.x 2 is gone
+            node.pubsub.publish("a.x", i)
+        replayed, receipt = subscribe(**{"msgd-since": held})
+        self.assertEqual(replayed, [("a.y", "1")])
+        self.assertEqual(receipt.get("msgd-recovered"), "false")
+        self.assertEqual(receipt.get("msgd-positions"), f"{epoch}:5:a.x {node.pubsub.channels['a.y'].epoch}:1:a.y")
+        _, receipt = subscribe(**{"msgd-since": "5"})
+        self.assertEqual(receipt.command, "ERROR")          # a pattern's msgd-since is a list of positions
+
+    def test_channel_resume_says_whether_it_recovered(self):
+        self.node.pubsub.publish("c", 1)
+        s = StompSession(self.node, "test", self.out.append, self.closed.append, options=SessionOptions(connect_timeout=0))
+        self.addCleanup(s.connection_lost)
+        s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
+        s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1"), ("receipt", "r"),
+                                                   ("msgd-since", "0"), ("msgd-epoch", "lost")])))
+        receipt = frames_of(b"".join(self.out))[-1]
+        self.assertEqual((receipt.command, receipt.get("msgd-recovered"), receipt.get("msgd-offset")),
+                         ("RECEIPT", "false", "1"))
+
     def test_pattern_subscription_names_the_channel(self):
         s = self.session()
         s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/news.*"), ("id", "2")])))

@@ -163,6 +163,24 @@ class StreamTests(Base):
         self.assertTrue(out[0]["result"]["unsubscribed"])
 
     @defer.inlineCallbacks
+    def test_pattern_resume(self):
+        a = yield self.client()
+        yield deferToThread(a.exchange, call("rpc.publish", {"channel": "p.x", "data": 1}))
+        info = (yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "p.*"})))[0]["result"]
+        yield deferToThread(a.close)
+        b = yield self.client()
+        yield deferToThread(b.exchange, call("rpc.publish", {"channel": "p.x", "data": 2}))
+        yield deferToThread(b.exchange, call("rpc.publish", {"channel": "p.y", "data": 1}))
+        c = yield self.client()
+        out = yield deferToThread(c.exchange, call("rpc.subscribe", {"channel": "p.*", "since": info["offset"],
+                                                                     "epoch": info["epoch"]}), 3)
+        self.assertEqual([(m["params"]["channel"], m["params"]["offset"]) for m in out[:2]], [("p.x", 2), ("p.y", 1)])
+        self.assertTrue(out[2]["result"]["recovered"])
+        out = yield deferToThread(c.exchange, call("rpc.subscribe", {"channel": "p.*", "since": {"p.x": 1},
+                                                                     "epoch": {"p.x": "lost"}}), 2)
+        self.assertFalse(out[1]["result"]["recovered"])
+
+    @defer.inlineCallbacks
     def test_closed_connection_ends_subscriptions(self):
         a = yield self.client()
         yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "gone"}))

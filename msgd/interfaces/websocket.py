@@ -12,7 +12,12 @@ batch), answered as over HTTP.  App calls: ``{"jsonrpc":"2.0","id":1,
     (the last offset seen) and ``epoch``, the missed events are replayed —
     *before* the answer — when history still covers them.  Answer:
     ``{"channel", "epoch", "offset", "recovered"}``; ``recovered: false``
-    means events were lost: reload your state.
+    means events were lost: reload your state.  A pattern's answer has
+    ``"pattern": true`` and ``epoch``/``offset`` as objects by channel (every
+    matched channel with events); it resumes with the positions held, in the
+    same form: ``"since": {"a.x": 7}, "epoch": {"a.x": E}`` — every matched
+    channel is replayed from there (one not named: from its first event),
+    and ``recovered`` is true only if all of them could be.
 ``rpc.unsubscribe {"channel": C}``
 ``rpc.publish {"channel": C, "data": D}``  → ``{"channel", "offset"}``
 ``rpc.presence {"channel": C}``  → ``{"channel", "count", "principals"}``

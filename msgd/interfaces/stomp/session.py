@@ -19,7 +19,13 @@ Wire protocol
 ``SUBSCRIBE destination:/topic/CHANNEL id:ID ack:auto|client|client-individual``
     Subscribes to the pub/sub channel (or pattern, ``/topic/news.*``), shared
     with WebSocket JSON-RPC subscribers.  ``msgd-since``/``msgd-epoch``
-    resume after a known offset.  Each event arrives as ``MESSAGE`` with
+    resume after a known offset; for a pattern ``msgd-since`` lists the
+    positions held, ``epoch:offset:channel`` separated by spaces (a matched
+    channel it does not name is replayed from its first event).  The
+    ``RECEIPT`` (when asked for) tells how it went: ``msgd-recovered``
+    (``false``: events were lost), and ``msgd-epoch``/``msgd-offset`` (a
+    pattern: ``msgd-positions``, the same list for every matched channel
+    with events).  Each event arrives as ``MESSAGE`` with
     ``destination``, ``subscription``, ``message-id``, ``ack`` (1.2, not in
     auto mode), ``content-type:application/json``, ``msgd-channel``,
     ``msgd-offset``, ``msgd-epoch`` and the event's data as JSON body.
@@ -75,7 +81,7 @@ from twisted.python.failure import Failure
 import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
-from msgd.core.pubsub import check_channel, is_pattern
+from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat)
 
@@ -278,14 +284,18 @@ class StompSession:
             self.receipt(frame)
             return
         channel = check_channel(dest[len(TOPIC):], pattern_ok=True)
-        since = frame.get("msgd-since")
-        if since is not None and not since.isdigit():
-            raise errors.InvalidParams("msgd-since must be an offset")
+        since, epoch = frame.get("msgd-since"), frame.get("msgd-epoch")
+        if since is not None and is_pattern(channel):
+            held = parse_positions(since, strict=True)
+            since, epoch = {c: o for c, (_, o) in held.items()}, {c: e for c, (e, _) in held.items()}
+        elif since is not None:
+            if not since.isdigit():
+                raise errors.InvalidParams("msgd-since must be an offset")
+            since = int(since)
         self._authorize("subscribe", channel)
         sub = self.subscriptions[sid] = _Subscription(self, sid, dest, channel, ack)
-        d = self.node.pubsub.subscribe(channel, sub, int(since) if since is not None and not is_pattern(channel)
-                                       else None, frame.get("msgd-epoch"))
-        d.addCallback(lambda _: self.receipt(frame))
+        d = self.node.pubsub.subscribe(channel, sub, since, epoch)
+        d.addCallback(lambda info: self.receipt(frame, _subscribed(info)))
 
     def on_unsubscribe(self, frame: Frame) -> None:
         sid = frame.get("id") or (frame.get("destination") if self.version == "1.0" else None)
@@ -470,10 +480,10 @@ class StompSession:
 
     # -- output ------------------------------------------------------------------------------
 
-    def receipt(self, frame: Frame) -> None:
+    def receipt(self, frame: Frame, headers: list = ()) -> None:
         r = frame.get("receipt")
         if r is not None and self.state in ("connected", "disconnecting"):
-            self.send(Frame("RECEIPT", [("receipt-id", r)]))
+            self.send(Frame("RECEIPT", [("receipt-id", r), *headers]))
 
     def send(self, frame: Frame) -> None:
         self._write(encode(frame, self.version))
@@ -560,6 +570,15 @@ def _websocket_options(node, interface_name: str) -> SessionOptions:
         return SessionOptions()
     return SessionOptions(limits=Limits(max_frame=o.ws_max_message, max_body=min(o.ws_max_message, Limits.max_body)),
                           max_pending=o.ws_max_pending, request_timeout=iface.timeout())
+
+
+def _subscribed(info: dict) -> list:
+    """The RECEIPT headers of a SUBSCRIBE: how its resume went, and where it starts."""
+    headers = [("msgd-recovered", "true" if info["recovered"] else "false")]
+    if info.get("pattern"):
+        return headers + [("msgd-positions", format_positions({c: (e, info["offset"][c])
+                                                               for c, e in info["epoch"].items()}))]
+    return headers + [("msgd-epoch", info["epoch"]), ("msgd-offset", str(info["offset"]))]
 
 
 def _required(frame: Frame, name: str) -> str:
