@@ -49,6 +49,20 @@ def wait_for(driver, script: str, timeout: float = 15.0, step: float = 0.05):
         time.sleep(step)
 
 
+def with_msgd(script: str) -> str:
+    """An ``execute_async_script`` source: ``script`` defines ``go()``,
+    which runs once the page has ``/msgd.js`` (loaded when it has not)."""
+    return script + """
+if (window.msgd) go();
+else {
+  const s = document.createElement("script");
+  s.src = "/msgd.js";
+  s.onload = go;
+  document.head.appendChild(s);
+}
+"""
+
+
 def open_demo(testcase, url: str):
     """Chromium on the chat demo at ``url``, once its client is connected and
     subscribed to the lobby."""

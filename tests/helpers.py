@@ -181,3 +181,18 @@ class SocketTransport(FileDescriptor):
         if not self.disconnected:
             self.connectionLost(Failure(ConnectionDone()))
             self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked frames in ``data``; they must be whole."""
+    out = []
+    while data:
+        n, at = data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        assert len(data) >= at + n, "a partial frame"
+        out.append((data[0] & 0x0F, data[at:at + n]))
+        data = data[at + n:]
+    return out

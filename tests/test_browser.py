@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, open_demo, send_chat, wait_for
+from tests.browser import chromium, open_demo, send_chat, wait_for, with_msgd
 from tests.helpers import ROOT
 from tests.process import NodeProcess, call
 from tests.proxy import CuttableProxy
@@ -80,7 +80,7 @@ poll_wait = 2s
 history_size = 2
 """
 
-SUBSCRIBE = """
+SUBSCRIBE = with_msgd("""
 const [transport, pattern, done] = arguments;
 const go = () => {
   const client = msgd.connect(undefined, { transport, minDelay: 50, maxDelay: 200 });
@@ -89,14 +89,7 @@ const go = () => {
   client.subscribe(pattern, (data, ev) => seen.got.push(ev.channel + ":" + ev.offset))
     .then(() => done(true), (e) => done(e.message));
 };
-if (window.msgd) go();
-else {
-  const s = document.createElement("script");
-  s.src = "/msgd.js";
-  s.onload = go;
-  document.head.appendChild(s);
-}
-"""
+""")
 
 
 class PatternResumeTests(unittest.TestCase):

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, open_demo, send_chat, wait_for
+from tests.browser import chromium, open_demo, send_chat, wait_for, with_msgd
 from tests.helpers import ROOT
 from tests.process import NodeProcess
 
@@ -62,7 +62,7 @@ class FallbackTests(unittest.TestCase):
         self.chat(alice, bob)
 
 
-CONNECT = """
+CONNECT = with_msgd("""
 const [transport, token, cookie, asFunction, done] = arguments;
 if (cookie) document.cookie = "msgd_token=" + cookie + "; path=/";
 const go = () => {
@@ -73,14 +73,7 @@ const go = () => {
     (who) => done({ state: client.state, transport: client.transport, who: who.name }),
     (e) => done({ error: e.message, state: client.state }));
 };
-if (window.msgd) go();
-else {
-  const s = document.createElement("script");
-  s.src = "/msgd.js";
-  s.onload = go;
-  document.head.appendChild(s);
-}
-"""
+""")
 
 
 class LoginTests(unittest.TestCase):

@@ -9,15 +9,11 @@ from twisted.trial import unittest
 from msgd.core import errors
 from msgd.core.pubsub import Broker, Session
 from msgd.core.request import Request
+from tests import test_cluster
 from tests.test_cluster import FakeBackend, shared
 
 
-class Sub:
-    principal = None
-
-    def __init__(self):
-        self.got = []
-
+class Sub(test_cluster.Sub):
     def deliver(self, ev):
         self.got.append((ev.channel, ev.offset))
 

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.helpers import SocketTransport, eventually, http_port, make_node
+from tests.helpers import SocketTransport, eventually, http_port, make_node, server_frames
 from tests.wsclient import WS
 
 INI = """
@@ -157,21 +157,6 @@ class SlowConsumerCloseTests(unittest.TestCase):
         self.assertEqual(offsets, list(range(1, len(offsets) + 1)))
         self.assertLess(len(offsets), EVENTS)
         self.flushLoggedErrors()
-
-
-def server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of the unmasked frames in ``data``; they must be whole."""
-    out = []
-    while data:
-        n, at = data[1] & 0x7F, 2
-        if n == 126:
-            n, at = int.from_bytes(data[2:4], "big"), 4
-        elif n == 127:
-            n, at = int.from_bytes(data[2:10], "big"), 10
-        assert len(data) >= at + n, "a partial frame"
-        out.append((data[0] & 0x0F, data[at:at + n]))
-        data = data[at + n:]
-    return out
 
 
 class DropTests(unittest.TestCase):
