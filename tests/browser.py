@@ -39,20 +39,8 @@ def chromium(testcase):
     return driver
 
 
-def wait_for(driver, script: str, timeout: float = 15.0, step: float = 0.05):
-    """Poll a JS expression until it is truthy (bounded); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = driver.execute_script("return " + script)
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
-
-
-def with_msgd(script: str) -> str:
-    """An ``execute_async_script`` source: ``script`` defines ``go()``,
-    which runs once the page has ``/msgd.js`` (loaded when it has not)."""
-    return script + """
+# the end of an async script that defines go(): run it once msgd.js is loaded
+WITH_MSGD_JS = """
 if (window.msgd) go();
 else {
   const s = document.createElement("script");
@@ -61,6 +49,16 @@ else {
   document.head.appendChild(s);
 }
 """
+
+
+def wait_for(driver, script: str, timeout: float = 15.0, step: float = 0.05):
+    """Poll a JS expression until it is truthy (bounded); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script("return " + script)
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
 
 
 def open_demo(testcase, url: str):

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, open_demo, send_chat, wait_for, with_msgd
+from tests.browser import WITH_MSGD_JS, chromium, open_demo, send_chat, wait_for
 from tests.helpers import ROOT
 from tests.process import NodeProcess, call
 from tests.proxy import CuttableProxy
@@ -80,7 +80,7 @@ poll_wait = 2s
 history_size = 2
 """
 
-SUBSCRIBE = with_msgd("""
+SUBSCRIBE = """
 const [transport, pattern, done] = arguments;
 const go = () => {
   const client = msgd.connect(undefined, { transport, minDelay: 50, maxDelay: 200 });
@@ -89,7 +89,7 @@ const go = () => {
   client.subscribe(pattern, (data, ev) => seen.got.push(ev.channel + ":" + ev.offset))
     .then(() => done(true), (e) => done(e.message));
 };
-""")
+""" + WITH_MSGD_JS
 
 
 class PatternResumeTests(unittest.TestCase):

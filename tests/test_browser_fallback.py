@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from tests.browser import chromium, open_demo, send_chat, wait_for, with_msgd
+from tests.browser import WITH_MSGD_JS, chromium, open_demo, send_chat, wait_for
 from tests.helpers import ROOT
 from tests.process import NodeProcess
 
@@ -62,7 +62,7 @@ class FallbackTests(unittest.TestCase):
         self.chat(alice, bob)
 
 
-CONNECT = with_msgd("""
+CONNECT = """
 const [transport, token, cookie, asFunction, done] = arguments;
 if (cookie) document.cookie = "msgd_token=" + cookie + "; path=/";
 const go = () => {
@@ -73,7 +73,7 @@ const go = () => {
     (who) => done({ state: client.state, transport: client.transport, who: who.name }),
     (e) => done({ error: e.message, state: client.state }));
 };
-""")
+""" + WITH_MSGD_JS
 
 
 class LoginTests(unittest.TestCase):

@@ -18,23 +18,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
-def discard_unsent(transport) -> None:
-    """Drop what ``transport`` holds that it has not begun to send: the part
-    of a slow consumer's stream that can still go, so that a last message (a
-    close frame, an ERROR frame, an ``rpc.closing`` line) is next in line
-    instead of last.
-
-    Only whole ``write`` calls are dropped — the bytes of Twisted's
-    ``FileDescriptor`` queue that were never merged into the buffer the
-    socket is being fed from — so a protocol whose every write is whole
-    frames or lines stays well-formed on the wire.  Other transports (TLS,
-    where the bytes are already encrypted; test fakes) keep everything.
-    """
-    if isinstance(getattr(transport, "_tempDataBuffer", None), list):
-        transport._tempDataBuffer = []
-        transport._tempDataLen = 0
-
-
 class StartupError(Exception):
     """A listener could not start; the message is one line for the operator."""
 
@@ -188,3 +171,20 @@ class Listener(Interface):
         call = reactor.callLater(self.close_grace, abort)
         d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
         return d
+
+
+def discard_unsent(transport) -> None:
+    """Drop what ``transport`` holds that it has not begun to send: the part
+    of a slow consumer's stream that can still go, so that a last message (a
+    close frame, an ERROR frame, an ``rpc.closing`` line) is next in line
+    instead of last.
+
+    Only whole ``write`` calls are dropped — the bytes of Twisted's
+    ``FileDescriptor`` queue that were never merged into the buffer the
+    socket is being fed from — so a protocol whose every write is whole
+    frames or lines stays well-formed on the wire.  Other transports (TLS,
+    where the bytes are already encrypted; test fakes) keep everything.
+    """
+    if isinstance(getattr(transport, "_tempDataBuffer", None), list):
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0

@@ -25,14 +25,13 @@ Wire protocol
     Ends the session and its subscriptions.
 
 An unknown or expired session is ``404 {"error": {"code": -32003, …}}``: open
-a new one and subscribe again with ``since``/``epoch`` to resume.  A session
-the node ended (a slow consumer) answers its next request — or the GET
-waiting — with ``410`` and the reason (``"session ended: slow consumer: …"``)
-for ``poll_idle`` seconds, then 404.
+a new one and subscribe again with ``since``/``epoch`` to resume.
 
 Bounds: a session nobody polls for ``poll_idle`` seconds expires; its queue
 holds at most ``poll_max_queue`` bytes, past which the session is ended (a
-slow consumer, counted in ``msgd_poll_dropped_total``); at most
+slow consumer, counted in ``msgd_poll_dropped_total``: its next request —
+or the GET waiting — is answered ``410`` with the reason, ``"session ended:
+slow consumer: …"``, for ``poll_idle`` seconds, then 404); at most
 ``poll_max_sessions`` sessions exist at once (503 past that).
 """
 

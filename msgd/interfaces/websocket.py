@@ -170,8 +170,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
         if getattr(self, "stomp_version", None):
             self.stomp = self.factory.stomp_class(
                 iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
-                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version,
-                discard=lambda: discard_unsent(self.transport))
+                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
+            self.stomp.discard = lambda: discard_unsent(self.transport)
             # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
             self.stomp.options = dataclasses.replace(self.stomp.options,
                                                      authenticate=lambda login, passcode: self.principal)

@@ -79,8 +79,9 @@ class StompProtocol(Protocol):
         peer = self.transport.getPeer()
         self.session = StompSession(iface.node, iface.name, self.transport.write, self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-                                    options=iface.session_options, discard=lambda: discard_unsent(self.transport))
+                                    options=iface.session_options)
         self.transport.registerProducer(self, True)
+        self.session.discard = lambda: discard_unsent(self.transport)
 
     def dataReceived(self, data):
         self.session.data_received(data)

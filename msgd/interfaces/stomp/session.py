@@ -3,9 +3,9 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable (and ``discard()``, which drops what the transport
-has not begun to send) and feed it what arrives, so every rule below is
-written once.
+``close(reason)`` callable (and set its ``discard()``, which drops what the
+transport has not begun to send) and feed it what arrives, so every rule
+below is written once.
 
 Wire protocol
 -------------
@@ -129,14 +129,14 @@ class _Subscription:
 class StompSession:
     log = Logger()
 
+    discard: Callable[[], Any] | None = None     # drops what the transport has not begun to send
+
     def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
-                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
-                 discard: Callable[[], Any] | None = None):
+                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
         self.node = node
         self.interface = interface_name
         self._write_out = write
         self._close_out = close
-        self._discard = discard
         self.peer = peer
         self.hint = f"{version_hint[0]}.{version_hint[1]}" if version_hint else None
         self.options = options or _websocket_options(node, interface_name)
@@ -496,8 +496,8 @@ class StompSession:
             self.backlog_bytes += len(data)
             if self.backlog_bytes > self.options.max_pending:
                 self.backlog, self.backlog_bytes = [], 0
-                if self._discard is not None:
-                    self._discard()         # what the transport has not begun to send: the ERROR goes next
+                if self.discard is not None:
+                    self.discard()          # what the transport has not begun to send: the ERROR goes next
                 self.drop(f"slow consumer: more than {self.options.max_pending} bytes unsent", "slow_consumer")
             return
         self.last_write = self.clock.seconds()
