@@ -286,7 +286,8 @@ class PollTests(Base):
         self.publish("a.x", "x2")
         self.publish("a.y", "y1")
         sid = yield self.open()
-        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": dict(held, channel="a.*")})
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe",
+                              "params": dict(held, channel="a.*")})
         _, msgs = yield self.get(sid)
         self.assertEqual([m["params"]["data"] for m in msgs[:2]], ["x2", "y1"])
         self.assertTrue(msgs[2]["result"]["recovered"])

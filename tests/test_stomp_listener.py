@@ -476,7 +476,8 @@ class SessionTests(unittest.TestCase):
 
     def test_channel_resume_says_whether_it_recovered(self):
         self.node.pubsub.publish("c", 1)
-        s = StompSession(self.node, "test", self.out.append, self.closed.append, options=SessionOptions(connect_timeout=0))
+        s = StompSession(self.node, "test", self.out.append, self.closed.append,
+                         options=SessionOptions(connect_timeout=0))
         self.addCleanup(s.connection_lost)
         s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
         s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1"), ("receipt", "r"),

@@ -36,8 +36,8 @@ reading its requests, and events queue per connection up to
 ``slow consumer``, counted in ``msgd_ws_dropped_total``: the events not yet
 handed to the socket are dropped so that the close frame comes next, and the
 client has ``close_timeout`` to read it before the connection is aborted.
-Others are not affected.  Keep-alive pings every ``ws_ping_interval``; no pong within
-``ws_ping_timeout`` closes the connection.
+Others are not affected.  Keep-alive pings every ``ws_ping_interval``; no
+pong within ``ws_ping_timeout`` closes the connection.
 """
 
 from __future__ import annotations
