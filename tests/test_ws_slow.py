@@ -213,3 +213,22 @@ class DropTests(unittest.TestCase):
         proto.dataReceived(bytes([0x88, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
         self.assertTrue(t.disconnected)
         self.assertEqual(self.iface.connections, set())
+
+    def test_discard_looks_through_wrappers_that_pass_bytes_unchanged(self):
+        from twisted.internet.protocol import Protocol
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+        from msgd.interfaces.base import discard_unsent
+
+        class Encrypting(ProtocolWrapper):      # as TLS: what it wrote is no longer the protocol's bytes
+            def write(self, data):
+                self.transport.write(bytes(b ^ 0x55 for b in data))
+
+        for wrapper, kept in ((ProtocolWrapper, 0), (Encrypting, 2)):
+            t = SocketTransport(room=0)
+            w = wrapper(WrappingFactory(None), Protocol())
+            w.makeConnection(t)
+            w.write(b"one")
+            w.write(b"two")
+            discard_unsent(w)
+            self.assertEqual(len(t._tempDataBuffer), kept, wrapper)
+

@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 
@@ -182,9 +183,13 @@ def discard_unsent(transport) -> None:
     Only whole ``write`` calls are dropped — the bytes of Twisted's
     ``FileDescriptor`` queue that were never merged into the buffer the
     socket is being fed from — so a protocol whose every write is whole
-    frames or lines stays well-formed on the wire.  Other transports (TLS,
-    where the bytes are already encrypted; test fakes) keep everything.
+    frames or lines stays well-formed on the wire.  A wrapper that passes
+    bytes through unchanged (the PROXY protocol's) is looked through; other
+    transports (TLS, where the bytes are already encrypted; test fakes)
+    keep everything.
     """
-    if isinstance(getattr(transport, "_tempDataBuffer", None), list):
+    while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
+        transport = transport.transport
+    if isinstance(getattr(transport, "__dict__", {}).get("_tempDataBuffer"), list):
         transport._tempDataBuffer = []
         transport._tempDataLen = 0
