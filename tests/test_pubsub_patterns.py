@@ -95,6 +95,23 @@ class PatternResumeTests(unittest.TestCase):
         self.assertTrue(self.subscribe("a.*", Sub(), {"a.x": 0})["recovered"])
         self.assertNotIn("a.x", self.broker.channels)        # positions do not create channels
 
+    def test_matched_channels_kept_while_the_pattern_is_subscribed(self):
+        self.broker.gc_interval = 1
+        self.broker.history_age = 5
+        first = Sub()
+        self.subscribe("a.*", first)
+        self.publish("a.new")                    # created after the pattern: matched without a new look
+        self.publish("b.other")
+        self.assertEqual(list(self.broker._matched["a.*"]), ["a.new"])
+        self.assertEqual(self.subscribe("a.*")["offset"], {"a.new": 1})
+        self.clock.advance(10)                   # its history ages out: collected, and no longer matched
+        self.assertEqual(self.broker.collect(), 2)
+        self.assertEqual(self.subscribe("a.*")["offset"], {})
+        self.assertEqual(list(self.broker._matched["a.*"]), [])
+        for sub in list(self.broker.patterns["a.*"]):
+            self.broker.unsubscribe("a.*", sub)
+        self.assertNotIn("a.*", self.broker._matched)
+
     def test_positions_are_checked(self):
         for since, epoch in ((3, None), ({"a.x": "3"}, None), ({"a.x": -1}, None), ({"a.x": True}, None),
                              ({"a.x": 1}, "E"), ({"a.x": 1}, {"a.x": 1})):

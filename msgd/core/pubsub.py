@@ -141,6 +141,7 @@ class Broker:
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, set] = {}
         self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
+        self._matched: dict[str, dict] = {}         # subscribed pattern -> channels here it matches (ordered)
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
         self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
@@ -178,6 +179,8 @@ class Broker:
             if not ch.subscribers and not ch.history and now - ch.last_used > self.gc_interval:
                 dead.append(name)
         for name in dead:
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p].pop(name, None)
             del self.channels[name]
             self._matches.pop(name, None)
         return len(dead)
@@ -195,6 +198,8 @@ class Broker:
         if ch is None:
             size, age = self._limits(name)
             ch = self.channels[name] = Channel(name, size, age, self.clock.seconds())
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p][name] = None
         return ch
 
     def _patterns_for(self, name: str) -> list[str]:
@@ -236,10 +241,14 @@ class Broker:
         return {"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered}
 
     def _matching(self, pattern: str, since: dict | None = None) -> list[str]:
-        """The channels known here, or named in ``since``, that ``pattern`` matches."""
-        names = dict.fromkeys(self.channels)
-        names.update(dict.fromkeys(since or ()))
-        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        """The channels known here, or named in ``since``, that ``pattern``
+        matches (kept up to date while the pattern has subscribers, so that
+        its next subscriber does not look through every channel again)."""
+        known = self._matched.get(pattern)
+        match = re.compile(fnmatch.translate(pattern)).match
+        names = dict(known) if known is not None else dict.fromkeys(filter(match, self.channels))
+        names.update(dict.fromkeys(filter(match, since or ())))
+        return list(names)
 
     def _subscribe_pattern(self, name: str, subscriber, since, epoch) -> defer.Deferred:
         check_channel(name, pattern_ok=True)
@@ -254,6 +263,11 @@ class Broker:
         return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
 
     def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+        if name not in self.patterns:
+            self._matched[name] = dict.fromkeys(self._matching(name))
+            self.patterns[name] = set()
+            self._matches.clear()
+        self.patterns[name].add(subscriber)
         recovered = True
         if since is not None:
             now = self.clock.seconds()
@@ -268,14 +282,10 @@ class Broker:
                     missed.append([ev for ev in ch.history if ev.offset > held])
                 else:
                     recovered = False
-            # each channel in offset order, the channels interleaved by time
+            # each channel in offset order, the channels interleaved by time (all in this turn)
             for ev in heapq.merge(*missed, key=lambda ev: ev.time):
                 subscriber.deliver(ev)
-        if name not in self.patterns:
-            self.patterns[name] = set()
-            self._matches.clear()
-        self.patterns[name].add(subscriber)
-        held = [self.channels[n] for n in self._matching(name) if self.channels[n].offset]
+        held = [self.channels[n] for n in self._matched.get(name, ()) if self.channels[n].offset]
         return {"channel": name, "pattern": True, "epoch": {ch.name: ch.epoch for ch in held},
                 "offset": {ch.name: ch.offset for ch in held}, "recovered": recovered}
 
@@ -287,6 +297,7 @@ class Broker:
             subs.discard(subscriber)
             if not subs:
                 del self.patterns[name]
+                del self._matched[name]
                 self._matches.clear()
             return True
         ch = self.channels.get(name)
