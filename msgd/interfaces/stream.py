@@ -10,8 +10,9 @@ ignored; empty lines are skipped).  A line is a call, a notification or a
 batch, answered on one line exactly as on ``/ws``; answers may come back in
 another order than the calls (match them by ``id``).  Pub/sub uses the same
 reserved methods as ``/ws``: ``rpc.subscribe {"channel", "since"?, "epoch"?}``
-(for a pattern, objects by channel), ``rpc.unsubscribe``, ``rpc.publish``, ``rpc.presence``; events arrive as
-``rpc.event`` notification lines.  Example with a shell::
+(for a pattern, objects by channel), ``rpc.unsubscribe``, ``rpc.publish``,
+``rpc.presence``; events arrive as ``rpc.event`` notification lines.  Example
+with a shell::
 
     $ printf '%s\\n' '{"jsonrpc":"2.0","id":1,"method":"chat.rooms"}' | nc -U -q1 var/msgd.sock
     {"jsonrpc":"2.0","result":["lobby","random","help"],"id":1}
