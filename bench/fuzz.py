@@ -261,6 +261,7 @@ class Harness:
 
     def feed_ws(self, data: bytes) -> str:
         from msgd.core.pubsub import Session
+        from tests.helpers import server_frames
         proto = self.ws_factory.buildProtocol(None)
         sent = []
         proto.sendMessage = lambda payload, isBinary=False: sent.append(payload)
@@ -272,7 +273,7 @@ class Harness:
         proto.onMessage(data, False)
         self._settle()
         proto.session.close()
-        sent += _unframe(proto.transport.value())
+        sent += [payload for _, payload in server_frames(proto.transport.value())]
         return _json_outcome(sent, data)
 
     def _render(self, resource, data: bytes, path: list, headers: dict) -> bytes:
@@ -325,20 +326,6 @@ class Harness:
         if session.decoder.pending():
             return "waiting"
         raise AssertionError(f"STOMP input unanswered: {data[:200]!r}")
-
-
-def _unframe(data: bytes) -> list:
-    """Payloads of the unmasked frames a server wrote."""
-    out = []
-    while data:
-        n, i = data[1] & 0x7F, 2
-        if n == 126:
-            n, i = int.from_bytes(data[2:4], "big"), 4
-        elif n == 127:
-            n, i = int.from_bytes(data[2:10], "big"), 10
-        out.append(data[i:i + n])
-        data = data[i + n:]
-    return out
 
 
 def _notifications_only(data: bytes) -> bool:

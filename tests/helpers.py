@@ -9,6 +9,11 @@ import textwrap
 import socket
 
 from twisted.internet import defer, reactor
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, readBody
@@ -161,3 +166,62 @@ def breaker_opens(testcase, attempt, attempts: int = 5):
         except AdapterTimeout:
             continue
     testcase.fail("the circuit breaker did not open")
+
+
+class SocketTransport(FileDescriptor):
+    """Twisted's own write buffering (``FileDescriptor``) over a pretend
+    socket that takes ``room`` bytes and then nothing, as a client that
+    stopped reading; the test plays the reactor (``flush``)."""
+
+    def __init__(self, room: int):
+        super().__init__(MemoryReactor())
+        self.connected = 1
+        self.room = room
+        self.sent = b""
+
+    def writeSomeData(self, data):
+        n = min(len(data), self.room)
+        self.sent += bytes(data[:n])
+        self.room -= n
+        return n
+
+    def flush(self):
+        """The reactor's part when the socket is writable."""
+        if (self.dataBuffer or self._tempDataBuffer or self.disconnecting) and not self.disconnected:
+            if self.doWrite() is not None:      # everything sent after loseConnection: closed
+                self.abortConnection()
+
+    def reading(self) -> bool:
+        return self in self.reactor.readers
+
+    def startReading(self):
+        self.reactor.addReader(self)
+
+    def stopReading(self):
+        self.reactor.removeReader(self)
+
+    def getPeer(self):
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", 8080)
+
+    def abortConnection(self):
+        if not self.disconnected:
+            self.connectionLost(Failure(ConnectionDone()))
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked frames in ``data``; they must be whole."""
+    out = []
+    while data:
+        n, at = data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        assert len(data) >= at + n, "a partial frame"
+        out.append((data[0] & 0x0F, data[at:at + n]))
+        data = data[at + n:]
+    return out

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.helpers import http, http_port, make_node
+from tests.helpers import SocketTransport, http, http_port, make_node
 
 INI = """
 [node]
@@ -95,8 +95,8 @@ class SSETests(Base):
         got = yield deferToThread(c.read, 3)
         self.assertEqual([(m["method"], m["params"]["channel"], m["params"]["data"]) for _, m in got],
                          [("rpc.event", "room", "a"), ("rpc.event", "room", "b"), ("rpc.event", "news.today", "n1")])
-        last_id = got[1][0]          # seen: room up to offset 2 (not news yet)
-        self.assertEqual(last_id, f"{epoch}:2:room")
+        last_id = got[1][0]          # seen: room up to offset 2 (not news yet), and the pattern
+        self.assertEqual(last_id, f"{epoch}:2:room -:0:news.*")
         yield deferToThread(c.close)
         # the cut: more events while away; a new stream with Last-Event-ID gets exactly the missed ones
         self.publish("room", "c", "d")
@@ -107,6 +107,49 @@ class SSETests(Base):
         self.assertEqual(got[2][1]["method"], "rpc.subscribed")
         self.assertTrue(got[2][1]["params"]["recovered"])
         self.assertEqual(got[1][0], f"{epoch}:4:room")
+
+    @defer.inlineCallbacks
+    def test_pattern_resumes_every_matched_channel(self):
+        self.publish("a.x", "x1")
+        c = yield self.sse("channel=a.*")
+        [(first_id, answer)] = yield deferToThread(c.read, 1)
+        self.assertEqual(answer["params"]["offset"], {"a.x": 1})
+        self.publish("a.x", "x2")
+        [(last_id, _)] = yield deferToThread(c.read, 1)
+        epoch = answer["params"]["epoch"]["a.x"]
+        self.assertEqual(last_id, f"-:0:a.* {epoch}:2:a.x")
+        yield deferToThread(c.close)
+        # while away: a.x goes on, and a channel the stream never saw begins
+        self.publish("a.x", "x3")
+        self.publish("a.y", "y1")
+        c2 = yield self.sse("channel=a.*", last_event_id=last_id)
+        got = yield deferToThread(c2.read, 3)
+        self.assertEqual([(m["params"]["channel"], m["params"]["data"]) for _, m in got[:2]],
+                         [("a.x", "x3"), ("a.y", "y1")])
+        self.assertEqual(got[2][1]["method"], "rpc.subscribed")
+        self.assertTrue(got[2][1]["params"]["recovered"])
+        yield deferToThread(c2.close)
+        # history (10) no longer covers what a stream that stopped at a.x 2 missed: it is told
+        self.publish("a.x", *range(10))
+        c3 = yield self.sse("channel=a.*", last_event_id=last_id)
+        got = yield deferToThread(c3.read, 2)
+        self.assertEqual(got[0][1]["params"]["channel"], "a.y")       # what can be replayed still is
+        self.assertEqual(got[1][1]["method"], "rpc.subscribed")
+        self.assertFalse(got[1][1]["params"]["recovered"])
+
+    @defer.inlineCallbacks
+    def test_channel_and_pattern_resumed_together_send_each_event_once(self):
+        c = yield self.sse("channel=a.x&channel=a.*")
+        yield deferToThread(c.read, 2)
+        self.publish("a.x", "x1")
+        [(last_id, _)] = yield deferToThread(c.read, 1)
+        yield deferToThread(c.close)
+        self.publish("a.x", "x2", "x3")
+        c2 = yield self.sse("channel=a.x&channel=a.*", last_event_id=last_id)
+        got = yield deferToThread(c2.read, 4)
+        self.assertEqual([(m["method"], m["params"].get("data"), m["params"].get("recovered")) for _, m in got],
+                         [("rpc.event", "x2", None), ("rpc.event", "x3", None),
+                          ("rpc.subscribed", None, True), ("rpc.subscribed", None, True)])
 
     @defer.inlineCallbacks
     def test_resume_with_a_lost_epoch_is_told(self):
@@ -124,6 +167,47 @@ class SSETests(Base):
             self.assertEqual(json.loads(body)["error"]["code"], -32602)
         code, _, _ = yield http("GET", f"{self.base}/sse?session=nope")
         self.assertEqual(code, 404)
+
+
+    def test_slow_consumer_told_before_what_was_not_sent(self):
+        """Over a transport that buffers like Twisted's TCP one: the events
+        the socket has begun go whole, the rest is dropped, an rpc.closing
+        message comes next, then the end of the stream, and the connection
+        closes once that is read (aborted after close_timeout otherwise)."""
+        iface = self.node.interfaces["web"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.dataReceived(b"GET /sse?channel=room HTTP/1.1\r\nHost: x\r\n\r\n")
+        for i in range(3):
+            self.publish("room", "x" * 1000)
+        t.room = len(t.sent) + 1500     # the socket takes the head, one event and a half, then no more
+        t.flush()
+        for i in range(100):
+            self.publish("room", "x" * 1000)
+        self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
+                                                 {"interface": "web", "reason": "slow_consumer"}), 1)
+        self.assertEqual(self.node.pubsub.presence("room")["count"], 0)
+        self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
+        t.room = 10 ** 9                # it reads again
+        t.flush()
+        head, _, body = t.sent.partition(b"\r\n\r\n")
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        stream = b""
+        while True:                     # the chunked body: whole chunks, then the last one
+            size, _, body = body.partition(b"\r\n")
+            if int(size, 16) == 0:
+                self.assertEqual(body, b"\r\n")
+                break
+            stream, body = stream + body[:int(size, 16)], body[int(size, 16) + 2:]
+        messages = [json.loads(line[len(b"data: "):]) for line in stream.split(b"\n")
+                    if line.startswith(b"data: ")]
+        self.assertEqual([m["method"] for m in messages], ["rpc.subscribed"] + ["rpc.event"] * 3 + ["rpc.closing"])
+        self.assertEqual([m["params"]["offset"] for m in messages[1:4]], [1, 2, 3])
+        self.assertTrue(messages[-1]["params"]["reason"].startswith("slow consumer"))
+        self.assertTrue(t.disconnected)
+        self.assertNotIn(t, iface._aborts)
 
 
 class PollTests(Base):
@@ -192,6 +276,23 @@ class PollTests(Base):
         self.assertEqual((code, msgs), (200, []))
 
     @defer.inlineCallbacks
+    def test_pattern_resume(self):
+        self.publish("a.x", "x1")
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "a.*"}})
+        _, [answer] = yield self.get(sid)
+        held = {"since": answer["result"]["offset"], "epoch": answer["result"]["epoch"]}
+        yield http("DELETE", f"{self.base}/poll?session={sid}")
+        self.publish("a.x", "x2")
+        self.publish("a.y", "y1")
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe",
+                              "params": dict(held, channel="a.*")})
+        _, msgs = yield self.get(sid)
+        self.assertEqual([m["params"]["data"] for m in msgs[:2]], ["x2", "y1"])
+        self.assertTrue(msgs[2]["result"]["recovered"])
+
+    @defer.inlineCallbacks
     def test_session_stream_over_sse(self):
         sid = yield self.open()
         yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
@@ -228,8 +329,11 @@ class PollTests(Base):
         sid = yield self.open()
         yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe", "params": {"channel": "room"}})
         self.publish("room", *["x" * 500] * 10)
-        code, _ = yield self.get(sid)
-        self.assertEqual(code, 404)
+        code, body = yield self.get(sid)        # told why, on the next request
+        self.assertEqual(code, 410)
+        self.assertTrue(body["error"]["message"].startswith("session ended: slow consumer"))
+        code, _, _ = yield http("GET", f"{self.base}/sse?session={sid}")
+        self.assertEqual(code, 410)
         self.assertEqual(self.node.metrics.value("msgd_poll_dropped_total",
                                                  {"interface": "web", "reason": "slow_consumer"}), 1)
 

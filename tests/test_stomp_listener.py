@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from msgd.interfaces.stomp.codec import Decoder, Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from tests.helpers import http_port, make_node
+from tests.helpers import SocketTransport, http_port, make_node
 from tests.wsclient import WS
 
 APPS = {"calc.py": """
@@ -399,6 +399,36 @@ class SessionTests(unittest.TestCase):
         self.assertEqual([f.command for f in frames_of(b"".join(self.out[written:]))], ["ERROR"])
         self.assertEqual(self.node.pubsub.presence("c")["count"], 0)
 
+    def test_slow_consumer_told_before_what_was_not_sent(self):
+        """On the listener, over a transport that buffers like Twisted's TCP
+        one: the frames the socket has begun go whole, the rest is dropped,
+        the ERROR comes next, and the connection closes once it is read."""
+        node = make_node(self, INI.format(heartbeat="0", extra="max_pending = 4KiB"))
+        iface = node.interfaces["stomp"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.dataReceived(encode(Frame("CONNECT", [("accept-version", "1.2")]))
+                       + encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1")])))
+        for i in range(3):
+            node.pubsub.publish("c", "x" * 1000)
+        t.room = len(t.sent) + 1500     # the socket takes CONNECTED, one message and a half, then no more
+        t.flush()
+        for i in range(200):
+            node.pubsub.publish("c", "x" * 1000)
+        self.assertTrue(t.disconnecting)
+        self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
+        t.room = 10 ** 9                # it reads again
+        t.flush()
+        got = frames_of(t.sent)
+        self.assertEqual([(f.command, f.get("msgd-offset")) for f in got],
+                         [("CONNECTED", None), ("MESSAGE", "1"), ("MESSAGE", "2"), ("MESSAGE", "3"),
+                          ("ERROR", None)])
+        self.assertTrue(got[-1].get("message").startswith("slow consumer"))
+        self.assertTrue(t.disconnected)
+        self.assertNotIn(t, iface._aborts)
+
     def test_paused_output_is_queued_then_flushed(self):
         s = self.session(max_pending=100000)
         s.pause_writing()
@@ -409,6 +439,52 @@ class SessionTests(unittest.TestCase):
         s.resume_writing()
         got = frames_of(b"".join(self.out[written:]))
         self.assertEqual([json.loads(f.body) for f in got], [0, 1, 2, 3, 4])
+
+    def test_pattern_resume_replays_every_matched_channel_or_says_not_recovered(self):
+        node = make_node(self, "[pubsub]\nhistory_size = 3\n")
+        out = []
+
+        def subscribe(**headers):
+            del out[:]
+            s = StompSession(node, "test", out.append, lambda reason: None, options=SessionOptions(connect_timeout=0))
+            self.addCleanup(s.connection_lost)
+            s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
+            s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/a.*"), ("id", "1"),
+                                                       ("receipt", "r")] + list(headers.items()))))
+            got = frames_of(b"".join(out))[1:]
+            return [(f.get("msgd-channel"), f.get("msgd-offset")) for f in got[:-1]], got[-1]
+
+        node.pubsub.publish("a.x", 1)
+        _, receipt = subscribe()
+        epoch = node.pubsub.channels["a.x"].epoch
+        self.assertEqual((receipt.command, receipt.get("msgd-recovered"), receipt.get("msgd-positions")),
+                         ("RECEIPT", "true", f"{epoch}:1:a.x"))
+        held = receipt.get("msgd-positions")
+        node.pubsub.publish("a.x", 2)           # while away; and a channel begins
+        node.pubsub.publish("a.y", 1)
+        replayed, receipt = subscribe(**{"msgd-since": held})
+        self.assertEqual(replayed, [("a.x", "2"), ("a.y", "1")])
+        self.assertEqual(receipt.get("msgd-recovered"), "true")
+        for i in range(3):                      # history 3: a.x 2 is gone
+            node.pubsub.publish("a.x", i)
+        replayed, receipt = subscribe(**{"msgd-since": held})
+        self.assertEqual(replayed, [("a.y", "1")])
+        self.assertEqual(receipt.get("msgd-recovered"), "false")
+        self.assertEqual(receipt.get("msgd-positions"), f"{epoch}:5:a.x {node.pubsub.channels['a.y'].epoch}:1:a.y")
+        _, receipt = subscribe(**{"msgd-since": "5"})
+        self.assertEqual(receipt.command, "ERROR")          # a pattern's msgd-since is a list of positions
+
+    def test_channel_resume_says_whether_it_recovered(self):
+        self.node.pubsub.publish("c", 1)
+        s = StompSession(self.node, "test", self.out.append, self.closed.append,
+                         options=SessionOptions(connect_timeout=0))
+        self.addCleanup(s.connection_lost)
+        s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
+        s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1"), ("receipt", "r"),
+                                                   ("msgd-since", "0"), ("msgd-epoch", "lost")])))
+        receipt = frames_of(b"".join(self.out))[-1]
+        self.assertEqual((receipt.command, receipt.get("msgd-recovered"), receipt.get("msgd-offset")),
+                         ("RECEIPT", "false", "1"))
 
     def test_pattern_subscription_names_the_channel(self):
         s = self.session()

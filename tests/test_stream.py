@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.helpers import make_node
+from tests.helpers import SocketTransport, make_node
 
 APPS = {"m.py": '''
 from msgd import api
@@ -163,6 +163,24 @@ class StreamTests(Base):
         self.assertTrue(out[0]["result"]["unsubscribed"])
 
     @defer.inlineCallbacks
+    def test_pattern_resume(self):
+        a = yield self.client()
+        yield deferToThread(a.exchange, call("rpc.publish", {"channel": "p.x", "data": 1}))
+        info = (yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "p.*"})))[0]["result"]
+        yield deferToThread(a.close)
+        b = yield self.client()
+        yield deferToThread(b.exchange, call("rpc.publish", {"channel": "p.x", "data": 2}))
+        yield deferToThread(b.exchange, call("rpc.publish", {"channel": "p.y", "data": 1}))
+        c = yield self.client()
+        out = yield deferToThread(c.exchange, call("rpc.subscribe", {"channel": "p.*", "since": info["offset"],
+                                                                     "epoch": info["epoch"]}), 3)
+        self.assertEqual([(m["params"]["channel"], m["params"]["offset"]) for m in out[:2]], [("p.x", 2), ("p.y", 1)])
+        self.assertTrue(out[2]["result"]["recovered"])
+        out = yield deferToThread(c.exchange, call("rpc.subscribe", {"channel": "p.*", "since": {"p.x": 1},
+                                                                     "epoch": {"p.x": "lost"}}), 2)
+        self.assertFalse(out[1]["result"]["recovered"])
+
+    @defer.inlineCallbacks
     def test_closed_connection_ends_subscriptions(self):
         a = yield self.client()
         yield deferToThread(a.exchange, call("rpc.subscribe", {"channel": "gone"}))
@@ -198,6 +216,35 @@ class StreamTests(Base):
                                                  {"interface": "local", "reason": "slow_consumer"}), 1)
         for p in (slow, fast):
             p.connectionLost(None)
+
+    def test_slow_consumer_told_before_what_was_not_sent(self):
+        """On a transport that buffers like Twisted's TCP one: the lines the
+        socket has begun go whole, the rest is dropped, rpc.closing comes
+        next, and the connection closes once that is read (aborted after
+        close_timeout otherwise)."""
+        iface = self.node.interfaces["local"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.session.subscribe("busy")
+        for i in range(3):
+            self.node.pubsub.publish("busy", "x" * 1000)
+        t.room = 1500           # the socket takes one line and a half, then no more
+        t.flush()
+        for i in range(200):
+            self.node.pubsub.publish("busy", "x" * 1000)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.node.pubsub.presence("busy")["count"], 0)
+        self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
+        t.room = 10 ** 9        # it reads again
+        t.flush()
+        lines = [json.loads(line) for line in t.sent.splitlines()]
+        self.assertEqual([m["params"]["offset"] for m in lines[:-1]], [1, 2, 3])
+        self.assertEqual(lines[-1]["method"], "rpc.closing")
+        self.assertTrue(lines[-1]["params"]["reason"].startswith("slow consumer"))
+        self.assertTrue(t.disconnected)
+        self.assertNotIn(t, iface._aborts)
 
 
 class LoginTests(Base):

@@ -212,6 +212,31 @@ class WebSocketTests(unittest.TestCase):
         self.assertTrue(r["result"]["recovered"])
 
     @defer.inlineCallbacks
+    def test_pattern_resume_replays_every_matched_channel_or_says_not_recovered(self):
+        pub = yield self.client()
+        yield pub.call("rpc.publish", {"channel": "a.x", "data": 1})
+        a = yield self.client()
+        r = (yield a.call("rpc.subscribe", {"channel": "a.*"}))["result"]
+        held = {"since": r["offset"], "epoch": r["epoch"]}       # {"a.x": 1}, its epoch
+        yield a.close()
+        yield pub.call("rpc.publish", {"channel": "a.x", "data": 2})
+        yield pub.call("rpc.publish", {"channel": "a.y", "data": 1})    # begun while away
+        yield pub.call("rpc.publish", {"channel": "a.x", "data": 3})
+        a2 = yield self.client()
+        r = (yield a2.call("rpc.subscribe", dict(held, channel="a.*")))["result"]
+        self.assertTrue(r["recovered"])
+        self.assertEqual([(e["params"]["channel"], e["params"]["offset"]) for e in a2.pending()],
+                         [("a.x", 2), ("a.y", 1), ("a.x", 3)])     # before the answer
+        self.assertEqual(r["offset"], {"a.x": 3, "a.y": 1})
+        # history of 5 no longer covers a.x after offset 1: told, and a.y is still replayed
+        for i in range(5):
+            yield pub.call("rpc.publish", {"channel": "a.x", "data": i})
+        a3 = yield self.client()
+        r = (yield a3.call("rpc.subscribe", dict(held, channel="a.*")))["result"]
+        self.assertFalse(r["recovered"])
+        self.assertEqual([(e["params"]["channel"], e["params"]["offset"]) for e in a3.pending()], [("a.y", 1)])
+
+    @defer.inlineCallbacks
     def test_metrics_count_connections(self):
         yield self.client()
         m = self.node.metrics.value("msgd_ws_connections", {"interface": "web"})

@@ -13,7 +13,13 @@ History is bounded per channel by count and age (``[pubsub] history_size``,
 ``history_age``, overridable per pattern by ``[channel:PATTERN]`` sections).
 
 Subscriptions are to a channel (``chat.lobby``) or a pattern with shell-style
-wildcards (``news.*``).  Resuming (``since``) applies to channel subscriptions.
+wildcards (``news.*``).  A pattern's subscribe answer gives the position
+(``epoch``, ``offset``: objects by channel) of every matched channel that
+has events; a pattern resumes with the positions the client holds (``since``
+``{channel: offset}``, ``epoch`` ``{channel: epoch}``): every matched channel
+is replayed from there — one it holds no position for from its first event,
+as it began after the client's subscription — and ``recovered: true`` only
+when every one of them could be.
 
 A *subscriber* is any object with ``deliver(event)`` and a ``principal``
 attribute (for presence).  ``deliver`` is called in the reactor thread and
@@ -28,6 +34,7 @@ fires, and live events never interleave with a replay.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import os
 import re
 from collections import deque
@@ -134,6 +141,7 @@ class Broker:
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, set] = {}
         self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
+        self._matched: dict[str, dict] = {}         # subscribed pattern -> channels here it matches (ordered)
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
         self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
@@ -171,6 +179,8 @@ class Broker:
             if not ch.subscribers and not ch.history and now - ch.last_used > self.gc_interval:
                 dead.append(name)
         for name in dead:
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p].pop(name, None)
             del self.channels[name]
             self._matches.pop(name, None)
         return len(dead)
@@ -188,6 +198,8 @@ class Broker:
         if ch is None:
             size, age = self._limits(name)
             ch = self.channels[name] = Channel(name, size, age, self.clock.seconds())
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p][name] = None
         return ch
 
     def _patterns_for(self, name: str) -> list[str]:
@@ -198,17 +210,14 @@ class Broker:
 
     # -- subscribing ----------------------------------------------------------------
 
-    def subscribe(self, name: str, subscriber, since: int | None = None, epoch: str | None = None) -> defer.Deferred:
+    def subscribe(self, name: str, subscriber, since=None, epoch=None) -> defer.Deferred:
         """Subscribe; fires with ``{"channel", "epoch", "offset", "recovered"}``
-        (epoch/offset only for channels).  Missed events since ``since`` are
-        delivered first when history covers them."""
+        (for a pattern, ``"pattern": true`` and epoch/offset objects by
+        channel).  Missed events since ``since`` are delivered first when
+        history covers them.  For a pattern, ``since``/``epoch`` are the
+        positions the client holds: ``{channel: offset}``, ``{channel: epoch}``."""
         if is_pattern(name):
-            check_channel(name, pattern_ok=True)
-            if name not in self.patterns:
-                self.patterns[name] = set()
-                self._matches.clear()
-            self.patterns[name].add(subscriber)
-            return defer.succeed({"channel": name, "pattern": True, "recovered": since is None})
+            return self._subscribe_pattern(name, subscriber, since, epoch)
         check_channel(name)
         backend = self.backend
         if backend is not None and backend.connected and not backend.synced(name):
@@ -231,6 +240,55 @@ class Broker:
         ch.subscribers.add(subscriber)
         return {"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered}
 
+    def _matching(self, pattern: str, since: dict | None = None) -> list[str]:
+        """The channels known here, or named in ``since``, that ``pattern``
+        matches (kept up to date while the pattern has subscribers, so that
+        its next subscriber does not look through every channel again)."""
+        known = self._matched.get(pattern)
+        match = re.compile(fnmatch.translate(pattern)).match
+        names = dict(known) if known is not None else dict.fromkeys(filter(match, self.channels))
+        names.update(dict.fromkeys(filter(match, since or ())))
+        return list(names)
+
+    def _subscribe_pattern(self, name: str, subscriber, since, epoch) -> defer.Deferred:
+        check_channel(name, pattern_ok=True)
+        since, epoch = check_positions(since, epoch)
+        backend = self.backend
+        if since is not None and backend is not None and backend.connected:
+            # every matched channel's shared state first, as for a channel
+            names = [n for n in self._matching(name, since) if not backend.synced(n)]
+            if names:
+                return defer.gatherResults([backend.sync(n) for n in names]).addCallback(
+                    lambda _: self._resume_pattern(name, subscriber, since, epoch))
+        return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
+
+    def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+        if name not in self.patterns:
+            self._matched[name] = dict.fromkeys(self._matching(name))
+            self.patterns[name] = set()
+            self._matches.clear()
+        self.patterns[name].add(subscriber)
+        recovered = True
+        if since is not None:
+            now = self.clock.seconds()
+            missed = []
+            for n in self._matching(name, since):
+                ch, held, held_epoch = self.channels.get(n), since.get(n, 0), epoch.get(n)
+                if ch is None:      # forgotten here (its history was gone): a position in it cannot be vouched for
+                    recovered = recovered and not held and held_epoch is None
+                    continue
+                ch.trim(now)
+                if (held_epoch is None or held_epoch == ch.epoch) and ch.covers(held):
+                    missed.append([ev for ev in ch.history if ev.offset > held])
+                else:
+                    recovered = False
+            # each channel in offset order, the channels interleaved by time (all in this turn)
+            for ev in heapq.merge(*missed, key=lambda ev: ev.time):
+                subscriber.deliver(ev)
+        held = [self.channels[n] for n in self._matched.get(name, ()) if self.channels[n].offset]
+        return {"channel": name, "pattern": True, "epoch": {ch.name: ch.epoch for ch in held},
+                "offset": {ch.name: ch.offset for ch in held}, "recovered": recovered}
+
     def unsubscribe(self, name: str, subscriber) -> bool:
         if is_pattern(name):
             subs = self.patterns.get(name)
@@ -239,6 +297,7 @@ class Broker:
             subs.discard(subscriber)
             if not subs:
                 del self.patterns[name]
+                del self._matched[name]
                 self._matches.clear()
             return True
         ch = self.channels.get(name)
@@ -372,6 +431,42 @@ def _principal_name(p) -> str:
     return str(getattr(p, "name", p))
 
 
+def check_positions(since, epoch) -> tuple[dict | None, dict]:
+    """A pattern's resume positions: ``since`` ``{channel: offset}`` (None:
+    not resuming) and ``epoch`` ``{channel: epoch}`` (optional)."""
+    if since is None:
+        return None, {}
+    if not isinstance(since, dict) or not all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 and check_channel(c)
+            for c, o in since.items()):
+        raise errors.InvalidParams("since must be an object {channel: offset} for a pattern")
+    epoch = {} if epoch is None else epoch
+    if not isinstance(epoch, dict) or not all(isinstance(c, str) and isinstance(e, str) for c, e in epoch.items()):
+        raise errors.InvalidParams("epoch must be an object {channel: epoch} for a pattern")
+    return since, epoch
+
+
+def format_positions(positions: dict[str, tuple[str, int]]) -> str:
+    """``{"chat.lobby": ("E", 7), …}`` → ``"E:7:chat.lobby …"``: positions as
+    one line of text (SSE event ids, STOMP headers); channel names hold no
+    whitespace."""
+    return " ".join(f"{e}:{o}:{c}" for c, (e, o) in positions.items())
+
+
+def parse_positions(text: str | None, strict: bool = False) -> dict[str, tuple[str, int]]:
+    """The inverse of :func:`format_positions`.  Malformed parts are ignored
+    (that channel then starts afresh), or refused when ``strict``."""
+    out = {}
+    for part in (text or "").split():
+        epoch, _, rest = part.partition(":")
+        offset, _, channel = rest.partition(":")
+        if epoch and offset.isdigit() and channel:
+            out[channel] = (epoch, int(offset))
+        elif strict:
+            raise errors.InvalidParams(f"{part!r} is not a position (epoch:offset:channel)")
+    return out
+
+
 class Session:
     """The pub/sub side of one connection (WebSocket, stream, STOMP…):
     remembers its subscriptions so that they end with the connection, and
@@ -400,8 +495,9 @@ class Session:
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
-        since = param(params, "since", 1, int, required=False)
-        epoch = param(params, "epoch", 2, str, required=False)
+        pattern = is_pattern(name)      # resumes with objects by channel (checked by the broker)
+        since = param(params, "since", 1, None if pattern else int, required=False)
+        epoch = param(params, "epoch", 2, None if pattern else str, required=False)
         if self.authorize is not None:
             self.authorize(request, "subscribe", name)
         return self.subscribe(name, since, epoch)

@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from msgd.security.addresses import ProxyProtocolFactory
@@ -72,6 +73,7 @@ class Listener(Interface):
         self.port = None
         self.connections: set = set()   # transports of open connections
         self.goodbyes: dict = {}        # transport -> how to close it politely (e.g. WebSocket 1001)
+        self._aborts: dict = {}         # transport -> the abort of a connection the node is closing
         self._closing: list = []
         node.metrics.gauge("msgd_interface_connections", "Open connections per listening interface",
                            ["interface"]).labels(name).set_function(lambda: len(self.connections))
@@ -144,11 +146,23 @@ class Listener(Interface):
     def connection_closed(self, transport) -> None:
         self.connections.discard(transport)
         self.goodbyes.pop(transport, None)
+        abort = self._aborts.pop(transport, None)
+        if abort is not None and abort.active():
+            abort.cancel()
         if not self.connections and self._closing:
             waiting, self._closing = self._closing, []
             for d in waiting:
                 if not d.called:
                     d.callback(None)
+
+    def close_within(self, transport, timeout: float) -> None:
+        """Close a connection once what it holds is sent, and abort it if
+        that has not happened within ``timeout`` seconds (a client that does
+        not read never lets the last bytes go)."""
+        transport.unregisterProducer()      # else a paused producer is resumed instead of the close
+        transport.loseConnection()
+        if transport in self.connections and transport not in self._aborts:
+            self._aborts[transport] = self.node.reactor.callLater(timeout, transport.abortConnection)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -178,3 +192,24 @@ class Listener(Interface):
         call = reactor.callLater(self.close_grace, abort)
         d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
         return d
+
+
+def discard_unsent(transport) -> None:
+    """Drop what ``transport`` holds that it has not begun to send: the part
+    of a slow consumer's stream that can still go, so that a last message (a
+    close frame, an ERROR frame, an ``rpc.closing`` line) is next in line
+    instead of last.
+
+    Only whole ``write`` calls are dropped — the bytes of Twisted's
+    ``FileDescriptor`` queue that were never merged into the buffer the
+    socket is being fed from — so a protocol whose every write is whole
+    frames or lines stays well-formed on the wire.  A wrapper that passes
+    bytes through unchanged (the PROXY protocol's) is looked through; other
+    transports (TLS, where the bytes are already encrypted; test fakes)
+    keep everything.
+    """
+    while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
+        transport = transport.transport
+    if isinstance(getattr(transport, "__dict__", {}).get("_tempDataBuffer"), list):
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0

@@ -86,6 +86,9 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
     ws_max_subscriptions: int = option(1000, parse=integer(1), doc="most subscriptions per connection")
     ws_ping_interval: float = option(30.0, parse=duration, doc="keep-alive ping interval (0: none)")
     ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
+    close_timeout: float = option(10.0, parse=duration,
+                                  doc="how long a client the node closes (WebSocket close, a slow consumer's "
+                                      "last SSE message) has to read it before the connection is aborted")
     ws_origins: tuple = option(("*",), parse=words,
                                doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
     apps_static: bool = option(True, parse=boolean, doc="serve app packages' static/ files at /apps/NAME/")

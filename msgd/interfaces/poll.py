@@ -35,14 +35,16 @@ hashes (msgd.js sends the same random key with each ``/poll`` and
 
 Bounds: a session nobody polls for ``poll_idle`` seconds expires; its queue
 holds at most ``poll_max_queue`` bytes, past which the session is ended (a
-slow consumer, counted in ``msgd_poll_dropped_total``); at most
+slow consumer, counted in ``msgd_poll_dropped_total``: its next request —
+or the GET waiting — is answered ``410`` with the reason, ``"session ended:
+slow consumer: …"``, for ``poll_idle`` seconds, then 404); at most
 ``poll_max_sessions`` sessions exist at once (503 past that).
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import OrderedDict, deque
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -64,6 +66,9 @@ def _reply(request, status: int, obj) -> bytes:
 def _arg(request, name: bytes) -> str | None:
     values = request.args.get(name)
     return values[0].decode("utf-8", "replace") if values else None
+
+
+ENDED_KEPT = 10000     # sessions whose end reason is kept for their client's next request
 
 
 class PollSession:
@@ -203,6 +208,7 @@ class Sessions:
         self.options = interface.options
         self.clock = interface.node.reactor
         self.sessions: dict[str, PollSession] = {}
+        self.ended: OrderedDict[str, tuple[str, float]] = OrderedDict()   # id -> why the node ended it, when
         self.jsonrpc = JSONRPC(self.node.dispatcher, max_batch=self.options.max_batch)
         self._expiry: LoopingCall | None = None
         m = self.node.metrics
@@ -232,11 +238,31 @@ class Sessions:
         if metric:
             self.dropped.labels(self.interface.name, metric).inc()
             self.log.info("long-poll session ended: {reason}", reason=reason)
+        if metric == "slow_consumer":
+            self._remember(session.id, reason)      # its client has not come for it: tell it why when it does
         session.end(reason)
         if not self.sessions and self._expiry is not None:
             if self._expiry.running:
                 self._expiry.stop()
             self._expiry = None
+
+    def _remember(self, sid: str, reason: str):
+        """Keep why the node ended a session, for its client's next request
+        (at most ``poll_idle`` seconds, and a bounded number of them)."""
+        now = self.clock.seconds()
+        self.ended[sid] = (reason, now)
+        while self.ended and (len(self.ended) > ENDED_KEPT
+                              or next(iter(self.ended.values()))[1] < now - self.options.poll_idle):
+            self.ended.popitem(last=False)
+
+    def gone(self, request, sid: str | None) -> bytes:
+        """The answer about a session that is not there: 410 with the reason
+        when the node ended it lately, else 404."""
+        reason, when = self.ended.get(sid, (None, 0.0)) if sid else (None, 0.0)
+        if reason is not None and when >= self.clock.seconds() - self.options.poll_idle:
+            return _reply(request, 410, {"error": errors.Unavailable(f"session ended: {reason}").to_dict()})
+        return _reply(request, 404, {"error": errors.Unavailable(
+            "no such long-poll session (expired?): open a new one").to_dict()})
 
     def close_all(self, reason: str = "interface stopped"):
         for s in list(self.sessions.values()):
@@ -278,10 +304,10 @@ class PollResource(resource.Resource):
         self.registry = sessions(interface)
 
     def _session(self, request):
-        session = self.registry.get(_arg(request, b"session"))
+        sid = _arg(request, b"session")
+        session = self.registry.get(sid)
         if session is None:
-            return None, _reply(request, 404, {"error": errors.Unavailable(
-                "no such long-poll session (expired?): open a new one").to_dict()})
+            return None, self.registry.gone(request, sid)
         return session, None
 
     def render_POST(self, request):

@@ -18,18 +18,30 @@ Wire protocol
     when the stream is cut, ``EventSource`` reconnects with that id in
     ``Last-Event-ID`` and each channel resumes exactly where it stopped (or is
     told ``recovered: false`` when history no longer covers the gap).  A
-    client without ``EventSource`` can pass the id as ``?last_event_id=``.
+    pattern adds ``-:0:PATTERN`` to the id, and the positions of the channels
+    it matched (those its answer gave, those its events came from): it
+    resumes every matched channel from there — one the id does not name from
+    its first event — and says ``recovered: false`` unless all of them could
+    be.  A client without ``EventSource`` can pass the id as
+    ``?last_event_id=``.
 ``GET /sse?session=ID``
     The queue of a long-poll session (``/poll``): answers and events, sent as
     they come, instead of repeated GETs.  Calls go by ``POST /poll?session=ID``.
 
 A comment line is sent every ``sse_ping`` seconds to keep proxies from
 closing an idle stream.  A client that does not read gets at most
-``poll_max_queue`` bytes queued, then its stream is ended (counted in
+``poll_max_queue`` bytes queued, then what was not yet handed to the socket
+is dropped, a last message says why (``{"jsonrpc":"2.0","method":
+"rpc.closing","params":{"reason":"slow consumer: …"}}``, no ``id``: a
+reconnecting ``EventSource`` resumes after the last event it got), and the
+stream and its connection are ended — aborted when the client has not read
+that within ``close_timeout`` (counted in
 ``msgd_poll_dropped_total{reason="slow_consumer"}``).
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
@@ -40,7 +52,8 @@ from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
-from msgd.core.pubsub import Session, check_channel, is_pattern
+from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
+from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.poll import _arg, _reply, sessions
 
 
@@ -85,8 +98,18 @@ class EventStream:
         if self.backlog_bytes > self.limit:
             self.log.warn("ending SSE stream: slow consumer (more than {limit} bytes unsent)", limit=self.limit)
             self.registry.dropped.labels(self.registry.interface.name, "slow_consumer").inc()
-            self.backlog, self.backlog_bytes = [], 0
-            self.close()
+            self.drop(f"slow consumer: more than {self.limit} bytes unsent")
+
+    def drop(self, reason: str):
+        """Drop what is not sent yet, say why, end the stream and its connection."""
+        self.backlog, self.backlog_bytes = [], 0
+        transport = self.request.transport
+        discard_unsent(transport)       # whole chunks only: the reason is the next message read
+        self.request.write(b"data: " + dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                              "params": {"reason": reason}}) + b"\n\n")
+        self.close()
+        iface = self.registry.interface
+        iface.close_within(transport, iface.options.close_timeout)
 
     def pauseProducing(self):
         self.paused = True
@@ -113,16 +136,7 @@ class EventStream:
             self.on_close(self)
 
 
-def parse_last_event_id(text: str | None) -> dict[str, tuple[str, int]]:
-    """``"E:7:chat.lobby E2:3:news"`` → ``{"chat.lobby": ("E", 7), …}``;
-    malformed parts are ignored (the channel then starts afresh)."""
-    out = {}
-    for part in (text or "").split():
-        epoch, _, rest = part.partition(":")
-        offset, _, channel = rest.partition(":")
-        if epoch and offset.isdigit() and channel:
-            out[channel] = (epoch, int(offset))
-    return out
+PATTERN_HELD = "-"     # the epoch of a pattern's own entry in an event id: the stream held it
 
 
 class ChannelStream:
@@ -134,17 +148,34 @@ class ChannelStream:
         self.positions: dict[str, tuple[str, int]] = {}
 
     def deliver(self, event):
+        held = self.positions.get(event.channel)
+        if held is not None and held[0] == event.epoch and event.offset <= held[1]:
+            return      # replayed again (for the channel and for a pattern): sent once
         self.positions[event.channel] = (event.epoch, event.offset)
         self.stream.send(event.notification(), self.event_id())
 
     def event_id(self) -> str:
-        return " ".join(f"{e}:{o}:{c}" for c, (e, o) in self.positions.items())
+        return format_positions(self.positions)
 
     def subscribed(self, info: dict):
-        if "epoch" in info:
+        if info.get("pattern"):
+            self.positions[info["channel"]] = (PATTERN_HELD, 0)
+            self.positions.update((c, (e, info["offset"][c])) for c, e in info["epoch"].items())
+        else:
             self.positions[info["channel"]] = (info["epoch"], info["offset"])
-        self.stream.send(dumps({"jsonrpc": "2.0", "method": "rpc.subscribed", "params": info}),
-                         self.event_id() if self.positions else None)
+        self.stream.send(dumps({"jsonrpc": "2.0", "method": "rpc.subscribed", "params": info}), self.event_id())
+
+    @staticmethod
+    def resume(name: str, held: dict[str, tuple[str, int]]) -> tuple:
+        """``(since, epoch)`` for subscribing to ``name`` again, from the
+        positions of a ``Last-Event-ID``."""
+        if not is_pattern(name):
+            epoch, since = held.get(name, (None, None))
+            return since, epoch
+        if name not in held:
+            return None, None       # the stream did not hold this pattern: a new subscription
+        mine = {c: p for c, p in held.items() if not is_pattern(c) and fnmatch.fnmatchcase(c, name)}
+        return {c: o for c, (e, o) in mine.items()}, {c: e for c, (e, o) in mine.items()}
 
 
 class SSEResource(resource.Resource):
@@ -161,8 +192,7 @@ class SSEResource(resource.Resource):
         if sid is not None:
             session = self.registry.get(sid)
             if session is None:
-                return _reply(request, 404, {"error": errors.Unavailable(
-                    "no such long-poll session (expired?): open a new one").to_dict()})
+                return self.registry.gone(request, sid)
             session.attach(EventStream(request, self.registry, on_close=session.detach))
             return NOT_DONE_YET
         names = [v.decode("utf-8", "replace") for v in request.args.get(b"channel", [])]
@@ -185,14 +215,11 @@ class SSEResource(resource.Resource):
         last = request.getHeader(b"last-event-id") or _arg(request, b"last_event_id")
         if isinstance(last, bytes):
             last = last.decode("utf-8", "replace")
-        resume = parse_last_event_id(last)
+        resume = parse_positions(last)
         sub = ChannelStream(None, principal)
         pubsub = Session(self.interface.node.pubsub, sub, max_subscriptions=limit)
         sub.stream = EventStream(request, self.registry, on_close=lambda s: pubsub.close())
-        sub.positions.update((c, p) for c, p in resume.items() if c in names)
+        sub.positions.update((c, p) for c, p in resume.items() if c in names and not is_pattern(c))
         for name in dict.fromkeys(names):
-            since, epoch = (None, None)
-            if not is_pattern(name) and name in resume:
-                epoch, since = resume[name]
-            pubsub.subscribe(name, since, epoch).addCallback(sub.subscribed)
+            pubsub.subscribe(name, *sub.resume(name, resume)).addCallback(sub.subscribed)
         return NOT_DONE_YET

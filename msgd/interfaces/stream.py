@@ -9,9 +9,10 @@ One JSON-RPC message per line, UTF-8, ended by ``\\n`` (a ``\\r`` before it is
 ignored; empty lines are skipped).  A line is a call, a notification or a
 batch, answered on one line exactly as on ``/ws``; answers may come back in
 another order than the calls (match them by ``id``).  Pub/sub uses the same
-reserved methods as ``/ws``: ``rpc.subscribe {"channel", "since"?, "epoch"?}``,
-``rpc.unsubscribe``, ``rpc.publish``, ``rpc.presence``; events arrive as
-``rpc.event`` notification lines.  Example with a shell::
+reserved methods as ``/ws``: ``rpc.subscribe {"channel", "since"?, "epoch"?}``
+(for a pattern, objects by channel), ``rpc.unsubscribe``, ``rpc.publish``,
+``rpc.presence``; events arrive as ``rpc.event`` notification lines.  Example
+with a shell::
 
     $ printf '%s\\n' '{"jsonrpc":"2.0","id":1,"method":"chat.rooms"}' | nc -U -q1 var/msgd.sock
     {"jsonrpc":"2.0","result":["lobby","random","help"],"id":1}
@@ -32,8 +33,10 @@ an ``rpc.closing`` notification and is closed.
 
 Slow consumers: while the client does not read, the node stops reading its
 requests and queues what it has to send, up to ``max_pending`` bytes; past
-that the client is sent a last ``rpc.closing`` notification naming the reason
-and is disconnected (counted in ``msgd_stream_dropped_total``).
+that what was not yet handed to the socket is dropped, the client is sent a
+last ``rpc.closing`` notification naming the reason and is disconnected
+(counted in ``msgd_stream_dropped_total``), aborted if it has not read that
+within ``close_timeout``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from msgd.config import Invalid, integer, option, optional_duration, server_endpoint, size
+from msgd.config import Invalid, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response, param
 from msgd.core.pubsub import Session
-from msgd.interfaces.base import Listener
+from msgd.interfaces.base import Listener, discard_unsent
 from msgd.security import Guard, Principal, SecurityOptions
 from msgd.security.tls import peer_common_name
 
@@ -80,6 +83,9 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
     max_line: int = option(1024 * 1024, parse=size, doc="longest line (message) accepted; longer closes")
     max_pending: int = option(1024 * 1024, parse=size,
                               doc="bytes queued for a client that does not read; past it the client is dropped")
+    close_timeout: float = option(10.0, parse=duration,
+                                  doc="how long a client the node closes has to read the last line (rpc.closing) "
+                                      "before the connection is aborted")
     max_batch: int = option(100, parse=integer(1), doc="most calls in one batch")
     max_subscriptions: int = option(1000, parse=integer(1), doc="most subscriptions per connection")
     request_timeout: float | None = option(None, parse=optional_duration,
@@ -202,6 +208,7 @@ class StreamProtocol(protocol.Protocol):
             self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
                           peer=self.transport.getPeer(), limit=limit)
             self._backlog, self._backlog_bytes = [], 0
+            discard_unsent(self.transport)      # so that the reason is the next line the client reads
             self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
                                         "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
                                  + b"\n")
@@ -209,8 +216,10 @@ class StreamProtocol(protocol.Protocol):
 
     def _drop(self, reason: str):
         self._closing = True
+        if self.session is not None:
+            self.session.close()            # no more events
         self.interface.dropped.labels(self.interface.name, reason).inc()
-        self.transport.loseConnection()
+        self.interface.close_within(self.transport, self.interface.options.close_timeout)
 
     # IPushProducer: the transport says when its write buffer is full / drained
     def pauseProducing(self):

@@ -12,7 +12,12 @@ batch), answered as over HTTP.  App calls: ``{"jsonrpc":"2.0","id":1,
     (the last offset seen) and ``epoch``, the missed events are replayed —
     *before* the answer — when history still covers them.  Answer:
     ``{"channel", "epoch", "offset", "recovered"}``; ``recovered: false``
-    means events were lost: reload your state.
+    means events were lost: reload your state.  A pattern's answer has
+    ``"pattern": true`` and ``epoch``/``offset`` as objects by channel (every
+    matched channel with events); it resumes with the positions held, in the
+    same form: ``"since": {"a.x": 7}, "epoch": {"a.x": E}`` — every matched
+    channel is replayed from there (one not named: from its first event),
+    and ``recovered`` is true only if all of them could be.
 ``rpc.unsubscribe {"channel": C}``
 ``rpc.publish {"channel": C, "data": D}``  → ``{"channel", "offset"}``
 ``rpc.presence {"channel": C}``  → ``{"channel", "count", "principals"}``
@@ -28,9 +33,11 @@ Limits: messages above ``ws_max_message`` close the connection (1009).  A
 client that does not read: while its socket buffer is full the node stops
 reading its requests, and events queue per connection up to
 ``ws_max_pending`` bytes; past that it is closed with code 1008 and the reason
-``slow consumer``, counted in ``msgd_ws_dropped_total``.  Others are not
-affected.  Keep-alive pings every ``ws_ping_interval``; no pong within
-``ws_ping_timeout`` closes the connection.
+``slow consumer``, counted in ``msgd_ws_dropped_total``: the events not yet
+handed to the socket are dropped so that the close frame comes next, and the
+client has ``close_timeout`` to read it before the connection is aborted.
+Others are not affected.  Keep-alive pings every ``ws_ping_interval``; no
+pong within ``ws_ping_timeout`` closes the connection.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from zope.interface import implementer
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.core.pubsub import Session
+from msgd.interfaces.base import discard_unsent
 from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
@@ -168,6 +176,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.stomp = self.factory.stomp_class(
                 iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
+            self.stomp.discard = lambda: discard_unsent(self.transport)
             # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
             self.stomp.options = dataclasses.replace(self.stomp.options,
                                                      authenticate=lambda login, passcode: self.principal)
@@ -182,8 +191,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
     # -- requests ----------------------------------------------------------------
 
     def onMessage(self, payload, isBinary):
-        if self._refusal is not None:
-            return      # refused: closing, nothing is served
+        if self._refusal is not None or self._closing:
+            return      # refused, or closed by the node: nothing more is served
         if self.stomp is not None:
             self.stomp.data_received(payload)
             return
@@ -241,13 +250,20 @@ class MsgdWebSocket(WebSocketServerProtocol):
     def _drop_slow(self, limit):
         iface = self.factory.interface
         self._closing = True
+        # what was never handed to the socket goes (ours and the transport's whole frames),
+        # so that the close frame is the next thing the client reads
         self._backlog, self._backlog_bytes = None, 0
+        discard_unsent(self.transport)
+        if self.session is not None:
+            self.session.close()                # no more events: it is no longer among the subscribers
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
         log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
                  peer=self.peer, limit=limit)
         # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
-        # The close handshake timeout drops the connection when the client does not answer.
+        # The close handshake timeout (close_timeout) drops the connection when the client does not answer.
         self.sendCloseFrame(1008, f"slow consumer: more than {limit} bytes unsent".encode())
+        if hasattr(self.transport, "resumeProducing"):
+            self.transport.resumeProducing()    # read again: the client's close frame answers ours
 
     # IPushProducer: the transport tells us when its buffer is full / drained
     def pauseProducing(self):
@@ -291,6 +307,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
 
     def connectionLost(self, reason):
         self.factory.interface.guard.release(self.transport)    # the HTTP connection this one took over
+        if getattr(self, "closeHandshakeTimeoutCall", None) is not None:
+            self.closeHandshakeTimeoutCall.cancel()     # Autobahn leaves it pending (close_timeout)
+            self.closeHandshakeTimeoutCall = None
         if self._opened:
             self._opened = False
             iface = self.factory.interface
@@ -313,7 +332,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=o.ws_ping_interval or 0, autoPingTimeout=o.ws_ping_timeout,
             allowedOrigins=["*"],   # checked in onConnect: Autobahn's check also requires our port
             allowNullOrigin=True,
-            openHandshakeTimeout=10, closeHandshakeTimeout=1,
+            openHandshakeTimeout=10, closeHandshakeTimeout=o.close_timeout,
             tcpNoDelay=True,
         )
 

@@ -11,8 +11,9 @@
  *   await client.publish("chat.lobby", { text: "hi" });
  *
  * Reconnects with exponential back-off and jitter, re-subscribes, and resumes
- * each channel from the last offset it delivered, so no event is missed or
- * delivered twice while the node's history covers the gap ("gap" otherwise).
+ * each channel from the last offset it delivered (a pattern: every matched
+ * channel, from the positions it holds), so no event is missed or delivered
+ * twice while the node's history covers the gap ("gap" otherwise).
  * Calls made while disconnected wait for the connection (or their timeout).
  * A close code 4000–4099 (authentication refused) stops the retries.
  * When a WebSocket cannot be opened (or with { transport: "sse" | "poll" }),
@@ -351,19 +352,50 @@
 
     _sendSubscribe(name, ch) {
       const params = { channel: name };
-      if (!ch.pattern && ch.epoch !== null) { params.since = ch.offset; params.epoch = ch.epoch; }
+      if (ch.pattern) {
+        if (ch.subscribed) Object.assign(params, this._held(ch));    // resume every channel it matched
+      } else if (ch.epoch !== null) { params.since = ch.offset; params.epoch = ch.epoch; }
       ch.inflight = true;
       return this._send("rpc.subscribe", params).then((info) => {
         ch.inflight = false;
+        if (params.since !== undefined && !info.recovered) {
+          this._emit("gap", name, info);
+        }
         if (!ch.pattern) {
-          if (params.since !== undefined && !info.recovered) {
-            this._emit("gap", name, info);
-          }
           // replayed events arrived before this answer and moved ch.offset on
           if (ch.epoch !== info.epoch || !info.recovered) { ch.epoch = info.epoch; ch.offset = info.offset; }
+        } else {
+          ch.subscribed = true;
+          // where each matched channel stands: the positions a later resume starts from
+          for (const c of Object.keys(info.offset || {})) {
+            if (this._direct(c)) continue;           // its own subscription keeps its position
+            const pos = this._patternPosition(c);
+            if (pos.epoch !== info.epoch[c] || pos.offset < info.offset[c]) {
+              pos.epoch = info.epoch[c];
+              pos.offset = info.offset[c];
+            }
+          }
         }
         return info;
       }, (err) => { ch.inflight = false; throw err; });
+    }
+
+    _direct(channel) {
+      const ch = this.channels.get(channel);
+      return ch && !ch.pattern ? ch : null;
+    }
+
+    _held(pattern) {
+      // {since: {channel: offset}, epoch: {channel: epoch}} of the channels the pattern matches
+      const since = {}, epoch = {};
+      const names = new Set([...this.channels.keys(), ...(this._positions ? this._positions.keys() : [])]);
+      for (const c of names) {
+        if (!pattern.regex.test(c)) continue;
+        const direct = this._direct(c);
+        const pos = direct && direct.epoch !== null ? direct : this._positions && this._positions.get(c);
+        if (pos && pos.epoch !== null) { since[c] = pos.offset; epoch[c] = pos.epoch; }
+      }
+      return { since, epoch };
     }
 
     subscribe(name, handler) {

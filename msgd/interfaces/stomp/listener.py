@@ -6,7 +6,8 @@ there and in docs/stomp.rst.
 
 The protocol is its transport's push producer: when the socket buffer is
 full the session queues (up to ``max_pending`` bytes, then the client is
-dropped) and the node stops reading that client's frames.
+dropped) and the node stops reading that client's frames.  A connection the
+node closes gets ``close_timeout`` to read its last frame, then is aborted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
-from msgd.interfaces.base import Listener
+from msgd.interfaces.base import Listener, discard_unsent
 from msgd.interfaces.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.security import Guard, SecurityOptions
@@ -49,6 +50,9 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
     max_in_flight: int = option(100, parse=integer(1), doc="most /app calls running at once per connection")
     max_pending: int = option(1024 * 1024, parse=size,
                               doc="bytes queued for a client that does not read; past it the client is dropped")
+    close_timeout: float = option(10.0, parse=duration,
+                                  doc="how long a client the node closes has to read the last frame (ERROR) "
+                                      "before the connection is aborted")
 
     def check(self):
         super().check()
@@ -59,7 +63,6 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
 @implementer(IPushProducer)
 class StompProtocol(Protocol):
     session: StompSession | None = None
-    _abort = None
 
     _admitted = False
 
@@ -82,23 +85,18 @@ class StompProtocol(Protocol):
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
                                     options=options)
         self.transport.registerProducer(self, True)
+        self.session.discard = lambda: discard_unsent(self.transport)
 
     def dataReceived(self, data):
         self.session.data_received(data)
 
     def _close(self, reason: str):
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
-        # a client that does not read never lets the last bytes flush
-        clock = self.factory.interface.node.reactor
-        self._abort = clock.callLater(self.factory.interface.close_grace, self.transport.abortConnection)
+        self.factory.interface.close_within(self.transport, self.factory.interface.options.close_timeout)
 
     def connectionLost(self, reason):
         if not self._admitted:
             return
         self.factory.interface.guard.release(self.transport)
-        if self._abort is not None and self._abort.active():
-            self._abort.cancel()
         self.session.connection_lost()
         iface = self.factory.interface
         iface.connection_closed(self.transport)

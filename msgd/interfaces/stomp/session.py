@@ -3,8 +3,9 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable and feed it what arrives, so every rule below is
-written once.
+``close(reason)`` callable (and set its ``discard()``, which drops what the
+transport has not begun to send) and feed it what arrives, so every rule
+below is written once.
 
 Wire protocol
 -------------
@@ -18,7 +19,13 @@ Wire protocol
 ``SUBSCRIBE destination:/topic/CHANNEL id:ID ack:auto|client|client-individual``
     Subscribes to the pub/sub channel (or pattern, ``/topic/news.*``), shared
     with WebSocket JSON-RPC subscribers.  ``msgd-since``/``msgd-epoch``
-    resume after a known offset.  Each event arrives as ``MESSAGE`` with
+    resume after a known offset; for a pattern ``msgd-since`` lists the
+    positions held, ``epoch:offset:channel`` separated by spaces (a matched
+    channel it does not name is replayed from its first event).  The
+    ``RECEIPT`` (when asked for) tells how it went: ``msgd-recovered``
+    (``false``: events were lost), and ``msgd-epoch``/``msgd-offset`` (a
+    pattern: ``msgd-positions``, the same list for every matched channel
+    with events).  Each event arrives as ``MESSAGE`` with
     ``destination``, ``subscription``, ``message-id``, ``ack`` (1.2, not in
     auto mode), ``content-type:application/json``, ``msgd-channel``,
     ``msgd-offset``, ``msgd-epoch`` and the event's data as JSON body.
@@ -54,8 +61,9 @@ Bad input (a malformed frame, a frame before CONNECT, an unknown command
 or destination) gets one ``ERROR`` frame and the connection is closed.
 Bounds: the codec's :class:`~.codec.Limits`, subscriptions, unacked
 messages, calls in flight, transactions, and ``max_pending`` bytes queued
-for a client whose socket does not drain (then dropped with an ERROR frame,
-reason ``slow consumer``).
+for a client whose socket does not drain (then what was not yet handed to
+the socket is dropped and the client gets an ERROR frame, reason ``slow
+consumer``, before the connection is closed).
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ from twisted.python.failure import Failure
 import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
-from msgd.core.pubsub import check_channel, is_pattern
+from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat)
 
@@ -120,6 +128,8 @@ class _Subscription:
 
 class StompSession:
     log = Logger()
+
+    discard: Callable[[], Any] | None = None     # drops what the transport has not begun to send
 
     def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
@@ -274,14 +284,18 @@ class StompSession:
             self.receipt(frame)
             return
         channel = check_channel(dest[len(TOPIC):], pattern_ok=True)
-        since = frame.get("msgd-since")
-        if since is not None and not since.isdigit():
-            raise errors.InvalidParams("msgd-since must be an offset")
+        since, epoch = frame.get("msgd-since"), frame.get("msgd-epoch")
+        if since is not None and is_pattern(channel):
+            held = parse_positions(since, strict=True)
+            since, epoch = {c: o for c, (_, o) in held.items()}, {c: e for c, (e, _) in held.items()}
+        elif since is not None:
+            if not since.isdigit():
+                raise errors.InvalidParams("msgd-since must be an offset")
+            since = int(since)
         self._authorize("subscribe", channel)
         sub = self.subscriptions[sid] = _Subscription(self, sid, dest, channel, ack)
-        d = self.node.pubsub.subscribe(channel, sub, int(since) if since is not None and not is_pattern(channel)
-                                       else None, frame.get("msgd-epoch"))
-        d.addCallback(lambda _: self.receipt(frame))
+        d = self.node.pubsub.subscribe(channel, sub, since, epoch)
+        d.addCallback(lambda info: self.receipt(frame, _subscribed(info)))
 
     def on_unsubscribe(self, frame: Frame) -> None:
         sid = frame.get("id") or (frame.get("destination") if self.version == "1.0" else None)
@@ -466,10 +480,10 @@ class StompSession:
 
     # -- output ------------------------------------------------------------------------------
 
-    def receipt(self, frame: Frame) -> None:
+    def receipt(self, frame: Frame, headers: list = ()) -> None:
         r = frame.get("receipt")
         if r is not None and self.state in ("connected", "disconnecting"):
-            self.send(Frame("RECEIPT", [("receipt-id", r)]))
+            self.send(Frame("RECEIPT", [("receipt-id", r), *headers]))
 
     def send(self, frame: Frame) -> None:
         self._write(encode(frame, self.version))
@@ -482,6 +496,8 @@ class StompSession:
             self.backlog_bytes += len(data)
             if self.backlog_bytes > self.options.max_pending:
                 self.backlog, self.backlog_bytes = [], 0
+                if self.discard is not None:
+                    self.discard()          # what the transport has not begun to send: the ERROR goes next
                 self.drop(f"slow consumer: more than {self.options.max_pending} bytes unsent", "slow_consumer")
             return
         self.last_write = self.clock.seconds()
@@ -554,6 +570,15 @@ def _websocket_options(node, interface_name: str) -> SessionOptions:
         return SessionOptions()
     return SessionOptions(limits=Limits(max_frame=o.ws_max_message, max_body=min(o.ws_max_message, Limits.max_body)),
                           max_pending=o.ws_max_pending, request_timeout=iface.timeout())
+
+
+def _subscribed(info: dict) -> list:
+    """The RECEIPT headers of a SUBSCRIBE: how its resume went, and where it starts."""
+    headers = [("msgd-recovered", "true" if info["recovered"] else "false")]
+    if info.get("pattern"):
+        return headers + [("msgd-positions", format_positions({c: (e, info["offset"][c])
+                                                               for c, e in info["epoch"].items()}))]
+    return headers + [("msgd-epoch", info["epoch"]), ("msgd-offset", str(info["offset"]))]
 
 
 def _required(frame: Frame, name: str) -> str:
