@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
     packages=find_packages(include=["msgd", "msgd.*"]) + ["twisted.plugins"],
-    package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"], "twisted": ["plugins/msgd_plugin.py", "plugins/msgd_endpoints.py"]},
+    package_data={"msgd.web": ["*.js", "*.mjs", "*.html", "*.css"],
+                  "twisted": ["plugins/msgd_plugin.py", "plugins/msgd_endpoints.py"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=25.5",   # Site(parsePOSTFormSubmission=...)
