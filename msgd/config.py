@@ -75,7 +75,6 @@ def integer(lo: int | None = None, hi: int | None = None) -> Callable:
         if hi is not None and n > hi:
             raise Invalid(f"{n} is above the maximum {hi}")
         return n
-    parse.kind = "integer"
     return parse
 
 
@@ -128,7 +127,6 @@ def choice(*options: str) -> Callable:
         if v not in options:
             raise Invalid(f"{value!r} is not one of {', '.join(options)}" + _hint(v, options))
         return v
-    parse.kind = "one of " + ", ".join(options)
     return parse
 
 
@@ -421,7 +419,7 @@ def parse_text(text: str, path: str = "<string>") -> Config:
     relative paths."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults",
                                        strict=True, empty_lines_in_values=False)
-    parser.optionxform = str
+    parser.optionxform = str   # type: ignore[assignment, method-assign]   # keys keep their case (configparser's documented way)
     try:
         parser.read_string(text, source=path)
     except configparser.DuplicateSectionError as e:

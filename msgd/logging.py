@@ -40,8 +40,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+from typing import cast
 
-from twisted.logger import (FilteringLogObserver, InvalidLogLevelError, LogLevel, LogLevelFilterPredicate,
+from twisted.logger import (FilteringLogObserver, ILogObserver, InvalidLogLevelError, LogLevel, LogLevelFilterPredicate,
                             formatEvent, formatTime)
 
 from msgd.core.request import current
@@ -119,7 +120,7 @@ def event_as_text(event: dict) -> str:
 def _set_txaio_level(level: LogLevel) -> None:
     import txaio
     txaio.use_twisted()
-    txaio.set_global_log_level(level.name)     # twisted's level names are txaio's
+    txaio.set_global_log_level(level.name)   # type: ignore[attr-defined]   # bound by use_twisted()     # twisted's level names are txaio's
 
 
 class LogSetup:
@@ -129,7 +130,7 @@ class LogSetup:
     def __init__(self, stream=None, log_format: str = "text", level: str = "info", levels=()):
         self.stream = stream if stream is not None else sys.stdout
         self.predicate = LogLevelFilterPredicate()
-        self.observer = FilteringLogObserver(self._write, [self.predicate])
+        self.observer = FilteringLogObserver(cast(ILogObserver, self._write), [self.predicate])
         self.format = "text"
         self._levels: dict[str, str] = {}
         self.configure(log_format, level, levels)
