@@ -76,7 +76,7 @@ class PasswordFileChecker:
     def __init__(self, path: str, run_blocking):
         self.path = path
         self.run_blocking = run_blocking
-        self._stamp = None
+        self._stamp: tuple[int, int, int] | None = None
         self._users: dict = {}
 
     def users(self) -> dict:

@@ -65,7 +65,7 @@ def make_cert(ca: dict, directory: str, name: str, cn: str, hosts=("127.0.0.1", 
     ``NAME.pem``, ``NAME.key``."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    alt = []
+    alt: list[x509.GeneralName] = []
     for h in hosts:
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
