@@ -44,6 +44,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -129,7 +130,7 @@ class Outbox:
         self._due: dict[str, list] = {}
         self._expiry: dict[str, list] = {}
         self._tie = itertools.count()
-        self._timers: dict[str, object] = {}
+        self._timers: dict[str, IDelayedCall] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self.running = False
@@ -375,7 +376,7 @@ class Received:
         with ``True`` for a duplicate, ``False`` once handled."""
         waiting = self.handling.get(message_id)
         if waiting is not None:
-            d = defer.Deferred()
+            d: defer.Deferred[bool] = defer.Deferred()
             waiting.append(d)
             return d
         self.handling[message_id] = []
