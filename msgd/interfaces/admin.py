@@ -69,7 +69,7 @@ class Guard(resource.Resource):
 
     def allowed(self, request) -> tuple[int, str] | None:
         """None when allowed, else (status, reason)."""
-        host = getattr(request.getClientAddress(), "host", None)
+        host = getattr(request.getClientAddress(), "host", None) or ""   # no host (unix socket): not allowed
         try:
             addr = ipaddress.ip_address(host)
         except (TypeError, ValueError):
@@ -139,8 +139,8 @@ class StatusFeed:
         self.interval = interval
         self.broker = Broker(node.reactor, history_size=0, gc_interval=0)
         self.watchers = 0
-        self._loop = None
-        self._last = None      # (time, total, errors, buckets) of the last published snapshot
+        self._loop: LoopingCall | None = None
+        self._last: tuple | None = None      # (time, total, errors, buckets) of the last published snapshot
 
     def watcher_joined(self) -> None:
         self.watchers += 1

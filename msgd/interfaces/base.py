@@ -26,12 +26,13 @@ class Interface(Service):
     """Base of every ``[interface:NAME]``.  Subclasses declare ``Options``."""
 
     log = Logger()
+    name: str  # type: ignore[assignment]   # the section's NAME, always set (twisted's Service says None)
 
     def __init__(self, name: str, options, node):
         self.name = name
         self.options = options
         self.node = node
-        self.ready = defer.Deferred()   # fires when the interface accepts work
+        self.ready: defer.Deferred[None] = defer.Deferred()   # fires when the interface accepts work
 
     def describe(self) -> dict:
         """For /health and the status page."""
@@ -78,8 +79,12 @@ class Listener(Interface):
     def _listen(self, strict: bool):
         endpoint = serverFromString(self.node.reactor, self.options.endpoint)
         d = endpoint.listen(self.factory())
-        early = []
-        d.addBoth(lambda r: early.append(r) or r)
+        early: list = []
+
+        def keep(r):
+            early.append(r)
+            return r
+        d.addBoth(keep)
         if strict and early and isinstance(early[0], Failure):
             d.addErrback(lambda f: None)
             raise StartupError(f"[interface:{self.name}] cannot listen on {self.options.endpoint}: "

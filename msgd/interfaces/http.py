@@ -175,7 +175,7 @@ class TrackedChannel(http.HTTPChannel):
 
 class MsgdSite(server.Site):
     requestFactory = BoundedRequest
-    protocol = TrackedChannel
+    protocol = TrackedChannel   # type: ignore[assignment]   # an HTTPChannel, as Site's default factory makes
 
     def __init__(self, root, interface: "HTTPInterface"):
         # Nothing here takes HTML form posts: bodies are JSON or XML, arguments come

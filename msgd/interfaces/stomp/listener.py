@@ -12,6 +12,7 @@ dropped) and the node stops reading that client's frames.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -57,6 +58,7 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
 
 @implementer(IPushProducer)
 class StompProtocol(Protocol):
+    transport: Any   # a TCP, TLS or unix transport (a consumer too), set before any use
     session: StompSession | None = None
     _abort = None
 
