@@ -205,10 +205,6 @@ def target(value: str, ctx: "Context") -> str:
     return v
 
 
-def optional_target(value: str, ctx: "Context") -> str | None:
-    return target(value, ctx) if value.strip() else None
-
-
 def log_level(value: str, ctx: "Context") -> str:
     """``debug``, ``info``, ``warn``, ``error`` or ``critical``."""
     from msgd.logging import BadLevel, level_named
@@ -388,9 +384,6 @@ class Config:
         for section, key, t in self.targets:
             if not exists(t):
                 raise ConfigError(self.path, section, key, f"no app exports {t!r}")
-
-
-SECTION_KINDS = ("node", "pubsub", "interface:", "adapter:", "peer:", "channel:", "access:")
 
 
 def _component(kind: str, table: dict, section: str, name: str, items: dict, ctx: Context) -> Component:

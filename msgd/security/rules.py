@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 from msgd.config import nonempty_words, option, words
 
-ACTIONS = ("call", "subscribe", "publish")
-
 
 @dataclass(frozen=True)
 class AccessConfig:
