@@ -67,5 +67,5 @@ setup(
             "sphinx>=9,<10",
         ],
     },
-    entry_points={"console_scripts": ["msgd = msgd.tap:main"]},
+    entry_points={"console_scripts": ["msgd = msgd.tap:command"]},
 )
