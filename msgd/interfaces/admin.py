@@ -45,7 +45,7 @@ import time
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.web import resource
+from twisted.web import pages, resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
@@ -251,7 +251,7 @@ class StatusRoot(resource.Resource):
     def getChild(self, path, request):
         if path == b"":
             return self.page
-        return resource.NoResource()
+        return pages.notFound()
 
     def render_GET(self, request):
         return self.page.render_GET(request)

@@ -29,7 +29,7 @@ import importlib.resources
 import json
 from dataclasses import dataclass
 
-from twisted.web import http, resource, server
+from twisted.web import http, pages, resource, server
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.config import (boolean, duration, integer, networks, option, optional_duration, server_endpoint, size,
@@ -311,7 +311,7 @@ class WebFile(resource.Resource):
 
     def render_GET(self, request):
         if request.postpath not in ([], [b""]):
-            return resource.NoResource().render(request)
+            return pages.notFound().render(request)
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         return self.body
@@ -325,7 +325,7 @@ class Root(resource.Resource):
     def getChild(self, path, request):
         if path == b"":
             return self.index
-        return resource.NoResource()
+        return pages.notFound()
 
 
 class HTTPInterface(Listener):
