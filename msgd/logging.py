@@ -29,6 +29,14 @@ global level into no-ops before any event is made (Autobahn logs at debug
 several times per WebSocket message); :class:`LogSetup` keeps that level at
 the most verbose one set for ``*`` or an ``autobahn``/``txaio`` namespace.
 
+Twisted logs "Unable to write to plugin cache PATH" each time it scans a
+plugin directory whose ``dropin.cache`` is out of date and not writable by
+the node's user (a root-owned install run as another user, after an
+upgrade): at start and again for every endpoint string with a plugin prefix
+(``mtls:``), on every reload.  :class:`LogSetup` lets the first such line
+for a directory through and drops the repeats; regenerating the cache at
+install time (docs/operations.rst) removes it.
+
 twistd's own logger is replaced through the application's ``ILogObserver``
 component (see :mod:`msgd.tap`); lines go where twistd's ``--logfile`` says
 (``-`` or ``--nodaemon`` without it: standard output, which systemd hands to
@@ -42,8 +50,9 @@ import re
 import sys
 from typing import cast
 
-from twisted.logger import (FilteringLogObserver, ILogObserver, InvalidLogLevelError, LogLevel, LogLevelFilterPredicate,
-                            formatEvent, formatTime)
+from twisted.logger import (FilteringLogObserver, ILogFilterPredicate, ILogObserver, InvalidLogLevelError, LogLevel,
+                            LogLevelFilterPredicate, PredicateResult, formatEvent, formatTime)
+from zope.interface import implementer
 
 from msgd.core.request import current
 
@@ -123,6 +132,23 @@ def _set_txaio_level(level: LogLevel) -> None:
     txaio.set_global_log_level(level.name)   # type: ignore[attr-defined]   # bound by use_twisted()     # twisted's level names are txaio's
 
 
+@implementer(ILogFilterPredicate)
+class PluginCacheRepeats:
+    """A log filter predicate: the first "Unable to write to plugin cache"
+    event of each cache file passes, its repeats do not."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    def __call__(self, event: dict) -> PredicateResult:
+        if str(event.get("format") or "").startswith("Unable to write to plugin cache"):
+            path = event.get("path")
+            if path in self.seen:
+                return PredicateResult.no
+            self.seen.add(path)
+        return PredicateResult.maybe
+
+
 class LogSetup:
     """The node's log observer: format and per-namespace levels, both
     changeable while running.  ``stream`` is a file opened for text."""
@@ -130,7 +156,7 @@ class LogSetup:
     def __init__(self, stream=None, log_format: str = "text", level: str = "info", levels=()):
         self.stream = stream if stream is not None else sys.stdout
         self.predicate = LogLevelFilterPredicate()
-        self.observer = FilteringLogObserver(cast(ILogObserver, self._write), [self.predicate])
+        self.observer = FilteringLogObserver(cast(ILogObserver, self._write), [self.predicate, PluginCacheRepeats()])
         self.format = "text"
         self._levels: dict[str, str] = {}
         self.configure(log_format, level, levels)
