@@ -62,6 +62,8 @@ setup(
             "ruff>=0.17,<0.18",
             "mypy>=2.4,<2.5",
             "mypy-zope>=1.0.17,<1.1",
+            "build>=1.2",
+            "twine>=6.1",
         ],
         "docs": [
             "sphinx>=9,<10",
