@@ -129,7 +129,8 @@ def event_as_text(event: dict) -> str:
 def _set_txaio_level(level: LogLevel) -> None:
     import txaio
     txaio.use_twisted()
-    txaio.set_global_log_level(level.name)   # type: ignore[attr-defined]   # bound by use_twisted()     # twisted's level names are txaio's
+    # bound by use_twisted(), hence unknown to mypy; twisted's level names are txaio's
+    txaio.set_global_log_level(level.name)   # type: ignore[attr-defined]
 
 
 @implementer(ILogFilterPredicate)

@@ -73,6 +73,7 @@ class Transaction:
         names = [n for n, *_ in self.participants]
         running: dict[str, Deferred] = {}
         results: dict[str, Any] = {}
+
         def cancel_all(_: Deferred) -> None:
             for d in list(running.values()):
                 d.cancel()
