@@ -64,7 +64,7 @@ docs: $(VENV)/.docs-installed
 
 dist: $(VENV)/.lint-installed
 	rm -rf dist
-	$(BIN)/python -m build -o dist .
+	$(BIN)/python -m build -q -o dist .
 	$(BIN)/twine check --strict dist/*
 
 lowest: dist
