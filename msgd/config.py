@@ -32,7 +32,7 @@ from msgd import registry
 from msgd.options import (  # noqa: F401  (re-exported: declarations may import them from here)
     REQUIRED, ConfigError, Invalid, string, nonempty, integer, boolean, duration, optional_duration, size,
     choice, words, networks, nonempty_words, path, optional_path, server_endpoint, client_endpoint, target,
-    optional_target, _hint, option, Context, parse_section, describe)
+    _hint, option, Context, parse_section, describe)
 
 # -- parsers of [node] keys ------------------------------------------------------
 
@@ -165,9 +165,6 @@ class Config:
                 raise ConfigError(self.path, section, key, f"no app exports {t!r}")
 
 
-SECTION_KINDS = ("node", "pubsub", "interface:", "adapter:", "peer:", "channel:", "access:")
-
-
 def _component(kind: str, table: dict, section: str, name: str, items: dict, ctx: Context) -> Component:
     if "type" not in items:
         raise ConfigError(ctx.path, section, "type", f"missing required key (one of {', '.join(sorted(table))})")
@@ -194,7 +191,7 @@ def parse_text(text: str, path: str = "<string>") -> Config:
     relative paths."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults",
                                        strict=True, empty_lines_in_values=False)
-    parser.optionxform = str
+    parser.optionxform = str   # type: ignore[assignment, method-assign]   # keys keep their case (configparser's documented way)
     try:
         parser.read_string(text, source=path)
     except configparser.DuplicateSectionError as e:

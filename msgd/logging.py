@@ -29,6 +29,14 @@ global level into no-ops before any event is made (Autobahn logs at debug
 several times per WebSocket message); :class:`LogSetup` keeps that level at
 the most verbose one set for ``*`` or an ``autobahn``/``txaio`` namespace.
 
+Twisted logs "Unable to write to plugin cache PATH" each time it scans a
+plugin directory whose ``dropin.cache`` is out of date and not writable by
+the node's user (a root-owned install run as another user, after an
+upgrade): at start and again for every endpoint string with a plugin prefix
+(``mtls:``), on every reload.  :class:`LogSetup` lets the first such line
+for a directory through and drops the repeats; regenerating the cache at
+install time (docs/operations.rst) removes it.
+
 twistd's own logger is replaced through the application's ``ILogObserver``
 component (see :mod:`msgd.tap`); lines go where twistd's ``--logfile`` says
 (``-`` or ``--nodaemon`` without it: standard output, which systemd hands to
@@ -40,9 +48,11 @@ from __future__ import annotations
 import json
 import re
 import sys
+from typing import cast
 
-from twisted.logger import (FilteringLogObserver, InvalidLogLevelError, LogLevel, LogLevelFilterPredicate,
-                            formatEvent, formatTime)
+from twisted.logger import (FilteringLogObserver, ILogFilterPredicate, ILogObserver, InvalidLogLevelError, LogLevel,
+                            LogLevelFilterPredicate, PredicateResult, formatEvent, formatTime)
+from zope.interface import implementer
 
 from msgd.core.request import current
 
@@ -119,7 +129,25 @@ def event_as_text(event: dict) -> str:
 def _set_txaio_level(level: LogLevel) -> None:
     import txaio
     txaio.use_twisted()
-    txaio.set_global_log_level(level.name)     # twisted's level names are txaio's
+    # bound by use_twisted(), hence unknown to mypy; twisted's level names are txaio's
+    txaio.set_global_log_level(level.name)   # type: ignore[attr-defined]
+
+
+@implementer(ILogFilterPredicate)
+class PluginCacheRepeats:
+    """A log filter predicate: the first "Unable to write to plugin cache"
+    event of each cache file passes, its repeats do not."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    def __call__(self, event: dict) -> PredicateResult:
+        if str(event.get("format") or "").startswith("Unable to write to plugin cache"):
+            path = event.get("path")
+            if path in self.seen:
+                return PredicateResult.no
+            self.seen.add(path)
+        return PredicateResult.maybe
 
 
 class LogSetup:
@@ -129,7 +157,7 @@ class LogSetup:
     def __init__(self, stream=None, log_format: str = "text", level: str = "info", levels=()):
         self.stream = stream if stream is not None else sys.stdout
         self.predicate = LogLevelFilterPredicate()
-        self.observer = FilteringLogObserver(self._write, [self.predicate])
+        self.observer = FilteringLogObserver(cast(ILogObserver, self._write), [self.predicate, PluginCacheRepeats()])
         self.format = "text"
         self._levels: dict[str, str] = {}
         self.configure(log_format, level, levels)

@@ -131,7 +131,6 @@ class NodeService(MultiService):
 
     def startService(self):
         self.started_at = self.reactor.seconds()
-        self._wall_started = time.time()
         self.threadpool.start()
         if self.outbox is not None:
             self.outbox.start().addErrback(lambda f: self.log.failure("outbox could not start", f))

@@ -66,7 +66,6 @@ def integer(lo: int | None = None, hi: int | None = None) -> Callable:
         if hi is not None and n > hi:
             raise Invalid(f"{n} is above the maximum {hi}")
         return n
-    parse.kind = "integer"
     return parse
 
 
@@ -119,7 +118,6 @@ def choice(*options: str) -> Callable:
         if v not in options:
             raise Invalid(f"{value!r} is not one of {', '.join(options)}" + _hint(v, options))
         return v
-    parse.kind = "one of " + ", ".join(options)
     return parse
 
 
@@ -197,9 +195,6 @@ def target(value: str, ctx: "Context") -> str:
     ctx.targets.append(v)
     return v
 
-
-def optional_target(value: str, ctx: "Context") -> str | None:
-    return target(value, ctx) if value.strip() else None
 
 
 def _exc_text(e: Exception) -> str:

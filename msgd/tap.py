@@ -149,22 +149,41 @@ def makeService(options):
     def not_ready(failure):
         node.log.critical("node {node} could not start: {error}", node=config.node.name,
                           error=failure.value)
-        node.exit_code = 1
         reactor.stop()
     reactor.callWhenRunning(lambda: node.ready().addErrback(not_ready))
     return Root(node, logs)
 
 
-def main(argv=None) -> int:
-    """``python -m msgd check -c FILE``: validate a config without starting;
-    ``python -m msgd passwd FILE USER [--roles R,R]``: set a password in a
-    password file (see docs/security.rst)."""
+USAGE = """\
+usage: {prog} check [-c CONFIG]                  validate a node's ini file without starting a node
+       {prog} passwd FILE USER [--roles R,R]     set a password in a password file
+       {prog} --version | --help
+
+A node runs under twistd: twistd msgd -c etc/node.ini (see twistd msgd --help)."""
+
+
+def command() -> int:
+    """The ``msgd`` console command (setup.py's entry point)."""
+    return main(prog="msgd")
+
+
+def main(argv=None, prog: str = "python -m msgd") -> int:
+    """``msgd check -c FILE``: validate a config without starting;
+    ``msgd passwd FILE USER [--roles R,R]``: set a password in a password
+    file (see docs/security.rst); ``--version``, ``--help``."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(prog=prog))
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from msgd import __version__
+        print(f"msgd {__version__}")
+        return 0
     if argv and argv[0] == "passwd":
         from msgd.security.credentials import passwd_main
         return passwd_main(argv[1:])
     if not argv or argv[0] != "check":
-        print("usage: python -m msgd check [-c CONFIG] | passwd FILE USER [--roles R,R]", file=sys.stderr)
+        print(USAGE.format(prog=prog), file=sys.stderr)
         return 2
     opts = Options()
     try:

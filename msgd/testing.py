@@ -113,7 +113,7 @@ class AppHarness:
     def result(self, target: str, *args, **kwargs) -> Any:
         """Call ``target`` and return its result now; raises its error, or
         AssertionError if it has not finished (advance ``clock`` first)."""
-        outcome = []
+        outcome: list[Any] = []
         self.call(target, *args, **kwargs).addBoth(outcome.append)
         if not outcome:
             raise AssertionError(f"{target} has not finished; advance harness.clock")

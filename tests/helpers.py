@@ -8,6 +8,7 @@ import textwrap
 
 import socket
 
+import treq
 from twisted.internet import defer, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
@@ -16,7 +17,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from msgd.config import parse_text
@@ -137,7 +138,7 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
     h = Headers({k: [v] for k, v in (headers or {}).items()})
     producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
     response = yield agent.request(method.encode(), url.encode(), h, producer)
-    data = yield readBody(response)
+    data = yield treq.content(response)   # readBody warns on Agent's transport proxy (no abortConnection)
     return response.code, response.headers, data
 
 

@@ -89,6 +89,28 @@ class FormatTests(unittest.TestCase):
         setup.configure("text", "warn")
         self.assertEqual(setup.levels(), {"*": "warn"})
 
+    def test_unwritable_plugin_cache_costs_one_line(self):
+        """Twisted's legacy "Unable to write to plugin cache" message, as
+        twisted.plugin.getCache logs it on every scan of a stale, unwritable
+        cache: the first line per cache file is kept, repeats are dropped."""
+        from twisted.logger import LogPublisher
+        from twisted.python import log as legacy
+        out = io.StringIO()
+        setup = LogSetup(out, "text")
+        bridge = LogPublisher(setup)
+        old_api = legacy.LogPublisher(observerPublisher=bridge, publishPublisher=bridge)
+        fmt = "Unable to write to plugin cache %(path)s: error number %(errno)d"
+        for path in ("/site/twisted/plugins/dropin.cache", "/site/twisted/plugins/dropin.cache",
+                     "/other/twisted/plugins/dropin.cache", "/site/twisted/plugins/dropin.cache"):
+            old_api.msg(format=fmt, path=path, errno=13)
+        old_api.msg("an ordinary legacy line")
+        old_api.msg("an ordinary legacy line")
+        lines = out.getvalue().splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in lines], [
+            "Unable to write to plugin cache /site/twisted/plugins/dropin.cache: error number 13",
+            "Unable to write to plugin cache /other/twisted/plugins/dropin.cache: error number 13",
+            "an ordinary legacy line", "an ordinary legacy line"])
+
     def test_autobahn_debug_lines_exist_only_when_asked_for(self):
         """Autobahn's txaio loggers make no event at all below the levels set
         for ``*`` or ``autobahn``: its per-message debug calls cost nothing."""

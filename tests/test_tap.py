@@ -82,6 +82,25 @@ class PluginTests(unittest.TestCase):
         self.assertEqual(out.returncode, 1)
         self.assertIn("[interface:web] max_body:", out.stderr)
 
+    def test_command_help_and_version(self):
+        import msgd
+
+        def run(*args):
+            return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        out = run("-m", "msgd", "--help")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        self.assertIn("usage: python -m msgd check [-c CONFIG]", out.stdout)
+        out = run("-m", "msgd", "--version")
+        self.assertEqual((out.returncode, out.stdout), (0, f"msgd {msgd.__version__}\n"))
+        out = run("-m", "msgd")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("usage: python -m msgd check", out.stderr)
+        # the installed console command (setup.py's entry point) names itself
+        out = run("-c", "import sys; from msgd.tap import command; sys.exit(command())", "--help")
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("usage: msgd check [-c CONFIG]", out.stdout)
+        self.assertIn("       msgd passwd FILE USER", out.stdout)
+
     def test_port_in_use_stops_startup(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

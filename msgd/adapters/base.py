@@ -235,7 +235,7 @@ class Pool:
             return defer.fail(self.closed_reason)
         if len(self.waiters) >= self.queue + (self.size - self.in_use):
             return defer.fail(self.overloaded())   # the queue proper is full
-        d = Deferred(lambda d: self.waiters.remove(d) if d in self.waiters else None)
+        d: Deferred[Lease] = Deferred(lambda d: self.waiters.remove(d) if d in self.waiters else None)
         self.waiters.append(d)
         self._fill()
         return d
@@ -266,7 +266,7 @@ class Pool:
     def reap(self) -> None:
         """Close connections idle too long or too old."""
         now = self.clock.seconds()
-        keep = collections.deque()
+        keep: collections.deque[tuple[Lease, float]] = collections.deque()
         for lease, since in self.idle:
             if (self.idle_timeout is not None and now - since >= self.idle_timeout) or self._too_old(lease):
                 self._destroy(lease)
@@ -339,7 +339,7 @@ class _Attempt:
 def detached(inner: Deferred) -> Deferred:
     """A Deferred with ``inner``'s result that can be cancelled without
     touching ``inner`` (for work that cannot be interrupted, like a thread)."""
-    outer = Deferred()
+    outer: Deferred[Any] = Deferred()
 
     def forward(result):
         if not outer.called:
@@ -361,6 +361,7 @@ class Adapter(Service):
     log = Logger()
     Options = AdapterOptions
     threaded = False
+    name: str  # type: ignore[assignment]   # the section's NAME, always set (twisted's Service says None)
 
     def __init__(self, name: str, options, node):
         self.name = name
@@ -445,6 +446,7 @@ class Adapter(Service):
         """Run blocking ``fn`` in this adapter's threads.  Cancelling the
         result does not stop the thread; the lease (if any) stays busy until
         the thread ends."""
+        assert self.threads is not None, f"{type(self).__name__} is not threaded"
         inner = deferToThreadPool(self.reactor, self.threads, fn, *args, **kwargs)
         if lease_or_none is not None:
             lease_or_none.busy = inner

@@ -237,9 +237,9 @@ class LDAPAdapter(Adapter):
 
     def modify(self, dn: str, changes: dict):
         """Replace each attribute with the given value(s); None deletes it."""
-        spec = {k: [(ldap3.MODIFY_DELETE, [])] if v is None
-                else [(ldap3.MODIFY_REPLACE, v if isinstance(v, (list, tuple)) else [v])]
-                for k, v in changes.items()}
+        spec: dict[str, list] = {k: [(ldap3.MODIFY_DELETE, [])] if v is None
+                                 else [(ldap3.MODIFY_REPLACE, v if isinstance(v, (list, tuple)) else [v])]
+                                 for k, v in changes.items()}
         return self._op("modify", lambda conn: conn.modify(dn, spec))
 
     def delete(self, dn: str):

@@ -22,7 +22,7 @@ next command.  Subscriptions hold their own connection in a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -63,8 +63,8 @@ def endpoint_of(url: str, timeout: float = 10.0) -> tuple[str, str | None, int]:
     u = urlsplit(url)
     password = unquote(u.password) if u.password else None
     if u.scheme == "unix":
-        db = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p).get("db", "0")
-        return f"unix:path={u.path}:timeout={int(max(1, timeout))}", password, int(db)
+        query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
+        return f"unix:path={u.path}:timeout={int(max(1, timeout))}", password, int(query.get("db", "0"))
     host, port = u.hostname or "127.0.0.1", u.port or 6379
     db = int(u.path.strip("/") or 0)
     return f"tcp:host={host}:port={port}:timeout={int(max(1, timeout))}", password, db   # rediss: TLS on top
@@ -224,9 +224,9 @@ class Subscription:
 
     def __init__(self, adapter: RedisAdapter, channels: list, callback, patterns: bool):
         self.adapter, self.channels, self.callback, self.patterns = adapter, channels, callback, patterns
-        self.ready = defer.Deferred()
+        self.ready: defer.Deferred[Any] = defer.Deferred()
         factory = Factory()
-        factory.buildProtocol = self._build
+        factory.buildProtocol = self._build   # type: ignore[method-assign]   # one protocol per connection, built here
         self.service = ClientService(adapter.client_endpoint(), factory,
                                      retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
                                      clock=adapter.reactor)

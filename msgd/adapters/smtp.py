@@ -86,6 +86,7 @@ def _fields(description: str) -> tuple[str, list, dict]:
 
 class _Factory(smtp.ESMTPSenderFactory):
     protocol = _Sender
+    adapter: "SMTPAdapter"
 
 
 class SMTPAdapter(Adapter):
@@ -165,7 +166,7 @@ class SMTPAdapter(Adapter):
     @defer.inlineCallbacks
     def _send(self, sender: str, recipients: list, data: bytes):
         o = self.options
-        result = defer.Deferred()
+        result: defer.Deferred = defer.Deferred()
         factory = _Factory(o.username.encode() or None, o.password.encode() or None, sender, recipients,
                            io.BytesIO(data), result, retries=0, timeout=None,
                            contextFactory=None if o.starttls == "off" else self._tls(),

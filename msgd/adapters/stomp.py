@@ -29,7 +29,7 @@ from msgd.core.jsonrpc import dumps
 from msgd.interfaces.stomp.client import BrokerError, StompClientFactory
 
 
-def encode_body(body, headers: dict) -> tuple[bytes, dict]:
+def encode_body(body, headers: dict | None) -> tuple[bytes, dict]:
     """bytes as they are, str as UTF-8 text, anything else as JSON; a
     content-type is added when the caller gave none."""
     headers = dict(headers or {})

@@ -50,6 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -143,7 +144,7 @@ class Outbox:
         self._due: dict[str, list] = {}
         self._expiry: dict[str, list] = {}
         self._tie = itertools.count()
-        self._timers: dict[str, object] = {}
+        self._timers: dict[str, IDelayedCall] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self.running = False
@@ -403,7 +404,7 @@ class Received:
         arrives meanwhile waits for that run and is answered as a duplicate."""
         waiting = self.handling.get(message_id)
         if waiting is not None:
-            d = defer.Deferred()
+            d: defer.Deferred[bool] = defer.Deferred()
             waiting.append(d)
             return d
         mine = defer.Deferred()

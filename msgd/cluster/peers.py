@@ -19,6 +19,7 @@ Errors come back as the core taxonomy (see :mod:`msgd.cluster.wire`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -71,7 +72,7 @@ class Peer(MultiService):
         policy = retry_policy or backoffPolicy(initialDelay=0.2, maxDelay=config.max_retry_delay)
         for ep in config.endpoints:
             svc = ClientService(clientFromString(reactor, ep), _Factory(), retryPolicy=policy,
-                                clock=reactor, prepareConnection=lambda broker, ep=ep: self._login(broker, ep))
+                                clock=reactor, prepareConnection=functools.partial(self._login, endpoint=ep))
             svc.setServiceParent(self)
 
     @defer.inlineCallbacks
@@ -126,7 +127,8 @@ class Peer(MultiService):
         """Call ``target`` on the peer within the current request's remaining
         time (or ``timeout`` outside a request)."""
         req = current.get()
-        timeout = req.remaining() if req is not None and req.deadline is not None else self.config.timeout
+        remaining = req.remaining() if req is not None else None
+        timeout = remaining if remaining is not None else self.config.timeout
         if timeout <= 0:
             return defer.fail(errors.Timeout(f"deadline passed before calling {target} on {self.peer_name}"))
         return self._remote("call", timeout, target, list(args), kwargs, timeout)

@@ -72,7 +72,7 @@ def _is_app_name(name: str) -> bool:
 def _fingerprint(path: str, package: bool) -> tuple:
     """What changes when a module's code changes: (path, mtime_ns, size,
     inode) of its .py files."""
-    files = []
+    files: list[str] = []
     if package:
         for root, dirs, names in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")) and d != "static")
@@ -193,7 +193,7 @@ class AppRegistry:
     # -- scanning ------------------------------------------------------------
 
     def _discover(self) -> dict[str, tuple[str, bool]]:
-        found = {}
+        found: dict[str, tuple[str, bool]] = {}
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:

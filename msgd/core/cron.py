@@ -37,8 +37,9 @@ SHORTHANDS = {
     "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
 }
 # name, lowest, highest, names
-FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
-          ("month", 1, 12, MONTHS), ("day of week", 0, 7, DAYS))
+FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+    ("month", 1, 12, MONTHS), ("day of week", 0, 7, DAYS))
 MAX_STEPS = 100_000   # bounds the search; far more than any satisfiable expression needs
 
 

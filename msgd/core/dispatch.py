@@ -45,7 +45,7 @@ def _simple_types(hint) -> tuple | None:
         return (int, float) if hint is float else (hint,)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        out = []
+        out: list[type] = []
         for arg in typing.get_args(hint):
             t = _simple_types(arg)
             if t is None:
@@ -154,7 +154,7 @@ class Dispatcher:
         self._signatures: "weakref.WeakKeyDictionary[Callable, _Signature]" = weakref.WeakKeyDictionary()
         self.in_flight = 0
         self._drained: list[Deferred] = []
-        self._in_flight_gauge = None
+        self._in_flight_gauge: typing.Any = None      # a prometheus Gauge when metrics are on
         self._in_flight_children: dict = {}     # interface -> gauge child, looked up once
         self.stats = None
         if metrics is not None:
@@ -285,7 +285,7 @@ class Dispatcher:
         """Fires when no call is in flight."""
         if self.in_flight == 0:
             return defer.succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
 

@@ -137,8 +137,6 @@ TAXONOMY: tuple[type[MsgdError], ...] = (
     ApplicationError, Unauthorized, Timeout, Unavailable, TooLarge, Overloaded,
 )
 
-BY_NAME = {cls.name: cls for cls in TAXONOMY}
-
 
 def from_code(code: int, message: str, data: Any = None) -> MsgdError:
     """Rebuild an error from its code (used by clients of peer nodes)."""

@@ -25,7 +25,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._made: dict[str, object] = {}
+        self._made: dict[str | int, object] = {}   # metrics by name, collectors by id
         self._lock = threading.Lock()
 
     def _get(self, kind, name, doc, labels, **kw):

@@ -38,15 +38,15 @@ class TransactionFailed(errors.MsgdError):
 
     def __init__(self, participant: str, cause: BaseException):
         self.participant, self.cause = participant, cause
-        known = isinstance(cause, errors.MsgdError)
-        self.name = cause.name if known else errors.InternalError.name
+        known = cause if isinstance(cause, errors.MsgdError) else None
+        self.name = known.name if known is not None else errors.InternalError.name
         self.retryable = bool(getattr(cause, "retryable", False))
         data = {"participant": participant}
-        if known and isinstance(cause.data, dict):
-            data.update(cause.data)
-        text = cause.message if known else errors.InternalError.default_message
+        if known is not None and isinstance(known.data, dict):
+            data.update(known.data)
+        text = known.message if known is not None else errors.InternalError.default_message
         super().__init__(f"transaction failed at {participant}: {text}", data,
-                         cause.code if known else errors.InternalError.code)
+                         known.code if known is not None else errors.InternalError.code)
 
 
 class Transaction:
@@ -73,7 +73,12 @@ class Transaction:
         names = [n for n, *_ in self.participants]
         running: dict[str, Deferred] = {}
         results: dict[str, Any] = {}
-        outcome = Deferred(lambda _: [d.cancel() for d in list(running.values())])
+
+        def cancel_all(_: Deferred) -> None:
+            for d in list(running.values()):
+                d.cancel()
+
+        outcome: Deferred[dict[str, Any]] = Deferred(cancel_all)
 
         def done(result, name):
             running.pop(name, None)

@@ -124,7 +124,8 @@ def signature(fn) -> Signature:
 
 def needs_coercion(t: Type) -> bool:
     """Whether a decoded value may need :func:`coerce` to fit ``t``."""
-    return t.kind in ("decimal", "date", "float", "struct") or (t.kind == "list" and needs_coercion(t.item))
+    return t.kind in ("decimal", "date", "float", "struct") or (t.kind == "list" and t.item is not None
+                                                                 and needs_coercion(t.item))
 
 
 def coerce(value, t: Type, where: str):
@@ -143,6 +144,7 @@ def coerce(value, t: Type, where: str):
         if k == "float" and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if k == "list" and isinstance(value, (list, tuple)):
+            assert t.item is not None    # a list type always has its item type
             return [coerce(v, t.item, f"{where}[{i}]") for i, v in enumerate(value)]
         if k == "struct" and isinstance(value, dict):
             return build_struct(t, {f.name: coerce(value[f.name], f.type, f"{where}.{f.name}")

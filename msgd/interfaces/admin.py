@@ -47,7 +47,7 @@ import time
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.web import resource
+from twisted.web import pages, resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
@@ -139,8 +139,8 @@ class StatusFeed:
         self.interval = interval
         self.broker = Broker(node.reactor, history_size=0, gc_interval=0)
         self.watchers = 0
-        self._loop = None
-        self._last = None      # (time, total, errors, buckets) of the last published snapshot
+        self._loop: LoopingCall | None = None
+        self._last: tuple | None = None      # (time, total, errors, buckets) of the last published snapshot
 
     def watcher_joined(self) -> None:
         self.watchers += 1
@@ -251,7 +251,7 @@ class StatusRoot(resource.Resource):
     def getChild(self, path, request):
         if path == b"":
             return self.page
-        return resource.NoResource()
+        return pages.notFound()
 
     def render_GET(self, request):
         return self.page.render_GET(request)

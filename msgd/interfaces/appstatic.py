@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.web import http, resource, static
+from twisted.web import http, pages, resource, static
 from twisted.web.util import Redirect
 
 CONTENT_TYPES = {
@@ -87,7 +87,7 @@ class AppStaticResource(resource.Resource):
     def locate(self, request):
         """The real path of the requested file, or a Resource to answer with."""
         path = request.postpath
-        not_found = resource.NoResource("no such file")
+        not_found = pages.notFound(message="no such file")
         if not path or not path[0]:
             return not_found
         try:

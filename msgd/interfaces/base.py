@@ -41,13 +41,14 @@ class Interface(Service):
     for the ``[node]`` settings and what is not a service yet."""
 
     log = Logger()
+    name: str  # type: ignore[assignment]   # the section's NAME, always set (twisted's Service says None)
 
     def __init__(self, name: str, options, node):
         self.name = name
         self.options = options
         self.node = node
         self.services: Services = node
-        self.ready = defer.Deferred()   # fires when the interface accepts work
+        self.ready: defer.Deferred[None] = defer.Deferred()   # fires when the interface accepts work
 
     def describe(self) -> dict:
         """For /health and the status page."""
@@ -98,8 +99,12 @@ class Listener(Interface):
         if getattr(self.options, "proxy_protocol", False):      # see msgd.security.addresses
             factory = ProxyProtocolFactory(factory, self.guard.addresses, self.node.reactor, self.name)
         d = endpoint.listen(factory)
-        early = []
-        d.addBoth(lambda r: early.append(r) or r)
+        early: list = []
+
+        def keep(r):
+            early.append(r)
+            return r
+        d.addBoth(keep)
         if strict and early and isinstance(early[0], Failure):
             d.addErrback(lambda f: None)
             error = early[0].value

@@ -37,6 +37,7 @@ import heapq
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -177,12 +178,12 @@ class DirWatch(Interface):
     log = Logger()
     close_grace = 5.0
 
-    def __init__(self, name, options: Options, node):
+    def __init__(self, name: str, options, node):
         super().__init__(name, options, node)
         self.dirs = {d: os.path.join(options.directory, d) for d in SUBDIRS}
         self.metrics = IngestMetrics(self.services.metrics, name)
         self.mode = None             # "inotify" or "poll" once started
-        self._notifier = None
+        self._notifier: Any = None    # an INotify when watching with inotify
         self._loop = None
         self._accepting = False
         self._active: set[str] = set()      # names in processing/ (claimed by us)

@@ -32,7 +32,7 @@ import json
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import ISSLTransport
-from twisted.web import http, resource, server
+from twisted.web import http, pages, resource, server
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
@@ -248,7 +248,7 @@ def _ignore(*args):
 
 class MsgdSite(server.Site):
     requestFactory = BoundedRequest
-    protocol = TrackedChannel
+    protocol = TrackedChannel   # type: ignore[assignment]   # an HTTPChannel, as Site's default factory makes
 
     def __init__(self, root, interface: "HTTPInterface"):
         # Nothing here takes HTML form posts: bodies are JSON or XML, arguments come
@@ -369,7 +369,7 @@ class WebFile(resource.Resource):
 
     def render_GET(self, request):
         if request.postpath not in ([], [b""]):
-            return resource.NoResource().render(request)
+            return pages.notFound().render(request)
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         return self.body
@@ -383,7 +383,7 @@ class Root(resource.Resource):
     def getChild(self, path, request):
         if path == b"":
             return self.index
-        return resource.NoResource()
+        return pages.notFound()
 
 
 class HTTPInterface(Listener):

@@ -73,8 +73,8 @@ def settle_within(deferreds, seconds: float, clock) -> defer.Deferred:
     """Fires when every one of ``deferreds`` has fired, or after ``seconds``,
     whichever is first; never cancels them (work cut short at stop is redone
     at the next start, which is the at-least-once contract)."""
-    done = defer.Deferred()
-    timer = clock.callLater(seconds, lambda: done.called or done.callback(None))
+    done: defer.Deferred[None] = defer.Deferred()
+    timer = clock.callLater(seconds, lambda: None if done.called else done.callback(None))
 
     def finished(_):
         if timer.active():

@@ -85,7 +85,7 @@ class PollSession:
         self.builtins = self.pubsub.builtins()
         self.queue: deque[bytes] = deque()
         self.queued = 0          # bytes
-        self.waiter = None       # (request, timer) of the GET waiting
+        self.waiter: tuple | None = None       # (request, timer) of the GET waiting
         self.stream = None       # an attached sse.EventStream
         self.last_seen = registry.clock.seconds()
         self._flush = None

@@ -171,7 +171,7 @@ class POP3Poller(Interface):
     log = Logger()
     close_grace = 5.0
 
-    def __init__(self, name, options: Options, node):
+    def __init__(self, name: str, options, node):
         super().__init__(name, options, node)
         self.metrics = IngestMetrics(self.services.metrics, name)
         self.state = MailboxState(os.path.join(node.config.node.state_dir, f"pop3-{name}.json"))
@@ -181,7 +181,7 @@ class POP3Poller(Interface):
         self.next_delay = 0.0
         self._accepting = False
         self._call = None         # the scheduled next poll
-        self._session = None      # the Deferred of the poll running now
+        self._session: defer.Deferred | None = None      # the Deferred of the poll running now
         self._client = None
         self._tls = None          # client TLS options for STLS
 

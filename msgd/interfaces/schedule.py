@@ -133,6 +133,7 @@ class Schedule(Interface):
         o = self.options
         if o.cron is not None:
             return o.cron.next(t, self.tz)
+        assert self.anchor is not None   # set by startService, before any planning
         k = math.floor((t - self.anchor) / o.interval) + 1
         return self.anchor + k * o.interval
 

@@ -45,7 +45,7 @@ import os
 from dataclasses import dataclass
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -97,10 +97,11 @@ class StreamProtocol(protocol.Protocol):
     """One client connection: splits lines, answers them, delivers events."""
 
     log = Logger()
+    transport: ITCPTransport   # set by connectionMade, before any use
 
     def __init__(self, interface: "StreamInterface"):
         self.interface = interface
-        self.principal = None
+        self.principal: Principal | None = None
         self.session: Session | None = None
         self._buffer = b""
         self._paused = False

@@ -100,13 +100,13 @@ class MsgdWebSocket(WebSocketServerProtocol):
     no-ops: Autobahn logs at debug several times per message); msgd's own
     lines go to this module's ``log``."""
 
-    CONFIG_ATTRS = ()
+    CONFIG_ATTRS: list[str] = []
     principal = None
     session = None
     builtins = None
     stomp = None
     _paused = False
-    _backlog = None
+    _backlog: list[bytes] | None = None
     _backlog_bytes = 0
     _closing = False
     _opened = False

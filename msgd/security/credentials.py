@@ -89,7 +89,7 @@ class PasswordFileChecker:
     def __init__(self, path: str, run_blocking):
         self.path = path
         self.run_blocking = run_blocking
-        self._cache: tuple = (None, {})      # (the file's stamp, its users), replaced whole
+        self._cache: tuple[tuple[int, int, int] | None, dict] = (None, {})      # (the file's stamp, its users), replaced whole
 
     def users(self) -> dict:
         """user -> (hash, roles), re-read when the file changed (blocking:

@@ -203,7 +203,8 @@ class Guard:
         if self.checker is None:
             self.denied("credentials", user, address, "this interface checks no passwords")
             return defer.fail(errors.Unauthorized("authentication failed"))
-        d = defer.maybeDeferred(self.checker.requestAvatarId, UsernamePassword(user, password))
+        credentials = UsernamePassword(user, password)  # type: ignore[arg-type]   # msgd's checkers take str too
+        d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
 
         def refused(f):
             if f.check(UnauthorizedLogin):

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 
-ACTIONS = ("call", "subscribe", "publish")
-
 
 def _literal_prefix(name: str) -> str:
     for i, c in enumerate(name):

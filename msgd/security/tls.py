@@ -65,7 +65,7 @@ def make_cert(ca: dict, directory: str, name: str, cn: str, hosts=("127.0.0.1", 
     ``NAME.pem``, ``NAME.key``."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    alt = []
+    alt: list[x509.GeneralName] = []
     for h in hosts:
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -146,7 +146,8 @@ def peer_common_name(transport) -> str | None:
     cert = get() if get is not None else None
     if cert is None:
         return None
-    for key, value in cert.get_subject().get_components():
-        if key == b"CN":
-            return value.decode("utf-8", "replace")
-    return None
+    names = cert.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    value = names[0].value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

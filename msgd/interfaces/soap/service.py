@@ -201,7 +201,9 @@ class Service:
     def _decode_field(self, els: list, f: typehints.Field, where: str):
         t = f.type
         if t.kind == "list":
-            return [self._decode(e, t.item, f"{where}[{i}]") for i, e in enumerate(els)]
+            item = t.item
+            assert item is not None   # a list type always has its item type
+            return [self._decode(e, item, f"{where}[{i}]") for i, e in enumerate(els)]
         if len(els) > 1:
             raise errors.InvalidParams(f"{where} given {len(els)} times")
         return self._decode(els[0], t, where)
@@ -211,7 +213,9 @@ class Service:
             return None
         try:
             if t.kind == "list":
-                return [self._decode(e, t.item, f"{where}[{i}]") for i, e in enumerate(el) if _local(e.tag) == "item"]
+                item = t.item
+                assert item is not None
+                return [self._decode(e, item, f"{where}[{i}]") for i, e in enumerate(el) if _local(e.tag) == "item"]
             if t.kind == "struct":
                 children = self._children(el)
                 unknown = set(children) - {f.name for f in t.fields}
@@ -243,6 +247,7 @@ class Service:
         if t.kind == "list":
             if value is None:
                 return
+            assert t.item is not None
             for v in value:
                 self._encode(parent, name, t.item, v)
         else:
@@ -254,6 +259,7 @@ class Service:
             el.set(XSI_NIL, "true")
             return
         if t.kind == "list":
+            assert t.item is not None
             for v in value:
                 self._encode(el, "item", t.item, v)
         elif t.kind == "struct":
@@ -306,6 +312,7 @@ class Service:
             if t.kind == "list":
                 el.set("minOccurs", "0")
                 el.set("maxOccurs", "unbounded")
+                assert t.item is not None
                 t = t.item
             elif not required or t.optional:
                 el.set("minOccurs", "0")
@@ -315,6 +322,7 @@ class Service:
                 element(etree.SubElement(etree.SubElement(el, S + "complexType"), S + "sequence"),
                         "item", t, True)
             elif t.kind == "struct":
+                assert t.cls is not None   # a struct type always has its class
                 structs.setdefault(t.cls, t)
                 el.set("type", "tns:" + self._type_name(t.cls))
             else:

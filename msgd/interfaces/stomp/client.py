@@ -16,6 +16,7 @@ import itertools
 from typing import Callable
 
 from twisted.internet import defer, error as neterror
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -40,6 +41,7 @@ class NotConnected(neterror.ConnectError):
 
 class StompClient(Protocol):
     log = Logger()
+    transport: ITCPTransport   # set by connectionMade, before any use
 
     def __init__(self, clock, login: str = "", passcode: str = "", vhost: str = "/", heartbeat: float = 10.0,
                  limits: Limits = Limits(max_frame=64 * 1024 * 1024 + 65536, max_body=64 * 1024 * 1024)):
@@ -47,8 +49,8 @@ class StompClient(Protocol):
         self.login, self.passcode, self.vhost = login, passcode, vhost
         self.heartbeat_ms = int(heartbeat * 1000)
         self.decoder = Decoder(limits)
-        self.handshake = defer.Deferred()
-        self.lost = defer.Deferred()       # fires (with None) when the connection has ended
+        self.handshake: defer.Deferred[StompClient] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()       # fires (with None) when the connection has ended
         self.up = False
         self.receipts: dict[str, defer.Deferred] = {}
         self.handlers: dict[str, Callable[[Frame], None]] = {}
@@ -158,7 +160,10 @@ class StompClient(Protocol):
             return defer.fail(NotConnected("not connected to the broker"))
         rid = f"r{next(self._ids)}"
         frame.headers.append(("receipt", rid))
-        d = self.receipts[rid] = defer.Deferred(lambda _: self.receipts.pop(rid, None))
+        def forget(_: defer.Deferred) -> None:
+            self.receipts.pop(rid, None)
+
+        d = self.receipts[rid] = defer.Deferred(forget)
         self._send(frame)
         return d
 

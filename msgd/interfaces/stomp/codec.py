@@ -145,10 +145,10 @@ class Decoder:
         head = bytes(buf[pos:m.start()])
         start = m.end()
         lines = head.split(b"\n")
-        command = lines[0].rstrip(b"\r")
-        if not _COMMAND.match(command):
-            raise ProtocolError(f"invalid command {command[:40]!r}")
-        command = command.decode("ascii")
+        command_line = lines[0].rstrip(b"\r")
+        if not _COMMAND.match(command_line):
+            raise ProtocolError(f"invalid command {command_line[:40]!r}")
+        command = command_line.decode("ascii")
         if len(lines) - 1 > lim.max_headers:
             raise ProtocolError(f"more than {lim.max_headers} headers")
         raw = command in UNESCAPED or self.version == "1.0"

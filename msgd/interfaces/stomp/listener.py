@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -62,6 +63,7 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
 
 @implementer(IPushProducer)
 class StompProtocol(Protocol):
+    transport: Any   # a TCP, TLS or unix transport (a consumer too), set before any use
     session: StompSession | None = None
 
     _admitted = False

@@ -385,6 +385,8 @@ class StompSession:
         if reply_to.startswith(TOPIC):      # checked before the call runs, not after
             self._authorize("publish", check_channel(reply_to[len(TOPIC):]))
         data = _body(frame, text_ok=False) if frame.body else None
+        args: tuple | list
+        kwargs: dict
         if frame.body == b"":
             args, kwargs = (), {}
         elif isinstance(data, list):
@@ -566,7 +568,7 @@ def _websocket_options(node, interface_name: str) -> SessionOptions:
     ``ws_max_pending`` what is queued; its deadline applies to /app calls."""
     iface = getattr(node, "interfaces", {}).get(interface_name)
     o = getattr(iface, "options", None)
-    if o is None or not hasattr(o, "ws_max_pending"):
+    if iface is None or o is None or not hasattr(o, "ws_max_pending"):
         return SessionOptions()
     return SessionOptions(limits=Limits(max_frame=o.ws_max_message, max_body=min(o.ws_max_message, Limits.max_body)),
                           max_pending=o.ws_max_pending, request_timeout=iface.timeout())

@@ -1,0 +1,79 @@
+"""``.. msgd-options::`` renders the keys of every section's option
+dataclass as tables (:func:`msgd.config.describe`: key, default and the
+``doc=`` of its ``option()``), so the generated key reference cannot drift
+from the code: [node], [pubsub], [channel:NAME], [peer:NAME],
+[access:NAME], the listeners' security keys, and each interface and adapter
+type in msgd.registry."""
+
+from __future__ import annotations
+
+from docutils import nodes
+from docutils.parsers.rst import Directive
+from docutils.statemachine import StringList
+
+
+def _default(value, parse) -> str:
+    """A default as it would be written in node.ini."""
+    from msgd import config
+    if value == "(required)":
+        return "(required)"
+    if value is None or value == "" or value == ():
+        return "(none)"
+    if isinstance(value, bool):
+        return "``yes``" if value else "``no``"
+    if parse in (config.duration, config.optional_duration):
+        value = f"{value:g}s"
+    elif parse is config.size and value and value % 1024 == 0:
+        value = f"{value // 1048576}MiB" if value % 1048576 == 0 else f"{value // 1024}KiB"
+    elif isinstance(value, (tuple, list, frozenset)):
+        value = " ".join(str(v) for v in value)
+    return f"``{value}``"
+
+
+def _text(doc: str) -> str:
+    """A plain-text ``doc=`` as reST: its markup characters escaped."""
+    for ch in ("\\", "*", "`", "|", "_"):
+        doc = doc.replace(ch, "\\" + ch)
+    return doc
+
+
+def _table(cls) -> list[str]:
+    import dataclasses
+
+    from msgd.config import NodeConfig, describe
+    parsers = {f.name: f.metadata.get("parse") for f in dataclasses.fields(cls)}
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 22 18 60", "",
+             "   * - key", "     - default", "     - meaning"]
+    for key, default, doc in describe(cls):
+        shown = "(host name)" if cls is NodeConfig and key == "name" else _default(default, parsers[key])
+        lines += [f"   * - ``{key}``", f"     - {shown}", f"     - {_text(doc)}"]
+    return lines
+
+
+def sections():
+    """(title, class) of every section kind, in the order of docs/configuration.rst."""
+    from msgd import config, registry
+    from msgd.security import SecurityOptions
+    from msgd.security.rules import AccessConfig
+    out = [("[node]", config.NodeConfig), ("[pubsub]", config.PubSubConfig),
+           ("[channel:NAME]", config.ChannelConfig), ("[peer:NAME]", config.PeerConfig),
+           ("[access:NAME]", AccessConfig), ("Security keys of listeners", SecurityOptions)]
+    for kind, table in (("interface", registry.INTERFACES), ("adapter", registry.ADAPTERS)):
+        for typ in table:
+            out.append((f"[{kind}:NAME] type = {typ}", registry.load(table, typ).Options))
+    return out
+
+
+class OptionsDirective(Directive):
+    def run(self):
+        lines: list[str] = []
+        for title, cls in sections():
+            lines += [".. rubric:: " + title, ""] + _table(cls) + [""]
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines, source="msgd-options"), self.content_offset, container)
+        return list(container.children)
+
+
+def setup(app):
+    app.add_directive("msgd-options", OptionsDirective)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
