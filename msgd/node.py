@@ -56,7 +56,7 @@ class NodeService(MultiService):
         self.metrics = Metrics()
         self.threadpool = ThreadPool(minthreads=0, maxthreads=config.node.threads, name=f"msgd-{self.name_}")
         if run_blocking is not None:
-            self.run_blocking = run_blocking
+            self.run_blocking = run_blocking  # type: ignore[method-assign]   # injected (tests run work at once)
         self.apps = AppRegistry(config.node.apps, reactor, interval=config.node.reload_interval,
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)

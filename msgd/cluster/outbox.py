@@ -407,7 +407,7 @@ class Received:
             d: defer.Deferred[bool] = defer.Deferred()
             waiting.append(d)
             return d
-        mine = defer.Deferred()
+        mine: defer.Deferred[bool] = defer.Deferred()
         self.handling[message_id] = []
 
         def run(seen):

@@ -10,6 +10,7 @@ those that do not close within a grace period.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -68,6 +69,7 @@ class Listener(Interface):
     """An interface that listens on ``options.endpoint``."""
 
     close_grace = 2.0
+    guard: Any = None    # the listener's msgd.security.Guard, set by subclasses that take connections
 
     def __init__(self, name, options, node):
         super().__init__(name, options, node)

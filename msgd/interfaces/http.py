@@ -30,10 +30,10 @@ import importlib
 import importlib.resources
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import ISSLTransport
 from twisted.web import http, pages, resource, server
-from twisted.web.server import NOT_DONE_YET
 
 from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
                          size, words)
@@ -165,7 +165,7 @@ class TrackedChannel(http.HTTPChannel):
     linger_bytes = 32 * 1024 * 1024
 
     _admitted = False
-    _lingering = None        # [bytes discarded, idle timer, deadline timer] once refused
+    _lingering: list | None = None        # [bytes discarded, idle timer, deadline timer] once refused
 
     def connectionMade(self):
         super().connectionMade()
@@ -206,9 +206,9 @@ class TrackedChannel(http.HTTPChannel):
         self.setTimeout(None)
         # nothing more is parsed: not the rest of this read, not what comes later
         self._buffer = b""
-        self.lineReceived = self.rawDataReceived = self.allContentReceived = _ignore
-        self.dataReceived = self._discard
-        transport = self.transport
+        self.lineReceived = self.rawDataReceived = self.allContentReceived = _ignore  # type: ignore[method-assign]
+        self.dataReceived = self._discard  # type: ignore[method-assign]   # nothing more is parsed
+        transport: Any = self.transport
         transport.write(response)
         if hasattr(transport, "loseWriteConnection") and not ISSLTransport.providedBy(transport):
             transport.loseWriteConnection()      # FIN once the answer is out; reading goes on
@@ -217,6 +217,7 @@ class TrackedChannel(http.HTTPChannel):
 
     def _discard(self, data: bytes) -> None:
         lingering = self._lingering
+        assert lingering is not None
         lingering[0] += len(data)
         if lingering[0] > self.linger_bytes:
             self._linger_end()
@@ -224,11 +225,12 @@ class TrackedChannel(http.HTTPChannel):
             lingering[1].reset(self.linger_idle)
 
     def _linger_end(self) -> None:
-        for call in self._lingering[1:]:
+        for call in (self._lingering or [])[1:]:
             if call.active():
                 call.cancel()
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionLost(self, reason):
         if self._lingering is not None:

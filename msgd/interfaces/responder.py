@@ -47,8 +47,12 @@ def respond(request, outcome: Any, answer: Callable[[Any], Answer], fault: Calla
     Deferred of one, or a :class:`Failure` (an error found before any work
     started, e.g. while decoding).  Returns ``NOT_DONE_YET`` for ``render``."""
     if isinstance(outcome, Deferred):
-        gone = []
-        request.notifyFinish().addErrback(lambda _: (gone.append(True), outcome.cancel()))
+        gone: list[bool] = []
+
+        def lost(_):
+            gone.append(True)
+            outcome.cancel()
+        request.notifyFinish().addErrback(lost)
 
         def done(result):
             if not gone:

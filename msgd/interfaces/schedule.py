@@ -242,7 +242,7 @@ class Schedule(Interface):
         """Fires when no state write is in flight."""
         if self._saving is None:
             return defer.succeed(None)
-        done = defer.Deferred()
+        done: defer.Deferred[None] = defer.Deferred()
 
         def again(_):                 # the write that ended may have started the next one
             self.saved().addCallback(done.callback)

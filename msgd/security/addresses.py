@@ -28,6 +28,7 @@ limits, login throttling and the log lines of refusals use
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
@@ -72,7 +73,9 @@ def ip(text: str):
 
 def _split(value: str, sep: str) -> list[str]:
     """``value`` split at ``sep`` outside quoted strings."""
-    parts, part, quoted = [], [], False
+    parts: list[str] = []
+    part: list[str] = []
+    quoted = False
     for ch in value:
         if ch == '"':
             quoted = not quoted
@@ -164,7 +167,7 @@ class ProxyProtocol(policies.ProtocolWrapper):
 
     _info = None
     _buffer = b""
-    _parser = None
+    _parser: V1Parser | V2Parser | None = None
     _timer = None
 
     def makeConnection(self, transport):
@@ -196,6 +199,7 @@ class ProxyProtocol(policies.ProtocolWrapper):
             else:
                 return self._refuse("no PROXY header")
             data = head
+        assert self._parser is not None
         try:
             info, rest = self._parser.feed(data)
         except InvalidProxyHeader:
@@ -207,15 +211,17 @@ class ProxyProtocol(policies.ProtocolWrapper):
         self._info = info
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.wrappedProtocol.makeConnection(self)
-        if rest and not self.transport.disconnecting:
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]   # a transport: it provides the wrapped one's interfaces
+        transport: Any = self.transport
+        if rest and not transport.disconnecting:
             self.wrappedProtocol.dataReceived(rest)
         return None
 
     def _refuse(self, reason: str):
+        transport: Any = self.transport
         log.warn("{interface}: closed a connection from {address}: {reason}", interface=self.factory.interface,
-                 address=host_of(self.transport.getPeer()), reason=reason)
-        self.transport.abortConnection()
+                 address=host_of(transport.getPeer()), reason=reason)
+        transport.abortConnection()
 
     def getPeer(self):
         if self._info is not None and self._info.source is not None:

@@ -71,7 +71,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -482,7 +482,7 @@ class StompSession:
 
     # -- output ------------------------------------------------------------------------------
 
-    def receipt(self, frame: Frame, headers: list = ()) -> None:
+    def receipt(self, frame: Frame, headers: Sequence = ()) -> None:
         r = frame.get("receipt")
         if r is not None and self.state in ("connected", "disconnecting"):
             self.send(Frame("RECEIPT", [("receipt-id", r), *headers]))
