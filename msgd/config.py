@@ -1,6 +1,6 @@
 """node.ini → frozen, typed configuration.
 
-Every error is a :class:`ConfigError` whose text is one line naming the file,
+Every error is a :class:`~msgd.options.ConfigError` whose text is one line naming the file,
 the section and the key, with a "did you mean" when a name is close to a known
 one.  Nothing here starts anything: the whole file is validated before the
 node builds a single service.

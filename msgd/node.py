@@ -35,7 +35,7 @@ def _by_name(components) -> dict:
 
 
 class NodeService(MultiService):
-    """``reactor`` is passed in (only :mod:`msgd.tap` uses the global one).
+    """``reactor`` is passed in (only ``msgd.tap`` uses the global one).
 
     The node provides :class:`msgd.services.Services` (reactor, metrics,
     dispatcher, pubsub, access, apps, run_blocking, new_request) to the

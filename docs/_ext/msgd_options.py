@@ -54,7 +54,7 @@ def sections():
     """(title, class) of every section kind, in the order of docs/configuration.rst."""
     from msgd import config, registry
     from msgd.security import SecurityOptions
-    from msgd.security.rules import AccessConfig
+    from msgd.config import AccessConfig
     out = [("[node]", config.NodeConfig), ("[pubsub]", config.PubSubConfig),
            ("[channel:NAME]", config.ChannelConfig), ("[peer:NAME]", config.PeerConfig),
            ("[access:NAME]", AccessConfig), ("Security keys of listeners", SecurityOptions)]

@@ -4,7 +4,7 @@ interface (:mod:`msgd.interfaces.pb`, the callee) and the peers
 back.
 
 Errors are the core taxonomy: the remote failure's type is
-``msgd.interfaces.pb.PBError`` (:data:`WIRE_NAME`) and its value a JSON object
+``msgd.interfaces.pb.PBError`` (``WIRE_NAME``) and its value a JSON object
 ``{"code", "name", "message", "data"}``; :func:`rebuild` turns a failure
 back into the :class:`~msgd.core.errors.MsgdError` subclass.
 """
@@ -24,7 +24,7 @@ class PBError(pb.Error):
     ``{"code", "name", "message", "data"}`` that PB copies to the client.
 
     Its qualified name is part of the wire (PB sends it as the failure's
-    type, clients compare it): it stays :data:`WIRE_NAME`, where the class
+    type, clients compare it): it stays ``WIRE_NAME``, where the class
     was first defined and is still importable, whichever module defines it."""
 
     __module__ = "msgd.interfaces.pb"
@@ -39,8 +39,8 @@ WIRE_NAME = "msgd.interfaces.pb.PBError"
 
 
 def rebuild(failure) -> errors.MsgdError:
-    """The :class:`MsgdError` that a PB failure stands for.  Accepts the
-    failure of a ``callRemote`` Deferred, or the :class:`pb.RemoteError`
+    """The :class:`~msgd.core.errors.MsgdError` that a PB failure stands for.  Accepts the
+    failure of a ``callRemote`` Deferred, or the :class:`twisted.spread.pb.RemoteError`
     that ``await``/``inlineCallbacks`` raise for it.  Other remote errors
     become ``internal_error``, a lost connection ``unavailable``."""
     if isinstance(failure, BaseException):

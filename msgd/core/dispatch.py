@@ -140,7 +140,7 @@ class Dispatcher:
     ``run_blocking(fn, *args, **kwargs) -> Deferred`` runs a blocking
     function off the reactor (the node passes ``deferToThreadPool`` bound to
     its pool).  ``authorize(request, target)`` raises
-    :class:`errors.Unauthorized` to refuse a call (the default allows all).
+    ``errors.Unauthorized`` to refuse a call (the default allows all).
     """
 
     log = Logger()

@@ -44,7 +44,7 @@ class Answer(NamedTuple):
 def respond(request, outcome: Any, answer: Callable[[Any], Answer], fault: Callable[[errors.MsgdError], Answer],
             *, log, event: str, request_id: str | None = None, **fields) -> int:
     """Answer the twisted.web ``request`` with ``outcome``: a result, a
-    Deferred of one, or a :class:`Failure` (an error found before any work
+    Deferred of one, or a :class:`~twisted.python.failure.Failure` (an error found before any work
     started, e.g. while decoding).  Returns ``NOT_DONE_YET`` for ``render``."""
     if isinstance(outcome, Deferred):
         gone: list[bool] = []
