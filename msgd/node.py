@@ -17,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from msgd import registry
@@ -71,6 +72,7 @@ class NodeService(MultiService):
                              metrics=self.metrics)
         self.started_at = None
         self._apps_loaded = False
+        self._ready: tuple | None = None     # (the start-up outcome or its Deferred, who waits for it)
         self.reconfigured: list = [lambda new: self.access.update(new.access)]   # listener(config) after each reconfiguration
         self.logs = None                 # the msgd.logging.LogSetup, when twistd runs the node
         self.last_reload: dict | None = None
@@ -143,10 +145,31 @@ class NodeService(MultiService):
 
     def ready(self) -> defer.Deferred:
         """Fires when every interface accepts work and every adapter that
-        has a ``ready`` Deferred is connected; fails if one cannot."""
-        waits = [i.ready for i in self.interfaces.values()]
-        waits += [a.ready for a in self.adapters.values() if isinstance(getattr(a, "ready", None), defer.Deferred)]
-        return defer.gatherResults(waits, consumeErrors=True)
+        has a ``ready`` Deferred is connected; fails if one cannot.  Each
+        call gets its own Deferred with the same outcome (the parts' own
+        Deferreds are waited on once: a second wait on them would see the
+        failure already consumed by the first, and report success)."""
+        if self._ready is None:
+            waits = [i.ready for i in self.interfaces.values()]
+            waits += [a.ready for a in self.adapters.values()
+                      if isinstance(getattr(a, "ready", None), defer.Deferred)]
+            self._ready = (defer.gatherResults(waits, consumeErrors=True), [])
+            self._ready[0].addBoth(self._ready_outcome)
+        outcome, waiting = self._ready
+        d: defer.Deferred = defer.Deferred()
+        if isinstance(outcome, defer.Deferred):
+            waiting.append(d)
+        else:
+            _fire(d, outcome)
+        return d
+
+    def _ready_outcome(self, outcome):
+        assert self._ready is not None
+        waiting = self._ready[1]
+        self._ready = (outcome, [])
+        for d in waiting:
+            _fire(d, outcome)
+        return None     # every waiter has the outcome
 
     def status_line(self) -> str:
         """One line for ``systemctl status``."""
@@ -355,3 +378,9 @@ class NodeService(MultiService):
             "load_errors": errors,
         }
 
+
+def _fire(d: defer.Deferred, outcome) -> None:
+    if isinstance(outcome, Failure):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)

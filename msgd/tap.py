@@ -20,6 +20,8 @@ Process-level wiring lives here too:
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import sys
 
@@ -68,6 +70,21 @@ class Root(MultiService):
             self.node.log.critical("{error}", error=str(e), **e.fields)
             _without_traceback(e)
             raise
+
+
+def _exit_status_after_twistd(status: int) -> None:
+    """End the process with ``status`` once twistd is done (it has stopped
+    the services and removed its pid file by then).  twistd itself always
+    exits 0 after its reactor stops; a node that could not start must not
+    look like a clean stop to systemd (Restart=on-failure) or a supervisor."""
+    def leave():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    atexit.register(leave)
 
 
 def _without_traceback(error: BaseException) -> None:
@@ -149,6 +166,7 @@ def makeService(options):
     def not_ready(failure):
         node.log.critical("node {node} could not start: {error}", node=config.node.name,
                           error=failure.value)
+        _exit_status_after_twistd(1)
         reactor.stop()
     reactor.callWhenRunning(lambda: node.ready().addErrback(not_ready))
     return Root(node, logs)

@@ -120,6 +120,28 @@ class PluginTests(unittest.TestCase):
         self.assertTrue(lines[0].endswith(f"[interface:web] cannot listen on tcp:{port}:interface=127.0.0.1: "
                                           "Address already in use"), lines[0])
 
+    def test_part_that_fails_after_start_exits_1(self):
+        # a part that fails once the reactor runs (here a directory that cannot
+        # be made: its parent is a file) stops the node with exit status 1, so
+        # that systemd's Restart=on-failure and a supervisor see the failure
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        blocker = os.path.join(base, "not-a-dir")
+        open(blocker, "w").close()
+        ini = INI + f"""
+[interface:drop]
+type = dirwatch
+directory = {blocker}/inbox
+handler = m.version
+"""
+        node = NodeProcess(base, ini, {"m.py": APP})
+        node.start(wait=False)
+        self.addCleanup(node.stop)
+        self.assertEqual(node.wait(30), 1)
+        log = node.output()
+        self.assertIn("could not start", log)
+        self.assertIn("[interface:drop] cannot watch", log)
+
 
 class RunningNodeTests(unittest.TestCase):
     def setUp(self):
