@@ -54,6 +54,7 @@ from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response, param
 from msgd.core.pubsub import Session
 from msgd.interfaces.base import Listener, discard_unsent
+from msgd.interfaces.writer import BoundedWriter
 from msgd.security import Guard, Principal, SecurityOptions
 from msgd.security.tls import peer_common_name
 
@@ -103,9 +104,7 @@ class StreamProtocol(protocol.Protocol):
         self.principal = None
         self.session: Session | None = None
         self._buffer = b""
-        self._paused = False
-        self._backlog: list[bytes] = []
-        self._backlog_bytes = 0
+        self.writer = None
         self._closing = False
         self._admitted = False      # within the connection limits (then released when it closes)
 
@@ -125,6 +124,8 @@ class StreamProtocol(protocol.Protocol):
         self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
                                authorize=iface.node.access.authorize_channel)
         self.builtins = dict(self.session.builtins(), **{"rpc.login": self._login})
+        self.writer = BoundedWriter(self.transport.write, iface.options.max_pending, self._slow,
+                                    lambda: discard_unsent(self.transport))
         self.transport.registerProducer(self, True)
 
     def _login(self, request, params):
@@ -196,26 +197,19 @@ class StreamProtocol(protocol.Protocol):
         self._write(line)
 
     def _write(self, data: bytes):
-        if self._closing or self.transport is None:
-            return
-        if not self._paused:
-            self.transport.write(data)
-            return
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
-        limit = self.interface.options.max_pending
-        if self._backlog_bytes > limit:
-            self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
-                          peer=self.transport.getPeer(), limit=limit)
-            self._backlog, self._backlog_bytes = [], 0
-            discard_unsent(self.transport)      # so that the reason is the next line the client reads
-            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                        "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
-                                 + b"\n")
-            self._drop("slow_consumer")
+        if not self._closing and self.writer is not None:
+            self.writer.write(data)
+
+    def _slow(self, limit: int):
+        self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
+                      peer=self.transport.getPeer(), limit=limit)
+        self.writer.last(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}}) + b"\n")
+        self._drop("slow_consumer")
 
     def _drop(self, reason: str):
         self._closing = True
+        self.writer.close()
         if self.session is not None:
             self.session.close()            # no more events
         self.interface.dropped.labels(self.interface.name, reason).inc()
@@ -223,19 +217,16 @@ class StreamProtocol(protocol.Protocol):
 
     # IPushProducer: the transport says when its write buffer is full / drained
     def pauseProducing(self):
-        self._paused = True
+        self.writer.pause()
         self.transport.pauseProducing()     # stop reading requests from a client that does not read
 
     def resumeProducing(self):
-        self._paused = False
-        if self._backlog:
-            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), [], 0
-            self.transport.write(data)
+        self.writer.resume()
         if not self._closing:
             self.transport.resumeProducing()
 
     def stopProducing(self):
-        self._backlog, self._backlog_bytes = [], 0
+        self.writer.clear()
 
     # -- end ---------------------------------------------------------------------
 
@@ -243,6 +234,7 @@ class StreamProtocol(protocol.Protocol):
         if not self._admitted:
             return
         self._admitted = False
+        self.writer.close()
         if self.session is not None:
             self.session.close()
             self.session = None

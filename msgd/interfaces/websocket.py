@@ -57,6 +57,7 @@ from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC, dumps, error_response
 from msgd.core.pubsub import Session
 from msgd.interfaces.base import discard_unsent
+from msgd.interfaces.writer import BoundedWriter
 from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
@@ -105,9 +106,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
     session = None
     builtins = None
     stomp = None
-    _paused = False
-    _backlog = None
-    _backlog_bytes = 0
+    writer = None       # the bounded writer of events (JSON-RPC; a STOMP session has its own)
     _closing = False
     _opened = False
     _refusal = None
@@ -176,7 +175,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.stomp = self.factory.stomp_class(
                 iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
-            self.stomp.discard = lambda: discard_unsent(self.transport)
+            self.stomp.writer.discard = lambda: discard_unsent(self.transport)
             # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
             self.stomp.options = dataclasses.replace(self.stomp.options,
                                                      authenticate=lambda login, passcode: self.principal)
@@ -187,6 +186,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
             # the Session checks subscribe, publish and presence against the rules, and serves
             # as the builtins table itself (no per-connection dict: idle connections stay small)
             self.builtins = self.session
+            self.writer = BoundedWriter(self.transport.write, iface.options.ws_max_pending, self._drop_slow,
+                                        lambda: discard_unsent(self.transport))
 
     # -- requests ----------------------------------------------------------------
 
@@ -233,27 +234,11 @@ class MsgdWebSocket(WebSocketServerProtocol):
         data = event.cache.get("ws")
         if data is None:
             data = event.cache["ws"] = frame(event.notification())
-        if self._paused:
-            self._queue(data)
-        else:
-            self.transport.write(data)
-
-    def _queue(self, data: bytes):
-        if self._backlog is None:
-            self._backlog = []
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
-        limit = self.factory.interface.options.ws_max_pending
-        if self._backlog_bytes > limit:
-            self._drop_slow(limit)
+        self.writer.write(data)
 
     def _drop_slow(self, limit):
         iface = self.factory.interface
         self._closing = True
-        # what was never handed to the socket goes (ours and the transport's whole frames),
-        # so that the close frame is the next thing the client reads
-        self._backlog, self._backlog_bytes = None, 0
-        discard_unsent(self.transport)
         if self.session is not None:
             self.session.close()                # no more events: it is no longer among the subscribers
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
@@ -267,24 +252,26 @@ class MsgdWebSocket(WebSocketServerProtocol):
 
     # IPushProducer: the transport tells us when its buffer is full / drained
     def pauseProducing(self):
-        self._paused = True
-        if self.stomp is not None:
-            self.stomp.pause_writing()          # STOMP sessions queue (and bound) their own frames
+        writer = self._writer()
+        if writer is not None:
+            writer.pause()
         if self.transport is not None and hasattr(self.transport, "pauseProducing"):
             self.transport.pauseProducing()     # stop reading requests from a client that doesn't read
 
     def resumeProducing(self):
-        self._paused = False
-        if self.stomp is not None:
-            self.stomp.resume_writing()
-        if self._backlog:
-            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), None, 0
-            self.transport.write(data)
+        writer = self._writer()
+        if writer is not None:
+            writer.resume()
         if self.transport is not None and hasattr(self.transport, "resumeProducing") and not self._closing:
             self.transport.resumeProducing()
 
     def stopProducing(self):
-        self._backlog, self._backlog_bytes = None, 0
+        writer = self._writer()
+        if writer is not None:
+            writer.clear()
+
+    def _writer(self):
+        return self.stomp.writer if self.stomp is not None else self.writer   # STOMP bounds its own frames
 
     # -- end -------------------------------------------------------------------------
 

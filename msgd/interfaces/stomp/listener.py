@@ -85,7 +85,7 @@ class StompProtocol(Protocol):
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
                                     options=options)
         self.transport.registerProducer(self, True)
-        self.session.discard = lambda: discard_unsent(self.transport)
+        self.session.writer.discard = lambda: discard_unsent(self.transport)
 
     def dataReceived(self, data):
         self.session.data_received(data)
@@ -104,11 +104,11 @@ class StompProtocol(Protocol):
 
     # IPushProducer: the transport's write buffer is full / drained
     def pauseProducing(self):
-        self.session.pause_writing()
+        self.session.writer.pause()
         self.transport.pauseProducing()      # stop reading frames from a client that does not read
 
     def resumeProducing(self):
-        self.session.resume_writing()
+        self.session.writer.resume()
         self.transport.resumeProducing()
 
     def stopProducing(self):

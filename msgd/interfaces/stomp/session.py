@@ -3,9 +3,10 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable (and set its ``discard()``, which drops what the
-transport has not begun to send) and feed it what arrives, so every rule
-below is written once.
+``close(reason)`` callable (and set its writer's ``discard``, which drops
+what the transport has not begun to send; see
+:mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule below
+is written once.
 
 Wire protocol
 -------------
@@ -82,6 +83,7 @@ import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
 from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
+from msgd.interfaces.writer import BoundedWriter
 from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat)
 
@@ -129,8 +131,6 @@ class _Subscription:
 class StompSession:
     log = Logger()
 
-    discard: Callable[[], Any] | None = None     # drops what the transport has not begun to send
-
     def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
         self.node = node
@@ -151,9 +151,8 @@ class StompSession:
         self.unacked: dict[str, _Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
         self.in_flight: set = set()
-        self.paused = False
-        self.backlog: list[bytes] = []
-        self.backlog_bytes = 0
+        # the transport's pauseProducing/resumeProducing pause and resume it
+        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow)
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
@@ -254,7 +253,7 @@ class StompSession:
         self._loops.append(loop)
 
     def _beat(self, interval):
-        if self.clock.seconds() - self.last_write >= interval * 0.9 and not self.paused:
+        if self.clock.seconds() - self.last_write >= interval * 0.9 and not self.writer.paused:
             self._write(b"\n")
 
     def _check_alive(self, interval, grace):
@@ -489,29 +488,15 @@ class StompSession:
         self._write(encode(frame, self.version))
 
     def _write(self, data: bytes) -> None:
-        if self.state == "closed":
-            return
-        if self.paused:
-            self.backlog.append(data)
-            self.backlog_bytes += len(data)
-            if self.backlog_bytes > self.options.max_pending:
-                self.backlog, self.backlog_bytes = [], 0
-                if self.discard is not None:
-                    self.discard()          # what the transport has not begun to send: the ERROR goes next
-                self.drop(f"slow consumer: more than {self.options.max_pending} bytes unsent", "slow_consumer")
-            return
+        if self.state != "closed":
+            self.writer.write(data)
+
+    def _out(self, data: bytes) -> None:
         self.last_write = self.clock.seconds()
         self._write_out(data)
 
-    def pause_writing(self) -> None:
-        """The transport's buffer is full: queue (boundedly) from now on."""
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.backlog:
-            data, self.backlog, self.backlog_bytes = b"".join(self.backlog), [], 0
-            self._write(data)
+    def _slow(self, limit: int) -> None:
+        self.drop(f"slow consumer: more than {limit} bytes unsent", "slow_consumer")
 
     def error(self, message: str, receipt: str | None = None, err: errors.MsgdError | None = None,
               kind: str = "protocol") -> None:
@@ -525,9 +510,7 @@ class StompSession:
             headers.append(("receipt-id", receipt))
         self._errors.labels(self.interface, kind).inc()
         self.log.info("STOMP {peer}: ERROR {message}", peer=self.peer, message=message)
-        self.paused = False       # the ERROR goes after what is queued, not into the bound
-        self.resume_writing()
-        self.send(Frame("ERROR", headers, message.encode()))
+        self.writer.last(encode(Frame("ERROR", headers, message.encode()), self.version))   # not into the bound
         self.close(message)
 
     def drop(self, reason: str, kind: str) -> None:
@@ -557,7 +540,7 @@ class StompSession:
         self.subscriptions.clear()
         self.unacked.clear()
         self.transactions.clear()
-        self.backlog, self.backlog_bytes = [], 0
+        self.writer.close()
 
 
 def _websocket_options(node, interface_name: str) -> SessionOptions:
