@@ -468,15 +468,12 @@ def parse_positions(text: str | None, strict: bool = False) -> dict[str, tuple[s
 
 
 class Session:
-    """The pub/sub side of one connection (WebSocket, stream, STOMP…):
+    """The pub/sub side of one connection (see msgd.interfaces.connection):
     remembers its subscriptions so that they end with the connection, and
-    offers the connection-bound ``rpc.*`` methods.  It can be passed as the
-    ``builtins`` of :class:`msgd.core.jsonrpc.JSONRPC` itself (``get``), so
-    that an idle connection carries no per-connection table of methods."""
+    serves the connection-bound ``rpc.*`` methods, each checked by
+    ``authorize(request, action, channel)``."""
 
     __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize")
-    _BUILTINS = {"rpc.subscribe": "rpc_subscribe", "rpc.unsubscribe": "rpc_unsubscribe",
-                 "rpc.publish": "rpc_publish", "rpc.presence": "rpc_presence"}
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -485,13 +482,6 @@ class Session:
         self.names: set[str] = set()
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
-
-    def get(self, method: str, default=None):
-        name = self._BUILTINS.get(method)
-        return getattr(self, name) if name is not None else default
-
-    def builtins(self) -> dict:
-        return {method: getattr(self, name) for method, name in self._BUILTINS.items()}
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)

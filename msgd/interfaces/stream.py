@@ -51,12 +51,11 @@ from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response, param
-from msgd.core.pubsub import Session
+from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import Listener, discard_unsent
+from msgd.interfaces.connection import CONNECTED, Clients, Connection
 from msgd.interfaces.writer import BoundedWriter
-from msgd.security import Guard, Principal, SecurityOptions
-from msgd.security.tls import peer_common_name
+from msgd.security import Guard, SecurityOptions
 
 
 def stream_endpoint(value: str, ctx) -> str:
@@ -101,8 +100,7 @@ class StreamProtocol(protocol.Protocol):
 
     def __init__(self, interface: "StreamInterface"):
         self.interface = interface
-        self.principal = None
-        self.session: Session | None = None
+        self.connection: Connection | None = None
         self._buffer = b""
         self.writer = None
         self._closing = False
@@ -121,26 +119,11 @@ class StreamProtocol(protocol.Protocol):
         iface.connection_opened(self.transport)
         iface.gauge.inc()
         # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
-        self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
-                               authorize=iface.node.access.authorize_channel)
-        self.builtins = dict(self.session.builtins(), **{"rpc.login": self._login})
+        address = iface.guard.addresses.of_connection(self.transport)     # rpc.login's throttle
+        self.connection = iface.clients.connect(self.deliver, address=address)
         self.writer = BoundedWriter(self.transport.write, iface.options.max_pending, self._slow,
                                     lambda: discard_unsent(self.transport))
         self.transport.registerProducer(self, True)
-
-    def _login(self, request, params):
-        token = param(params, "token", 0, str, required=False) if isinstance(params, dict) else None
-        if token is None:
-            user = param(params, "user", 0, str)
-            password = param(params, "password", 1, str)
-        else:
-            user, password = "", token        # the guard takes a token in place of a password
-        address = self.interface.guard.addresses.of_connection(self.transport)
-
-        def logged_in(principal):
-            self.principal = principal
-            return {"name": principal.name, "roles": sorted(principal.roles), "via": principal.via}
-        return self.interface.guard.login(user, password, address).addCallback(logged_in)
 
     # -- input -------------------------------------------------------------------
 
@@ -167,25 +150,14 @@ class StreamProtocol(protocol.Protocol):
         self._drop("line_too_long")
 
     def _handle(self, line: bytes):
-        iface = self.interface
-        node = iface.node
-        timeout = iface.timeout()
-
-        if self.principal is None and iface.options.cert_principal:
+        c = self.connection
+        if c.principal is None:
             # known once the TLS handshake is done, which is before any request can arrive
-            cn = peer_common_name(self.transport)
-            if cn:
-                self.principal = Principal(cn, frozenset(), "certificate")
+            c.principal = self.interface.guard.certificate_principal(self.transport)
+        c.answer(line, self._answer)
 
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=self.principal)
-        d = iface.jsonrpc.handle(line, make_request, self.builtins)
-        d.addCallback(self._answer)
-        d.addErrback(lambda f: self.log.failure("stream message failed", f))
-
-    def _answer(self, data: bytes | None):
-        if data is not None:
-            self._write(data + b"\n")
+    def _answer(self, data: bytes):
+        self._write(data + b"\n")
 
     # -- output ------------------------------------------------------------------
 
@@ -210,8 +182,7 @@ class StreamProtocol(protocol.Protocol):
     def _drop(self, reason: str):
         self._closing = True
         self.writer.close()
-        if self.session is not None:
-            self.session.close()            # no more events
+        self.connection.close()             # no more events
         self.interface.dropped.labels(self.interface.name, reason).inc()
         self.interface.close_within(self.transport, self.interface.options.close_timeout)
 
@@ -235,9 +206,7 @@ class StreamProtocol(protocol.Protocol):
             return
         self._admitted = False
         self.writer.close()
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        self.connection.close()
         self.interface.guard.release(self.transport)
         self.interface.gauge.dec()
         self.interface.connection_closed(self.transport)
@@ -262,7 +231,7 @@ class StreamInterface(Listener):
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.guard = Guard(self)
-        self.jsonrpc = JSONRPC(node.dispatcher, max_batch=options.max_batch)
+        self.clients = Clients(self, options.max_batch, options.max_subscriptions, (*CONNECTED, "rpc.login"))
         m = node.metrics
         self.gauge = m.gauge("msgd_stream_connections", "Open JSON-RPC stream connections",
                              ["interface"]).labels(name)

@@ -49,14 +49,13 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response
-from msgd.core.pubsub import Session
+from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import discard_unsent
+from msgd.interfaces.connection import Clients
 from msgd.interfaces.writer import BoundedWriter
 from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
 
@@ -102,9 +101,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
     lines go to this module's ``log``."""
 
     CONFIG_ATTRS = ()
-    principal = None
-    session = None
-    builtins = None
+    principal = None    # from the handshake
+    connection = None   # JSON-RPC: msgd.interfaces.connection
     stomp = None
     writer = None       # the bounded writer of events (JSON-RPC; a STOMP session has its own)
     _closing = False
@@ -180,12 +178,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.stomp.options = dataclasses.replace(self.stomp.options,
                                                      authenticate=lambda login, passcode: self.principal)
         else:
-            self.session = Session(iface.node.pubsub, self,
-                                   max_subscriptions=iface.options.ws_max_subscriptions,
-                                   authorize=iface.node.access.authorize_channel)
-            # the Session checks subscribe, publish and presence against the rules, and serves
-            # as the builtins table itself (no per-connection dict: idle connections stay small)
-            self.builtins = self.session
+            self.connection = self.factory.clients.connect(self.deliver, self.principal)
             self.writer = BoundedWriter(self.transport.write, iface.options.ws_max_pending, self._drop_slow,
                                         lambda: discard_unsent(self.transport))
 
@@ -197,25 +190,13 @@ class MsgdWebSocket(WebSocketServerProtocol):
         if self.stomp is not None:
             self.stomp.data_received(payload)
             return
-        iface = self.factory.interface
-        node = iface.node
-        timeout = iface.timeout()
-        principal = self.principal
-
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=principal)
         if isBinary:
             self._send_json(error_response(errors.InvalidRequest("binary messages are not JSON-RPC")))
             return
-        answer = self.factory.jsonrpc.answer(payload, make_request, self.builtins)
-        if isinstance(answer, Deferred):
-            answer.addCallback(self._answer)
-            answer.addErrback(lambda f: log.failure("WebSocket message failed", f))
-        elif answer is not None:
-            self._answer(answer)
+        self.connection.answer(payload, self._answer)
 
     def _answer(self, data):
-        if data is not None and self.state == self.STATE_OPEN:
+        if self.state == self.STATE_OPEN:
             if self._perMessageCompress is None:
                 self.transport.write(frame(data))
             else:
@@ -239,8 +220,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
     def _drop_slow(self, limit):
         iface = self.factory.interface
         self._closing = True
-        if self.session is not None:
-            self.session.close()                # no more events: it is no longer among the subscribers
+        self.connection.close()                 # no more events: it is no longer among the subscribers
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
         log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
                  peer=self.peer, limit=limit)
@@ -285,9 +265,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.sendClose(1000, reason[:120] if reason else None)
 
     def onClose(self, wasClean, code, reason):
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
         if self.stomp is not None:
             self.stomp.connection_lost()
             self.stomp = None
@@ -311,7 +291,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
     def __init__(self, interface):
         super().__init__(url=None, server="msgd")
         self.interface = interface
-        self.jsonrpc = JSONRPC(interface.node.dispatcher, max_batch=interface.options.max_batch)
+        self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
         self.stomp_class = _stomp_session_class()
         o = interface.options
         self.setProtocolOptions(

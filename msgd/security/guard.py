@@ -221,6 +221,12 @@ class Guard:
             self.denied("token", None, address, e.message)
             raise errors.Unauthorized("authentication failed") from None
 
+    def certificate_principal(self, transport) -> Principal | None:
+        """With ``cert_principal = yes``: the CN of the client certificate an
+        ``mtls:`` endpoint verified (None without one)."""
+        cn = peer_common_name(transport) if self.options.cert_principal and transport is not None else None
+        return Principal(cn, frozenset(), "certificate") if cn else None
+
     def anonymous(self, address: str = ""):
         if not self.options.anonymous:
             self.denied("anonymous", None, address)
@@ -250,10 +256,7 @@ class Guard:
                 raise errors.Unauthorized("authentication failed")
             if token:
                 return defer.succeed(self.verify_token(token, address))
-            cn = peer_common_name(transport) if self.options.cert_principal else None
-            if cn:
-                return defer.succeed(Principal(cn, frozenset(), "certificate"))
-            return defer.succeed(self.anonymous(address))
+            return defer.succeed(self.certificate_principal(transport) or self.anonymous(address))
         except errors.MsgdError as e:
             return defer.fail(e)
 
@@ -301,36 +304,6 @@ class Guard:
         """``inner`` (a leaf resource) behind this guard; ``refusals`` word a
         refusal in the protocol of the request (see ``http.REFUSALS``)."""
         return Protected(inner, self, refusals)
-
-    def http_builtins(self, base: dict) -> dict:
-        """HTTP's ``rpc.*`` methods: ``rpc.publish`` checked by the rules,
-        plus ``rpc.token`` for a principal that logged in with a password."""
-        out = checked_builtins(self.node.access, base)
-        out["rpc.token"] = self._rpc_token
-        return out
-
-    def _rpc_token(self, request, params):
-        p = request.principal
-        if p is None or getattr(p, "via", "") == "token":
-            self.denied("token_request", p, "", "rpc.token needs a password login")
-            raise errors.Unauthorized("log in with a password to get a token")
-        return self.issue_token(p.name, p.roles)
-
-
-def checked_builtins(access: "Access", builtins: dict, methods=("rpc.publish", "rpc.presence")) -> dict:
-    """``builtins`` with ``rpc.publish`` checked as publishing and
-    ``rpc.presence`` (who is on a channel) as subscribing to the channel."""
-    from msgd.core.jsonrpc import param
-    out = dict(builtins)
-    for method, action in (("rpc.publish", "publish"), ("rpc.presence", "subscribe")):
-        fn = builtins.get(method) if method in methods else None
-        if fn is not None:
-            def checked(request, params, fn=fn, action=action):
-                access.authorize_channel(request, action, param(params, "channel", 0, str))
-                return fn(request, params)
-            out[method] = checked
-    return out
-
 
 def origin_allowed(origin, patterns) -> bool:
     """Whether a browser's ``Origin`` (str, bytes or None: not a browser, or
