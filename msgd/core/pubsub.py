@@ -488,9 +488,14 @@ class Session:
         pattern = is_pattern(name)      # resumes with objects by channel (checked by the broker)
         since = param(params, "since", 1, None if pattern else int, required=False)
         epoch = param(params, "epoch", 2, None if pattern else str, required=False)
-        if self.authorize is not None:
-            self.authorize(request, "subscribe", name)
+        self.check(request, "subscribe", name)
         return self.subscribe(name, since, epoch)
+
+    def check(self, request, action: str, channel: str) -> None:
+        """Whether ``request``'s principal may ``action`` (subscribe,
+        publish) ``channel``: every protocol asks here."""
+        if self.authorize is not None:
+            self.authorize(request, action, channel)
 
     def subscribe(self, name: str, since=None, epoch=None) -> defer.Deferred:
         if name not in self.names and len(self.names) >= self.max_subscriptions:
@@ -505,14 +510,17 @@ class Session:
 
     def rpc_publish(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
-        if self.authorize is not None:
-            self.authorize(request, "publish", channel)
-        return self.broker._rpc_publish(request, params)
+        data = param(params, "data", 1, required=False)
+        return self.publish(request, channel, data).addCallback(lambda offset: {"channel": channel, "offset": offset})
+
+    def publish(self, request, channel: str, data) -> defer.Deferred:
+        """Publish as ``request``'s principal, once the channel check allows it."""
+        self.check(request, "publish", channel)
+        return self.broker.publish(channel, data, principal=request.principal)
 
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
-        if self.authorize is not None:
-            self.authorize(request, "subscribe", channel)   # who is on a channel is as private as its events
+        self.check(request, "subscribe", channel)   # who is on a channel is as private as its events
         return self.broker.presence(channel)
 
     def close(self) -> None:

@@ -58,7 +58,7 @@ from msgd.cluster.outbox import bad_message_id
 from msgd.cluster.wire import PBError, rebuild  # noqa: F401  (rebuild: part of this module's documented API)
 from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
 from msgd.core import errors
-from msgd.core.pubsub import check_channel
+from msgd.core.pubsub import Session, check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
 from msgd.security.tls import peer_common_name
@@ -100,6 +100,7 @@ class Perspective(pb.Avatar):
         self.services = interface.services
         self.user = user
         self.pending: set[defer.Deferred] = set()
+        self.pubsub = Session(self.services.pubsub, self, authorize=self.services.access.authorize_channel)
 
     def _track(self, d: defer.Deferred) -> defer.Deferred:
         self.pending.add(d)
@@ -137,8 +138,7 @@ class Perspective(pb.Avatar):
 
     def _publish(self, channel, data):
         req = self.services.new_request(self.interface.name, principal=self.user)
-        self.services.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
-        return self.services.pubsub.publish(channel, data, self.user)
+        return self.pubsub.publish(req, check_channel(channel), data)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
         return self._guard(self._send, target, args, kwargs, message_id, expires)

@@ -194,9 +194,12 @@ class SSEResource(resource.Resource):
             if len(set(names)) > limit:
                 raise errors.TooLarge(f"at most {limit} channels per stream")
             principal = getattr(request, "principal", None)     # set by the interface's guard
-            check = self.interface.node.new_request(self.interface.name, principal=principal)
+            sub = ChannelStream(None, principal)
+            services = self.interface.services
+            pubsub = Session(services.pubsub, sub, max_subscriptions=limit, authorize=services.access.authorize_channel)
+            check = services.new_request(self.interface.name, principal=principal)
             for n in names:
-                self.interface.node.access.authorize_channel(check, "subscribe", check_channel(n, pattern_ok=True))
+                pubsub.check(check, "subscribe", check_channel(n, pattern_ok=True))
         except errors.Unauthorized as e:
             return _reply(request, 403, error_response(e))
         except errors.MsgdError as e:
@@ -205,8 +208,6 @@ class SSEResource(resource.Resource):
         if isinstance(last, bytes):
             last = last.decode("utf-8", "replace")
         resume = parse_positions(last)
-        sub = ChannelStream(None, principal)
-        pubsub = Session(self.interface.node.pubsub, sub, max_subscriptions=limit)
         sub.stream = EventStream(request, self.registry, on_close=lambda s: pubsub.close())
         sub.positions.update((c, p) for c, p in resume.items() if c in names and not is_pattern(c))
         for name in dict.fromkeys(names):

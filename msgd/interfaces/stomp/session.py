@@ -82,7 +82,7 @@ from twisted.python.failure import Failure
 import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
-from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
+from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.writer import BoundedWriter
 from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat)
@@ -145,6 +145,8 @@ class StompSession:
         self.id = f"{os.urandom(3).hex()}-{next(_session_ids)}"
         self.version = "1.2"
         self.principal = None
+        # channel access and publishing go through the pub/sub Session, as on every protocol
+        self.pubsub = Session(node.pubsub, None, authorize=node.access.authorize_channel)
         self.state = "new"             # new → connecting → connected → closed
         self.subscriptions: dict[str, _Subscription] = {}
         self.temp: dict[str, str] = {}     # /temp-queue/NAME -> subscription id
@@ -364,8 +366,7 @@ class StompSession:
         dest = _required(frame, "destination")
         if dest.startswith(TOPIC):
             channel = check_channel(dest[len(TOPIC):])
-            self._authorize("publish", channel)
-            d = self.node.pubsub.publish(channel, _body(frame, text_ok=True), principal=self.principal)
+            d = self.pubsub.publish(self._request(), channel, _body(frame, text_ok=True))
             d.addCallback(lambda _: self.receipt(frame))
         elif dest.startswith(APP):
             self._call(frame, dest[len(APP):])
@@ -374,8 +375,10 @@ class StompSession:
 
     def _authorize(self, action: str, channel: str) -> None:
         """The node's ``[access:*]`` rules for a channel (msgd.security)."""
-        self.node.access.authorize_channel(self.node.new_request(self.interface, principal=self.principal),
-                                           action, channel)
+        self.pubsub.check(self._request(), action, channel)
+
+    def _request(self):
+        return self.node.new_request(self.interface, principal=self.principal)
 
     def _call(self, frame: Frame, target: str) -> None:
         if len(self.in_flight) >= self.options.max_in_flight:
