@@ -170,13 +170,7 @@ class TrackedChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
-        iface = self.site.interface
-        hit = iface.guard.admit(self.transport, forwarded=True)
-        if hit is not None:
-            self._too_many(hit)
-            return
-        self._admitted = True
-        iface.connection_opened(self.transport)
+        self._admitted = self.site.interface.admit(self.transport, self._too_many, forwarded=True)
 
     def _too_many(self, limit: str) -> None:
         body = dumps(error_response(errors.Overloaded(f"too many connections ({limit})")))
@@ -238,8 +232,7 @@ class TrackedChannel(http.HTTPChannel):
                     call.cancel()
         if self._admitted:
             self._admitted = False
-            self.site.interface.guard.release(self.transport)
-            self.site.interface.connection_closed(self.transport)
+            self.site.interface.closed(self.transport)
         super().connectionLost(reason)
 
 

@@ -260,16 +260,10 @@ class _Portal(portal.Portal):
 class _Broker(pb.Broker):
     def connectionMade(self):
         super().connectionMade()
-        iface = self.factory.interface
-        if iface.guard.admit(self.transport) is not None:     # connection limits: counted by the guard
-            self.transport.abortConnection()
-            return
-        iface.connection_opened(self.transport)
+        self.factory.interface.admit(self.transport, lambda limit: self.transport.abortConnection())
 
     def connectionLost(self, reason):
-        iface = self.factory.interface
-        iface.guard.release(self.transport)
-        iface.connection_closed(self.transport)
+        self.factory.interface.closed(self.transport)
         super().connectionLost(reason)
 
 

@@ -104,26 +104,23 @@ class StreamProtocol(protocol.Protocol):
         self._buffer = b""
         self.writer = None
         self._closing = False
-        self._admitted = False      # within the connection limits (then released when it closes)
 
     def connectionMade(self):
         iface = self.interface
-        hit = iface.guard.admit(self.transport)
-        if hit is not None:
-            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                        "params": {"reason": f"too many connections ({hit})"}}) + b"\n")
-            self._closing = True
-            self.transport.loseConnection()
+        if not iface.admit(self.transport, self._refuse):
             return
-        self._admitted = True
-        iface.connection_opened(self.transport)
-        iface.gauge.inc()
         # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
         address = iface.guard.addresses.of_connection(self.transport)     # rpc.login's throttle
         self.connection = iface.clients.connect(self.deliver, address=address)
         self.writer = BoundedWriter(self.transport.write, iface.options.max_pending, self._slow,
                                     lambda: discard_unsent(self.transport))
         self.transport.registerProducer(self, True)
+
+    def _refuse(self, limit: str):
+        self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                    "params": {"reason": f"too many connections ({limit})"}}) + b"\n")
+        self._closing = True
+        self.transport.loseConnection()
 
     # -- input -------------------------------------------------------------------
 
@@ -202,14 +199,10 @@ class StreamProtocol(protocol.Protocol):
     # -- end ---------------------------------------------------------------------
 
     def connectionLost(self, reason):
-        if not self._admitted:
-            return
-        self._admitted = False
-        self.writer.close()
-        self.connection.close()
-        self.interface.guard.release(self.transport)
-        self.interface.gauge.dec()
-        self.interface.connection_closed(self.transport)
+        if self.connection is not None:
+            self.writer.close()
+            self.connection.close()
+        self.interface.closed(self.transport)
 
 
 class StreamFactory(protocol.Factory):

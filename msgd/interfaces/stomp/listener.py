@@ -64,19 +64,10 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
 class StompProtocol(Protocol):
     session: StompSession | None = None
 
-    _admitted = False
-
     def connectionMade(self):
         iface = self.factory.interface
-        hit = iface.guard.admit(self.transport)
-        if hit is not None:        # past a connection limit: an ERROR frame, then close
-            self.transport.write(b"ERROR\ncontent-type:text/plain\nmessage:too many connections (%s)\n"
-                                 b"msgd-code:-32005\n\n\x00" % hit.encode())
-            self.transport.loseConnection()
+        if not iface.admit(self.transport, self._refuse):
             return
-        self._admitted = True
-        iface.connection_opened(self.transport)
-        iface.stomp_connections.inc()
         peer = self.transport.getPeer()
         address = iface.guard.addresses.of_connection(self.transport)     # its failed logins are throttled
         options = dataclasses.replace(iface.session_options,
@@ -93,14 +84,15 @@ class StompProtocol(Protocol):
     def _close(self, reason: str):
         self.factory.interface.close_within(self.transport, self.factory.interface.options.close_timeout)
 
+    def _refuse(self, limit: str):        # past a connection limit: an ERROR frame, then close
+        self.transport.write(b"ERROR\ncontent-type:text/plain\nmessage:too many connections (%s)\n"
+                             b"msgd-code:-32005\n\n\x00" % limit.encode())
+        self.transport.loseConnection()
+
     def connectionLost(self, reason):
-        if not self._admitted:
-            return
-        self.factory.interface.guard.release(self.transport)
-        self.session.connection_lost()
-        iface = self.factory.interface
-        iface.connection_closed(self.transport)
-        iface.stomp_connections.dec()
+        if self.session is not None:
+            self.session.connection_lost()
+        self.factory.interface.closed(self.transport)
 
     # IPushProducer: the transport's write buffer is full / drained
     def pauseProducing(self):
@@ -132,7 +124,7 @@ class StompInterface(Listener):
         if o.users:     # the older key: a password file checked by the guard like auth = password's
             self.guard.checker = PasswordFileChecker(o.users, node.run_blocking)
             self.guard.checker.users()     # read now: a missing or bad file stops start-up
-        self.stomp_connections = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
+        self.gauge = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
                                                     ["interface"]).labels(name)
 
     def factory(self):
