@@ -62,3 +62,37 @@ class AdmissionTests(unittest.TestCase):
         self.assertFalse(self.listener.admit(transport("10.0.0.2"), self.refused.append) and
                          self.listener.admit(transport("10.0.0.4"), self.refused.append))
         self.assertEqual(self.refused[-1], "connections")
+
+
+class ThrottleTests(unittest.TestCase):
+    """Guard.throttled: the one login throttle (password logins, PB's portal)."""
+
+    def test_failed_logins_count_against_every_key_then_attempts_are_refused_unmade(self):
+        from twisted.cred.error import UnauthorizedLogin
+        from twisted.internet import defer
+
+        from msgd.core import errors
+        apps = os.path.abspath(self.mktemp())
+        os.makedirs(apps)
+        harness = AppHarness(apps)
+        guard = Plain(harness, login_attempts=2, login_window=60).guard
+        made = []
+
+        def wrong():
+            made.append(1)
+            return defer.fail(UnauthorizedLogin())
+        for _ in range(2):
+            self.failureResultOf(guard.throttled(("user:u", "address:a"), wrong), UnauthorizedLogin)
+        f = self.failureResultOf(guard.throttled(("address:a",), lambda: "never"), errors.Overloaded)
+        self.assertIsInstance(f.value, errors.Overloaded)
+        self.assertEqual(len(made), 2)
+        self.assertEqual(self.successResultOf(guard.throttled(("user:v",), lambda: "ok")), "ok")
+        harness.clock.advance(61)
+        self.assertEqual(self.successResultOf(guard.throttled(("address:a",), lambda: "ok")), "ok")
+
+    def test_no_certificate_principal_unless_asked_for(self):
+        apps = os.path.abspath(self.mktemp())
+        os.makedirs(apps)
+        guard = Plain(AppHarness(apps)).guard
+        self.assertIsNone(guard.certificate_principal(transport()))
+        self.assertIsNone(Plain(AppHarness(apps), cert_principal=True).guard.certificate_principal(None))

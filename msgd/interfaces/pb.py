@@ -61,7 +61,6 @@ from msgd.core import errors
 from msgd.core.pubsub import Session, check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
-from msgd.security.tls import peer_common_name
 
 
 def _users(value: str, ctx) -> tuple:
@@ -229,18 +228,13 @@ class _Portal(portal.Portal):
         guard = self.interface.guard
         name = getattr(credentials, "username", b"")
         key = "user:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
-        try:
-            guard.throttle.check(key)                 # login throttling, as on every interface
-        except errors.Overloaded as e:
-            guard.limited("login_throttle", key)
-            return defer.fail(PBError(e))
 
         def refused(failure):
+            if failure.check(errors.Overloaded):      # login throttling, as on every interface
+                raise PBError(failure.value)
             failure.trap(UnauthorizedLogin, UnhandledCredentials)    # wrong password; anonymous
-            if failure.check(UnauthorizedLogin):
-                guard.throttle.failed(key)
             raise PBError(errors.Unauthorized("login refused"))
-        d = super().login(credentials, mind, *interfaces)
+        d = guard.throttled((key,), lambda: portal.Portal.login(self, credentials, mind, *interfaces), key)
         if self.interface.options.cert_principal:
             d.addCallback(self._named_by_certificate, credentials)
         return d.addErrback(refused)
@@ -248,7 +242,8 @@ class _Portal(portal.Portal):
     def _named_by_certificate(self, result, credentials):
         _, avatar, logout = result
         transport = getattr(getattr(credentials, "broker", None), "transport", None)   # PB's challenger
-        cn = peer_common_name(transport) if transport is not None else None
+        named = self.interface.guard.certificate_principal(transport)
+        cn = named.name if named is not None else None
         user = getattr(avatar, "user", None)
         if cn is None or cn != user:
             logout()
