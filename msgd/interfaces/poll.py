@@ -200,14 +200,13 @@ class Sessions:
 
     def __init__(self, interface):
         self.interface = interface
-        self.node = interface.node
         self.options = interface.options
-        self.clock = interface.node.reactor
+        self.clock = interface.services.reactor
         self.sessions: dict[str, PollSession] = {}
         self.ended: OrderedDict[str, tuple[str, float]] = OrderedDict()   # id -> why the node ended it, when
         self.clients = Clients(interface, self.options.max_batch, self.options.ws_max_subscriptions)
         self._expiry: LoopingCall | None = None
-        m = self.node.metrics
+        m = interface.services.metrics
         self.gauge = m.gauge("msgd_poll_sessions", "Open long-poll sessions", ["interface"]).labels(interface.name)
         self.dropped = m.counter("msgd_poll_dropped_total", "Long-poll sessions ended by the node",
                                  ["interface", "reason"])

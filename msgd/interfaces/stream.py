@@ -225,7 +225,7 @@ class StreamInterface(Listener):
         super().__init__(name, options, node)
         self.guard = Guard(self)
         self.clients = Clients(self, options.max_batch, options.max_subscriptions, (*CONNECTED, "rpc.login"))
-        m = node.metrics
+        m = self.services.metrics
         self.gauge = m.gauge("msgd_stream_connections", "Open JSON-RPC stream connections",
                              ["interface"]).labels(name)
         self.dropped = m.counter("msgd_stream_dropped_total", "JSON-RPC stream connections closed by the node",

@@ -171,7 +171,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         if getattr(self, "stomp_version", None):
             self.stomp = self.factory.stomp_class(
-                iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
+                iface.services, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
             self.stomp.writer.discard = lambda: discard_unsent(self.transport)
             # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
@@ -305,7 +305,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
 
 
 def make_resource(interface):
-    m = interface.node.metrics
+    m = interface.services.metrics
     interface.ws_connections = m.gauge("msgd_ws_connections", "Open WebSocket connections",
                                        ["interface"]).labels(interface.name)
     interface.ws_dropped = m.counter("msgd_ws_dropped_total", "WebSocket connections closed by the node",

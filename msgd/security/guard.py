@@ -51,24 +51,23 @@ class Guard:
 
     def __init__(self, interface):
         o = interface.options
-        node = interface.node
+        services = interface.services      # msgd.services.Services
         self.interface = interface.name
-        self.node = node
         self.options = o
         self.origins = getattr(o, "ws_origins", ("*",))    # where browsers may bring the token cookie from
         self.checker = None
         if o.auth == "password":
-            self.checker = PasswordFileChecker(o.auth_file, node.run_blocking)
+            self.checker = PasswordFileChecker(o.auth_file, services.run_blocking)
         elif o.auth == "ldap":
-            self.checker = LDAPChecker(node, o.auth_adapter)
+            self.checker = LDAPChecker(interface.node, o.auth_adapter)   # the node's LDAP adapter
         secret = o.token_secret.encode() if o.token_secret else os.urandom(32)
-        self.tokens = Tokens(secret, node.reactor, o.token_ttl)
+        self.tokens = Tokens(secret, services.reactor, o.token_ttl)
         self.addresses = ClientAddresses(o.trusted_proxies, getattr(o, "forwarded_header", "x-forwarded-for"))
         self.connections = ConnectionLimits(o.max_connections, o.max_connections_per_address)
         self._open: dict = {}          # admitted transport -> client address (None: a proxy's, not yet known)
-        self.rate = RateLimit(node.reactor, o.rate, o.rate_burst or int(o.rate))
-        self.throttle = LoginThrottle(node.reactor, o.login_attempts, o.login_window)
-        m = node.metrics
+        self.rate = RateLimit(services.reactor, o.rate, o.rate_burst or int(o.rate))
+        self.throttle = LoginThrottle(services.reactor, o.login_attempts, o.login_window)
+        m = services.metrics
         self._denied = denials(m)
         self._limited = m.counter("msgd_limited_total", "Work refused by a limit", ["interface", "limit"])
 

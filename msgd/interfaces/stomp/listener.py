@@ -72,7 +72,7 @@ class StompProtocol(Protocol):
         address = iface.guard.addresses.of_connection(self.transport)     # its failed logins are throttled
         options = dataclasses.replace(iface.session_options,
                                       authenticate=lambda login, passcode: iface.authenticate(login, passcode, address))
-        self.session = StompSession(iface.node, iface.name, self.transport.write, self._close,
+        self.session = StompSession(iface.services, iface.name, self.transport.write, self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
                                     options=options)
         self.transport.registerProducer(self, True)
@@ -122,9 +122,9 @@ class StompInterface(Listener):
             max_pending=o.max_pending, authenticate=self.authenticate)
         self.guard = Guard(self)
         if o.users:     # the older key: a password file checked by the guard like auth = password's
-            self.guard.checker = PasswordFileChecker(o.users, node.run_blocking)
+            self.guard.checker = PasswordFileChecker(o.users, self.services.run_blocking)
             self.guard.checker.users()     # read now: a missing or bad file stops start-up
-        self.gauge = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
+        self.gauge = self.services.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
                                                     ["interface"]).labels(name)
 
     def factory(self):

@@ -131,22 +131,22 @@ class _Subscription:
 class StompSession:
     log = Logger()
 
-    def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
+    def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
-        self.node = node
+        self.services = services        # msgd.services.Services
         self.interface = interface_name
         self._write_out = write
         self._close_out = close
         self.peer = peer
         self.hint = f"{version_hint[0]}.{version_hint[1]}" if version_hint else None
-        self.options = options or _websocket_options(node, interface_name)
+        self.options = options or _websocket_options(services, interface_name)
         self.decoder = Decoder(self.options.limits)
-        self.clock = node.reactor
+        self.clock = services.reactor
         self.id = f"{os.urandom(3).hex()}-{next(_session_ids)}"
         self.version = "1.2"
         self.principal = None
         # channel access and publishing go through the pub/sub Session, as on every protocol
-        self.pubsub = Session(node.pubsub, None, authorize=node.access.authorize_channel)
+        self.pubsub = Session(services.pubsub, None, authorize=services.access.authorize_channel)
         self.state = "new"             # new → connecting → connected → closed
         self.subscriptions: dict[str, _Subscription] = {}
         self.temp: dict[str, str] = {}     # /temp-queue/NAME -> subscription id
@@ -158,7 +158,7 @@ class StompSession:
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
-        self._errors = node.metrics.counter("msgd_stomp_errors_total", "STOMP ERROR frames sent, by kind",
+        self._errors = services.metrics.counter("msgd_stomp_errors_total", "STOMP ERROR frames sent, by kind",
                                             ["interface", "kind"])
         self._connect_timer = self.clock.callLater(self.options.connect_timeout, self._no_connect) \
             if self.options.connect_timeout else None
@@ -295,7 +295,7 @@ class StompSession:
             since = int(since)
         self._authorize("subscribe", channel)
         sub = self.subscriptions[sid] = _Subscription(self, sid, dest, channel, ack)
-        d = self.node.pubsub.subscribe(channel, sub, since, epoch)
+        d = self.services.pubsub.subscribe(channel, sub, since, epoch)
         d.addCallback(lambda info: self.receipt(frame, _subscribed(info)))
 
     def on_unsubscribe(self, frame: Frame) -> None:
@@ -308,7 +308,7 @@ class StompSession:
                 return
         if sub is None:
             raise errors.InvalidRequest(f"no subscription with id {sid!r}")
-        self.node.pubsub.unsubscribe(sub.channel, sub)
+        self.services.pubsub.unsubscribe(sub.channel, sub)
         for mid in sub.unacked:
             self.unacked.pop(mid, None)
         self.receipt(frame)
@@ -378,7 +378,7 @@ class StompSession:
         self.pubsub.check(self._request(), action, channel)
 
     def _request(self):
-        return self.node.new_request(self.interface, principal=self.principal)
+        return self.services.new_request(self.interface, principal=self.principal)
 
     def _call(self, frame: Frame, target: str) -> None:
         if len(self.in_flight) >= self.options.max_in_flight:
@@ -395,9 +395,9 @@ class StompSession:
             args, kwargs = (), data
         else:
             args, kwargs = (data,), {}
-        request = self.node.new_request(self.interface, timeout=self.options.request_timeout,
+        request = self.services.new_request(self.interface, timeout=self.options.request_timeout,
                                         principal=self.principal)
-        d = self.node.dispatcher.call(request, target, args, kwargs)
+        d = self.services.dispatcher.call(request, target, args, kwargs)
         self.in_flight.add(d)
         d.addBoth(self._called, d, frame)
 
@@ -413,7 +413,7 @@ class StompSession:
         if reply_to:
             if reply_to.startswith(TOPIC):
                 try:
-                    self.node.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
+                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
                 except errors.MsgdError as e:
                     self.error(e.message, receipt=frame.get("receipt"), err=e, kind="app")
                     return None
@@ -539,18 +539,18 @@ class StompSession:
             if loop.running:
                 loop.stop()
         for sub in self.subscriptions.values():
-            self.node.pubsub.unsubscribe(sub.channel, sub)
+            self.services.pubsub.unsubscribe(sub.channel, sub)
         self.subscriptions.clear()
         self.unacked.clear()
         self.transactions.clear()
         self.writer.close()
 
 
-def _websocket_options(node, interface_name: str) -> SessionOptions:
+def _websocket_options(services, interface_name: str) -> SessionOptions:
     """Bounds of a session the WebSocket layer built (no options given):
     the HTTP interface's ``ws_max_message`` bounds frames and
     ``ws_max_pending`` what is queued; its deadline applies to /app calls."""
-    iface = getattr(node, "interfaces", {}).get(interface_name)
+    iface = getattr(services, "interfaces", {}).get(interface_name)
     o = getattr(iface, "options", None)
     if o is None or not hasattr(o, "ws_max_pending"):
         return SessionOptions()
