@@ -9,7 +9,7 @@ Wire protocol
     Opens a session: ``201 {"session": ID, "wait": SECONDS, "idle": SECONDS}``.
     The id is a secret: whoever has it speaks for the session, with the
     principal it was opened by (``Authorization``, or the ``msgd_token``
-    cookie from an allowed ``Origin``: see ``msgd.security.guard.Protected``);
+    cookie from an allowed ``Origin``: see ``msgd.security.http.Protected``);
     requests naming a session bring no credentials.
 ``POST /poll?session=ID``  body: one JSON-RPC message (call, notification, batch)
     ``202 {"queued": true}``.  The answer is *queued* in the session like the

@@ -57,7 +57,7 @@ from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.writer import BoundedWriter
-from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
+from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
