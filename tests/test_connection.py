@@ -8,6 +8,7 @@ import os
 from twisted.logger import Logger
 from twisted.trial import unittest
 
+from msgd.core import errors
 from msgd.core.pubsub import Broker
 from msgd.interfaces.connection import CONNECTED, STATELESS, Clients
 from msgd.security.principal import Principal
@@ -113,7 +114,7 @@ class ConnectionTests(unittest.TestCase):
         request = self.harness.new_request("web", principal=Principal("carol", frozenset(), "password"))
         self.assertEqual(builtins["rpc.token"](request, {}), {"token": "T-carol"})
         request = self.harness.new_request("web", principal=Principal("carol", frozenset(), "token"))
-        self.assertRaises(Exception, builtins["rpc.token"], request, {})
+        self.assertRaises(errors.Unauthorized, builtins["rpc.token"], request, {})
         self.assertEqual(self.iface.guard.denials, ["token_request"])
 
     def test_channel_access_is_the_access_rules(self):
@@ -122,7 +123,6 @@ class ConnectionTests(unittest.TestCase):
         def authorize(request, action, channel):
             calls.append((action, channel))
             if channel == "secret":
-                from msgd.core import errors
                 raise errors.Unauthorized("unauthorized")
         clients = Clients(self.iface, 10, 5)
         clients.authorize = authorize

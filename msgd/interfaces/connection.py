@@ -24,7 +24,7 @@ table that need none (:meth:`Clients.stateless`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -56,7 +56,7 @@ class Clients:
         self.authorize = s.access.authorize_channel
         self.table = {m: BUILTINS[m] for m in methods}    # method -> function(connection, request, params)
 
-    def connect(self, deliver: Callable, principal=None, address: str = "") -> "Connection":
+    def connect(self, deliver: Callable, principal=None, address: str = "") -> Connection:
         """A new client; ``deliver(event)`` writes a pub/sub event to it."""
         return Connection(self, deliver, principal, address)
 
@@ -70,7 +70,7 @@ class Clients:
 class Connection:
     """See the module's docstring.  Slots only: an idle WebSocket carries one."""
 
-    __slots__ = ("clients", "principal", "deliver", "session", "address")
+    __slots__ = ("address", "clients", "deliver", "principal", "session")
 
     def __init__(self, clients: Clients, deliver, principal=None, address: str = ""):
         self.clients = clients

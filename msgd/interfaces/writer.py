@@ -16,11 +16,12 @@ an ``rpc.closing`` line, an ERROR frame) with :meth:`BoundedWriter.last`
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class BoundedWriter:
-    __slots__ = ("out", "limit", "overflow", "discard", "paused", "queue", "queued", "closed")
+    __slots__ = ("closed", "discard", "limit", "out", "overflow", "paused", "queue", "queued")
 
     def __init__(self, out: Callable[[bytes], Any], limit: int, overflow: Callable[[int], Any],
                  discard: Callable[[], Any] | None = None):

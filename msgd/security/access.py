@@ -7,7 +7,8 @@ check behind every pub/sub :class:`~msgd.core.pubsub.Session`
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import Logger
 

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from msgd.options import Invalid, boolean, choice, duration, integer, networks, option, optional_path, string
+from msgd.options import (
+    Invalid,
+    boolean,
+    choice,
+    duration,
+    integer,
+    networks,
+    option,
+    optional_path,
+    string,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
