@@ -254,13 +254,13 @@ class Harness:
         answers = []
         if self._jsonrpc is None:
             self._jsonrpc = JSONRPC(self.node.dispatcher, max_batch=20)
-        d = self._jsonrpc.handle(data, lambda: self.node.new_request("web", timeout=5), self.web.builtins())
+        d = self._jsonrpc.handle(data, lambda: self.node.new_request("web", timeout=5),
+                                 self.web.root.children[b"rpc"].inner.builtins)
         d.addBoth(answers.append)
         self._settle()
         return _json_outcome(answers, data)
 
     def feed_ws(self, data: bytes) -> str:
-        from msgd.core.pubsub import Session
         from tests.helpers import server_frames
         proto = self.ws_factory.buildProtocol(None)
         sent = []
@@ -268,11 +268,10 @@ class Harness:
         proto.transport = StringTransport()      # answers are written as ready-made frames
         proto._perMessageCompress = None
         proto.state = proto.STATE_OPEN
-        proto.session = Session(self.node.pubsub, proto, authorize=self.node.access.authorize_channel)
-        proto.builtins = proto.session.builtins()
+        proto.connection = self.ws_factory.clients.connect(proto.deliver)
         proto.onMessage(data, False)
         self._settle()
-        proto.session.close()
+        proto.connection.close()
         sent += [payload for _, payload in server_frames(proto.transport.value())]
         return _json_outcome(sent, data)
 

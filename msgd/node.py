@@ -62,7 +62,8 @@ class NodeService(MultiService):
                                 metrics=self.metrics)
         self.dispatcher = Dispatcher(self.apps, reactor, self.run_blocking, metrics=self.metrics)
         # [access:*] rules and per-principal rates; built before the interfaces, whose guards it consults
-        self.access = Access(self, config.access)
+        self.access = Access(self.metrics, config.access,
+                             guard_of=lambda name: getattr(self.interfaces.get(name), "guard", None))
         self.dispatcher.authorize = self.access.authorize
         self.interfaces: dict = {}
         self.adapters: dict = {}

@@ -63,7 +63,7 @@ class AppHarness:
         self.interface = interface
         self.pubsub = RecordingPubSub()
         self.interfaces: dict[str, Any] = {}     # none: no guard, no rate limits
-        self.access = Access(self)               # no [access:*] rules: everything is allowed
+        self.access = Access(self.metrics)       # no [access:*] rules: everything is allowed
         self.adapters: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
 

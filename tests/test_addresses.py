@@ -157,7 +157,7 @@ class ProxiedLimitsTests(unittest.TestCase):
         class Interface:
             name = "web"
             options = Options()
-            node = Node()
+            services = node = Node()
         return Guard(Interface())
 
     def test_counted_per_client(self):

@@ -131,7 +131,7 @@ class RespondTests(unittest.TestCase):
 class Mount:
     """What an HTTP mount uses of its interface: ``name``, ``options``,
     ``timeout()``, ``log``, ``services`` (here an AppHarness) — and, for
-    ``/rpc``, ``node`` and ``builtins()``."""
+    ``/rpc``, ``node``."""
 
     log = Logger()
 
@@ -142,9 +142,6 @@ class Mount:
 
     def timeout(self) -> float:
         return 30.0
-
-    def builtins(self) -> dict:
-        return {}
 
 
 class MountTests(unittest.TestCase):

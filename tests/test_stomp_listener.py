@@ -393,7 +393,7 @@ class SessionTests(unittest.TestCase):
 
     def test_slow_consumer_is_dropped(self):
         s = self.session(max_pending=1000)
-        s.pause_writing()
+        s.writer.pause()
         written = len(self.out)
         for i in range(20):
             self.node.pubsub.publish("c", "x" * 100)
@@ -433,12 +433,12 @@ class SessionTests(unittest.TestCase):
 
     def test_paused_output_is_queued_then_flushed(self):
         s = self.session(max_pending=100000)
-        s.pause_writing()
+        s.writer.pause()
         written = len(self.out)
         for i in range(5):
             self.node.pubsub.publish("c", i)
         self.assertEqual(len(self.out), written)
-        s.resume_writing()
+        s.writer.resume()
         got = frames_of(b"".join(self.out[written:]))
         self.assertEqual([json.loads(f.body) for f in got], [0, 1, 2, 3, 4])
 

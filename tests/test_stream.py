@@ -202,8 +202,8 @@ class StreamTests(Base):
         slow, fast = iface.factory().buildProtocol(None), iface.factory().buildProtocol(None)
         slow.makeConnection(StringTransport())
         fast.makeConnection(StringTransport())
-        slow.session.subscribe("busy")
-        fast.session.subscribe("busy")
+        slow.connection.session.subscribe("busy")
+        fast.connection.session.subscribe("busy")
         slow.pauseProducing()
         self.assertEqual(slow.transport.producerState, "paused")   # its requests are not read either
         for i in range(100):
@@ -227,7 +227,7 @@ class StreamTests(Base):
         p = t.protocol = iface.factory().buildProtocol(None)
         p.makeConnection(t)
         self.addCleanup(t.abortConnection)
-        p.session.subscribe("busy")
+        p.connection.session.subscribe("busy")
         for i in range(3):
             self.node.pubsub.publish("busy", "x" * 1000)
         t.room = 1500           # the socket takes one line and a half, then no more

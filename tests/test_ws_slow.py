@@ -180,7 +180,7 @@ class DropTests(unittest.TestCase):
         self.assertIn(b" 101 ", head.split(b"\r\n")[0])
         self.assertEqual(rest, b"")
         transport.sent = b""
-        proto.session.subscribe("c")
+        proto.connection.session.subscribe("c")
         return proto
 
     def test_unsent_events_dropped_and_close_frame_next(self):

@@ -21,7 +21,7 @@ import decimal
 import enum
 import json
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import orjson
 from twisted.internet import defer
@@ -88,10 +88,17 @@ def _valid_id(msg: dict) -> bool:
 Builtin = Callable[[Request, Any], Any]   # (request, params) -> value | Deferred
 
 
+class Builtins(Protocol):
+    """The ``rpc.*`` methods a transport supplies: a dict, or an object with
+    ``get`` (a connection, without a per-connection table)."""
+
+    def get(self, method: str, default=None, /) -> Any: ...
+
+
 class JSONRPC:
     """Answers JSON-RPC messages.
 
-    ``make_request()`` returns a fresh :class:`Request` for each call in a
+    ``make_request()`` returns a fresh :class:`~msgd.core.request.Request` for each call in a
     message (so each call of a batch has its own id but the transport's
     interface, principal and default deadline).
     """
@@ -103,13 +110,13 @@ class JSONRPC:
         self.max_batch = max_batch
 
     def handle(self, data: bytes | str, make_request: Callable[[], Request],
-               builtins: dict[str, Builtin] | None = None) -> Deferred:
+               builtins: Builtins | None = None) -> Deferred:
         """Fires with the answer's bytes, or None when nothing is to be sent."""
         answer = self.answer(data, make_request, builtins)
         return answer if isinstance(answer, Deferred) else defer.succeed(answer)
 
     def answer(self, data: bytes | str, make_request: Callable[[], Request],
-               builtins: dict[str, Builtin] | None = None):
+               builtins: Builtins | None = None):
         """Like :meth:`handle`, but an answer that is ready at once (every
         call in the message was synchronous) is returned as bytes (or None)
         instead of a Deferred: the fast path of transports."""

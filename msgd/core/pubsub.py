@@ -468,15 +468,12 @@ def parse_positions(text: str | None, strict: bool = False) -> dict[str, tuple[s
 
 
 class Session:
-    """The pub/sub side of one connection (WebSocket, stream, STOMP…):
+    """The pub/sub side of one connection (see msgd.interfaces.connection):
     remembers its subscriptions so that they end with the connection, and
-    offers the connection-bound ``rpc.*`` methods.  It can be passed as the
-    ``builtins`` of :class:`msgd.core.jsonrpc.JSONRPC` itself (``get``), so
-    that an idle connection carries no per-connection table of methods."""
+    serves the connection-bound ``rpc.*`` methods, each checked by
+    ``authorize(request, action, channel)``."""
 
     __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize")
-    _BUILTINS = {"rpc.subscribe": "rpc_subscribe", "rpc.unsubscribe": "rpc_unsubscribe",
-                 "rpc.publish": "rpc_publish", "rpc.presence": "rpc_presence"}
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -486,21 +483,19 @@ class Session:
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
 
-    def get(self, method: str, default=None):
-        name = self._BUILTINS.get(method)
-        return getattr(self, name) if name is not None else default
-
-    def builtins(self) -> dict:
-        return {method: getattr(self, name) for method, name in self._BUILTINS.items()}
-
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
         pattern = is_pattern(name)      # resumes with objects by channel (checked by the broker)
         since = param(params, "since", 1, None if pattern else int, required=False)
         epoch = param(params, "epoch", 2, None if pattern else str, required=False)
-        if self.authorize is not None:
-            self.authorize(request, "subscribe", name)
+        self.check(request, "subscribe", name)
         return self.subscribe(name, since, epoch)
+
+    def check(self, request, action: str, channel: str) -> None:
+        """Whether ``request``'s principal may ``action`` (subscribe,
+        publish) ``channel``: every protocol asks here."""
+        if self.authorize is not None:
+            self.authorize(request, action, channel)
 
     def subscribe(self, name: str, since=None, epoch=None) -> defer.Deferred:
         if name not in self.names and len(self.names) >= self.max_subscriptions:
@@ -515,14 +510,17 @@ class Session:
 
     def rpc_publish(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
-        if self.authorize is not None:
-            self.authorize(request, "publish", channel)
-        return self.broker._rpc_publish(request, params)
+        data = param(params, "data", 1, required=False)
+        return self.publish(request, channel, data).addCallback(lambda offset: {"channel": channel, "offset": offset})
+
+    def publish(self, request, channel: str, data) -> defer.Deferred:
+        """Publish as ``request``'s principal, once the channel check allows it."""
+        self.check(request, "publish", channel)
+        return self.broker.publish(channel, data, principal=request.principal)
 
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
-        if self.authorize is not None:
-            self.authorize(request, "subscribe", channel)   # who is on a channel is as private as its events
+        self.check(request, "subscribe", channel)   # who is on a channel is as private as its events
         return self.broker.presence(channel)
 
     def close(self) -> None:

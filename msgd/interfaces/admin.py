@@ -51,8 +51,9 @@ from twisted.web import pages, resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, param
-from msgd.core.pubsub import Broker, Session
+from msgd.core.jsonrpc import JSONRPC
+from msgd.core.pubsub import Broker
+from msgd.interfaces.connection import Clients
 from msgd.interfaces.http import WebFile, _json
 from msgd.interfaces.websocket import MsgdWebSocket, MsgdWebSocketFactory
 from msgd.logging import BadLevel
@@ -219,17 +220,8 @@ class StatusWebSocket(MsgdWebSocket):
 
     def onOpen(self):
         super().onOpen()
-        feed = self.factory.feed
-        self.session = Session(feed.broker, self, max_subscriptions=1)
-        self.builtins = {"rpc.subscribe": self._subscribe, "rpc.unsubscribe": self.session.rpc_unsubscribe,
-                         "rpc.status": lambda request, params: feed.snapshot()}
-        feed.watcher_joined()
+        self.factory.feed.watcher_joined()
         self._watching = True
-
-    def _subscribe(self, request, params):
-        if param(params, "channel", 0, str) != CHANNEL:
-            raise errors.InvalidParams(f"only the channel {CHANNEL} is offered here")
-        return self.session.rpc_subscribe(request, params)
 
     def onClose(self, wasClean, code, reason):
         super().onClose(wasClean, code, reason)
@@ -244,8 +236,12 @@ class StatusRoot(resource.Resource):
         self.page = WebFile("status.html", b"text/html; charset=utf-8")
         factory = MsgdWebSocketFactory(interface)
         factory.protocol = StatusWebSocket
-        factory.feed = StatusFeed(interface.node, interface.options.status_interval)
-        factory.jsonrpc = JSONRPC(_NoApps(), max_batch=10)
+        feed = factory.feed = StatusFeed(interface.node, interface.options.status_interval)
+        # its own broker, the one channel, rpc.status, no app functions
+        clients = factory.clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"))
+        clients.jsonrpc = JSONRPC(_NoApps(), max_batch=10)
+        clients.broker, clients.authorize = feed.broker, _status_channel
+        clients.table["rpc.status"] = lambda connection, request, params: feed.snapshot()
         self.putChild(b"ws", WebSocketResource(factory))
 
     def getChild(self, path, request):
@@ -255,6 +251,11 @@ class StatusRoot(resource.Resource):
 
     def render_GET(self, request):
         return self.page.render_GET(request)
+
+
+def _status_channel(request, action: str, channel: str) -> None:
+    if channel != CHANNEL:
+        raise errors.InvalidParams(f"only the channel {CHANNEL} is offered here")
 
 
 class _NoApps:

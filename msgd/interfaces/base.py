@@ -147,6 +147,31 @@ class Listener(Interface):
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
 
+    gauge = None        # a protocol's own gauge of open connections (msgd_stream_connections, …)
+
+    def admit(self, transport, refuse, forwarded: bool = False) -> bool:
+        """Admission of a new connection, for every protocol: within the
+        guard's connection limits (see :meth:`msgd.security.Guard.admit`
+        for ``forwarded``) it is counted open — call :meth:`closed` when it
+        closes — and True; else ``refuse(limit)`` answers in the protocol's
+        own form (and closes), and False."""
+        hit = self.guard.admit(transport, forwarded)
+        if hit is not None:
+            refuse(hit)
+            return False
+        self.connection_opened(transport)
+        if self.gauge is not None:
+            self.gauge.inc()
+        return True
+
+    def closed(self, transport) -> None:
+        """An admitted connection ended (nothing for one that was refused)."""
+        self.guard.release(transport)
+        if transport in self.connections:
+            if self.gauge is not None:
+                self.gauge.dec()
+            self.connection_closed(transport)
+
     def connection_opened(self, transport) -> None:
         self.connections.add(transport)
 

@@ -38,8 +38,9 @@ from twisted.web import http, pages, resource, server
 from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
                          size, words)
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response
+from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import Listener
+from msgd.interfaces.connection import STATELESS, Clients
 from msgd.interfaces.responder import Answer, respond
 from msgd.security import Guard, SecurityOptions
 
@@ -169,13 +170,7 @@ class TrackedChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
-        iface = self.site.interface
-        hit = iface.guard.admit(self.transport, forwarded=True)
-        if hit is not None:
-            self._too_many(hit)
-            return
-        self._admitted = True
-        iface.connection_opened(self.transport)
+        self._admitted = self.site.interface.admit(self.transport, self._too_many, forwarded=True)
 
     def _too_many(self, limit: str) -> None:
         body = dumps(error_response(errors.Overloaded(f"too many connections ({limit})")))
@@ -239,8 +234,7 @@ class TrackedChannel(http.HTTPChannel):
                     call.cancel()
         if self._admitted:
             self._admitted = False
-            self.site.interface.guard.release(self.transport)
-            self.site.interface.connection_closed(self.transport)
+            self.site.interface.closed(self.transport)
         super().connectionLost(reason)
 
 
@@ -288,7 +282,8 @@ class JSONRPCResource(resource.Resource):
     def __init__(self, interface: "HTTPInterface"):
         super().__init__()
         self.interface = interface
-        self.jsonrpc = JSONRPC(interface.node.dispatcher, max_batch=interface.options.max_batch)
+        clients = Clients(interface, interface.options.max_batch, 0, STATELESS)
+        self.jsonrpc, self.builtins = clients.jsonrpc, clients.stateless()
 
     def render_GET(self, request):
         request.setHeader(b"allow", b"POST")
@@ -303,7 +298,7 @@ class JSONRPCResource(resource.Resource):
         def make_request():
             return node.new_request(iface.name, timeout=timeout, principal=getattr(request, "principal", None))
 
-        return respond(request, self.jsonrpc.answer(body, make_request, iface.builtins()), _jsonrpc_answer,
+        return respond(request, self.jsonrpc.answer(body, make_request, self.builtins), _jsonrpc_answer,
                        lambda e: Answer(500, None, None), log=iface.log, event="JSON-RPC over HTTP failed")
 
 
@@ -418,11 +413,6 @@ class HTTPInterface(Listener):
 
     def factory(self):
         return self.site
-
-    def builtins(self) -> dict:
-        """The ``rpc.*`` methods JSON-RPC over plain HTTP offers."""
-        pubsub = self.node.pubsub
-        return self.guard.http_builtins(pubsub.http_builtins() if pubsub is not None else {})
 
     def close_connections(self):
         # Long-poll sessions outlive their connections: end them with the interface.

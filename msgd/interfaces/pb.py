@@ -58,10 +58,9 @@ from msgd.cluster.outbox import bad_message_id
 from msgd.cluster.wire import PBError, rebuild  # noqa: F401  (rebuild: part of this module's documented API)
 from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
 from msgd.core import errors
-from msgd.core.pubsub import check_channel
+from msgd.core.pubsub import Session, check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
-from msgd.security.tls import peer_common_name
 
 
 def _users(value: str, ctx) -> tuple:
@@ -100,6 +99,7 @@ class Perspective(pb.Avatar):
         self.services = interface.services
         self.user = user
         self.pending: set[defer.Deferred] = set()
+        self.pubsub = Session(self.services.pubsub, self, authorize=self.services.access.authorize_channel)
 
     def _track(self, d: defer.Deferred) -> defer.Deferred:
         self.pending.add(d)
@@ -137,8 +137,7 @@ class Perspective(pb.Avatar):
 
     def _publish(self, channel, data):
         req = self.services.new_request(self.interface.name, principal=self.user)
-        self.services.access.authorize_channel(req, "publish", check_channel(channel))   # [access:*] rules
-        return self.services.pubsub.publish(channel, data, self.user)
+        return self.pubsub.publish(req, check_channel(channel), data)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
         return self._guard(self._send, target, args, kwargs, message_id, expires)
@@ -229,18 +228,13 @@ class _Portal(portal.Portal):
         guard = self.interface.guard
         name = getattr(credentials, "username", b"")
         key = "user:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
-        try:
-            guard.throttle.check(key)                 # login throttling, as on every interface
-        except errors.Overloaded as e:
-            guard.limited("login_throttle", key)
-            return defer.fail(PBError(e))
 
         def refused(failure):
+            if failure.check(errors.Overloaded):      # login throttling, as on every interface
+                raise PBError(failure.value)
             failure.trap(UnauthorizedLogin, UnhandledCredentials)    # wrong password; anonymous
-            if failure.check(UnauthorizedLogin):
-                guard.throttle.failed(key)
             raise PBError(errors.Unauthorized("login refused"))
-        d = super().login(credentials, mind, *interfaces)
+        d = guard.throttled((key,), lambda: portal.Portal.login(self, credentials, mind, *interfaces), key)
         if self.interface.options.cert_principal:
             d.addCallback(self._named_by_certificate, credentials)
         return d.addErrback(refused)
@@ -248,7 +242,8 @@ class _Portal(portal.Portal):
     def _named_by_certificate(self, result, credentials):
         _, avatar, logout = result
         transport = getattr(getattr(credentials, "broker", None), "transport", None)   # PB's challenger
-        cn = peer_common_name(transport) if transport is not None else None
+        named = self.interface.guard.certificate_principal(transport)
+        cn = named.name if named is not None else None
         user = getattr(avatar, "user", None)
         if cn is None or cn != user:
             logout()
@@ -260,16 +255,10 @@ class _Portal(portal.Portal):
 class _Broker(pb.Broker):
     def connectionMade(self):
         super().connectionMade()
-        iface = self.factory.interface
-        if iface.guard.admit(self.transport) is not None:     # connection limits: counted by the guard
-            self.transport.abortConnection()
-            return
-        iface.connection_opened(self.transport)
+        self.factory.interface.admit(self.transport, lambda limit: self.transport.abortConnection())
 
     def connectionLost(self, reason):
-        iface = self.factory.interface
-        iface.guard.release(self.transport)
-        iface.connection_closed(self.transport)
+        self.factory.interface.closed(self.transport)
         super().connectionLost(reason)
 
 

@@ -9,7 +9,7 @@ Wire protocol
     Opens a session: ``201 {"session": ID, "wait": SECONDS, "idle": SECONDS}``.
     The id is a secret: whoever has it speaks for the session, with the
     principal it was opened by (``Authorization``, or the ``msgd_token``
-    cookie from an allowed ``Origin``: see ``msgd.security.guard.Protected``);
+    cookie from an allowed ``Origin``: see ``msgd.security.http.Protected``);
     requests naming a session bring no credentials.
 ``POST /poll?session=ID``  body: one JSON-RPC message (call, notification, batch)
     ``202 {"queued": true}``.  The answer is *queued* in the session like the
@@ -52,8 +52,8 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response
-from msgd.core.pubsub import Session
+from msgd.core.jsonrpc import dumps, error_response
+from msgd.interfaces.connection import Clients
 
 
 def _reply(request, status: int, obj) -> bytes:
@@ -78,11 +78,7 @@ class PollSession:
     def __init__(self, registry: "Sessions", sid: str, principal):
         self.registry = registry
         self.id = sid
-        self.principal = principal
-        self.pubsub = Session(registry.node.pubsub, self,
-                              max_subscriptions=registry.options.ws_max_subscriptions,
-                              authorize=registry.node.access.authorize_channel)
-        self.builtins = self.pubsub.builtins()
+        self.connection = registry.clients.connect(self.deliver, principal)
         self.queue: deque[bytes] = deque()
         self.queued = 0          # bytes
         self.waiter: tuple | None = None       # (request, timer) of the GET waiting
@@ -180,7 +176,7 @@ class PollSession:
 
     def end(self, reason: str):
         self.closed = reason
-        self.pubsub.close()
+        self.connection.close()
         if self._flush is not None and self._flush.active():
             self._flush.cancel()
         if self.waiter is not None:
@@ -204,14 +200,13 @@ class Sessions:
 
     def __init__(self, interface):
         self.interface = interface
-        self.node = interface.node
         self.options = interface.options
-        self.clock = interface.node.reactor
+        self.clock = interface.services.reactor
         self.sessions: dict[str, PollSession] = {}
         self.ended: OrderedDict[str, tuple[str, float]] = OrderedDict()   # id -> why the node ended it, when
-        self.jsonrpc = JSONRPC(self.node.dispatcher, max_batch=self.options.max_batch)
+        self.clients = Clients(interface, self.options.max_batch, self.options.ws_max_subscriptions)
         self._expiry: LoopingCall | None = None
-        m = self.node.metrics
+        m = interface.services.metrics
         self.gauge = m.gauge("msgd_poll_sessions", "Open long-poll sessions", ["interface"]).labels(interface.name)
         self.dropped = m.counter("msgd_poll_dropped_total", "Long-poll sessions ended by the node",
                                  ["interface", "reason"])
@@ -275,17 +270,6 @@ class Sessions:
         for s in [s for s in self.sessions.values() if s.idle(now)]:
             self.close(s, "idle", "idle")
 
-    def handle(self, session: PollSession, body: bytes):
-        node, iface = self.node, self.interface
-        timeout = iface.timeout()
-
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=session.principal)
-        d = self.jsonrpc.handle(body, make_request, session.builtins)
-        d.addCallback(lambda data: session.push(data) if data is not None else None)
-        d.addErrback(lambda f: self.log.failure("long-poll message failed", f))
-
-
 def sessions(interface) -> Sessions:
     """The interface's session registry, made on first use (``/poll`` and
     ``/sse?session=`` share it)."""
@@ -322,7 +306,7 @@ class PollResource(resource.Resource):
         if session is None:
             return refusal
         session.last_seen = self.registry.clock.seconds()
-        self.registry.handle(session, request.content.read())
+        session.connection.answer(request.content.read(), session.push)
         return _reply(request, 202, {"queued": True})
 
     def render_GET(self, request):

@@ -54,6 +54,7 @@ from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.base import discard_unsent
+from msgd.interfaces.writer import BoundedWriter
 from msgd.interfaces.poll import _arg, _reply, sessions
 
 
@@ -69,9 +70,7 @@ class EventStream:
         self.registry = registry
         self.limit = registry.options.poll_max_queue
         self.on_close = on_close
-        self.paused = False
-        self.backlog: list[bytes] = []
-        self.backlog_bytes = 0
+        self.writer = BoundedWriter(request.write, self.limit, self._slow, lambda: discard_unsent(request.transport))
         self.closed = False
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
@@ -88,40 +87,29 @@ class EventStream:
         self.write(head + b"data: " + message + b"\n\n")
 
     def write(self, frame: bytes):
-        if self.closed:
-            return
-        if not self.paused:
-            self.request.write(frame)
-            return
-        self.backlog.append(frame)
-        self.backlog_bytes += len(frame)
-        if self.backlog_bytes > self.limit:
-            self.log.warn("ending SSE stream: slow consumer (more than {limit} bytes unsent)", limit=self.limit)
-            self.registry.dropped.labels(self.registry.interface.name, "slow_consumer").inc()
-            self.drop(f"slow consumer: more than {self.limit} bytes unsent")
+        if not self.closed:
+            self.writer.write(frame)
 
-    def drop(self, reason: str):
-        """Drop what is not sent yet, say why, end the stream and its connection."""
-        self.backlog, self.backlog_bytes = [], 0
+    def _slow(self, limit: int):
+        self.log.warn("ending SSE stream: slow consumer (more than {limit} bytes unsent)", limit=limit)
+        self.registry.dropped.labels(self.registry.interface.name, "slow_consumer").inc()
+        # what was not handed to the socket is dropped (whole chunks): the reason is the next message read
+        self.writer.last(b"data: " + dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                            "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
+                         + b"\n\n")
         transport = self.request.transport
-        discard_unsent(transport)       # whole chunks only: the reason is the next message read
-        self.request.write(b"data: " + dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                              "params": {"reason": reason}}) + b"\n\n")
         self.close()
         iface = self.registry.interface
         iface.close_within(transport, iface.options.close_timeout)
 
     def pauseProducing(self):
-        self.paused = True
+        self.writer.pause()
 
     def resumeProducing(self):
-        self.paused = False
-        if self.backlog and not self.closed:
-            data, self.backlog, self.backlog_bytes = b"".join(self.backlog), [], 0
-            self.request.write(data)
+        self.writer.resume()
 
     def stopProducing(self):
-        self.backlog, self.backlog_bytes = [], 0
+        self.writer.clear()
 
     def close(self):
         if not self.closed:
@@ -130,6 +118,7 @@ class EventStream:
 
     def _finished(self, _):
         self.closed = True
+        self.writer.close()
         if self.ping.running:
             self.ping.stop()
         if self.on_close is not None:
@@ -205,9 +194,12 @@ class SSEResource(resource.Resource):
             if len(set(names)) > limit:
                 raise errors.TooLarge(f"at most {limit} channels per stream")
             principal = getattr(request, "principal", None)     # set by the interface's guard
-            check = self.interface.node.new_request(self.interface.name, principal=principal)
+            sub = ChannelStream(None, principal)
+            services = self.interface.services
+            pubsub = Session(services.pubsub, sub, max_subscriptions=limit, authorize=services.access.authorize_channel)
+            check = services.new_request(self.interface.name, principal=principal)
             for n in names:
-                self.interface.node.access.authorize_channel(check, "subscribe", check_channel(n, pattern_ok=True))
+                pubsub.check(check, "subscribe", check_channel(n, pattern_ok=True))
         except errors.Unauthorized as e:
             return _reply(request, 403, error_response(e))
         except errors.MsgdError as e:
@@ -216,8 +208,6 @@ class SSEResource(resource.Resource):
         if isinstance(last, bytes):
             last = last.decode("utf-8", "replace")
         resume = parse_positions(last)
-        sub = ChannelStream(None, principal)
-        pubsub = Session(self.interface.node.pubsub, sub, max_subscriptions=limit)
         sub.stream = EventStream(request, self.registry, on_close=lambda s: pubsub.close())
         sub.positions.update((c, p) for c, p in resume.items() if c in names and not is_pattern(c))
         for name in dict.fromkeys(names):

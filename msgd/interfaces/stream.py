@@ -41,6 +41,8 @@ within ``close_timeout``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 from dataclasses import dataclass
 
@@ -51,11 +53,11 @@ from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response, param
-from msgd.core.pubsub import Session
+from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import Listener, discard_unsent
-from msgd.security import Guard, Principal, SecurityOptions
-from msgd.security.tls import peer_common_name
+from msgd.interfaces.connection import CONNECTED, Clients
+from msgd.interfaces.writer import BoundedWriter
+from msgd.security import Guard, SecurityOptions
 
 
 def stream_endpoint(value: str, ctx) -> str:
@@ -101,46 +103,27 @@ class StreamProtocol(protocol.Protocol):
 
     def __init__(self, interface: "StreamInterface"):
         self.interface = interface
-        self.principal: Principal | None = None
-        self.session: Session | None = None
+        self.connection: Any = None     # a Connection once admitted
         self._buffer = b""
-        self._paused = False
-        self._backlog: list[bytes] = []
-        self._backlog_bytes = 0
+        self.writer: Any = None         # a BoundedWriter once admitted
         self._closing = False
-        self._admitted = False      # within the connection limits (then released when it closes)
 
     def connectionMade(self):
         iface = self.interface
-        hit = iface.guard.admit(self.transport)
-        if hit is not None:
-            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                        "params": {"reason": f"too many connections ({hit})"}}) + b"\n")
-            self._closing = True
-            self.transport.loseConnection()
+        if not iface.admit(self.transport, self._refuse):
             return
-        self._admitted = True
-        iface.connection_opened(self.transport)
-        iface.gauge.inc()
         # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
-        self.session = Session(iface.node.pubsub, self, max_subscriptions=iface.options.max_subscriptions,
-                               authorize=iface.node.access.authorize_channel)
-        self.builtins = dict(self.session.builtins(), **{"rpc.login": self._login})
+        address = iface.guard.addresses.of_connection(self.transport)     # rpc.login's throttle
+        self.connection = iface.clients.connect(self.deliver, address=address)
+        self.writer = BoundedWriter(self.transport.write, iface.options.max_pending, self._slow,
+                                    lambda: discard_unsent(self.transport))
         self.transport.registerProducer(self, True)
 
-    def _login(self, request, params):
-        token = param(params, "token", 0, str, required=False) if isinstance(params, dict) else None
-        if token is None:
-            user = param(params, "user", 0, str)
-            password = param(params, "password", 1, str)
-        else:
-            user, password = "", token        # the guard takes a token in place of a password
-        address = self.interface.guard.addresses.of_connection(self.transport)
-
-        def logged_in(principal):
-            self.principal = principal
-            return {"name": principal.name, "roles": sorted(principal.roles), "via": principal.via}
-        return self.interface.guard.login(user, password, address).addCallback(logged_in)
+    def _refuse(self, limit: str):
+        self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                    "params": {"reason": f"too many connections ({limit})"}}) + b"\n")
+        self._closing = True
+        self.transport.loseConnection()
 
     # -- input -------------------------------------------------------------------
 
@@ -167,25 +150,14 @@ class StreamProtocol(protocol.Protocol):
         self._drop("line_too_long")
 
     def _handle(self, line: bytes):
-        iface = self.interface
-        node = iface.node
-        timeout = iface.timeout()
-
-        if self.principal is None and iface.options.cert_principal:
+        c = self.connection
+        if c.principal is None:
             # known once the TLS handshake is done, which is before any request can arrive
-            cn = peer_common_name(self.transport)
-            if cn:
-                self.principal = Principal(cn, frozenset(), "certificate")
+            c.principal = self.interface.guard.certificate_principal(self.transport)
+        c.answer(line, self._answer)
 
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=self.principal)
-        d = iface.jsonrpc.handle(line, make_request, self.builtins)
-        d.addCallback(self._answer)
-        d.addErrback(lambda f: self.log.failure("stream message failed", f))
-
-    def _answer(self, data: bytes | None):
-        if data is not None:
-            self._write(data + b"\n")
+    def _answer(self, data: bytes):
+        self._write(data + b"\n")
 
     # -- output ------------------------------------------------------------------
 
@@ -197,59 +169,43 @@ class StreamProtocol(protocol.Protocol):
         self._write(line)
 
     def _write(self, data: bytes):
-        if self._closing or self.transport is None:
-            return
-        if not self._paused:
-            self.transport.write(data)
-            return
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
-        limit = self.interface.options.max_pending
-        if self._backlog_bytes > limit:
-            self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
-                          peer=self.transport.getPeer(), limit=limit)
-            self._backlog, self._backlog_bytes = [], 0
-            discard_unsent(self.transport)      # so that the reason is the next line the client reads
-            self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                        "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
-                                 + b"\n")
-            self._drop("slow_consumer")
+        if not self._closing and self.writer is not None:
+            self.writer.write(data)
+
+    def _slow(self, limit: int):
+        self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
+                      peer=self.transport.getPeer(), limit=limit)
+        self.writer.last(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
+                                "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}}) + b"\n")
+        self._drop("slow_consumer")
 
     def _drop(self, reason: str):
         self._closing = True
-        if self.session is not None:
-            self.session.close()            # no more events
+        self.writer.close()
+        self.connection.close()             # no more events
         self.interface.dropped.labels(self.interface.name, reason).inc()
         self.interface.close_within(self.transport, self.interface.options.close_timeout)
 
     # IPushProducer: the transport says when its write buffer is full / drained
     def pauseProducing(self):
-        self._paused = True
+        self.writer.pause()
         self.transport.pauseProducing()     # stop reading requests from a client that does not read
 
     def resumeProducing(self):
-        self._paused = False
-        if self._backlog:
-            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), [], 0
-            self.transport.write(data)
+        self.writer.resume()
         if not self._closing:
             self.transport.resumeProducing()
 
     def stopProducing(self):
-        self._backlog, self._backlog_bytes = [], 0
+        self.writer.clear()
 
     # -- end ---------------------------------------------------------------------
 
     def connectionLost(self, reason):
-        if not self._admitted:
-            return
-        self._admitted = False
-        if self.session is not None:
-            self.session.close()
-            self.session = None
-        self.interface.guard.release(self.transport)
-        self.interface.gauge.dec()
-        self.interface.connection_closed(self.transport)
+        if self.connection is not None:
+            self.writer.close()
+            self.connection.close()
+        self.interface.closed(self.transport)
 
 
 class StreamFactory(protocol.Factory):
@@ -271,8 +227,8 @@ class StreamInterface(Listener):
     def __init__(self, name, options, node):
         super().__init__(name, options, node)
         self.guard = Guard(self)
-        self.jsonrpc = JSONRPC(node.dispatcher, max_batch=options.max_batch)
-        m = node.metrics
+        self.clients = Clients(self, options.max_batch, options.max_subscriptions, (*CONNECTED, "rpc.login"))
+        m = self.services.metrics
         self.gauge = m.gauge("msgd_stream_connections", "Open JSON-RPC stream connections",
                              ["interface"]).labels(name)
         self.dropped = m.counter("msgd_stream_dropped_total", "JSON-RPC stream connections closed by the node",

@@ -49,15 +49,15 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, dumps, error_response
-from msgd.core.pubsub import Session
+from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces.base import discard_unsent
-from msgd.security.guard import TOKEN_SUBPROTOCOL, origin_allowed
+from msgd.interfaces.connection import Clients
+from msgd.interfaces.writer import BoundedWriter
+from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
@@ -101,13 +101,10 @@ class MsgdWebSocket(WebSocketServerProtocol):
     lines go to this module's ``log``."""
 
     CONFIG_ATTRS: list[str] = []
-    principal = None
-    session = None
-    builtins = None
+    principal = None    # from the handshake
+    connection = None   # JSON-RPC: msgd.interfaces.connection
     stomp = None
-    _paused = False
-    _backlog: list[bytes] | None = None
-    _backlog_bytes = 0
+    writer = None       # the bounded writer of events (JSON-RPC; a STOMP session has its own)
     _closing = False
     _opened = False
     _refusal = None
@@ -174,19 +171,16 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         if getattr(self, "stomp_version", None):
             self.stomp = self.factory.stomp_class(
-                iface.node, iface.name, write=lambda data: self.sendMessage(data, False),
+                iface.services, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
-            self.stomp.discard = lambda: discard_unsent(self.transport)
+            self.stomp.writer.discard = lambda: discard_unsent(self.transport)
             # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
             self.stomp.options = dataclasses.replace(self.stomp.options,
                                                      authenticate=lambda login, passcode: self.principal)
         else:
-            self.session = Session(iface.node.pubsub, self,
-                                   max_subscriptions=iface.options.ws_max_subscriptions,
-                                   authorize=iface.node.access.authorize_channel)
-            # the Session checks subscribe, publish and presence against the rules, and serves
-            # as the builtins table itself (no per-connection dict: idle connections stay small)
-            self.builtins = self.session
+            self.connection = self.factory.clients.connect(self.deliver, self.principal)
+            self.writer = BoundedWriter(self.transport.write, iface.options.ws_max_pending, self._drop_slow,
+                                        lambda: discard_unsent(self.transport))
 
     # -- requests ----------------------------------------------------------------
 
@@ -196,25 +190,13 @@ class MsgdWebSocket(WebSocketServerProtocol):
         if self.stomp is not None:
             self.stomp.data_received(payload)
             return
-        iface = self.factory.interface
-        node = iface.node
-        timeout = iface.timeout()
-        principal = self.principal
-
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=principal)
         if isBinary:
             self._send_json(error_response(errors.InvalidRequest("binary messages are not JSON-RPC")))
             return
-        answer = self.factory.jsonrpc.answer(payload, make_request, self.builtins)
-        if isinstance(answer, Deferred):
-            answer.addCallback(self._answer)
-            answer.addErrback(lambda f: log.failure("WebSocket message failed", f))
-        elif answer is not None:
-            self._answer(answer)
+        self.connection.answer(payload, self._answer)
 
     def _answer(self, data):
-        if data is not None and self.state == self.STATE_OPEN:
+        if self.state == self.STATE_OPEN:
             if self._perMessageCompress is None:
                 self.transport.write(frame(data))
             else:
@@ -233,29 +215,12 @@ class MsgdWebSocket(WebSocketServerProtocol):
         data = event.cache.get("ws")
         if data is None:
             data = event.cache["ws"] = frame(event.notification())
-        if self._paused:
-            self._queue(data)
-        else:
-            self.transport.write(data)
-
-    def _queue(self, data: bytes):
-        if self._backlog is None:
-            self._backlog = []
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
-        limit = self.factory.interface.options.ws_max_pending
-        if self._backlog_bytes > limit:
-            self._drop_slow(limit)
+        self.writer.write(data)
 
     def _drop_slow(self, limit):
         iface = self.factory.interface
         self._closing = True
-        # what was never handed to the socket goes (ours and the transport's whole frames),
-        # so that the close frame is the next thing the client reads
-        self._backlog, self._backlog_bytes = None, 0
-        discard_unsent(self.transport)
-        if self.session is not None:
-            self.session.close()                # no more events: it is no longer among the subscribers
+        self.connection.close()                 # no more events: it is no longer among the subscribers
         iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
         log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
                  peer=self.peer, limit=limit)
@@ -267,24 +232,26 @@ class MsgdWebSocket(WebSocketServerProtocol):
 
     # IPushProducer: the transport tells us when its buffer is full / drained
     def pauseProducing(self):
-        self._paused = True
-        if self.stomp is not None:
-            self.stomp.pause_writing()          # STOMP sessions queue (and bound) their own frames
+        writer = self._writer()
+        if writer is not None:
+            writer.pause()
         if self.transport is not None and hasattr(self.transport, "pauseProducing"):
             self.transport.pauseProducing()     # stop reading requests from a client that doesn't read
 
     def resumeProducing(self):
-        self._paused = False
-        if self.stomp is not None:
-            self.stomp.resume_writing()
-        if self._backlog:
-            data, self._backlog, self._backlog_bytes = b"".join(self._backlog), None, 0
-            self.transport.write(data)
+        writer = self._writer()
+        if writer is not None:
+            writer.resume()
         if self.transport is not None and hasattr(self.transport, "resumeProducing") and not self._closing:
             self.transport.resumeProducing()
 
     def stopProducing(self):
-        self._backlog, self._backlog_bytes = None, 0
+        writer = self._writer()
+        if writer is not None:
+            writer.clear()
+
+    def _writer(self):
+        return self.stomp.writer if self.stomp is not None else self.writer   # STOMP bounds its own frames
 
     # -- end -------------------------------------------------------------------------
 
@@ -298,9 +265,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.sendClose(1000, reason[:120] if reason else None)
 
     def onClose(self, wasClean, code, reason):
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
         if self.stomp is not None:
             self.stomp.connection_lost()
             self.stomp = None
@@ -324,7 +291,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
     def __init__(self, interface):
         super().__init__(url=None, server="msgd")
         self.interface = interface
-        self.jsonrpc = JSONRPC(interface.node.dispatcher, max_batch=interface.options.max_batch)
+        self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
         self.stomp_class = _stomp_session_class()
         o = interface.options
         self.setProtocolOptions(
@@ -338,7 +305,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
 
 
 def make_resource(interface):
-    m = interface.node.metrics
+    m = interface.services.metrics
     interface.ws_connections = m.gauge("msgd_ws_connections", "Open WebSocket connections",
                                        ["interface"]).labels(interface.name)
     interface.ws_dropped = m.counter("msgd_ws_dropped_total", "WebSocket connections closed by the node",

@@ -5,7 +5,9 @@ See docs/security.rst.  Interfaces use :class:`Guard` (through
 :class:`Access` as the dispatcher's ``authorize`` hook.
 """
 
-from msgd.security.guard import Access, Guard, SecurityOptions
+from msgd.security.access import Access
+from msgd.security.guard import Guard
+from msgd.security.options import SecurityOptions
 from msgd.security.principal import Principal
 
 __all__ = ["Access", "Guard", "Principal", "SecurityOptions"]

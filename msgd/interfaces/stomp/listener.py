@@ -66,28 +66,19 @@ class StompProtocol(Protocol):
     transport: Any   # a TCP, TLS or unix transport (a consumer too), set before any use
     session: StompSession | None = None
 
-    _admitted = False
-
     def connectionMade(self):
         iface = self.factory.interface
-        hit = iface.guard.admit(self.transport)
-        if hit is not None:        # past a connection limit: an ERROR frame, then close
-            self.transport.write(b"ERROR\ncontent-type:text/plain\nmessage:too many connections (%s)\n"
-                                 b"msgd-code:-32005\n\n\x00" % hit.encode())
-            self.transport.loseConnection()
+        if not iface.admit(self.transport, self._refuse):
             return
-        self._admitted = True
-        iface.connection_opened(self.transport)
-        iface.stomp_connections.inc()
         peer = self.transport.getPeer()
         address = iface.guard.addresses.of_connection(self.transport)     # its failed logins are throttled
         options = dataclasses.replace(iface.session_options,
                                       authenticate=lambda login, passcode: iface.authenticate(login, passcode, address))
-        self.session = StompSession(iface.node, iface.name, self.transport.write, self._close,
+        self.session = StompSession(iface.services, iface.name, self.transport.write, self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
                                     options=options)
         self.transport.registerProducer(self, True)
-        self.session.discard = lambda: discard_unsent(self.transport)
+        self.session.writer.discard = lambda: discard_unsent(self.transport)
 
     def dataReceived(self, data):
         self.session.data_received(data)
@@ -95,22 +86,23 @@ class StompProtocol(Protocol):
     def _close(self, reason: str):
         self.factory.interface.close_within(self.transport, self.factory.interface.options.close_timeout)
 
+    def _refuse(self, limit: str):        # past a connection limit: an ERROR frame, then close
+        self.transport.write(b"ERROR\ncontent-type:text/plain\nmessage:too many connections (%s)\n"
+                             b"msgd-code:-32005\n\n\x00" % limit.encode())
+        self.transport.loseConnection()
+
     def connectionLost(self, reason):
-        if not self._admitted:
-            return
-        self.factory.interface.guard.release(self.transport)
-        self.session.connection_lost()
-        iface = self.factory.interface
-        iface.connection_closed(self.transport)
-        iface.stomp_connections.dec()
+        if self.session is not None:
+            self.session.connection_lost()
+        self.factory.interface.closed(self.transport)
 
     # IPushProducer: the transport's write buffer is full / drained
     def pauseProducing(self):
-        self.session.pause_writing()
+        self.session.writer.pause()
         self.transport.pauseProducing()      # stop reading frames from a client that does not read
 
     def resumeProducing(self):
-        self.session.resume_writing()
+        self.session.writer.resume()
         self.transport.resumeProducing()
 
     def stopProducing(self):
@@ -132,9 +124,9 @@ class StompInterface(Listener):
             max_pending=o.max_pending, authenticate=self.authenticate)
         self.guard = Guard(self)
         if o.users:     # the older key: a password file checked by the guard like auth = password's
-            self.guard.checker = PasswordFileChecker(o.users, node.run_blocking)
+            self.guard.checker = PasswordFileChecker(o.users, self.services.run_blocking)
             self.guard.checker.users()     # read now: a missing or bad file stops start-up
-        self.stomp_connections = node.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
+        self.gauge = self.services.metrics.gauge("msgd_stomp_connections", "Open STOMP connections",
                                                     ["interface"]).labels(name)
 
     def factory(self):

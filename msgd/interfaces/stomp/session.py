@@ -3,9 +3,10 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable (and set its ``discard()``, which drops what the
-transport has not begun to send) and feed it what arrives, so every rule
-below is written once.
+``close(reason)`` callable (and set its writer's ``discard``, which drops
+what the transport has not begun to send; see
+:mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule below
+is written once.
 
 Wire protocol
 -------------
@@ -81,7 +82,8 @@ from twisted.python.failure import Failure
 import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
-from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
+from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
+from msgd.interfaces.writer import BoundedWriter
 from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat)
 
@@ -129,35 +131,34 @@ class _Subscription:
 class StompSession:
     log = Logger()
 
-    discard: Callable[[], Any] | None = None     # drops what the transport has not begun to send
-
-    def __init__(self, node, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
+    def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
-        self.node = node
+        self.services = services        # msgd.services.Services
         self.interface = interface_name
         self._write_out = write
         self._close_out = close
         self.peer = peer
         self.hint = f"{version_hint[0]}.{version_hint[1]}" if version_hint else None
-        self.options = options or _websocket_options(node, interface_name)
+        self.options = options or _websocket_options(services, interface_name)
         self.decoder = Decoder(self.options.limits)
-        self.clock = node.reactor
+        self.clock = services.reactor
         self.id = f"{os.urandom(3).hex()}-{next(_session_ids)}"
         self.version = "1.2"
         self.principal = None
+        # channel access and publishing go through the pub/sub Session, as on every protocol
+        self.pubsub = Session(services.pubsub, None, authorize=services.access.authorize_channel)
         self.state = "new"             # new → connecting → connected → closed
         self.subscriptions: dict[str, _Subscription] = {}
         self.temp: dict[str, str] = {}     # /temp-queue/NAME -> subscription id
         self.unacked: dict[str, _Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
         self.in_flight: set = set()
-        self.paused = False
-        self.backlog: list[bytes] = []
-        self.backlog_bytes = 0
+        # the transport's pauseProducing/resumeProducing pause and resume it
+        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow)
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
-        self._errors = node.metrics.counter("msgd_stomp_errors_total", "STOMP ERROR frames sent, by kind",
+        self._errors = services.metrics.counter("msgd_stomp_errors_total", "STOMP ERROR frames sent, by kind",
                                             ["interface", "kind"])
         self._connect_timer = self.clock.callLater(self.options.connect_timeout, self._no_connect) \
             if self.options.connect_timeout else None
@@ -254,7 +255,7 @@ class StompSession:
         self._loops.append(loop)
 
     def _beat(self, interval):
-        if self.clock.seconds() - self.last_write >= interval * 0.9 and not self.paused:
+        if self.clock.seconds() - self.last_write >= interval * 0.9 and not self.writer.paused:
             self._write(b"\n")
 
     def _check_alive(self, interval, grace):
@@ -294,7 +295,7 @@ class StompSession:
             since = int(since)
         self._authorize("subscribe", channel)
         sub = self.subscriptions[sid] = _Subscription(self, sid, dest, channel, ack)
-        d = self.node.pubsub.subscribe(channel, sub, since, epoch)
+        d = self.services.pubsub.subscribe(channel, sub, since, epoch)
         d.addCallback(lambda info: self.receipt(frame, _subscribed(info)))
 
     def on_unsubscribe(self, frame: Frame) -> None:
@@ -307,7 +308,7 @@ class StompSession:
                 return
         if sub is None:
             raise errors.InvalidRequest(f"no subscription with id {sid!r}")
-        self.node.pubsub.unsubscribe(sub.channel, sub)
+        self.services.pubsub.unsubscribe(sub.channel, sub)
         for mid in sub.unacked:
             self.unacked.pop(mid, None)
         self.receipt(frame)
@@ -365,8 +366,7 @@ class StompSession:
         dest = _required(frame, "destination")
         if dest.startswith(TOPIC):
             channel = check_channel(dest[len(TOPIC):])
-            self._authorize("publish", channel)
-            d = self.node.pubsub.publish(channel, _body(frame, text_ok=True), principal=self.principal)
+            d = self.pubsub.publish(self._request(), channel, _body(frame, text_ok=True))
             d.addCallback(lambda _: self.receipt(frame))
         elif dest.startswith(APP):
             self._call(frame, dest[len(APP):])
@@ -375,8 +375,10 @@ class StompSession:
 
     def _authorize(self, action: str, channel: str) -> None:
         """The node's ``[access:*]`` rules for a channel (msgd.security)."""
-        self.node.access.authorize_channel(self.node.new_request(self.interface, principal=self.principal),
-                                           action, channel)
+        self.pubsub.check(self._request(), action, channel)
+
+    def _request(self):
+        return self.services.new_request(self.interface, principal=self.principal)
 
     def _call(self, frame: Frame, target: str) -> None:
         if len(self.in_flight) >= self.options.max_in_flight:
@@ -395,9 +397,9 @@ class StompSession:
             args, kwargs = (), data
         else:
             args, kwargs = (data,), {}
-        request = self.node.new_request(self.interface, timeout=self.options.request_timeout,
+        request = self.services.new_request(self.interface, timeout=self.options.request_timeout,
                                         principal=self.principal)
-        d = self.node.dispatcher.call(request, target, args, kwargs)
+        d = self.services.dispatcher.call(request, target, args, kwargs)
         self.in_flight.add(d)
         d.addBoth(self._called, d, frame)
 
@@ -413,7 +415,7 @@ class StompSession:
         if reply_to:
             if reply_to.startswith(TOPIC):
                 try:
-                    self.node.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
+                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
                 except errors.MsgdError as e:
                     self.error(e.message, receipt=frame.get("receipt"), err=e, kind="app")
                     return None
@@ -491,29 +493,15 @@ class StompSession:
         self._write(encode(frame, self.version))
 
     def _write(self, data: bytes) -> None:
-        if self.state == "closed":
-            return
-        if self.paused:
-            self.backlog.append(data)
-            self.backlog_bytes += len(data)
-            if self.backlog_bytes > self.options.max_pending:
-                self.backlog, self.backlog_bytes = [], 0
-                if self.discard is not None:
-                    self.discard()          # what the transport has not begun to send: the ERROR goes next
-                self.drop(f"slow consumer: more than {self.options.max_pending} bytes unsent", "slow_consumer")
-            return
+        if self.state != "closed":
+            self.writer.write(data)
+
+    def _out(self, data: bytes) -> None:
         self.last_write = self.clock.seconds()
         self._write_out(data)
 
-    def pause_writing(self) -> None:
-        """The transport's buffer is full: queue (boundedly) from now on."""
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.backlog:
-            data, self.backlog, self.backlog_bytes = b"".join(self.backlog), [], 0
-            self._write(data)
+    def _slow(self, limit: int) -> None:
+        self.drop(f"slow consumer: more than {limit} bytes unsent", "slow_consumer")
 
     def error(self, message: str, receipt: str | None = None, err: errors.MsgdError | None = None,
               kind: str = "protocol") -> None:
@@ -527,9 +515,7 @@ class StompSession:
             headers.append(("receipt-id", receipt))
         self._errors.labels(self.interface, kind).inc()
         self.log.info("STOMP {peer}: ERROR {message}", peer=self.peer, message=message)
-        self.paused = False       # the ERROR goes after what is queued, not into the bound
-        self.resume_writing()
-        self.send(Frame("ERROR", headers, message.encode()))
+        self.writer.last(encode(Frame("ERROR", headers, message.encode()), self.version))   # not into the bound
         self.close(message)
 
     def drop(self, reason: str, kind: str) -> None:
@@ -555,18 +541,18 @@ class StompSession:
             if loop.running:
                 loop.stop()
         for sub in self.subscriptions.values():
-            self.node.pubsub.unsubscribe(sub.channel, sub)
+            self.services.pubsub.unsubscribe(sub.channel, sub)
         self.subscriptions.clear()
         self.unacked.clear()
         self.transactions.clear()
-        self.backlog, self.backlog_bytes = [], 0
+        self.writer.close()
 
 
-def _websocket_options(node, interface_name: str) -> SessionOptions:
+def _websocket_options(services, interface_name: str) -> SessionOptions:
     """Bounds of a session the WebSocket layer built (no options given):
     the HTTP interface's ``ws_max_message`` bounds frames and
     ``ws_max_pending`` what is queued; its deadline applies to /app calls."""
-    iface = getattr(node, "interfaces", {}).get(interface_name)
+    iface = getattr(services, "interfaces", {}).get(interface_name)
     o = getattr(iface, "options", None)
     if iface is None or o is None or not hasattr(o, "ws_max_pending"):
         return SessionOptions()
