@@ -1,0 +1,456 @@
+"""msgd.cluster.rediscluster: slots, replies and routing with fakes
+(task.Clock, StringTransport, scripted connections); then the real thing, a
+three-master Redis Cluster from tests/servers.py, including a slot migration
+that answers ASK and then MOVED, and sharded pub/sub following its slot."""
+
+from __future__ import annotations
+
+import txredisapi
+from twisted.internet import defer, reactor
+from twisted.python.failure import Failure
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from msgd.cluster import rediscluster as rc
+
+from tests import servers
+from tests.helpers import eventually
+
+
+class SlotTests(unittest.TestCase):
+    def test_crc16(self):
+        self.assertEqual(rc.crc16(b"123456789"), 0x31C3)    # the XMODEM check value
+        self.assertEqual(rc.crc16(b""), 0)
+
+    def test_key_slot(self):
+        self.assertEqual(rc.key_slot("foo"), 12182)         # the cluster spec's example
+        self.assertEqual(rc.key_slot(b"foo"), 12182)
+        self.assertEqual(rc.key_slot("123456789"), 0x31C3 % 16384)
+
+    def test_hash_tags(self):
+        same = rc.key_slot("{user1000}.following")
+        self.assertEqual(rc.key_slot("{user1000}.followers"), same)
+        self.assertEqual(rc.key_slot("user1000"), same)
+        self.assertEqual(rc.key_slot("foo{}{bar}"), rc.key_slot("foo{}{bar}".encode()))
+        self.assertEqual(rc.hash_tag(b"foo{}{bar}"), b"foo{}{bar}")     # empty tag: the whole key
+        self.assertEqual(rc.hash_tag(b"foo{{bar}}zap"), b"{bar")
+        self.assertEqual(rc.hash_tag(b"foo{bar}{zap}"), b"bar")
+        self.assertEqual(rc.hash_tag(b"foo{bar"), b"foo{bar")
+        self.assertEqual(rc.hash_tag(b"x}{y}"), b"y")
+
+
+class ReplyTests(unittest.TestCase):
+    def test_redirect(self):
+        err = txredisapi.ResponseError
+        self.assertEqual(rc.redirect(err("MOVED 3999 127.0.0.1:6381")), ("MOVED", 3999, "127.0.0.1", 6381))
+        self.assertEqual(rc.redirect(err("ASK 12 ::1:7000")), ("ASK", 12, "::1", 7000))
+        self.assertEqual(rc.redirect(err("MOVED 5 :7001")), ("MOVED", 5, "", 7001))
+        self.assertIsNone(rc.redirect(err("WRONGTYPE Operation against a key")))
+        self.assertIsNone(rc.redirect(err("MOVED garbage")))
+        self.assertIsNone(rc.redirect(err()))
+        self.assertEqual(rc.error_kind(err("NOSCRIPT No matching script")), "NOSCRIPT")
+
+    def test_parse_slots(self):
+        reply = [[0, 5460, ["10.0.0.1", 7000, "id1"], ["10.0.0.4", 7003, "id4"]],
+                 [5461, 10922, [b"", 7001, "id2"]],
+                 [10923, 16383, ["?", 7002, "id3"]]]
+        self.assertEqual(rc.parse_slots(reply, "10.0.0.9"),
+                         [(0, 5460, "10.0.0.1", 7000), (5461, 10922, "10.0.0.9", 7001),
+                          (10923, 16383, "10.0.0.9", 7002)])
+
+
+class EndpointTests(unittest.TestCase):
+    def test_keyword(self):
+        self.assertEqual(rc.endpoint_for("tcp:host=10.0.0.1:port=7000:timeout=3", "10.0.0.2", 7001),
+                         "tcp:host=10.0.0.2:port=7001:timeout=3")
+        self.assertEqual(rc.address_of("tcp:host=10.0.0.1:port=7000:timeout=3"), ("10.0.0.1", 7000))
+
+    def test_positional(self):
+        self.assertEqual(rc.endpoint_for("tcp:10.0.0.1:7000", "10.0.0.2", 7001), "tcp:10.0.0.2:7001")
+        self.assertEqual(rc.address_of("tcp:10.0.0.1:7000"), ("10.0.0.1", 7000))
+
+    def test_ipv6_and_tls_options(self):
+        ep = rc.endpoint_for(r"tls:host=a.example:port=7000:trustRoots=/etc/ca\:x", "::1", 7002)
+        self.assertEqual(ep, r"tls:host=\:\:1:port=7002:trustRoots=/etc/ca\:x")
+        self.assertEqual(rc.address_of(ep), ("::1", 7002))
+
+
+class FakeConn:
+    """A command connection whose replies are scripted per command name."""
+
+    def __init__(self, replies=None):
+        self.calls = []
+        self.replies = replies or {}
+
+    def execute_command(self, *args):
+        self.calls.append(args)
+        script = self.replies.get(args[0], "OK")
+        reply = script.pop(0) if isinstance(script, list) else script
+        if callable(reply):
+            reply = reply(args)
+        if isinstance(reply, defer.Deferred):
+            return reply
+        return defer.fail(reply) if isinstance(reply, Exception) else defer.succeed(reply)
+
+
+def moved(slot, port):
+    return txredisapi.ResponseError(f"MOVED {slot} 127.0.0.1:{port}")
+
+
+def make_cluster(testcase, ranges=((0, 8191, 7000), (8192, 16383, 7001)), **kw):
+    """A RedisCluster that is not started (no sockets): its nodes get fake
+    connections."""
+    clock = MemoryReactorClock()
+    cluster = rc.RedisCluster(["tcp:host=127.0.0.1:port=7000"], clock, **kw)
+    cluster._apply([(a, b, "127.0.0.1", port) for a, b, port in ranges])
+    return cluster, clock
+
+
+class RoutingTests(unittest.TestCase):
+    def setUp(self):
+        self.cluster, self.clock = make_cluster(self)
+        self.a = self.cluster.nodes[("127.0.0.1", 7000)]
+        self.b = self.cluster.nodes[("127.0.0.1", 7001)]
+        self.a.command, self.b.command = FakeConn(), FakeConn()
+        self.key_a = next(k for k in ("a", "b", "c", "d", "e") if rc.key_slot(k) <= 8191)
+        self.key_b = next(k for k in ("a", "b", "c", "d", "e") if rc.key_slot(k) > 8191)
+
+    def test_routes_by_slot(self):
+        self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.cluster.execute(self.key_b, "GET", self.key_b)
+        self.assertEqual(self.a.command.calls, [("GET", self.key_a)])
+        self.assertEqual(self.b.command.calls, [("GET", self.key_b)])
+
+    def test_moved_updates_map_retries_and_refreshes(self):
+        slot = rc.key_slot(self.key_a)
+        self.a.command.replies = {"GET": moved(slot, 7001),
+                                  "CLUSTER": [[[0, 16383, ["127.0.0.1", 7001, "b"]]]]}
+        self.b.command.replies = {"GET": "value", "CLUSTER": [[[0, 16383, ["127.0.0.1", 7001, "b"]]]]}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.assertEqual(self.successResultOf(d), "value")
+        self.assertIn(("GET", self.key_a), self.b.command.calls)
+        self.assertIs(self.cluster.node_for_slot(slot), self.b)
+        # the refresh asked for the whole map, and node a (no master any more) is gone
+        self.assertTrue(any(c == ("CLUSTER", "SLOTS") for c in self.a.command.calls + self.b.command.calls))
+        self.assertIs(self.cluster.node_for_key(self.key_a), self.b)
+        self.assertEqual(list(self.cluster.nodes), [("127.0.0.1", 7001)])
+
+    def test_ask_sends_asking_and_keeps_the_map(self):
+        slot = rc.key_slot(self.key_a)
+        self.a.command.replies = {"GET": txredisapi.ResponseError(f"ASK {slot} 127.0.0.1:7001")}
+        self.b.command.replies = {"GET": "there"}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.assertEqual(self.successResultOf(d), "there")
+        self.assertEqual(self.b.command.calls, [("ASKING",), ("GET", self.key_a)])
+        self.assertIs(self.cluster.node_for_slot(slot), self.a)
+        self.assertNotIn(("CLUSTER", "SLOTS"), self.a.command.calls)
+
+    def test_redirect_to_an_unknown_node_waits_for_its_connection(self):
+        slot = rc.key_slot(self.key_a)
+        self.a.command.replies = {"GET": txredisapi.ResponseError(f"ASK {slot} 127.0.0.1:7005")}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.assertNoResult(d)
+        c = self.cluster.nodes[("127.0.0.1", 7005)]
+        c.up(FakeConn({"GET": "late"}))
+        self.assertEqual(self.successResultOf(d), "late")
+
+    def test_redirect_to_a_node_that_never_connects_times_out(self):
+        slot = rc.key_slot(self.key_a)
+        self.a.command.replies = {"GET": txredisapi.ResponseError(f"ASK {slot} 127.0.0.1:7005")}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.clock.advance(self.cluster.timeout)
+        self.failureResultOf(d, rc.ClusterError)
+        self.assertEqual(self.cluster.nodes[("127.0.0.1", 7005)]._waiting, [])
+
+    def test_noscript_loads_the_script_and_retries(self):
+        script = rc.Script("return KEYS[1]")
+        self.a.command.replies = {"EVALSHA": [txredisapi.ResponseError("NOSCRIPT No matching script."), "k"],
+                                  "SCRIPT": script.sha}
+        d = self.cluster.evalsha(script, [self.key_a], ["arg"])
+        self.assertEqual(self.successResultOf(d), "k")
+        self.assertEqual(self.a.command.calls, [("EVALSHA", script.sha, 1, self.key_a, "arg"),
+                                                ("SCRIPT", "LOAD", script.text),
+                                                ("EVALSHA", script.sha, 1, self.key_a, "arg")])
+
+    def test_tryagain_pauses_then_retries(self):
+        self.a.command.replies = {"GET": [txredisapi.ResponseError("TRYAGAIN Multiple keys request"), "ok"]}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        self.assertNoResult(d)
+        self.clock.advance(self.cluster.retry_delay)
+        self.assertEqual(self.successResultOf(d), "ok")
+
+    def test_redirections_are_bounded(self):
+        slot = rc.key_slot(self.key_a)
+        self.a.command.replies = {"GET": moved(slot, 7001), "CLUSTER": defer.Deferred()}
+        self.b.command.replies = {"GET": moved(slot, 7000), "CLUSTER": defer.Deferred()}
+        d = self.cluster.execute(self.key_a, "GET", self.key_a)
+        f = self.failureResultOf(d, rc.ClusterError)
+        self.assertIn("after 5 redirections", f.getErrorMessage())
+        gets = [c for c in self.a.command.calls + self.b.command.calls if c[0] == "GET"]
+        self.assertEqual(len(gets), self.cluster.max_redirects + 1)
+
+    def test_other_errors_are_the_callers(self):
+        self.a.command.replies = {"INCR": txredisapi.ResponseError("WRONGTYPE Operation")}
+        self.failureResultOf(self.cluster.execute(self.key_a, "INCR", self.key_a), txredisapi.ResponseError)
+        self.assertEqual(len(self.a.command.calls), 1)
+
+    def test_lost_connection_fails_at_once(self):
+        self.a.command = None
+        f = self.failureResultOf(self.cluster.execute(self.key_a, "GET", self.key_a), rc.ClusterError)
+        self.assertIn("127.0.0.1:7000", f.getErrorMessage())
+        self.assertTrue(self.cluster.connected_for(self.key_b) is False)   # no subscriber connections either
+
+    def test_unknown_map_fails(self):
+        cluster = rc.RedisCluster(["tcp:host=127.0.0.1:port=7000"], MemoryReactorClock())
+        f = self.failureResultOf(cluster.execute("k", "GET", "k"), rc.ClusterError)
+        self.assertIn("not known yet", f.getErrorMessage())
+
+
+def feed(proto, clock, data: bytes) -> None:
+    proto.dataReceived(data)
+    while clock.getDelayedCalls():     # txredisapi goes on with the rest of a chunk a turn later
+        clock.advance(0)
+
+
+def resp(*items) -> bytes:
+    out = b"*%d\r\n" % len(items)
+    for i in items:
+        if isinstance(i, int):
+            out += b":%d\r\n" % i
+        else:
+            i = i.encode() if isinstance(i, str) else i
+            out += b"$%d\r\n%s\r\n" % (len(i), i)
+    return out
+
+
+class ShardSubscriberTests(unittest.TestCase):
+    def setUp(self):
+        self.messages, self.subscribed = [], []
+        self.cluster, self.clock = make_cluster(self, on_message=lambda c, m: self.messages.append((c, m)),
+                                                on_subscribed=self.subscribed.append)
+        self.a = self.cluster.nodes[("127.0.0.1", 7000)]
+        self.b = self.cluster.nodes[("127.0.0.1", 7001)]
+        for n in (self.a, self.b):
+            n.command = FakeConn({"CLUSTER": defer.Deferred()})
+
+    def connect(self, node):
+        p = rc._Factory(node, rc.ShardSubscriber).buildProtocol(None)
+        p.callLater = self.clock.callLater
+        t = StringTransport()
+        p.makeConnection(t)
+        return p, t
+
+    def test_confirmations_messages_and_errors(self):
+        p, t = self.connect(self.a)
+        d1 = p.ssubscribe(["x", "y"])
+        d2 = p.ssubscribe(["z"])
+        self.assertEqual(t.value(), resp("SSUBSCRIBE", "x", "y") + resp("SSUBSCRIBE", "z"))
+        feed(p, self.clock, resp("ssubscribe", "x", 1))
+        self.assertNoResult(d1)
+        feed(p, self.clock, resp("ssubscribe", "y", 2) + resp("smessage", "x", '{"o":1}')
+             + resp("ssubscribe", "z", 1))
+        self.assertEqual(self.successResultOf(d1), "ssubscribe")
+        self.assertEqual(self.successResultOf(d2), "ssubscribe")
+        self.assertEqual(self.messages, [("x", '{"o":1}')])
+        d3 = p.ssubscribe(["w"])
+        feed(p, self.clock, b"-MOVED 1 127.0.0.1:7001\r\n")
+        self.assertEqual(rc.redirect(self.failureResultOf(d3, txredisapi.ResponseError).value)[0], "MOVED")
+        d4 = p.sunsubscribe(["x"])
+        feed(p, self.clock, resp("sunsubscribe", "x", 2))
+        self.successResultOf(d4)
+
+    def test_lost_connection_fails_pending(self):
+        p, t = self.connect(self.a)
+        d = p.ssubscribe(["x"])
+        p.connectionLost(Failure(ConnectionError("gone")))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+
+    def place(self, channel, node):
+        return next(c for c in (f"{channel}{i}" for i in range(100))
+                    if self.cluster.node_for_key(c) is node)
+
+    def test_wanted_channels_are_placed_by_slot_and_resubscribed(self):
+        ca, cb = self.place("ch", self.a), self.place("ch", self.b)
+        self.cluster.ssubscribe([ca, cb])     # nothing connected yet: remembered
+        pa, ta = self.connect(self.a)
+        self.assertEqual(ta.value(), resp("SSUBSCRIBE", ca))
+        feed(pa, self.clock, resp("ssubscribe", ca, 1))
+        self.assertEqual(self.subscribed, [[ca]])
+        pb, tb = self.connect(self.b)
+        self.assertEqual(tb.value(), resp("SSUBSCRIBE", cb))
+        # a reconnected subscriber subscribes again, and says so
+        pa.connectionLost(Failure(ConnectionError("gone")))
+        self.assertIsNone(self.a.subscriber)
+        pa2, ta2 = self.connect(self.a)
+        self.assertEqual(ta2.value(), resp("SSUBSCRIBE", ca))
+        feed(pa2, self.clock, resp("ssubscribe", ca, 1))
+        self.assertEqual(self.subscribed, [[ca], [ca]])
+        # unsubscribing
+        self.cluster.sunsubscribe([ca])
+        self.assertEqual(ta2.value(), resp("SSUBSCRIBE", ca) + resp("SUNSUBSCRIBE", ca))
+        self.assertNotIn(ca, self.a.channels)
+
+    def test_a_moved_slot_moves_the_subscription(self):
+        ca = self.place("ch", self.a)
+        pa, ta = self.connect(self.a)
+        pb, tb = self.connect(self.b)
+        self.cluster.ssubscribe([ca])
+        feed(pa, self.clock, resp("ssubscribe", ca, 1))
+        # the server drops the subscription by itself: its slot went to b
+        refresh = defer.Deferred()
+        self.a.command.replies = {"CLUSTER": refresh}
+        feed(pa, self.clock, resp("sunsubscribe", ca, 0))
+        self.assertNotIn(ca, self.a.channels)
+        refresh.callback([[0, 16383, ["127.0.0.1", 7001, "b"]]])
+        self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
+        self.assertIs(self.cluster.channels[ca], self.b)
+
+    def test_ssubscribe_refused_with_moved_is_placed_again(self):
+        ca = self.place("ch", self.a)
+        pa, ta = self.connect(self.a)
+        pb, tb = self.connect(self.b)
+        refresh = defer.Deferred()
+        self.a.command.replies = {"CLUSTER": refresh}
+        self.cluster.ssubscribe([ca])
+        feed(pa, self.clock, b"-MOVED %d 127.0.0.1:7001\r\n" % rc.key_slot(ca))
+        self.assertEqual(tb.value(), b"")
+        refresh.callback([[0, 16383, ["127.0.0.1", 7001, "b"]]])
+        self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
+
+    def test_a_changed_map_moves_subscriptions(self):
+        ca = self.place("ch", self.a)
+        pa, ta = self.connect(self.a)
+        pb, tb = self.connect(self.b)
+        self.cluster.ssubscribe([ca])
+        self.cluster._apply([(0, 16383, "127.0.0.1", 7001)])
+        self.assertEqual(ta.value(), resp("SSUBSCRIBE", ca))     # a is no master: dropped, connections closed
+        self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
+        self.assertEqual(list(self.cluster.nodes), [("127.0.0.1", 7001)])
+
+
+def fast_retries(attempt):
+    return 0.05
+
+
+class RealClusterTests(unittest.TestCase):
+    """Against a private three-master Redis Cluster."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.servers = servers.redis_cluster()
+        self.addCleanup(self.servers.cleanup)
+
+    def client(self, **kw) -> rc.RedisCluster:
+        seed = self.servers.nodes[0]
+        c = rc.RedisCluster([f"tcp:host={seed.host}:port={seed.port}"], reactor, retry_policy=fast_retries, **kw)
+        c.startService()
+        self.addCleanup(c.stopService)
+        return c
+
+    def node_id(self, server) -> str:
+        return self.servers.cli(server, "cluster", "myid")
+
+    def owner(self, slot: int):
+        """The Server that the cluster (asked directly, CLUSTER NODES) says
+        owns ``slot``."""
+        for line in self.servers.cli(self.servers.nodes[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rpartition(":")[2])
+            for r in fields[8:]:
+                first, _, last = r.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    return next(s for s in self.servers.nodes if s.port == port)
+
+    @defer.inlineCallbacks
+    def test_commands_go_to_each_slots_master(self):
+        c = self.client()
+        yield eventually(lambda: c.connected)
+        self.assertEqual(len({n for n in c.slots}), 3)
+        keys = [f"key{i}" for i in range(30)]
+        for k in keys:
+            self.assertEqual((yield c.execute(k, "SET", k, k.upper())), "OK")
+        for k in keys:
+            self.assertEqual((yield c.execute(k, "GET", k)), k.upper())
+            owner = self.owner(rc.key_slot(k))
+            self.assertEqual(self.servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
+        # one script touching two keys under one hash tag
+        script = rc.Script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
+        owner = self.owner(rc.key_slot("{tag}"))
+        self.servers.cli(owner, "script", "flush")
+        self.assertEqual((yield c.evalsha(script, ["{tag}:a", "{tag}:b"], ["x"])), 1)
+        self.assertEqual((yield c.evalsha(script, ["{tag}:a", "{tag}:b"], ["x"])), 2)
+        self.assertEqual(self.servers.cli(owner, "script", "exists", script.sha), "1")
+
+    @defer.inlineCallbacks
+    def test_sharded_pubsub_across_masters(self):
+        got = []
+        sub = self.client(on_message=lambda ch, m: got.append((ch, m)))
+        pub = self.client()
+        channels = [f"news.{i}" for i in range(12)]
+        sub.ssubscribe(channels)
+        yield eventually(lambda: sub.connected and pub.connected)
+        self.assertEqual(len({sub.node_for_key(ch) for ch in channels}), 3)    # spread over all three
+        yield eventually(lambda: all(self.servers.cli(self.owner(rc.key_slot(ch)), "pubsub", "shardnumsub", ch)
+                                     .split()[-1] == "1" for ch in channels))
+        for ch in channels:
+            self.assertEqual((yield pub.spublish(ch, f"hello {ch}")), 1)
+        yield eventually(lambda: len(got) == len(channels))
+        self.assertEqual(sorted(got), sorted((ch, f"hello {ch}") for ch in channels))
+
+    @defer.inlineCallbacks
+    def test_slot_migration_ask_then_moved(self):
+        subscribed = []
+        got = []
+        c = self.client(on_message=lambda ch, m: got.append((ch, m)), on_subscribed=subscribed.extend)
+        pub = self.client()
+        yield eventually(lambda: c.connected and pub.connected)
+        key, channel = "{mig}key", "{mig}events"
+        slot = rc.key_slot(key)
+        source = self.owner(slot)
+        target = next(s for s in self.servers.nodes if s is not source)
+        yield c.execute(key, "SET", key, "v1")
+        c.ssubscribe([channel])
+        yield eventually(lambda: channel in subscribed)
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        # migration under way, the key already moved: the source answers ASK
+        self.servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
+        self.servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
+        self.servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
+        self.assertEqual((yield c.execute(key, "GET", key)), "v1")
+        self.assertEqual(c.node_for_slot(slot).port, source.port)        # ASK does not change the map
+        self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 0})
+        # the migration ends: the source answers MOVED
+        for s in self.servers.nodes:
+            self.servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
+        self.assertEqual((yield c.execute(key, "GET", key)), "v1")
+        self.assertEqual(c.node_for_slot(slot).port, target.port)
+        self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 1})
+        # the shard channel followed its slot: subscribed on the target again
+        yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot) and subscribed.count(channel) == 2)
+        yield eventually(lambda: self.servers.cli(target, "pubsub", "shardnumsub", channel).split()[-1] == "1")
+        self.assertEqual((yield pub.spublish(channel, "after")), 1)
+        yield eventually(lambda: got == [(channel, "after")])
+        self.assertEqual(pub.redirections["MOVED"], 1)      # the publisher's map was stale too
+
+    @defer.inlineCallbacks
+    def test_a_restarted_master_gets_its_subscriptions_back(self):
+        subscribed, got = [], []
+        c = self.client(on_message=lambda ch, m: got.append((ch, m)), on_subscribed=subscribed.extend)
+        victim = self.servers.nodes[2]
+        channel = next(f"r{i}" for i in range(100) if self.owner(rc.key_slot(f"r{i}")) is victim)
+        c.ssubscribe([channel])
+        yield eventually(lambda: subscribed == [channel])
+        node = c.node_for_key(channel)
+        victim.stop()
+        yield eventually(lambda: not node.connected)
+        self.assertFalse(c.connected)
+        self.assertIn(victim.address, c.describe())
+        victim.start()
+        yield eventually(lambda: subscribed == [channel, channel], timeout=30)
+        yield eventually(lambda: "cluster_state:ok" in self.servers.cli(victim, "cluster", "info"), timeout=30)
+        pub = self.client()
+        yield eventually(lambda: pub.connected)
+        self.assertEqual((yield pub.spublish(channel, "back")), 1)
+        yield eventually(lambda: got == [(channel, "back")])
+
