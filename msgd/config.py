@@ -12,7 +12,7 @@ Sections
 ``[adapter:NAME]``       a client of an external system; ``type=`` picks it
 ``[peer:NAME]``          another node reached over Perspective Broker
 ``[pubsub]``             the pub/sub broker (:class:`PubSubConfig`)
-``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history
+``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history, presence events
 ``[access:NAME]``        an authorization rule (:mod:`msgd.security.rules`)
 
 Relative paths are taken relative to the directory of the ini file, so a node
@@ -339,12 +339,19 @@ class PubSubConfig:
     redis_password: str = option("", doc="Redis password when backend=redis")
     redis_db: int = option(0, parse=integer(0), doc="Redis database number when backend=redis")
     prefix: str = option("msgd", parse=nonempty, doc="prefix of the Redis keys and channels used")
+    presence_ttl: float = option(30.0, parse=duration,
+                                 doc="backend=redis: a node's presence entries are refreshed every third of this, "
+                                     "and gone this long after the node stopped refreshing them (died)")
 
 
 @dataclass(frozen=True)
 class ChannelConfig:
     history_size: int | None = option(None, parse=integer(0), doc="overrides [pubsub] history_size")
     history_age: float | None = option(None, parse=duration, doc="overrides [pubsub] history_age")
+    presence_events: bool | None = option(None, parse=boolean,
+                                          doc="tell the channel's subscribers who joins and leaves (rpc.join, "
+                                              "rpc.leave); the first matching section that sets it decides; "
+                                              "default no")
 
 
 @dataclass(frozen=True)

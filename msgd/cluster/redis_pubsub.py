@@ -42,7 +42,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from msgd.core.jsonrpc import dumps
-from msgd.core.pubsub import Event, new_epoch
+from msgd.core.pubsub import Event, new_epoch, presence_notice
 
 PUBLISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
@@ -204,10 +204,36 @@ class RedisBridge(MultiService):
                           channel=name, error=f.getErrorMessage())
         return self.command.eval(SYNC, self._keys(name), [new_epoch(), self.ttl]).addCallbacks(got, failed)
 
+    # -- what cluster-wide presence (msgd.cluster.presence) uses -------------------------
+
+    def presence_keys(self, name: str) -> list[str]:
+        base = f"{self.config.prefix}:ch:{name}"
+        return [f"{base}:presence", f"{base}:presence:exp"]
+
+    def channel_connected(self, name: str) -> bool:
+        return self.connected
+
+    def evalsha(self, name: str, script: str, keys: list, args: list) -> defer.Deferred:
+        if self.command is None:
+            return defer.fail(txredisapi.ConnectionError("not connected to Redis"))
+        return self.command.eval(script, keys, args)     # EVALSHA once the connection has loaded it
+
+    def announce(self, name: str, action: str, principal, count: int) -> defer.Deferred:
+        """Tell every node's subscribers of ``name`` that ``count``
+        subscriptions of ``principal`` joined or left (an ``rpc.join`` /
+        ``rpc.leave`` notice, not an event)."""
+        if self.command is None:
+            return defer.fail(txredisapi.ConnectionError("not connected to Redis"))
+        return self.command.publish(self.events_channel, json.dumps({"c": name, "k": action, "p": principal,
+                                                                     "n": count}))
+
     def message(self, raw) -> None:
-        """An event from ``PREFIX:events``: deliver it here."""
+        """An event (or a presence notice) from ``PREFIX:events``: deliver it here."""
         try:
             e = json.loads(raw)
+            if "k" in e:
+                self.broker.notify(presence_notice(e["c"], e["k"], e["p"], int(e["n"])))
+                return
             self.broker.receive(e["c"], int(e["o"]), e["e"], e["d"], float(e["t"]))
         except Exception:
             self.log.failure("pub/sub: bad event from Redis: {raw!r}", raw=str(raw)[:200])

@@ -23,6 +23,14 @@ subscribers there are).
 
 Ordering: replayed events are delivered before the ``subscribe`` Deferred
 fires, and live events never interleave with a replay.
+
+Presence: ``presence(name)`` is who is subscribed here; with a cluster-wide
+store (``Broker.presence_store``, :mod:`msgd.cluster.presence`)
+``rpc.presence`` answers for every node.  Channels matching a
+``[channel:PATTERN]`` with ``presence_events = yes`` tell their subscribers
+who joins and leaves (:class:`Notice`: ``rpc.join`` / ``rpc.leave``
+notifications, not events: no offset, no history); through a shared backend
+every node's subscribers hear of every node's joins and leaves.
 """
 
 from __future__ import annotations
@@ -90,6 +98,32 @@ class Event:
         return b
 
 
+@dataclass(eq=False, slots=True)
+class Notice:
+    """A notification for a channel's subscribers that is not one of its
+    events (no offset, no history, never replayed): ``rpc.join`` and
+    ``rpc.leave``.  Subscribers take it through ``deliver`` like an event,
+    except those whose ``notices`` attribute is false (STOMP)."""
+    channel: str
+    method: str
+    params: dict
+    cache: dict = field(default_factory=dict)
+    offset = None
+    epoch = None
+
+    def notification(self) -> bytes:
+        b = self.cache.get("json")
+        if b is None:
+            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": self.method, "params": self.params})
+        return b
+
+
+def presence_notice(channel: str, action: str, principal: str | None, count: int = 1) -> Notice:
+    """``rpc.join`` / ``rpc.leave``: ``count`` subscriptions of ``principal``
+    (None: anonymous) came or went."""
+    return Notice(channel, f"rpc.{action}", {"channel": channel, "principal": principal, "count": count})
+
+
 class Channel:
     __slots__ = ("name", "epoch", "offset", "history", "subscribers", "max_size", "max_age", "last_used")
 
@@ -126,11 +160,14 @@ class Broker:
 
     def __init__(self, clock, history_size: int = 1000, history_age: float = 3600.0,
                  overrides: Iterable[tuple[str, int | None, float | None]] = (), metrics=None,
-                 gc_interval: float = 60.0):
+                 gc_interval: float = 60.0, presence_events: Iterable[tuple[str, bool]] = ()):
         self.clock = clock
         self.history_size = history_size
         self.history_age = history_age
         self.overrides = list(overrides)
+        self.presence_events = list(presence_events)   # [(pattern, yes/no)]: the first match decides
+        self._announces: dict[str, bool] = {}
+        self.presence_store = None   # cluster-wide presence when set (msgd.cluster.presence)
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, set] = {}
         self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
@@ -228,7 +265,9 @@ class Broker:
                 for ev in list(ch.history):
                     if ev.offset > since:
                         subscriber.deliver(ev)
-        ch.subscribers.add(subscriber)
+        if subscriber not in ch.subscribers:
+            ch.subscribers.add(subscriber)
+            self._presence_changed(name, subscriber, "join")
         return {"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered}
 
     def unsubscribe(self, name: str, subscriber) -> bool:
@@ -246,6 +285,7 @@ class Broker:
             return False
         ch.subscribers.discard(subscriber)
         ch.last_used = self.clock.seconds()
+        self._presence_changed(name, subscriber, "leave")
         return True
 
     def unsubscribe_all(self, subscriber, names: Iterable[str]) -> None:
@@ -345,12 +385,74 @@ class Broker:
             self._m[1].inc(n)
         return n
 
+    # -- presence ---------------------------------------------------------------------------
+
     def presence(self, name: str) -> dict:
+        """Who is subscribed to ``name`` on this node."""
         check_channel(name)
         ch = self.channels.get(name)
         subs = ch.subscribers if ch is not None else ()
         principals = sorted({_principal_name(s.principal) for s in subs if getattr(s, "principal", None)})
         return {"channel": name, "count": len(subs), "principals": principals}
+
+    def local_presence(self, name: str) -> dict[str | None, int]:
+        """``{principal name or None: subscriptions}`` of ``name`` on this node."""
+        out: dict[str | None, int] = {}
+        ch = self.channels.get(name)
+        for s in (ch.subscribers if ch is not None else ()):
+            p = getattr(s, "principal", None)
+            key = _principal_name(p) if p else None
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def cluster_presence(self, name: str) -> defer.Deferred:
+        """Who is subscribed to ``name`` on any node (this node's answer
+        when there is no cluster-wide store)."""
+        check_channel(name)
+        if self.presence_store is not None:
+            return self.presence_store.query(name)
+        return defer.succeed(self.presence(name))
+
+    def announces(self, name: str) -> bool:
+        """Do ``name``'s subscribers hear of joins and leaves?"""
+        a = self._announces.get(name)
+        if a is None:
+            a = next((on for pattern, on in self.presence_events if fnmatch.fnmatchcase(name, pattern)), False)
+            if len(self._announces) > 100_000:
+                self._announces.clear()
+            self._announces[name] = a
+        return a
+
+    def _presence_changed(self, name: str, subscriber, action: str) -> None:
+        if self.presence_store is not None:
+            self.presence_store.changed(name)
+        if self.presence_events and self.announces(name):
+            p = getattr(subscriber, "principal", None)
+            self.announce(name, action, _principal_name(p) if p else None, 1)
+
+    def announce(self, name: str, action: str, principal: str | None, count: int) -> None:
+        """Tell ``name``'s subscribers on every node that ``count``
+        subscriptions of ``principal`` joined or left."""
+        backend = self.backend
+        if backend is not None and backend.connected:
+            backend.announce(name, action, principal, count).addErrback(
+                lambda f: self.notify(presence_notice(name, action, principal, count)))
+        else:
+            self.notify(presence_notice(name, action, principal, count))
+
+    def notify(self, notice: Notice) -> int:
+        """Hand ``notice`` to the channel's own subscribers (not to pattern
+        subscribers) that take notices; returns how many."""
+        ch = self.channels.get(notice.channel)
+        n = 0
+        for sub in list(ch.subscribers) if ch is not None else ():
+            if getattr(sub, "notices", True):
+                try:
+                    sub.deliver(notice)
+                    n += 1
+                except Exception:
+                    self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=notice.channel)
+        return n
 
     # -- JSON-RPC -------------------------------------------------------------------------
 
@@ -365,7 +467,7 @@ class Broker:
             lambda offset: {"channel": channel, "offset": offset})
 
     def _rpc_presence(self, request, params):
-        return self.presence(param(params, "channel", 0, str))
+        return self.cluster_presence(param(params, "channel", 0, str))
 
 
 def _principal_name(p) -> str:
@@ -427,7 +529,7 @@ class Session:
         channel = check_channel(param(params, "channel", 0, str))
         if self.authorize is not None:
             self.authorize(request, "subscribe", channel)   # who is on a channel is as private as its events
-        return self.broker.presence(channel)
+        return self.broker.cluster_presence(channel)
 
     def close(self) -> None:
         self.broker.unsubscribe_all(self.subscriber, self.names)

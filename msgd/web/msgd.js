@@ -8,6 +8,7 @@
  *   const order = await client.call("orders.place", ["book", 2], { timeout: 5000 });
  *   await client.subscribe("chat.lobby", (data, ev) => show(data));
  *   client.on("gap", (channel, info) => reload(channel));   // history could not cover a reconnect
+ *   client.on("presence", (channel, change) => show(change));  // {action: "join"|"leave", principal, count}
  *   await client.publish("chat.lobby", { text: "hi" });
  *
  * Reconnects with exponential back-off and jitter, re-subscribes, and resumes
@@ -158,7 +159,7 @@
       this.pending = new Map();     // id -> {resolve, reject, timer, message}
       this.queue = [];              // [id, message] waiting for the connection
       this.channels = new Map();    // name -> {handlers:Set, epoch, offset, pattern}
-      this.listeners = { state: new Set(), gap: new Set(), error: new Set() };
+      this.listeners = { state: new Set(), gap: new Set(), error: new Set(), presence: new Set() };
       this.attempt = 0;
       this.closedByUser = false;
       this._open();
@@ -270,6 +271,11 @@
       const items = Array.isArray(msg) ? msg : [msg];
       for (const m of items) {
         if (m.method === "rpc.event") this._onEvent(m.params);
+        else if (m.method === "rpc.join" || m.method === "rpc.leave") {
+          // presence_events channels: subscriptions that came or went, on any node
+          this._emit("presence", m.params.channel, { action: m.method.slice(4), principal: m.params.principal,
+                                                     count: m.params.count });
+        }
         else if (m.id !== undefined && m.id !== null) this._onAnswer(m);
         else if (m.error) this._emit("error", new RpcError(m.error));
       }

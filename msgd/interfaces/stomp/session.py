@@ -105,6 +105,7 @@ class _Subscription:
     """One SUBSCRIBE: the pub/sub broker's subscriber."""
 
     __slots__ = ("session", "id", "destination", "channel", "ack", "unacked")
+    notices = False      # rpc.join / rpc.leave have no STOMP form
 
     def __init__(self, session, id, destination, channel, ack):
         self.session, self.id, self.destination, self.channel, self.ack = session, id, destination, channel, ack
