@@ -194,6 +194,15 @@ def client_endpoint(value: str, ctx: "Context") -> str:
     return v
 
 
+def client_endpoints(value: str, ctx: "Context") -> tuple[str, ...]:
+    """One or more client endpoint strings, separated by commas and/or
+    whitespace, each checked."""
+    out = nonempty_words(value, ctx)
+    for ep in out:
+        client_endpoint(ep, ctx)
+    return out
+
+
 _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -334,8 +343,12 @@ class PubSubConfig:
                                doc="events kept per channel for resuming subscribers")
     history_age: float = option(3600.0, parse=duration,
                                 doc="how long events are kept for resuming subscribers")
-    redis: str = option("tcp:host=127.0.0.1:port=6379", parse=client_endpoint,
-                        doc="Redis endpoint when backend=redis")
+    redis: tuple = option(("tcp:host=127.0.0.1:port=6379",), parse=client_endpoints,
+                          doc="Redis endpoint when backend=redis; several (separated by commas or spaces) "
+                              "spread the channels over them by a consistent hash; with cluster = yes, some "
+                              "nodes of the Redis Cluster")
+    cluster: bool = option(False, parse=boolean,
+                           doc="the redis endpoints are nodes of one Redis Cluster (7+: sharded pub/sub)")
     redis_password: str = option("", doc="Redis password when backend=redis")
     redis_db: int = option(0, parse=integer(0), doc="Redis database number when backend=redis")
     prefix: str = option("msgd", parse=nonempty, doc="prefix of the Redis keys and channels used")
@@ -482,9 +495,24 @@ def parse_text(text: str, path: str = "<string>") -> Config:
         node = parse_section(NodeConfig, {}, ctx, "node", skip=())
     if pubsub is None:
         pubsub = PubSubConfig()
+    _check_pubsub(pubsub, path)
     return Config(path=path, node=node, pubsub=pubsub, channels=tuple(channels),
                   interfaces=tuple(interfaces), adapters=tuple(adapters), peers=tuple(peers),
                   targets=tuple(ctx.targets), access=tuple(access))
+
+
+def _check_pubsub(pubsub: PubSubConfig, path: str) -> None:
+    if "{" in pubsub.prefix or "}" in pubsub.prefix:
+        raise ConfigError(path, "pubsub", "prefix", "must not contain { or } (they make Redis Cluster hash tags)")
+    if pubsub.cluster and pubsub.redis_db:
+        raise ConfigError(path, "pubsub", "redis_db", "a Redis Cluster has only database 0")
+    from msgd.cluster.rediscluster import endpoint_name
+    seen = {}
+    for ep in pubsub.redis:
+        addr = endpoint_name(ep)
+        if addr in seen:
+            raise ConfigError(path, "pubsub", "redis", f"{seen[addr]!r} and {ep!r} are the same Redis ({addr})")
+        seen[addr] = ep
 
 
 def load(path: str) -> Config:

@@ -126,7 +126,7 @@ class RedisBridge(MultiService):
         self.error: str | None = "not connected yet"
         self._synced: dict = {}
         policy = retry_policy or backoffPolicy(initialDelay=0.2, maxDelay=5.0)
-        endpoint = clientFromString(reactor, config.redis)
+        endpoint = clientFromString(reactor, config.redis[0])
         for kind, protocol in (("command", _Command), ("subscriber", _Subscriber)):
             svc = ClientService(endpoint, _Factory(self, protocol, config.redis_password, config.redis_db),
                                 retryPolicy=policy, clock=reactor,
@@ -150,7 +150,7 @@ class RedisBridge(MultiService):
             self.connected = True
             self.error = None
             self._synced.clear()
-            self.log.info("pub/sub: sharing channels through Redis at {endpoint}", endpoint=self.config.redis)
+            self.log.info("pub/sub: sharing channels through Redis at {endpoint}", endpoint=self.config.redis[0])
 
     def lost(self, kind: str, why) -> None:
         if getattr(self, kind) is None:
@@ -167,7 +167,7 @@ class RedisBridge(MultiService):
                            error=self.error)
 
     def describe(self) -> dict:
-        return {"backend": "redis", "endpoint": self.config.redis, "connected": self.connected, "error": self.error}
+        return {"backend": "redis", "endpoint": self.config.redis[0], "connected": self.connected, "error": self.error}
 
     # -- what the broker calls ---------------------------------------------------------
 

@@ -29,8 +29,8 @@ This module adds what a cluster client needs, and no more than msgd uses:
   set of channels it wants and re-subscribes them where they belong after a
   node's connection comes back or their slot moved (the server tells
   subscribers with an unsolicited ``sunsubscribe``); ``on_subscribed`` is
-  called with the channels each time, so that a user can check what it may
-  have missed meanwhile.
+  called with the channels each time they are subscribed again, so that a
+  user can check what it may have missed meanwhile.
 
 Only masters are used (no reads from replicas).  Node addresses from the
 cluster are turned into endpoint strings by putting their host and port in
@@ -184,6 +184,18 @@ def address_of(template: str) -> tuple[str, int]:
     return host.replace("\\:", ":").replace("\\\\", "\\"), int(port)
 
 
+def endpoint_name(description: str) -> str:
+    """What names a Redis server reached through a client endpoint string:
+    ``host:port``, or ``unix:PATH`` for a Unix socket."""
+    parts = _split_endpoint(description.strip())
+    if parts[0] == "unix":
+        args = parts[1:]
+        keyword = dict(a.partition("=")[::2] for a in args if "=" in a)
+        path = keyword.get("path", next((a for a in args if "=" not in a), ""))
+        return "unix:" + path.replace("\\:", ":")
+    return "%s:%d" % address_of(description)
+
+
 # -- protocols -----------------------------------------------------------------------------
 
 class CommandProtocol(txredisapi.RedisProtocol):
@@ -332,6 +344,7 @@ class Node(MultiService):
             self.command = None
         elif proto is self.subscriber:
             self.subscriber = None
+            self.cluster.unconfirm(self.channels, txredisapi.ConnectionError(f"lost connection to {self.address}"))
         else:
             return
         self.error = f"connection lost: {why.getErrorMessage()}"
@@ -367,11 +380,11 @@ class RedisCluster(MultiService):
 
     ``seeds``: client endpoint strings of some of the cluster's nodes.
     ``on_message(channel, message)`` is called for every shard-channel
-    message; ``on_subscribed(channels)`` each time the server confirmed
-    subscribing ``channels`` (the first time, after their node's connection
-    came back, after their slot moved: what was published meanwhile was
-    not received); ``on_state()`` when a node's connection came or went or
-    the slot map changed."""
+    message; ``on_subscribed(channels)`` when ``channels`` were subscribed
+    again after their node's connection came back or their slot moved
+    (what was published meanwhile was not received; the first subscription
+    is the Deferred of :meth:`ssubscribe`); ``on_state()`` when a node's
+    connection came or went or the slot map changed."""
 
     log = Logger()
 
@@ -398,6 +411,9 @@ class RedisCluster(MultiService):
         self.slots: list[Node | None] = [None] * SLOTS
         self.nodes: dict[tuple[str, int], Node] = {}
         self.channels: dict[str, Node | None] = {}    # wanted shard channels -> the node they are placed on
+        self.confirmed: set[str] = set()               # ... whose subscription the node confirmed
+        self._seen: set[str] = set()                   # ... confirmed at least once
+        self._waiters: dict[str, list[defer.Deferred]] = {}
         self._refreshing: defer.Deferred | None = None
         self._again = False
         self._refresher = LoopingCall(self.refresh)
@@ -429,6 +445,7 @@ class RedisCluster(MultiService):
 
     def _drop(self, node: Node) -> None:
         del self.nodes[(node.host, node.port)]
+        self.unconfirm(node.channels)
         for channel in node.channels:
             self.channels[channel] = None
         node.channels = set()
@@ -571,17 +588,32 @@ class RedisCluster(MultiService):
 
     # -- sharded pub/sub ------------------------------------------------------------------
 
-    def ssubscribe(self, channels: Iterable[str]) -> None:
+    def ssubscribe(self, channels: Iterable[str]) -> defer.Deferred:
         """Want ``channels``: subscribed now where connected, and kept
-        subscribed where they belong from then on."""
+        subscribed where they belong from then on.  Fires once each is
+        confirmed by its node; fails when a node's connection is lost
+        first (the channels stay wanted, subscribed when it is back)."""
+        channels = list(channels)
+        waits = []
+        for c in channels:
+            if c not in self.confirmed:
+                d = defer.Deferred()
+                self._waiters.setdefault(c, []).append(d)
+                waits.append(d)
         new = [c for c in channels if c not in self.channels]
         for c in new:
             self.channels[c] = None
         self._place(new)
+        return defer.gatherResults(waits, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
 
     def sunsubscribe(self, channels: Iterable[str]) -> None:
         by_node: dict[Node, list] = {}
         for c in channels:
+            self.confirmed.discard(c)
+            self._seen.discard(c)
+            for d in self._waiters.pop(c, ()):
+                d.callback(None)
             node = self.channels.pop(c, None)
             if node is not None:
                 node.channels.discard(c)
@@ -603,6 +635,7 @@ class RedisCluster(MultiService):
                 continue
             if current is not None:
                 current.channels.discard(c)
+                self.confirmed.discard(c)
                 leaves.setdefault(current, []).append(c)
             self.channels[c] = target
             if target is not None:
@@ -624,8 +657,31 @@ class RedisCluster(MultiService):
         wants) on ``node``'s subscriber connection."""
         for group in _by_slot(channels):
             node.subscriber.ssubscribe(group).addCallbacks(
-                lambda _, group=group: self.on_subscribed(group),
+                lambda _, group=group: self._confirm(node, group),
                 lambda f, group=group: self._refused(node, group, f))
+
+    def _confirm(self, node: Node, channels: list) -> None:
+        again = []
+        for c in channels:
+            if self.channels.get(c) is not node:
+                continue        # unsubscribed or moved meanwhile
+            self.confirmed.add(c)
+            if c in self._seen:
+                again.append(c)
+            self._seen.add(c)
+            for d in self._waiters.pop(c, ()):
+                d.callback(None)
+        if again:
+            self.on_subscribed(again)
+
+    def unconfirm(self, channels: Iterable[str], error: Exception | None = None) -> None:
+        """``channels`` are no longer subscribed where they were; their
+        waiters fail with ``error`` when given."""
+        for c in channels:
+            self.confirmed.discard(c)
+            if error is not None:
+                for d in self._waiters.pop(c, ()):
+                    d.errback(error)
 
     def _refused(self, node: Node, channels: list, failure) -> None:
         if failure.check(txredisapi.ResponseError) and error_kind(failure.value) in ("MOVED", "ASK", "TRYAGAIN",
@@ -635,6 +691,7 @@ class RedisCluster(MultiService):
                 if self.channels.get(c) is node:
                     node.channels.discard(c)
                     self.channels[c] = None
+                    self.confirmed.discard(c)
             self.refresh().addCallback(lambda _: self._place(channels))
         elif not failure.check(txredisapi.ConnectionError):
             self.log.warn("SSUBSCRIBE on {node} failed: {error}", node=node.address, error=failure.getErrorMessage())
@@ -644,6 +701,7 @@ class RedisCluster(MultiService):
         if self.channels.get(channel) is node:
             node.channels.discard(channel)
             self.channels[channel] = None
+            self.confirmed.discard(channel)
             self.refresh().addCallback(lambda _: self._place([channel]))
 
     def message(self, channel: str, message) -> None:
