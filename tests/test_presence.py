@@ -110,10 +110,10 @@ class FakeBackend:
     def presence_keys(self, name):
         return [f"p:{name}", f"p:{name}:exp"]
 
-    def channel_connected(self, name):
+    def available(self, name):
         return self.connected
 
-    def evalsha(self, name, script, keys, args):
+    def run(self, name, script, keys, args):
         d = defer.Deferred()
         self.calls.append((name, "update" if script is pr.UPDATE else "query", args, d))
         return d
@@ -122,8 +122,11 @@ class FakeBackend:
         self.announced.append((name, action, principal, count))
         return defer.succeed(None)
 
-    def synced(self, name):
-        return True
+    def follow(self, name):
+        return None
+
+    def unfollow(self, name):
+        pass
 
     def answer(self, reply=()):
         """Answer every script call made so far."""
@@ -196,7 +199,7 @@ class StoreTests(unittest.TestCase):
         self.broker.subscribe("room", Sub())
         d = self.store.query("room")
         [call] = [c for c in self.backend.calls if c[1] == "query"]
-        call[3].callback([[self.node_id, "n2:x", "n3:y"], ['[["stale",9]]', '[[null,1],["bob",2]]', None]])
+        call[3].callback([[self.node_id.encode(), b"n2:x", b"n3:y"], [b'[["stale",9]]', b'[[null,1],["bob",2]]', None]])
         self.assertEqual(self.successResultOf(d), {"channel": "room", "count": 5, "principals": ["ann", "bob"]})
 
     def test_query_without_the_shard_is_partial(self):
@@ -241,18 +244,27 @@ class Shim:
 
     def __init__(self, conn, broker):
         self.conn = conn
-        self.announced = []
+        self.broker = broker
         broker.backend = self
-        self.connected = False      # the broker announces locally; recorded here through notify
+
+    def announce(self, name, action, principal, count):
+        self.broker.notify(presence_notice(name, action, principal, count))     # this "node" only
+        return defer.succeed(None)
 
     def presence_keys(self, name):
         return [f"t:{{{name}}}:presence", f"t:{{{name}}}:presence:exp"]
 
-    def channel_connected(self, name):
+    def available(self, name):
         return True
 
-    def evalsha(self, name, script, keys, args):
-        return self.conn.eval(script, keys, args)
+    def follow(self, name):
+        return None
+
+    def unfollow(self, name):
+        pass
+
+    def run(self, name, script, keys, args):
+        return self.conn.execute_command("EVAL", script.text, len(keys), *keys, *args)
 
 
 class RedisScriptTests(unittest.TestCase):

@@ -12,6 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from msgd.cluster import rediscluster as rc
+from msgd.cluster.redis_pubsub import Script, SubscriberProtocol, _Factory
 
 from tests import servers
 from tests.helpers import eventually
@@ -97,21 +98,52 @@ def moved(slot, port):
     return txredisapi.ResponseError(f"MOVED {slot} 127.0.0.1:{port}")
 
 
-def make_cluster(testcase, ranges=((0, 8191, 7000), (8192, 16383, 7001)), **kw):
+class FakeBridge:
+    """What the cluster calls on the pub/sub bridge, recorded."""
+
+    def __init__(self):
+        self.calls = []
+        self.messages = []
+        self.resubscribed_ = []
+
+    def shard_up(self, shard):
+        self.calls.append("up")
+
+    def shard_down(self, shard):
+        self.calls.append("down")
+
+    def pushed(self, shard, channel, payload):
+        self.messages.append((channel.decode(), payload.decode()))
+
+    def resubscribed(self, shard, channels):
+        self.resubscribed_.append(list(channels))
+
+
+def make_cluster(testcase, ranges=((0, 8191, 7000), (8192, 16383, 7001))):
     """A RedisCluster that is not started (no sockets): its nodes get fake
-    connections."""
+    command connections (and the tests' subscriber connections)."""
     clock = MemoryReactorClock()
-    cluster = rc.RedisCluster(["tcp:host=127.0.0.1:port=7000"], clock, **kw)
+    bridge = FakeBridge()
+    cluster = rc.RedisCluster(bridge, "cluster", ["tcp:host=127.0.0.1:port=7000"], "", clock)
     cluster._apply([(a, b, "127.0.0.1", port) for a, b, port in ranges])
-    return cluster, clock
+    return cluster, clock, bridge
+
+
+def up(node, command=None):
+    """``node`` with a fake command connection and connected."""
+    node.command = command or FakeConn()
+    node.connected = True
+    node.error = None
+    return node.command
 
 
 class RoutingTests(unittest.TestCase):
     def setUp(self):
-        self.cluster, self.clock = make_cluster(self)
+        self.cluster, self.clock, self.bridge = make_cluster(self)
         self.a = self.cluster.nodes[("127.0.0.1", 7000)]
         self.b = self.cluster.nodes[("127.0.0.1", 7001)]
-        self.a.command, self.b.command = FakeConn(), FakeConn()
+        up(self.a)
+        up(self.b)
         self.key_a = next(k for k in ("a", "b", "c", "d", "e") if rc.key_slot(k) <= 8191)
         self.key_b = next(k for k in ("a", "b", "c", "d", "e") if rc.key_slot(k) > 8191)
 
@@ -129,7 +161,7 @@ class RoutingTests(unittest.TestCase):
         d = self.cluster.execute(self.key_a, "GET", self.key_a)
         self.assertEqual(self.successResultOf(d), "value")
         self.assertIn(("GET", self.key_a), self.b.command.calls)
-        self.assertIs(self.cluster.node_for_slot(slot), self.b)
+        self.assertEqual(self.cluster.redirections, {"MOVED": 1, "ASK": 0})
         # the refresh asked for the whole map, and node a (no master any more) is gone
         self.assertTrue(any(c == ("CLUSTER", "SLOTS") for c in self.a.command.calls + self.b.command.calls))
         self.assertIs(self.cluster.node_for_key(self.key_a), self.b)
@@ -151,7 +183,8 @@ class RoutingTests(unittest.TestCase):
         d = self.cluster.execute(self.key_a, "GET", self.key_a)
         self.assertNoResult(d)
         c = self.cluster.nodes[("127.0.0.1", 7005)]
-        c.up(FakeConn({"GET": "late"}))
+        up(c, FakeConn({"GET": "late"}))
+        self.cluster.shard_up(c)
         self.assertEqual(self.successResultOf(d), "late")
 
     def test_redirect_to_a_node_that_never_connects_times_out(self):
@@ -163,10 +196,10 @@ class RoutingTests(unittest.TestCase):
         self.assertEqual(self.cluster.nodes[("127.0.0.1", 7005)]._waiting, [])
 
     def test_noscript_loads_the_script_and_retries(self):
-        script = rc.Script("return KEYS[1]")
+        script = Script("return KEYS[1]")
         self.a.command.replies = {"EVALSHA": [txredisapi.ResponseError("NOSCRIPT No matching script."), "k"],
                                   "SCRIPT": script.sha}
-        d = self.cluster.evalsha(script, [self.key_a], ["arg"])
+        d = self.cluster.run(script, [self.key_a], ["arg"])
         self.assertEqual(self.successResultOf(d), "k")
         self.assertEqual(self.a.command.calls, [("EVALSHA", script.sha, 1, self.key_a, "arg"),
                                                 ("SCRIPT", "LOAD", script.text),
@@ -194,22 +227,25 @@ class RoutingTests(unittest.TestCase):
         self.failureResultOf(self.cluster.execute(self.key_a, "INCR", self.key_a), txredisapi.ResponseError)
         self.assertEqual(len(self.a.command.calls), 1)
 
-    def test_lost_connection_fails_at_once(self):
-        self.a.command = None
+    def test_a_master_down_fails_at_once_and_the_cluster_is_down(self):
+        self.cluster._state()
+        self.assertEqual(self.bridge.calls, ["up"])
+        self.a.lost("command", Failure(ConnectionError("gone")))
         f = self.failureResultOf(self.cluster.execute(self.key_a, "GET", self.key_a), rc.ClusterError)
         self.assertIn("127.0.0.1:7000", f.getErrorMessage())
-        self.assertTrue(self.cluster.connected_for(self.key_b) is False)   # no subscriber connections either
+        self.assertFalse(self.cluster.connected)
+        self.assertEqual(self.bridge.calls, ["up", "down"])
+        self.assertIn("127.0.0.1:7000", self.cluster.describe()["nodes"])
+        self.assertIn("connection lost", self.cluster.error)
 
     def test_unknown_map_fails(self):
-        cluster = rc.RedisCluster(["tcp:host=127.0.0.1:port=7000"], MemoryReactorClock())
+        cluster = rc.RedisCluster(FakeBridge(), "c", ["tcp:host=127.0.0.1:port=7000"], "", MemoryReactorClock())
         f = self.failureResultOf(cluster.execute("k", "GET", "k"), rc.ClusterError)
         self.assertIn("not known yet", f.getErrorMessage())
+        self.assertFalse(cluster.connected)
 
-
-def feed(proto, clock, data: bytes) -> None:
-    proto.dataReceived(data)
-    while clock.getDelayedCalls():     # txredisapi goes on with the rest of a chunk a turn later
-        clock.advance(0)
+    def test_no_patterns(self):
+        self.failureResultOf(self.cluster.subscribe([], ["news.*"]), rc.ClusterError)
 
 
 def resp(*items) -> bytes:
@@ -224,46 +260,48 @@ def resp(*items) -> bytes:
 
 
 class ShardSubscriberTests(unittest.TestCase):
+    """The cluster's sharded subscriptions over (msgd.cluster.redis_pubsub's)
+    subscriber protocol, fed RESP through a StringTransport."""
+
     def setUp(self):
-        self.messages, self.subscribed = [], []
-        self.cluster, self.clock = make_cluster(self, on_message=lambda c, m: self.messages.append((c, m)),
-                                                on_subscribed=self.subscribed.append)
+        self.cluster, self.clock, self.bridge = make_cluster(self)
         self.a = self.cluster.nodes[("127.0.0.1", 7000)]
         self.b = self.cluster.nodes[("127.0.0.1", 7001)]
         for n in (self.a, self.b):
-            n.command = FakeConn({"CLUSTER": defer.Deferred()})
+            n.command = FakeConn({"CLUSTER": defer.Deferred(), "SCRIPT": "sha"})
 
     def connect(self, node):
-        p = rc._Factory(node, rc.ShardSubscriber).buildProtocol(None)
-        p.callLater = self.clock.callLater
+        p = _Factory(node, "subscriber", SubscriberProtocol).buildProtocol(None)
         t = StringTransport()
         p.makeConnection(t)
+        node._ready("subscriber", p)
         return p, t
+
+    def lose(self, node, p):
+        p.connectionLost(Failure(ConnectionError("gone")))
 
     def test_confirmations_messages_and_errors(self):
         p, t = self.connect(self.a)
-        d1 = p.ssubscribe(["x", "y"])
-        d2 = p.ssubscribe(["z"])
+        d1 = p.send("SSUBSCRIBE", ["x", "y"], True)
+        d2 = p.send("SSUBSCRIBE", ["z"], True)
         self.assertEqual(t.value(), resp("SSUBSCRIBE", "x", "y") + resp("SSUBSCRIBE", "z"))
-        feed(p, self.clock, resp("ssubscribe", "x", 1))
+        p.dataReceived(resp("ssubscribe", "x", 1))
         self.assertNoResult(d1)
-        feed(p, self.clock, resp("ssubscribe", "y", 2) + resp("smessage", "x", '{"o":1}')
-             + resp("ssubscribe", "z", 1))
-        self.assertEqual(self.successResultOf(d1), "ssubscribe")
-        self.assertEqual(self.successResultOf(d2), "ssubscribe")
-        self.assertEqual(self.messages, [("x", '{"o":1}')])
-        d3 = p.ssubscribe(["w"])
-        feed(p, self.clock, b"-MOVED 1 127.0.0.1:7001\r\n")
+        # an unsolicited sunsubscribe (the slot moved) in between is no confirmation
+        p.dataReceived(resp("ssubscribe", "y", 2) + resp("smessage", "x", '{"o":1}') + resp("sunsubscribe", "q", 1)
+                       + resp("ssubscribe", "z", 1))
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.assertEqual(self.bridge.messages, [("x", '{"o":1}')])
+        d3 = p.send("SSUBSCRIBE", ["w"], True)
+        p.dataReceived(b"-MOVED 1 127.0.0.1:7001\r\n")
         self.assertEqual(rc.redirect(self.failureResultOf(d3, txredisapi.ResponseError).value)[0], "MOVED")
-        d4 = p.sunsubscribe(["x"])
-        feed(p, self.clock, resp("sunsubscribe", "x", 2))
-        self.successResultOf(d4)
 
     def test_lost_connection_fails_pending(self):
         p, t = self.connect(self.a)
-        d = p.ssubscribe(["x"])
-        p.connectionLost(Failure(ConnectionError("gone")))
-        self.failureResultOf(d, txredisapi.ConnectionError)
+        d = p.send("SSUBSCRIBE", ["x"], True)
+        self.lose(self.a, p)
+        self.failureResultOf(d, ConnectionError)
 
     def place(self, channel, node):
         return next(c for c in (f"{channel}{i}" for i in range(100))
@@ -271,38 +309,43 @@ class ShardSubscriberTests(unittest.TestCase):
 
     def test_wanted_channels_are_placed_by_slot_and_resubscribed(self):
         ca, cb = self.place("ch", self.a), self.place("ch", self.b)
-        d = self.cluster.ssubscribe([ca, cb])     # nothing connected yet: remembered
+        d = self.cluster.subscribe([ca, cb])     # nothing connected yet: remembered
         pa, ta = self.connect(self.a)
         self.assertEqual(ta.value(), resp("SSUBSCRIBE", ca))
-        feed(pa, self.clock, resp("ssubscribe", ca, 1))
+        pa.dataReceived(resp("ssubscribe", ca, 1))
         self.assertNoResult(d)
         pb, tb = self.connect(self.b)
         self.assertEqual(tb.value(), resp("SSUBSCRIBE", cb))
-        feed(pb, self.clock, resp("ssubscribe", cb, 1))
+        pb.dataReceived(resp("ssubscribe", cb, 1))
         self.successResultOf(d)
-        self.assertEqual(self.subscribed, [])                       # first subscriptions: the Deferred
-        self.successResultOf(self.cluster.ssubscribe([ca]))          # confirmed already
+        self.assertEqual(self.bridge.calls, ["up"])                  # the whole cluster is connected
+        self.assertEqual(self.cluster.subscriptions, 2)
+        self.assertEqual(self.bridge.resubscribed_, [])               # first subscriptions: the Deferred
+        self.successResultOf(self.cluster.subscribe([ca]))           # confirmed already
         self.assertEqual(ta.value(), resp("SSUBSCRIBE", ca))        # and not sent again
         # a reconnected subscriber subscribes again, and says so
-        pa.connectionLost(Failure(ConnectionError("gone")))
+        self.lose(self.a, pa)
         self.assertIsNone(self.a.subscriber)
+        self.assertEqual(self.bridge.calls, ["up", "down"])
         self.assertEqual(self.cluster.confirmed, {cb})
         pa2, ta2 = self.connect(self.a)
         self.assertEqual(ta2.value(), resp("SSUBSCRIBE", ca))
-        feed(pa2, self.clock, resp("ssubscribe", ca, 1))
-        self.assertEqual(self.subscribed, [[ca]])
+        pa2.dataReceived(resp("ssubscribe", ca, 1))
+        self.assertEqual(self.bridge.resubscribed_, [[ca]])
+        self.assertEqual(self.bridge.calls, ["up", "down", "up"])
         # unsubscribing
-        self.cluster.sunsubscribe([ca])
+        self.cluster.unsubscribe([ca])
         self.assertEqual(ta2.value(), resp("SSUBSCRIBE", ca) + resp("SUNSUBSCRIBE", ca))
-        self.assertNotIn(ca, self.a.channels)
+        self.assertNotIn(ca, self.a.placed)
+        self.assertEqual(self.cluster.subscriptions, 1)
 
     def test_waiters_fail_when_the_connection_is_lost(self):
         ca = self.place("ch", self.a)
         pa, ta = self.connect(self.a)
-        d = self.cluster.ssubscribe([ca])
-        pa.connectionLost(Failure(ConnectionError("gone")))
+        d = self.cluster.subscribe([ca])
+        self.lose(self.a, pa)
         self.failureResultOf(d, txredisapi.ConnectionError)
-        self.assertIn(ca, self.a.channels)          # still wanted: subscribed when a is back
+        self.assertIn(ca, self.a.placed)          # still wanted: subscribed when a is back
         pa2, ta2 = self.connect(self.a)
         self.assertEqual(ta2.value(), resp("SSUBSCRIBE", ca))
 
@@ -310,19 +353,19 @@ class ShardSubscriberTests(unittest.TestCase):
         ca = self.place("ch", self.a)
         pa, ta = self.connect(self.a)
         pb, tb = self.connect(self.b)
-        d = self.cluster.ssubscribe([ca])
-        feed(pa, self.clock, resp("ssubscribe", ca, 1))
+        d = self.cluster.subscribe([ca])
+        pa.dataReceived(resp("ssubscribe", ca, 1))
         self.successResultOf(d)
         # the server drops the subscription by itself: its slot went to b
         refresh = defer.Deferred()
         self.a.command.replies = {"CLUSTER": refresh}
-        feed(pa, self.clock, resp("sunsubscribe", ca, 0))
-        self.assertNotIn(ca, self.a.channels)
-        refresh.callback([[0, 16383, ["127.0.0.1", 7001, "b"]]])
+        pa.dataReceived(resp("sunsubscribe", ca, 0))
+        self.assertNotIn(ca, self.a.placed)
+        refresh.callback([[0, 16383, [b"127.0.0.1", 7001, b"b"]]])
         self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
         self.assertIs(self.cluster.channels[ca], self.b)
-        feed(pb, self.clock, resp("ssubscribe", ca, 1))
-        self.assertEqual(self.subscribed, [[ca]])                  # events may have been missed
+        pb.dataReceived(resp("ssubscribe", ca, 1))
+        self.assertEqual(self.bridge.resubscribed_, [[ca]])         # events may have been missed
 
     def test_ssubscribe_refused_with_moved_is_placed_again(self):
         ca = self.place("ch", self.a)
@@ -330,17 +373,17 @@ class ShardSubscriberTests(unittest.TestCase):
         pb, tb = self.connect(self.b)
         refresh = defer.Deferred()
         self.a.command.replies = {"CLUSTER": refresh}
-        self.cluster.ssubscribe([ca])
-        feed(pa, self.clock, b"-MOVED %d 127.0.0.1:7001\r\n" % rc.key_slot(ca))
+        self.cluster.subscribe([ca])
+        pa.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % rc.key_slot(ca))
         self.assertEqual(tb.value(), b"")
-        refresh.callback([[0, 16383, ["127.0.0.1", 7001, "b"]]])
+        refresh.callback([[0, 16383, [b"127.0.0.1", 7001, b"b"]]])
         self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
 
     def test_a_changed_map_moves_subscriptions(self):
         ca = self.place("ch", self.a)
         pa, ta = self.connect(self.a)
         pb, tb = self.connect(self.b)
-        self.cluster.ssubscribe([ca])
+        self.cluster.subscribe([ca])
         self.cluster._apply([(0, 16383, "127.0.0.1", 7001)])
         self.assertEqual(ta.value(), resp("SSUBSCRIBE", ca))     # a is no master: dropped, connections closed
         self.assertEqual(tb.value(), resp("SSUBSCRIBE", ca))
@@ -360,12 +403,16 @@ class RealClusterTests(unittest.TestCase):
         self.servers = servers.redis_cluster()
         self.addCleanup(self.servers.cleanup)
 
-    def client(self, **kw) -> rc.RedisCluster:
+    def client(self) -> rc.RedisCluster:
         seed = self.servers.nodes[0]
-        c = rc.RedisCluster([f"tcp:host={seed.host}:port={seed.port}"], reactor, retry_policy=fast_retries, **kw)
+        c = rc.RedisCluster(FakeBridge(), "cluster", [f"tcp:host={seed.host}:port={seed.port}"], "", reactor,
+                            retry_policy=fast_retries)
         c.startService()
         self.addCleanup(c.stopService)
         return c
+
+    def spublish(self, c, channel, message):
+        return c.execute(channel, "SPUBLISH", channel, message)
 
     def node_id(self, server) -> str:
         return self.servers.cli(server, "cluster", "myid")
@@ -385,43 +432,41 @@ class RealClusterTests(unittest.TestCase):
     def test_commands_go_to_each_slots_master(self):
         c = self.client()
         yield eventually(lambda: c.connected)
-        self.assertEqual(len({n for n in c.slots}), 3)
+        self.assertEqual(len(c.masters), 3)
+        self.assertEqual(c.bridge.calls, ["up"])
         keys = [f"key{i}" for i in range(30)]
         for k in keys:
             self.assertEqual((yield c.execute(k, "SET", k, k.upper())), "OK")
         for k in keys:
-            self.assertEqual((yield c.execute(k, "GET", k)), k.upper())
+            self.assertEqual((yield c.execute(k, "GET", k)), k.upper().encode())
             owner = self.owner(rc.key_slot(k))
             self.assertEqual(self.servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
         # one script touching two keys under one hash tag
-        script = rc.Script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
+        script = Script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
         owner = self.owner(rc.key_slot("{tag}"))
         self.servers.cli(owner, "script", "flush")
-        self.assertEqual((yield c.evalsha(script, ["{tag}:a", "{tag}:b"], ["x"])), 1)
-        self.assertEqual((yield c.evalsha(script, ["{tag}:a", "{tag}:b"], ["x"])), 2)
+        self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 1)
+        self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 2)
         self.assertEqual(self.servers.cli(owner, "script", "exists", script.sha), "1")
 
     @defer.inlineCallbacks
     def test_sharded_pubsub_across_masters(self):
-        got = []
-        sub = self.client(on_message=lambda ch, m: got.append((ch, m)))
+        sub = self.client()
         pub = self.client()
         channels = [f"news.{i}" for i in range(12)]
-        sub.ssubscribe(channels)
         yield eventually(lambda: sub.connected and pub.connected)
+        yield sub.subscribe(channels)
         self.assertEqual(len({sub.node_for_key(ch) for ch in channels}), 3)    # spread over all three
         yield eventually(lambda: all(self.servers.cli(self.owner(rc.key_slot(ch)), "pubsub", "shardnumsub", ch)
                                      .split()[-1] == "1" for ch in channels))
         for ch in channels:
-            self.assertEqual((yield pub.spublish(ch, f"hello {ch}")), 1)
-        yield eventually(lambda: len(got) == len(channels))
-        self.assertEqual(sorted(got), sorted((ch, f"hello {ch}") for ch in channels))
+            self.assertEqual((yield self.spublish(pub, ch, f"hello {ch}")), 1)
+        yield eventually(lambda: len(sub.bridge.messages) == len(channels))
+        self.assertEqual(sorted(sub.bridge.messages), sorted((ch, f"hello {ch}") for ch in channels))
 
     @defer.inlineCallbacks
     def test_slot_migration_ask_then_moved(self):
-        subscribed = []
-        got = []
-        c = self.client(on_message=lambda ch, m: got.append((ch, m)), on_subscribed=subscribed.extend)
+        c = self.client()
         pub = self.client()
         yield eventually(lambda: c.connected and pub.connected)
         key, channel = "{mig}key", "{mig}events"
@@ -429,46 +474,48 @@ class RealClusterTests(unittest.TestCase):
         source = self.owner(slot)
         target = next(s for s in self.servers.nodes if s is not source)
         yield c.execute(key, "SET", key, "v1")
-        yield c.ssubscribe([channel])
+        yield c.subscribe([channel])
         src_id, dst_id = self.node_id(source), self.node_id(target)
         # migration under way, the key already moved: the source answers ASK
         self.servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
         self.servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
         self.servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
-        self.assertEqual((yield c.execute(key, "GET", key)), "v1")
+        self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, source.port)        # ASK does not change the map
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 0})
         # the migration ends: the source answers MOVED
         for s in self.servers.nodes:
             self.servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
-        self.assertEqual((yield c.execute(key, "GET", key)), "v1")
+        self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, target.port)
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 1})
         # the shard channel followed its slot: subscribed on the target again
-        yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot) and subscribed == [channel])
+        yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot)
+                         and c.bridge.resubscribed_ == [[channel]])
         yield eventually(lambda: self.servers.cli(target, "pubsub", "shardnumsub", channel).split()[-1] == "1")
-        self.assertEqual((yield pub.spublish(channel, "after")), 1)
-        yield eventually(lambda: got == [(channel, "after")])
+        self.assertEqual((yield self.spublish(pub, channel, "after")), 1)
+        yield eventually(lambda: c.bridge.messages == [(channel, "after")])
         self.assertEqual(pub.redirections["MOVED"], 1)      # the publisher's map was stale too
 
     @defer.inlineCallbacks
     def test_a_restarted_master_gets_its_subscriptions_back(self):
-        subscribed, got = [], []
-        c = self.client(on_message=lambda ch, m: got.append((ch, m)), on_subscribed=subscribed.extend)
+        c = self.client()
         victim = self.servers.nodes[2]
         channel = next(f"r{i}" for i in range(100) if self.owner(rc.key_slot(f"r{i}")) is victim)
         yield eventually(lambda: c.connected)
-        yield c.ssubscribe([channel])
+        yield c.subscribe([channel])
         node = c.node_for_key(channel)
         victim.stop()
         yield eventually(lambda: not node.connected)
         self.assertFalse(c.connected)
-        self.assertIn(victim.address, c.describe())
+        self.assertEqual(c.bridge.calls, ["up", "down"])
+        self.assertFalse(c.describe()["nodes"][victim.address]["connected"])
         victim.start()
-        yield eventually(lambda: subscribed == [channel], timeout=30)
+        yield eventually(lambda: c.bridge.resubscribed_ == [[channel]], timeout=30)
+        yield eventually(lambda: c.bridge.calls == ["up", "down", "up"])
         yield eventually(lambda: "cluster_state:ok" in self.servers.cli(victim, "cluster", "info"), timeout=30)
         pub = self.client()
         yield eventually(lambda: pub.connected)
-        self.assertEqual((yield pub.spublish(channel, "back")), 1)
-        yield eventually(lambda: got == [(channel, "back")])
+        self.assertEqual((yield self.spublish(pub, channel, "back")), 1)
+        yield eventually(lambda: c.bridge.messages == [(channel, "back")])
 

@@ -36,11 +36,12 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from msgd.cluster.redis_pubsub import SCRIPTS, Script
 from msgd.core.pubsub import new_epoch
 
 # KEYS: presence hash, expiry zset; ARGV: node id, summary JSON ('' removes it), ttl ms.
 # Returns the summaries of the entries that had expired (removed now).
-UPDATE = """
+UPDATE = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[2] == '' then
@@ -63,16 +64,19 @@ if redis.call('ZCARD', KEYS[2]) > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 return gone
-"""
+""")
 
 # KEYS: presence hash, expiry zset.  Returns {node ids, their summaries} of the entries not expired.
-QUERY = """
+QUERY = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')
 if #live == 0 then return {{}, {}} end
 return {live, redis.call('HMGET', KEYS[1], unpack(live))}
-"""
+""")
+
+
+SCRIPTS.extend((UPDATE, QUERY))
 
 
 def summary(local: dict) -> str:
@@ -100,9 +104,9 @@ class RedisPresence(Service):
     """Keeps this node's presence entries in Redis and answers
     ``rpc.presence`` for the cluster (see the module docstring).
 
-    ``backend`` offers ``presence_keys(channel)`` (the two keys),
-    ``channel_connected(channel)`` (is the channel's shard reachable) and
-    ``evalsha(channel, script, keys, args)`` (run a script on its shard)."""
+    ``backend`` (the bridge) offers ``presence_keys(channel)`` (the two
+    keys), ``available(channel)`` (is the channel's shard reachable) and
+    ``run(channel, script, keys, args)`` (run a script on its shard)."""
 
     log = Logger()
     name = "pubsub:presence"
@@ -171,10 +175,10 @@ class RedisPresence(Service):
         local = {} if remove else self.broker.local_presence(name)
         if not local and name not in self._written:
             return defer.succeed(None)
-        if not self.backend.channel_connected(name):
+        if not self.backend.available(name):
             return defer.succeed(None)          # written again by the next refresh
         keys = self.backend.presence_keys(name)
-        d = self.backend.evalsha(name, UPDATE, keys, [self.id, summary(local) if local else "",
+        d = self.backend.run(name, UPDATE, keys, [self.id, summary(local) if local else "",
                                                        int(self.ttl * 1000)])
 
         def done(gone):
@@ -198,12 +202,13 @@ class RedisPresence(Service):
         """``{"channel", "count", "principals"}`` over every node (this
         node's own subscribers as they are now, the others' from Redis);
         this node's alone, with ``"partial": true``, when the shard is away."""
-        if self.backend.channel_connected(name):
-            d = self.backend.evalsha(name, QUERY, self.backend.presence_keys(name), [])
+        if self.backend.available(name):
+            d = self.backend.run(name, QUERY, self.backend.presence_keys(name), [])
 
             def got(reply):
                 ids, summaries = reply
-                others = [s for i, s in zip(ids, summaries) if i != self.id]
+                me = self.id.encode()
+                others = [s for i, s in zip(ids, summaries) if i != me and i != self.id]
                 return merge(name, self.broker.local_presence(name), others)
             return d.addCallbacks(got, lambda f: self._partial(name, f))
         return defer.succeed(self._partial(name, None))

@@ -1,4 +1,5 @@
-"""A Redis Cluster client for Twisted: a slot router over txredisapi connections.
+"""A Redis Cluster as one pub/sub shard: a slot router over the connections
+of :class:`msgd.cluster.redis_pubsub.Shard`.
 
 txredisapi speaks to one Redis server (or shards keys itself over several);
 it knows nothing of Redis Cluster, and no maintained Twisted client does.
@@ -9,9 +10,9 @@ This module adds what a cluster client needs, and no more than msgd uses:
   *hash tag*: ``msgd:{chat.lobby}:offset`` and ``msgd:{chat.lobby}:history``
   share a slot, so one Lua script may touch both).
 - **Discovery**: ``CLUSTER SLOTS`` asked of any reachable node (the seeds at
-  first) gives each slot range's master; a connection pair (commands, and
-  sharded pub/sub) is kept to every master by a :class:`ClientService`
-  (reconnecting with back-off).  The map is asked again when a node answers
+  first) gives each slot range's master; every master is a :class:`Node`
+  (a :class:`~msgd.cluster.redis_pubsub.Shard`: a command and a sharded
+  pub/sub connection, each kept up by a ClientService).  The map is asked again when a node answers
   ``MOVED``, when a connection is lost, when a shard channel is unsubscribed
   by the server (its slot moved) and every ``refresh_interval`` seconds.
 - **Routing**: a command goes to the master of its key's slot.  ``MOVED``
@@ -20,17 +21,23 @@ This module adds what a cluster client needs, and no more than msgd uses:
   touching the map; ``TRYAGAIN`` and ``CLUSTERDOWN`` retry after a short
   pause.  At most ``max_redirects`` retries, then the error is the caller's.
   A command whose connection is lost is not retried (it may have run).
-- **Scripts**: :meth:`RedisCluster.evalsha` routes by the script's first key
+- **Scripts**: :meth:`RedisCluster.run` routes by the script's first key
   and sends ``EVALSHA``; on ``NOSCRIPT`` it sends ``SCRIPT LOAD`` to that node
   and retries, so a script's text crosses the network once per node.
-- **Sharded pub/sub** (Redis 7): :meth:`RedisCluster.ssubscribe` subscribes
-  with ``SSUBSCRIBE`` on the master of the channel's slot,
-  :meth:`RedisCluster.spublish` sends ``SPUBLISH`` there.  The client keeps the
-  set of channels it wants and re-subscribes them where they belong after a
-  node's connection comes back or their slot moved (the server tells
-  subscribers with an unsolicited ``sunsubscribe``); ``on_subscribed`` is
-  called with the channels each time they are subscribed again, so that a
-  user can check what it may have missed meanwhile.
+- **Sharded pub/sub** (Redis 7): :meth:`RedisCluster.subscribe` subscribes
+  with ``SSUBSCRIBE`` on the master of each channel's slot (scripts publish
+  with ``SPUBLISH``).  The cluster keeps the set of channels it wants and
+  subscribes them again where they belong after a node's connection came
+  back or their slot moved (the server tells subscribers with an
+  unsolicited ``sunsubscribe``), then tells its bridge
+  (``bridge.resubscribed``) so that it can check what was missed meanwhile.
+  There is no sharded ``PSUBSCRIBE``: pattern subscriptions are refused.
+
+To the pub/sub bridge the whole cluster is one shard
+(:class:`RedisCluster` offers what a ``Shard`` offers), up while the slot
+map is known and every master is connected: with Redis' default
+``cluster-require-full-coverage yes`` a cluster that lost a master without a
+replica refuses every command anyway.
 
 Only masters are used (no reads from replicas).  Node addresses from the
 cluster are turned into endpoint strings by putting their host and port in
@@ -39,17 +46,16 @@ the first seed's endpoint string, so ``tls:``/``ssl:`` options carry over.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Callable, Iterable
+from typing import Iterable
 
 import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from msgd.cluster.redis_pubsub import Shard
 
 SLOTS = 16384
 
@@ -196,205 +202,83 @@ def endpoint_name(description: str) -> str:
     return "%s:%d" % address_of(description)
 
 
-# -- protocols -----------------------------------------------------------------------------
-
-class CommandProtocol(txredisapi.RedisProtocol):
-    """A command connection; tells its node when it is ready and lost."""
-
-    def connectionMade(self):
-        d = super().connectionMade()
-        self.whenConnected().addCallback(lambda _: self.factory.node.up(self))
-        return d
-
-    def connectionLost(self, why):
-        while self.replyQueue.waiting:
-            self.replyReceived(txredisapi.ConnectionError(f"lost connection: {why.getErrorMessage()}"))
-        super().connectionLost(why)
-        self.factory.node.down(self, why)
-
-
-class ShardSubscriber(CommandProtocol):
-    """A connection in sharded pub/sub mode.
-
-    txredisapi's subscriber protocol neither knows ``smessage`` nor can
-    match the one-reply-per-channel answers of several commands in flight,
-    nor tell them from the server's own ``sunsubscribe`` when a slot moves.
-    Here every (un)subscribe waits for one confirmation per channel it
-    named; a confirmation no command asked for is an unsolicited one."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pending: list[list] = []     # [kind, set(channels), Deferred], oldest first
-
-    def _send(self, kind: str, channels: Iterable[str]) -> defer.Deferred:
-        channels = list(channels)
-        d = defer.Deferred()
-        self.pending.append([kind, set(channels), d])
-        self.transport.write(self._build_command(kind.upper(), *channels))
-        return d
-
-    def ssubscribe(self, channels: Iterable[str]) -> defer.Deferred:
-        return self._send("ssubscribe", channels)
-
-    def sunsubscribe(self, channels: Iterable[str]) -> defer.Deferred:
-        return self._send("sunsubscribe", channels)
-
-    def replyReceived(self, reply):
-        if not self._ready:
-            # AUTH / SELECT while connecting
-            return super().replyReceived(reply)
-        if isinstance(reply, list) and len(reply) == 3:
-            kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
-            channel = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-            if kind == "smessage":
-                self.factory.node.cluster.message(channel, reply[2])
-                return
-            if kind in ("ssubscribe", "sunsubscribe"):
-                for entry in self.pending:
-                    if entry[0] == kind and channel in entry[1]:
-                        entry[1].discard(channel)
-                        if not entry[1]:
-                            self.pending.remove(entry)
-                            entry[2].callback(kind)
-                        return
-                if kind == "sunsubscribe":
-                    self.factory.node.cluster.dropped(self.factory.node, channel)
-                return
-        if isinstance(reply, Exception) and self.pending:
-            entry = self.pending.pop(0)
-            entry[2].errback(reply)
-            return
-        super().replyReceived(reply)
-
-    def connectionLost(self, why):
-        pending, self.pending = self.pending, []
-        for entry in pending:
-            entry[2].errback(txredisapi.ConnectionError(f"lost connection: {why.getErrorMessage()}"))
-        super().connectionLost(why)
-
-
-class _Factory(Factory):
-    """Builds one kind of protocol for one node (standing in for
-    txredisapi's pool factory, whose methods its protocols call)."""
-
-    isLazy = False
-
-    class _NoQueue:
-        def put(self, conn):
-            pass
-
-    def __init__(self, node: "Node", protocol):
-        self.node, self.protocol = node, protocol
-        self.connectionQueue = self._NoQueue()
-
-    def buildProtocol(self, addr):
-        p = self.protocol(password=self.node.cluster.password or None, convertNumbers=False)
-        p.factory = self
-        p.callLater = self.node.cluster.reactor.callLater
-        return p
-
-    def stopTrying(self):
-        pass
-
-    def connectionError(self, why):
-        self.node.error = str(why)
-
-
 # -- the cluster ------------------------------------------------------------------------------
 
-class Node(MultiService):
-    """One master: a command connection and a sharded-pub/sub connection,
-    each kept up by a ClientService."""
+class Node(Shard):
+    """One master of the cluster: a Shard whose bridge is the cluster and
+    whose subscriptions are shard channels (``SSUBSCRIBE``, grouped by slot
+    as the server wants them)."""
 
     def __init__(self, cluster: "RedisCluster", host: str, port: int):
-        super().__init__()
-        self.cluster = cluster
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
-        self.command: CommandProtocol | None = None
-        self.subscriber: ShardSubscriber | None = None
-        self.channels: set[str] = set()      # shard channels that belong on this node
-        self.error: str | None = "not connected yet"
+        self.placed: set[str] = set()        # shard channels that belong on this node
         self._waiting: list[defer.Deferred] = []
-        endpoint = clientFromString(cluster.reactor, endpoint_for(cluster.template, host, port))
-        for protocol in (CommandProtocol, ShardSubscriber):
-            ClientService(endpoint, _Factory(self, protocol), retryPolicy=cluster.retry_policy,
-                          clock=cluster.reactor).setServiceParent(self)
-
-    @property
-    def connected(self) -> bool:
-        return self.command is not None and self.subscriber is not None
-
-    def up(self, proto) -> None:
-        if isinstance(proto, ShardSubscriber):
-            self.subscriber = proto
-            if self.channels:
-                self.cluster.subscribe_on(self, sorted(self.channels))
-        else:
-            self.command = proto
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(proto)
-        if self.connected:
-            self.error = None
-        self.cluster.node_up(self)
-
-    def down(self, proto, why) -> None:
-        if proto is self.command:
-            self.command = None
-        elif proto is self.subscriber:
-            self.subscriber = None
-            self.cluster.unconfirm(self.channels, txredisapi.ConnectionError(f"lost connection to {self.address}"))
-        else:
-            return
-        self.error = f"connection lost: {why.getErrorMessage()}"
-        self.cluster.node_down(self)
+        super().__init__(cluster, self.address, endpoint_for(cluster.template, host, port), cluster.password, 0,
+                         cluster.reactor, cluster.retry_policy)
 
     def ready(self, timeout: float) -> defer.Deferred:
-        """Fires with the command connection, waiting up to ``timeout``."""
-        if self.command is not None:
+        """Fires with the command connection once the node is connected,
+        waiting up to ``timeout``."""
+        if self.connected:
             return defer.succeed(self.command)
         d = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
         self._waiting.append(d)
-        d.addTimeout(timeout, self.cluster.reactor)
+        d.addTimeout(timeout, self.reactor)
         return d
 
+    def ssubscribe(self, channels) -> list[tuple[list, defer.Deferred]]:
+        """SSUBSCRIBE ``channels``: ``[(channels of one slot, Deferred)]``
+        (the cluster decides what goes where: see :meth:`RedisCluster.subscribe`)."""
+        out = []
+        for group in _by_slot(channels):
+            self.channels.update(group)
+            out.append((group, self.subscriber.send("SSUBSCRIBE", group, True)))
+        return out
+
+    def unsubscribe(self, channels=(), patterns=()) -> None:
+        if self.subscriber is None:
+            return
+        for group in _by_slot(channels):
+            self.channels.difference_update(group)
+            self.subscriber.send("SUNSUBSCRIBE", group, False)
+
+    def dropped(self, channel: str) -> None:
+        super().dropped(channel)
+        self.bridge.dropped(self, channel)
+
     def describe(self) -> dict:
-        return {"connected": self.connected, "error": self.error, "channels": len(self.channels)}
+        return dict(super().describe(), channels=len(self.placed))
 
 
 class ClusterError(txredisapi.RedisError):
     """The cluster could not be reached, or kept redirecting."""
 
 
-class Script:
-    """A Lua script and its SHA1, for :meth:`RedisCluster.evalsha`."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
 class RedisCluster(MultiService):
-    """A Redis Cluster client (see the module docstring).
+    """A Redis Cluster, as one shard of the pub/sub bridge (see the module
+    docstring).
 
-    ``seeds``: client endpoint strings of some of the cluster's nodes.
-    ``on_message(channel, message)`` is called for every shard-channel
-    message; ``on_subscribed(channels)`` when ``channels`` were subscribed
-    again after their node's connection came back or their slot moved
-    (what was published meanwhile was not received; the first subscription
-    is the Deferred of :meth:`ssubscribe`); ``on_state()`` when a node's
-    connection came or went or the slot map changed."""
+    What the bridge uses: ``connected``, ``publish_command``, ``run``,
+    ``subscribe``, ``unsubscribe``, ``subscriptions``, ``describe`` — as for
+    a :class:`~msgd.cluster.redis_pubsub.Shard`.  What it calls on the
+    bridge: ``shard_up(self)`` / ``shard_down(self)`` when ``connected``
+    changes, ``pushed(self, channel, payload)`` for each shard-channel
+    message, and ``resubscribed(self, channels)`` when channels were
+    subscribed again after their node's connection came back or their slot
+    moved (what was published meanwhile was not received here).
+
+    ``seeds``: client endpoint strings of some of the cluster's nodes."""
 
     log = Logger()
+    publish_command = "SPUBLISH"
 
-    def __init__(self, seeds: Iterable[str], reactor, password: str = "", retry_policy=None,
-                 on_message: Callable[[str, object], None] | None = None,
-                 on_subscribed: Callable[[list], None] | None = None,
-                 on_state: Callable[[], None] | None = None,
-                 max_redirects: int = 5, timeout: float = 5.0, refresh_interval: float = 30.0,
+    def __init__(self, bridge, name: str, seeds: Iterable[str], password: str, reactor, retry_policy=None,
+                 latency=None, max_redirects: int = 5, timeout: float = 5.0, refresh_interval: float = 30.0,
                  retry_delay: float = 0.05):
         super().__init__()
+        self.setName(name)
+        self.bridge = bridge
         self.seeds = [s.strip() for s in seeds if s.strip()]
         if not self.seeds:
             raise ValueError("a Redis Cluster needs at least one seed endpoint")
@@ -402,13 +286,12 @@ class RedisCluster(MultiService):
         self.reactor = reactor
         self.password = password
         self.retry_policy = retry_policy or backoffPolicy(initialDelay=0.2, maxDelay=5.0)
-        self.on_message = on_message or (lambda channel, message: None)
-        self.on_subscribed = on_subscribed or (lambda channels: None)
-        self.on_state = on_state or (lambda: None)
         self.max_redirects = max_redirects
         self.timeout = timeout
         self.retry_delay = retry_delay
+        self._latency = latency
         self.slots: list[Node | None] = [None] * SLOTS
+        self.masters: set[Node] = set()
         self.nodes: dict[tuple[str, int], Node] = {}
         self.channels: dict[str, Node | None] = {}    # wanted shard channels -> the node they are placed on
         self.confirmed: set[str] = set()               # ... whose subscription the node confirmed
@@ -420,6 +303,7 @@ class RedisCluster(MultiService):
         self._refresher.clock = reactor
         self.refresh_interval = refresh_interval
         self.discovered = False
+        self.was_connected = False
         self.redirections = {"MOVED": 0, "ASK": 0}
 
     # -- lifecycle ----------------------------------------------------------------
@@ -445,23 +329,51 @@ class RedisCluster(MultiService):
 
     def _drop(self, node: Node) -> None:
         del self.nodes[(node.host, node.port)]
-        self.unconfirm(node.channels)
-        for channel in node.channels:
+        self.unconfirm(node.placed)
+        for channel in node.placed:
             self.channels[channel] = None
-        node.channels = set()
+        node.placed = set()
         node.disownServiceParent()
 
-    # -- state ------------------------------------------------------------------
+    # -- what the nodes call (the cluster is their bridge) -----------------------------
 
-    def node_up(self, node: Node) -> None:
-        if not self.discovered and node.command is not None:
+    def shard_up(self, node: Node) -> None:
+        waiting, node._waiting = node._waiting, []
+        for d in waiting:
+            d.callback(node.command)
+        if node.placed:
+            self.subscribe_on(node, sorted(node.placed))
+        if not self.discovered:
             self.refresh()
-        self.on_state()
+        self._state()
 
-    def node_down(self, node: Node) -> None:
+    def shard_down(self, node: Node) -> None:
+        self.unconfirm(node.placed, txredisapi.ConnectionError(f"lost connection to {node.address}"))
         if self.running:
             self.refresh()
-        self.on_state()
+        self._state()
+
+    def pushed(self, node: Node, channel, payload) -> None:
+        self.bridge.pushed(self, channel, payload)
+
+    def dropped(self, node: Node, channel: str) -> None:
+        """The server unsubscribed ``channel`` by itself: its slot moved."""
+        if self.channels.get(channel) is node:
+            node.placed.discard(channel)
+            self.channels[channel] = None
+            self.confirmed.discard(channel)
+            self.refresh().addCallback(lambda _: self._place([channel]))
+
+    def _state(self) -> None:
+        now = self.connected
+        if now != self.was_connected:
+            self.was_connected = now
+            if now:
+                self.bridge.shard_up(self)
+            else:
+                self.bridge.shard_down(self)
+
+    # -- state ------------------------------------------------------------------
 
     def node_for_slot(self, slot: int) -> Node | None:
         return self.slots[slot]
@@ -469,19 +381,24 @@ class RedisCluster(MultiService):
     def node_for_key(self, key: str | bytes) -> Node | None:
         return self.slots[key_slot(key)]
 
-    def connected_for(self, key: str | bytes) -> bool:
-        node = self.node_for_key(key)
-        return node is not None and node.connected
-
     @property
     def connected(self) -> bool:
-        """The slot map is known and every master's connections are up."""
-        masters = {n for n in self.slots if n is not None}
-        return self.discovered and all(n.connected for n in masters)
+        """The slot map is known and every master is connected."""
+        return self.discovered and all(n.connected for n in self.masters)
+
+    @property
+    def error(self) -> str | None:
+        if not self.discovered:
+            return "the cluster's slot map is not known yet"
+        return next((f"{n.address}: {n.error}" for n in self.masters if n.error), None)
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self.channels)
 
     def describe(self) -> dict:
-        masters = {id(n) for n in self.slots if n is not None}
-        return {n.address: dict(n.describe(), master=id(n) in masters) for n in self.nodes.values()}
+        return {"cluster": True, "connected": self.connected, "error": self.error,
+                "nodes": {n.address: dict(n.describe(), master=n in self.masters) for n in self.nodes.values()}}
 
     # -- the slot map ----------------------------------------------------------------
 
@@ -504,7 +421,7 @@ class RedisCluster(MultiService):
     @defer.inlineCallbacks
     def _ask_slots(self):
         nodes = sorted((n for n in self.nodes.values() if n.command is not None),
-                       key=lambda n: n not in self.slots)
+                       key=lambda n: n not in self.masters)
         for node in nodes:
             try:
                 reply = yield node.command.execute_command("CLUSTER", "SLOTS")
@@ -526,12 +443,12 @@ class RedisCluster(MultiService):
             slots[first:last + 1] = [node] * (last - first + 1)
         self.slots = slots
         self.discovered = True
-        masters = set(slots) - {None}
+        self.masters = masters = set(slots) - {None}
         for node in list(self.nodes.values()):
             if node not in masters:
                 self._drop(node)
         self._place(list(self.channels))
-        self.on_state()
+        self._state()
 
     # -- commands ---------------------------------------------------------------------
 
@@ -539,22 +456,27 @@ class RedisCluster(MultiService):
         """Run the command ``args`` on the master of ``key``'s slot."""
         return self._run(key_slot(key), args)
 
-    def evalsha(self, script: Script, keys: list, args: list) -> defer.Deferred:
-        """Run ``script`` (by its SHA1, loading it where missing) on the
-        master of its first key's slot."""
-        return self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
+    def run(self, script, keys: list, args: list) -> defer.Deferred:
+        """Run ``script`` (a :class:`~msgd.cluster.redis_pubsub.Script`: by its
+        SHA1, loading it where missing) on the master of its first key's slot."""
+        start = self.reactor.seconds()
+        d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
+        if self._latency is not None:
+            d.addCallback(self._timed, start)
+        return d
 
-    def spublish(self, channel: str, message) -> defer.Deferred:
-        return self._run(key_slot(channel), ("SPUBLISH", channel, message))
+    def _timed(self, result, start):
+        self._latency.observe(self.reactor.seconds() - start)
+        return result
 
     @defer.inlineCallbacks
-    def _run(self, slot: int, args: tuple, script: Script | None = None):
+    def _run(self, slot: int, args: tuple, script=None):
         node, asking = self.slots[slot], False
         for attempt in range(self.max_redirects + 1):
             if node is None:
                 raise ClusterError(f"no known master for slot {slot}" if self.discovered
                                    else "the cluster's slot map is not known yet")
-            if node.command is None and attempt == 0:
+            if not node.connected and attempt == 0:
                 raise ClusterError(f"no connection to {node.address} (master of slot {slot}): {node.error}")
             try:
                 conn = yield node.ready(self.timeout)
@@ -572,6 +494,7 @@ class RedisCluster(MultiService):
                     target = self._node(host or node.host, port)
                     if kind == "MOVED":
                         self.slots[slot] = target
+                        self.masters.add(target)
                         self.refresh()
                     node, asking = target, kind == "ASK"
                 elif kind == "NOSCRIPT" and script is not None:
@@ -588,11 +511,13 @@ class RedisCluster(MultiService):
 
     # -- sharded pub/sub ------------------------------------------------------------------
 
-    def ssubscribe(self, channels: Iterable[str]) -> defer.Deferred:
+    def subscribe(self, channels=(), patterns=()) -> defer.Deferred:
         """Want ``channels``: subscribed now where connected, and kept
         subscribed where they belong from then on.  Fires once each is
         confirmed by its node; fails when a node's connection is lost
         first (the channels stay wanted, subscribed when it is back)."""
+        if patterns:
+            return defer.fail(ClusterError("Redis Cluster has no sharded PSUBSCRIBE"))
         channels = list(channels)
         waits = []
         for c in channels:
@@ -607,7 +532,7 @@ class RedisCluster(MultiService):
         return defer.gatherResults(waits, consumeErrors=True).addCallbacks(
             lambda _: None, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
 
-    def sunsubscribe(self, channels: Iterable[str]) -> None:
+    def unsubscribe(self, channels=(), patterns=()) -> None:
         by_node: dict[Node, list] = {}
         for c in channels:
             self.confirmed.discard(c)
@@ -616,11 +541,10 @@ class RedisCluster(MultiService):
                 d.callback(None)
             node = self.channels.pop(c, None)
             if node is not None:
-                node.channels.discard(c)
+                node.placed.discard(c)
                 by_node.setdefault(node, []).append(c)
         for node, names in by_node.items():
-            if node.subscriber is not None:
-                self._unsubscribe_on(node, names)
+            node.unsubscribe(names)
 
     def _place(self, channels: Iterable[str]) -> None:
         """Subscribe each channel on the master of its slot (moving it
@@ -634,31 +558,23 @@ class RedisCluster(MultiService):
             if target is current and target is not None:
                 continue
             if current is not None:
-                current.channels.discard(c)
+                current.placed.discard(c)
                 self.confirmed.discard(c)
                 leaves.setdefault(current, []).append(c)
             self.channels[c] = target
             if target is not None:
-                target.channels.add(c)
+                target.placed.add(c)
                 moves.setdefault(target, []).append(c)
         for node, names in leaves.items():
-            if node.subscriber is not None:
-                self._unsubscribe_on(node, names)
+            node.unsubscribe(names)
         for node, names in moves.items():
             if node.subscriber is not None:
                 self.subscribe_on(node, names)
 
-    def _unsubscribe_on(self, node: Node, channels: list) -> None:
-        for group in _by_slot(channels):
-            node.subscriber.sunsubscribe(group).addErrback(lambda f: None)
-
     def subscribe_on(self, node: Node, channels: list) -> None:
-        """Send SSUBSCRIBE for ``channels`` (grouped by slot, as the server
-        wants) on ``node``'s subscriber connection."""
-        for group in _by_slot(channels):
-            node.subscriber.ssubscribe(group).addCallbacks(
-                lambda _, group=group: self._confirm(node, group),
-                lambda f, group=group: self._refused(node, group, f))
+        for group, d in node.ssubscribe(channels):
+            d.addCallbacks(lambda _, group=group: self._confirm(node, group),
+                           lambda f, group=group: self._refused(node, group, f))
 
     def _confirm(self, node: Node, channels: list) -> None:
         again = []
@@ -672,7 +588,7 @@ class RedisCluster(MultiService):
             for d in self._waiters.pop(c, ()):
                 d.callback(None)
         if again:
-            self.on_subscribed(again)
+            self.bridge.resubscribed(self, again)
 
     def unconfirm(self, channels: Iterable[str], error: Exception | None = None) -> None:
         """``channels`` are no longer subscribed where they were; their
@@ -689,26 +605,16 @@ class RedisCluster(MultiService):
             # not (or no longer) this node's slot: place them again once the map is fresh
             for c in channels:
                 if self.channels.get(c) is node:
+                    node.placed.discard(c)
                     node.channels.discard(c)
                     self.channels[c] = None
                     self.confirmed.discard(c)
             self.refresh().addCallback(lambda _: self._place(channels))
-        elif not failure.check(txredisapi.ConnectionError):
+        elif not failure.check(txredisapi.ConnectionError, ConnectionError):
             self.log.warn("SSUBSCRIBE on {node} failed: {error}", node=node.address, error=failure.getErrorMessage())
 
-    def dropped(self, node: Node, channel: str) -> None:
-        """The server unsubscribed ``channel`` by itself: its slot moved."""
-        if self.channels.get(channel) is node:
-            node.channels.discard(channel)
-            self.channels[channel] = None
-            self.confirmed.discard(channel)
-            self.refresh().addCallback(lambda _: self._place([channel]))
 
-    def message(self, channel: str, message) -> None:
-        self.on_message(channel, message)
-
-
-def _by_slot(channels: list) -> list[list]:
+def _by_slot(channels) -> list[list]:
     groups: dict[int, list] = {}
     for c in channels:
         groups.setdefault(key_slot(c), []).append(c)
