@@ -8,13 +8,19 @@ tests/test_cluster.py, whose helpers it uses."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from msgd.cluster.hashing import Rendezvous
+from msgd.cluster.redis_pubsub import PUBLISH, SYNC, RedisBridge
+from msgd.config import parse_text
+from msgd.core import errors
+from msgd.core.pubsub import Broker
 from tests import servers
 from tests.process import NodeProcess, call
 from tests.test_cluster import Client, health, publish, wait_for
@@ -55,6 +61,124 @@ def events(client, channel, n):
         (got if ev["channel"] == channel else other).append(ev)
     client.events[:0] = other
     return got
+
+
+class FakeShard:
+    """What the bridge needs of a shard; scripts are answered by the test."""
+
+    publish_command = "PUBLISH"
+
+    def __init__(self, name):
+        self.name = name
+        self.connected = True
+        self.error = None
+        self.runs = []
+        self.subscribed = set()
+        self.subscriptions = 0
+
+    def run(self, script, keys, args):
+        d = defer.Deferred()
+        self.runs.append((script, keys, args, d))
+        return d
+
+    def subscribe(self, channels=(), patterns=()):
+        self.subscribed |= set(channels)
+        return defer.succeed(None)
+
+    def unsubscribe(self, channels=(), patterns=()):
+        self.subscribed -= set(channels)
+
+    def describe(self):
+        return {"connected": self.connected}
+
+
+class Sub:
+    principal = None
+
+    def __init__(self):
+        self.got = []
+
+    def deliver(self, ev):
+        self.got.append(json.loads(ev.notification()))
+
+
+def bridge(text: str, shards):
+    config = parse_text("[pubsub]\nbackend = redis\n" + text)
+    clock = task.Clock()
+    broker = Broker(clock, gc_interval=0)
+    return RedisBridge(broker, config.pubsub, clock, shards=shards), broker, clock
+
+
+class BridgeTests(unittest.TestCase):
+    """The bridge's use of several shards, with fakes."""
+
+    def setUp(self):
+        self.shards = [FakeShard(f"10.0.0.{i}:6379") for i in (1, 2, 3)]
+        self.bridge, self.broker, self.clock = bridge("redis = " + " ".join(
+            f"tcp:host={s.name.split(':')[0]}:port=6379" for s in self.shards), self.shards)
+
+    def test_each_channel_on_its_shard(self):
+        ring = Rendezvous([s.name for s in self.shards])
+        for i in range(30):
+            name = f"c{i}"
+            self.assertIs(self.bridge.shard_for(name), self.shards[ring.index(name)])
+            self.broker.publish(name, i)
+            [(script, keys, args, d)] = [r for s in self.shards for r in s.runs if r[1][0].endswith(f"{{{name}}}:epoch")]
+            self.assertIs(script, PUBLISH)
+            self.assertIn((script, keys, args, d), self.bridge.shard_for(name).runs)
+        self.assertEqual(len({id(self.bridge.shard_for(f"c{i}")) for i in range(30)}), 3)
+
+    def live(self, name, sub):
+        """Subscribe ``sub`` to ``name`` and answer the channel's read."""
+        d = self.broker.subscribe(name, sub)
+        self.clock.advance(0)                  # the batched SUBSCRIBE
+        shard = self.bridge.shard_for(name)
+        [(script, keys, args, read)] = [r for r in shard.runs if r[0] is SYNC]
+        shard.runs.clear()
+        read.callback([b"E", b"3", []])
+        return self.successResultOf(d)
+
+    def test_a_resubscribed_channel_is_read_again(self):
+        sub = Sub()
+        self.assertEqual(self.live("room", sub)["offset"], 3)
+        shard = self.bridge.shard_for("room")
+        self.bridge.resubscribed(shard, [self.bridge.events_channel("room")])
+        [(script, keys, args, read)] = shard.runs
+        self.assertIs(script, SYNC)
+        missed = json.dumps({"c": "room", "o": 4, "e": "E", "t": 0, "d": "missed"})
+        read.callback([b"E", b"4", [missed.encode()]])
+        self.assertEqual([(m["method"], m["params"]["data"]) for m in sub.got], [("rpc.event", "missed")])
+        self.bridge.resubscribed(shard, [self.bridge.events_channel("other")])
+        self.assertEqual(len(shard.runs), 1)            # channels not followed: nothing to read
+
+    def test_presence_notices_through_the_channels_shard(self):
+        sub = Sub()
+        self.live("room", sub)
+        shard = self.bridge.shard_for("room")
+        self.bridge.announce("room", "join", "ann", 1)
+        [(script, keys, args, d)] = shard.runs
+        self.assertEqual(keys, ["msgd:{room}:presence"])          # routes it in a Redis Cluster
+        self.assertEqual(args[0], self.bridge.events_channel("room"))
+        self.assertEqual(args[2], "PUBLISH")
+        self.bridge.pushed(shard, args[0].encode(), args[1].encode())      # as it comes back from Redis
+        self.assertEqual(sub.got, [{"jsonrpc": "2.0", "method": "rpc.join",
+                                    "params": {"channel": "room", "principal": "ann", "count": 1}}])
+
+    def test_health_per_shard(self):
+        self.shards[1].connected = False
+        d = self.bridge.describe()
+        self.assertFalse(d["connected"])
+        self.assertEqual({n: v["connected"] for n, v in d["shards"].items()},
+                         {"10.0.0.1:6379": True, "10.0.0.2:6379": False, "10.0.0.3:6379": True})
+        names = [f"c{i}" for i in range(30)]
+        self.assertEqual({n for n in names if not self.bridge.available(n)},
+                         {n for n in names if self.bridge.shard_for(n) is self.shards[1]})
+
+    def test_cluster_refuses_patterns(self):
+        b, broker, clock = bridge("cluster = yes\n", [FakeShard("cluster")])
+        e = self.assertRaises(errors.InvalidParams, broker.subscribe, "news.*", Sub())
+        self.assertIn("cluster = yes", str(e))
+        self.assertEqual(broker.patterns, {})
 
 
 class ShardingTests(unittest.TestCase):
