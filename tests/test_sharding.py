@@ -22,6 +22,7 @@ from msgd.config import parse_text
 from msgd.core import errors
 from msgd.core.pubsub import Broker
 from tests import servers
+from tests.helpers import ROOT
 from tests.process import NodeProcess, call
 from tests.test_cluster import Client, health, publish, wait_for
 
@@ -107,6 +108,19 @@ def bridge(text: str, shards):
     clock = task.Clock()
     broker = Broker(clock, gc_interval=0)
     return RedisBridge(broker, config.pubsub, clock, shards=shards), broker, clock
+
+
+class ExampleTests(unittest.TestCase):
+    def test_the_cluster_examples_parse(self):
+        from msgd.config import load
+        seen = {}
+        for sub in ("sharded", "redis-cluster"):
+            for n in ("a", "b"):
+                c = load(os.path.join(ROOT, "etc", "cluster", sub, f"node-{n}.ini"))
+                self.assertEqual(c.pubsub.backend, "redis")
+                seen.setdefault(sub, set()).add((c.pubsub.redis, c.pubsub.cluster))
+        self.assertEqual(seen["sharded"], {(("tcp:host=127.0.0.1:port=6380", "tcp:host=127.0.0.1:port=6381"), False)})
+        self.assertEqual({cluster for _, cluster in seen["redis-cluster"]}, {True})
 
 
 class BridgeTests(unittest.TestCase):
