@@ -23,6 +23,7 @@ from tests import servers
 from tests.helpers import eventually
 from tests.process import NodeProcess, call
 from tests.test_cluster import Client, health, wait_for
+from tests.test_sharding import ini
 
 
 class Principal:
@@ -317,24 +318,8 @@ class RedisScriptTests(unittest.TestCase):
 
 
 def presence_ini(name: str, redis_port: int) -> str:
-    return f"""
-[node]
-name = {name}
-reload_interval = 0
-
-[interface:web]
-type = http
-endpoint = tcp:{{port}}:interface=127.0.0.1
-
-[pubsub]
-backend = redis
-redis = tcp:host=127.0.0.1:port={redis_port}
-prefix = test
-presence_ttl = 1.5s
-
-[channel:room.*]
-presence_events = yes
-"""
+    return ini(name, [f"tcp:host=127.0.0.1:port={redis_port}"],
+               extra="presence_ttl = 1.5s\n\n[channel:room.*]\npresence_events = yes\n")
 
 
 class TwoNodesTests(unittest.TestCase):

@@ -27,7 +27,8 @@ from tests.process import NodeProcess, call
 from tests.test_cluster import Client, health, publish, wait_for
 
 
-def ini(name: str, endpoints: list[str], cluster: bool = False) -> str:
+def ini(name: str, endpoints: list[str], cluster: bool = False, extra: str = "") -> str:
+    """A node's ini with ``extra`` at the end of its ``[pubsub]``."""
     return f"""
 [node]
 name = {name}
@@ -42,7 +43,7 @@ backend = redis
 redis = {", ".join(endpoints)}
 cluster = {"yes" if cluster else "no"}
 prefix = test
-"""
+{extra}"""
 
 
 def endpoint(srv) -> str:
@@ -240,6 +241,12 @@ class ShardingTests(unittest.TestCase):
         self.assertEqual(redis_cli(s2, "get", f"test:{{{ch2}}}:offset"), "5")
         shards = health(a)["pubsub"]["shards"]
         self.assertEqual(set(shards), {s1.address, s2.address})
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{b.port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        count = next(line for line in metrics.splitlines()
+                     if line.startswith("msgd_pubsub_redis_latency_seconds_count"))
+        self.assertGreaterEqual(float(count.split()[-1]), 10)      # B's publishes, timed on both shards
 
         # shard 1 goes away: only its channels are cut off
         s1.stop()

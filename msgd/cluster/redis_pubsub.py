@@ -344,6 +344,17 @@ class _Factory(Factory):
 
 # -- shards ----------------------------------------------------------------------------------
 
+def timed(d: defer.Deferred, latency, clock, start: float) -> defer.Deferred:
+    """Observe the round trip of ``d`` (started at ``start``) in the
+    ``latency`` histogram, when there is one."""
+    if latency is not None:
+        def observe(result):
+            latency.observe(clock.seconds() - start)
+            return result
+        d.addCallback(observe)
+    return d
+
+
 class Shard(MultiService):
     """One Redis server holding the keys and the events of some channels:
     a command connection and a subscriber connection, each kept up by a
@@ -453,13 +464,7 @@ class Shard(MultiService):
         start = self.reactor.seconds()
         d = self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         d.addErrback(self._noscript, script, keys, args)
-        if self._latency is not None:
-            d.addCallback(self._timed, start)
-        return d
-
-    def _timed(self, result, start):
-        self._latency.observe(self.reactor.seconds() - start)
-        return result
+        return timed(d, self._latency, self.reactor, start)
 
     def _noscript(self, f, script, keys, args):
         f.trap(txredisapi.ResponseError)

@@ -55,7 +55,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.cluster.redis_pubsub import Shard
+from msgd.cluster.redis_pubsub import Shard, timed
 
 SLOTS = 16384
 
@@ -461,13 +461,7 @@ class RedisCluster(MultiService):
         SHA1, loading it where missing) on the master of its first key's slot."""
         start = self.reactor.seconds()
         d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
-        if self._latency is not None:
-            d.addCallback(self._timed, start)
-        return d
-
-    def _timed(self, result, start):
-        self._latency.observe(self.reactor.seconds() - start)
-        return result
+        return timed(d, self._latency, self.reactor, start)
 
     @defer.inlineCallbacks
     def _run(self, slot: int, args: tuple, script=None):
