@@ -134,7 +134,8 @@ class ChannelStream:
         self.positions: dict[str, tuple[str, int]] = {}
 
     def deliver(self, event):
-        self.positions[event.channel] = (event.epoch, event.offset)
+        if event.epoch:      # not a pattern's gap (no position)
+            self.positions[event.channel] = (event.epoch, event.offset)
         self.stream.send(event.notification(), self.event_id())
 
     def event_id(self) -> str:
