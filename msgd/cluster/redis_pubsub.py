@@ -84,6 +84,7 @@ import hashlib
 import json
 from collections import deque
 
+import orjson
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
@@ -219,11 +220,24 @@ def _reply(buf: bytes, pos: int):
 class RedisProtocol(txredisapi.BaseRedisProtocol):
     """txredisapi's protocol reading every complete reply of a read at once
     (its own reader hands over one bulk string per reactor turn, so events
-    from Redis would each cost a turn).  Bulk strings are bytes."""
+    from Redis would each cost a turn), and encoding commands in one join.
+    Bulk strings are bytes."""
 
     def __init__(self, password=None, dbid=None):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
         self._buf = b""
+
+    def _build_command(self, *args, **kwargs) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                a = a.encode()
+            elif isinstance(a, float):
+                a = format(a, "f").encode()
+            elif not isinstance(a, bytes):
+                a = str(a).encode() if not isinstance(a, bytearray) else bytes(a)
+            out += (b"$%d\r\n" % len(a), a, b"\r\n")
+        return b"".join(out)
 
     def dataReceived(self, data, unpause=False):
         buf = self._buf + data if self._buf else data
@@ -543,6 +557,7 @@ class RedisBridge(MultiService):
         self._away: set[Shard] = set()          # shards that were lost (not merely not connected yet)
         self._batches: dict[Shard, list] = {}   # shard -> [subscribe, unsubscribe, psubscribe, punsubscribe, follows]
         self._flush_call = None
+        self._name_cache: dict[str, tuple] = {}
         self._m = None
         latency = None
         if metrics is not None:
@@ -580,11 +595,21 @@ class RedisBridge(MultiService):
     # -- names --------------------------------------------------------------------------
 
     def keys(self, name: str) -> list[str]:
-        base = f"{self.prefix}:{{{tag(name)}}}"
-        return [f"{base}:epoch", f"{base}:offset", f"{base}:history"]
+        return self._names(name)[0]
 
     def events_channel(self, name: str) -> str:
-        return f"{self.prefix}:{{{tag(name)}}}:ev"
+        return self._names(name)[1]
+
+    def _names(self, name: str) -> tuple:
+        """(keys, pub/sub channel, name as JSON) of a channel, computed once."""
+        n = self._name_cache.get(name)
+        if n is None:
+            if len(self._name_cache) > 4096:
+                self._name_cache.clear()
+            base = f"{self.prefix}:{{{tag(name)}}}"
+            n = self._name_cache[name] = ([f"{base}:epoch", f"{base}:offset", f"{base}:history"], f"{base}:ev",
+                                          json.dumps(name))
+        return n
 
     # -- state --------------------------------------------------------------------------------
 
@@ -635,10 +660,10 @@ class RedisBridge(MultiService):
 
     def _publish(self, shard: Shard, name: str, data_json, extra: str) -> defer.Deferred:
         size, _ = self.broker._limits(name)
-        return shard.run(PUBLISH, self.keys(name), [
-            new_epoch(), json.dumps(name), data_json if data_json is not None else "null",
-            repr(self.reactor.seconds()), size, self.ttl, self.events_channel(name), extra,
-            shard.publish_command])
+        keys, channel, name_json = self._names(name)
+        return shard.run(PUBLISH, keys, [
+            new_epoch(), name_json, data_json if data_json is not None else "null",
+            repr(self.reactor.seconds()), size, self.ttl, channel, extra, shard.publish_command])
 
     # -- what cluster-wide presence (msgd.cluster.presence) uses -----------------------------
 
@@ -773,7 +798,7 @@ class RedisBridge(MultiService):
         events = []
         for raw in history:
             try:
-                events.append(_event(json.loads(raw)))
+                events.append(_event(_loads(raw)))
             except (ValueError, KeyError, TypeError):
                 self.log.warn("pub/sub: bad event in the history of {channel}", channel=f.name)
         self.broker.resync(f.name, epoch, int(offset), events)
@@ -811,7 +836,7 @@ class RedisBridge(MultiService):
     def pushed(self, shard: Shard, channel, payload) -> None:
         """An event (or a presence notice) from Redis: deliver it here."""
         try:
-            e = json.loads(payload)
+            e = _loads(payload)
             if "k" in e:
                 self.broker.notify(presence_notice(e["c"], e["k"], e["p"], int(e["n"])))
                 return
@@ -833,6 +858,13 @@ class RedisBridge(MultiService):
         if not self.broker.receive(ev):
             # not the next one: read the channel again (replay or gap), holding what follows
             self._read(f, [ev])
+
+
+def _loads(raw: bytes):
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)      # what orjson refuses (integers past 64 bits)
 
 
 def _event(e: dict) -> Event:

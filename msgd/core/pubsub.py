@@ -122,6 +122,7 @@ class Notice:
     cache: dict = field(default_factory=dict)
     offset = None
     epoch = None
+    gap = False
 
     def notification(self) -> bytes:
         b = self.cache.get("json")

@@ -134,7 +134,7 @@ class ChannelStream:
         self.positions: dict[str, tuple[str, int]] = {}
 
     def deliver(self, event):
-        if event.offset is not None:       # not a Notice (rpc.join, rpc.leave)
+        if event.epoch:      # not a pattern's gap nor a presence Notice (no position)
             self.positions[event.channel] = (event.epoch, event.offset)
         self.stream.send(event.notification(), self.event_id())
 

@@ -308,6 +308,8 @@ class StompSession:
                    ("subscription", sub.id), ("message-id", mid), ("content-type", "application/json"),
                    ("msgd-channel", event.channel), ("msgd-offset", str(event.offset)),
                    ("msgd-epoch", event.epoch)]
+        if event.gap:       # events may be missing before this point (docs/websocket.rst)
+            headers.append(("msgd-gap", "true"))
         if sub.ack != "auto":
             if self.version == "1.2":
                 headers.append(("ack", mid))
@@ -316,7 +318,7 @@ class StompSession:
             if len(self.unacked) > self.options.max_unacked:
                 self.drop(f"more than {self.options.max_unacked} unacknowledged messages", "unacked")
                 return
-        self.send(Frame("MESSAGE", headers, event.data_json()))
+        self.send(Frame("MESSAGE", headers, b"" if event.gap else event.data_json()))
 
     def on_ack(self, frame: Frame) -> None:
         self._settle(frame)
