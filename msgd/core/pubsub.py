@@ -509,10 +509,8 @@ class Broker:
     def presence(self, name: str) -> dict:
         """Who is subscribed to ``name`` on this node."""
         check_channel(name)
-        ch = self.channels.get(name)
-        subs = ch.subscribers if ch is not None else ()
-        principals = sorted({_principal_name(s.principal) for s in subs if getattr(s, "principal", None)})
-        return {"channel": name, "count": len(subs), "principals": principals}
+        local = self.local_presence(name)
+        return {"channel": name, "count": sum(local.values()), "principals": sorted(p for p in local if p)}
 
     def local_presence(self, name: str) -> dict[str | None, int]:
         """``{principal name or None: subscriptions}`` of ``name`` on this node."""
