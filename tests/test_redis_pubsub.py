@@ -306,7 +306,7 @@ class RealRedisTests(unittest.TestCase):
     def node(self):
         broker = Broker(reactor, history_size=100, gc_interval=0)
         metrics = Metrics()
-        bridge = RedisBridge(broker, PubSubConfig(backend="redis", redis=f"tcp:host=127.0.0.1:port={self.redis.port}",
+        bridge = RedisBridge(broker, PubSubConfig(backend="redis", redis=(f"tcp:host=127.0.0.1:port={self.redis.port}",),
                                                   prefix="t"), reactor, metrics=metrics)
         bridge.startService()
         self.addCleanup(bridge.stopService)

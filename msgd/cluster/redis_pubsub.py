@@ -287,7 +287,7 @@ class SubscriberProtocol(RedisProtocol):
             if kind == b"pmessage":
                 self._push(reply[2], reply[3])
                 return
-            if kind in _CONFIRMS:
+            if type(kind) is bytes and kind in _CONFIRMS:
                 name = reply[1]
                 for entry in self._expected:
                     if entry[0] == kind and name in entry[1]:
