@@ -289,17 +289,17 @@ class Broker:
             waiting.discard(subscriber)
             if not waiting:
                 del self._waiting[name]
-            self._unfollow(name)
+            self.forget(name)
             return True
         ch = self.channels.get(name)
         if ch is None or subscriber not in ch.subscribers:
             return False
         ch.subscribers.discard(subscriber)
         ch.last_used = self.clock.seconds()
-        self._unfollow(name)
+        self.forget(name)
         return True
 
-    def _unfollow(self, name: str) -> None:
+    def forget(self, name: str) -> None:
         """With a shared backend, a channel without local subscribers is not
         followed and leaves no state here (Redis holds its history)."""
         if self.backend is None or name in self._waiting:
