@@ -278,9 +278,41 @@ class BridgeTests(unittest.TestCase):
         self.shard.confirm()
         [(_, _, _, read)] = self.shard.reads()
         read.callback([b"E1", b"4", [event_json("a", 3, "b3"), event_json("a", 4, "b4")]])
-        self.assertEqual(s.got[2:], [("a", 3, "b3"), ("a", 4, "b4")])     # what B published meanwhile
+        # back on the shared stream where it left it, then what B published meanwhile
+        self.assertEqual(s.got[2:], [("gap", "a", 2), ("a", 3, "b3"), ("a", 4, "b4")])
         self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 5, None, gap=True))
         self.assertEqual(s.got[-1], ("gap", "a", 5))
+
+    def test_a_failed_read_is_tried_again(self):
+        s = Sub()
+        d = self.broker.subscribe("a", s)
+        self.clock.advance(0)
+        self.shard.confirm()
+        [(_, _, _, read)] = self.shard.reads()
+        read.errback(txredisapi.ResponseError("OOM"))
+        self.assertEqual(self.successResultOf(d)["offset"], 0)     # answered, with local state
+        self.clock.advance(self.bridge.retry_delay)
+        self.clock.advance(0)
+        self.assertEqual(self.shard.calls[-1], ("sub", ["p:{a}:ev"], []))
+        self.join(offset=3)
+        self.assertEqual(s.got, [("gap", "a", 3)])          # it had local state only: told
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 4, "four"))
+        self.assertEqual(s.got[-1], ("a", 4, "four"))
+
+    def test_losing_the_shard_answers_pattern_subscribers_waiting(self):
+        d = self.broker.subscribe("n.*", Sub())
+        self.shard.connected = False
+        self.bridge.shard_down(self.shard)
+        self.assertTrue(self.successResultOf(d)["pattern"])
+
+    def test_what_was_published_alone_is_forgotten_when_back(self):
+        self.shard.connected = False
+        self.bridge.shard_down(self.shard)
+        self.broker.publish("quiet", 1)
+        self.assertIn("quiet", self.broker.channels)
+        self.shard.connected = True
+        self.bridge.shard_up(self.shard)
+        self.assertEqual(self.broker.channels, {})
 
     def test_no_state_for_a_channel_only_published_on(self):
         d = self.broker.publish("quiet", {"x": 1})

@@ -557,6 +557,7 @@ class RedisBridge(MultiService):
         self._away: set[Shard] = set()          # shards that were lost (not merely not connected yet)
         self._batches: dict[Shard, list] = {}   # shard -> [subscribe, unsubscribe, psubscribe, punsubscribe, follows]
         self._flush_call = None
+        self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
         self._m = None
         latency = None
@@ -638,6 +639,7 @@ class RedisBridge(MultiService):
             self._batch(shard)[2].add(redis_pattern(self.prefix, p))
         for name in [n for n in self._forked if self.shard_for(n) is shard]:
             self._forked.discard(name)
+            self.broker.forget(name)        # what it kept of a channel it has no subscribers for
             self._publish(shard, name, None, ',"g":1').addErrback(
                 lambda f, name=name: self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
                                                    channel=name, error=f.getErrorMessage()))
@@ -645,7 +647,9 @@ class RedisBridge(MultiService):
     def shard_down(self, shard: Shard) -> None:
         """Channels of ``shard`` go on locally: a local publish forks them
         (:meth:`Broker._publish_alone`); :meth:`shard_up` resynchronises."""
-        self._batches.pop(shard, None)
+        batch = self._batches.pop(shard, None)
+        if batch is not None:
+            batch[5].callback(None)         # pattern subscribers waiting for it: answered
         self._away.add(shard)
         for f in self.following.values():
             if f.shard is shard:
@@ -779,8 +783,7 @@ class RedisBridge(MultiService):
         self.log.warn("pub/sub: could not subscribe in Redis ({error})", error=failure.getErrorMessage())
         for f in follows:
             if self.following.get(f.name) is f and f.state == "joining":
-                f.state, f.held = "away", None
-                self._release(f)
+                self._failed(f)
 
     def _read(self, f: _Follow, held: list | None = None) -> None:
         """Read the channel's shared state; events arriving meanwhile are held."""
@@ -815,8 +818,19 @@ class RedisBridge(MultiService):
             return
         self.log.warn("pub/sub: could not read channel {channel} from Redis ({error}); using local state",
                       channel=f.name, error=failure.getErrorMessage())
+        self._failed(f)
+
+    def _failed(self, f: _Follow) -> None:
+        """Joining ``f`` failed: its subscribers go on with local state, and
+        it is joined again in a while if its shard is still up (else when
+        the shard comes back)."""
         f.state, f.held = "away", None
         self._release(f)
+        self.reactor.callLater(self.retry_delay, self._retry, f)
+
+    def _retry(self, f: _Follow) -> None:
+        if self.following.get(f.name) is f and f.state == "away" and f.shard.connected:
+            self._join(f)
 
     def _release(self, f: _Follow) -> None:
         waiters, f.waiters = f.waiters, []

@@ -84,13 +84,16 @@ class Event:
     epoch: str
     data: Any
     time: float
-    gap: bool = False      # not an event: events before this point may be missing
+    gap: bool = False      # not an event: events before this point may be missing (data "local":
+                           # and events published elsewhere will be, until the next gap)
     cache: dict = field(default_factory=dict)   # per-transport pre-encoded forms
 
     def params(self) -> dict:
         if self.gap:
             if not self.epoch:      # for a pattern: any channel it matches
                 return {"channel": self.channel, "pattern": True}
+            if self.data == "local":    # this node goes on alone
+                return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "local": True}
             return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch}
         return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "data": self.data}
 
@@ -328,7 +331,7 @@ class Broker:
             waiting.discard(subscriber)
             if not waiting:
                 del self._waiting[name]
-            self._unfollow(name)
+            self.forget(name)
             return True
         ch = self.channels.get(name)
         if ch is None or subscriber not in ch.subscribers:
@@ -336,10 +339,10 @@ class Broker:
         ch.subscribers.discard(subscriber)
         ch.last_used = self.clock.seconds()
         self._presence_changed(name, subscriber, "leave")
-        self._unfollow(name)
+        self.forget(name)
         return True
 
-    def _unfollow(self, name: str) -> None:
+    def forget(self, name: str) -> None:
         """With a shared backend, a channel without local subscribers is not
         followed and leaves no state here (Redis holds its history)."""
         if self.backend is None or name in self._waiting:
@@ -381,9 +384,8 @@ class Broker:
                 # leave the shared stream: a local epoch, announced first — events published
                 # elsewhere no longer reach these subscribers
                 ch.shared_at = (ch.epoch, ch.offset)
-                ch.epoch = new_epoch()
                 ch.history.clear()
-                self.deliver(Event(name, ch.offset, ch.epoch, None, now, gap=True), ch)
+                self._gap(ch, new_epoch(), ch.offset, now, "local")
             self.backend.forked(name)
         ch.offset += 1
         ev = Event(name, ch.offset, ch.epoch, data, now)
@@ -419,6 +421,7 @@ class Broker:
             return False
         now = self.clock.seconds()
         if ev.epoch != ch.epoch or ev.offset != ch.offset + 1 or ch.shared_at is not None:
+            ch.history.clear()
             self._gap(ch, ev.epoch, ev.offset - 1, now)
         ch.offset = ev.offset
         if ch.max_size:
@@ -433,7 +436,8 @@ class Broker:
         Subscribers still connected get the events they missed since the last
         shared position this node had when the history covers it, else a gap
         event and then the history there is; a new channel simply starts
-        there."""
+        there.  A channel that went on alone here (:meth:`_publish_alone`)
+        always gets a gap event first: it leaves its local epoch."""
         now = self.clock.seconds()
         ch = self.channels.get(name)
         if ch is None:
@@ -444,6 +448,7 @@ class Broker:
             ch.trim(now)
             return ch
         base_epoch, base = ch.shared_at or (ch.epoch, ch.offset)
+        branched = ch.shared_at is not None
         missed = [e for e in events if base < e.offset <= offset]
         covered = base_epoch == epoch and base <= offset and (
             base == offset or (missed and missed[0].offset == base + 1 and missed[-1].offset == offset))
@@ -452,6 +457,8 @@ class Broker:
         if covered:
             ch.epoch, ch.offset = epoch, base
             ch.history.extend(e for e in events if e.offset <= base)
+            if branched:
+                self._gap(ch, epoch, base, now)
         else:
             missed = [e for e in events if e.offset <= offset]
             self._gap(ch, epoch, missed[0].offset - 1 if missed else offset, now)
@@ -463,12 +470,11 @@ class Broker:
         ch.last_used = now
         return ch
 
-    def _gap(self, ch: Channel, epoch: str, offset: int, now: float) -> None:
+    def _gap(self, ch: Channel, epoch: str, offset: int, now: float, why=None) -> None:
         """The channel goes on at ``epoch``/``offset`` after events its
         subscribers may have missed: tell them."""
         ch.epoch, ch.offset = epoch, offset
-        ch.history.clear()
-        self.deliver(Event(ch.name, offset, epoch, None, now, gap=True), ch)
+        self.deliver(Event(ch.name, offset, epoch, why, now, gap=True), ch)
 
     def pattern_gap(self) -> None:
         """Pattern subscribers may have missed events of any channel (a shared
