@@ -24,6 +24,7 @@ from msgd.core.pubsub import Broker
 from tests import servers
 from tests.helpers import ROOT
 from tests.process import NodeProcess, call
+from tests.test_redis_pubsub import FakeShard as BaseFakeShard
 from tests.test_cluster import Client, health, publish, wait_for
 
 
@@ -65,30 +66,13 @@ def events(client, channel, n):
     return got
 
 
-class FakeShard:
-    """What the bridge needs of a shard; scripts are answered by the test."""
-
-    publish_command = "PUBLISH"
+class FakeShard(BaseFakeShard):
+    """tests/test_redis_pubsub's fake shard, named."""
 
     def __init__(self, name):
+        super().__init__()
         self.name = name
-        self.connected = True
         self.error = None
-        self.runs = []
-        self.subscribed = set()
-        self.subscriptions = 0
-
-    def run(self, script, keys, args):
-        d = defer.Deferred()
-        self.runs.append((script, keys, args, d))
-        return d
-
-    def subscribe(self, channels=(), patterns=()):
-        self.subscribed |= set(channels)
-        return defer.succeed(None)
-
-    def unsubscribe(self, channels=(), patterns=()):
-        self.subscribed -= set(channels)
 
     def describe(self):
         return {"connected": self.connected}
@@ -148,6 +132,7 @@ class BridgeTests(unittest.TestCase):
         d = self.broker.subscribe(name, sub)
         self.clock.advance(0)                  # the batched SUBSCRIBE
         shard = self.bridge.shard_for(name)
+        shard.confirm()
         [(script, keys, args, read)] = [r for r in shard.runs if r[0] is SYNC]
         shard.runs.clear()
         read.callback([b"E", b"3", []])
