@@ -91,10 +91,22 @@ class ProtocolTests(unittest.TestCase):
                 + b"*2\r\n*1\r\n:5\r\n$-1\r\n" + push(b"message", b"p:{a}:ev", b"three\r\nfour"))
         for cut in range(len(data) + 1):
             p = subscriber()
+            d = p.execute_command("WHATEVER")         # the reply in the middle is its
             p.dataReceived(data[:cut])
             p.dataReceived(data[cut:])
             self.assertEqual(p.factory.shard.pushes, [(b"p:{a}:ev", b"one"), (b"p:{b}:ev", b"two"),
                                                       (b"p:{a}:ev", b"three\r\nfour")], cut)
+            self.assertEqual(self.successResultOf(d), [[5], None])
+
+    def test_error_replies_and_lost_connections_fail_their_commands(self):
+        p = subscriber()
+        p.factory.shard.lost = lambda kind, why: None
+        d1, d2 = p.execute_command("A"), p.execute_command("B")
+        self.assertEqual(p.transport.value(), b"*1\r\n$1\r\nA\r\n*1\r\n$1\r\nB\r\n")
+        p.dataReceived(b"-ERR no such thing\r\n")
+        self.assertEqual(str(self.failureResultOf(d1, txredisapi.ResponseError).value), "no such thing")
+        p.connectionLost(ConnectionError("gone"))
+        self.failureResultOf(d2, txredisapi.ConnectionError)
 
     def test_one_publish_through_a_channel_and_patterns_is_taken_once(self):
         p = subscriber()

@@ -211,14 +211,34 @@ def _reply(buf: bytes, pos: int):
 
 
 class RedisProtocol(txredisapi.BaseRedisProtocol):
-    """txredisapi's protocol reading every complete reply of a read at once
-    (its own reader hands over one bulk string per reactor turn, so events
-    from Redis would each cost a turn), and encoding commands in one join.
-    Bulk strings are bytes."""
+    """txredisapi's protocol (its commands, its AUTH/SELECT on connect)
+    reading every complete reply of a read at once — its own reader hands
+    over one bulk string per reactor turn, so events from Redis would each
+    cost a turn — with a lean command path: a command is written at once
+    (those of one reactor turn leave in one write) and its reply fires one
+    Deferred (an error reply errbacks it).  Bulk strings are bytes."""
 
     def __init__(self, password=None, dbid=None):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
         self._buf = b""
+        self._replies: deque = deque()
+
+    def execute_command(self, *args, **kwargs) -> defer.Deferred:
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        d = defer.Deferred()
+        self._replies.append(d)
+        return d
+
+    def replyReceived(self, reply):
+        if not self._replies:
+            raise txredisapi.InvalidResponse("a reply to no command")
+        d = self._replies.popleft()
+        if isinstance(reply, Exception):
+            d.errback(reply)
+        else:
+            d.callback(reply)
 
     def _build_command(self, *args, **kwargs) -> bytes:
         out = [b"*%d\r\n" % len(args)]
@@ -241,7 +261,7 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
                 if value is _INCOMPLETE:
                     break
                 self.replyReceived(value)
-        except (ValueError, IndexError, txredisapi.InvalidResponse) as e:
+        except (ValueError, IndexError, txredisapi.InvalidResponse) as e:   # not Redis speaking
             self._buf = b""
             self.factory.shard.log.error("pub/sub: bad reply from Redis ({error}); reconnecting", error=str(e))
             self.transport.loseConnection()
@@ -252,7 +272,10 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         # the shard hears of it before the pending commands fail, so that a publish
         # falling back to local delivery finds the shard down
         self.factory.shard.lost(self.factory.kind, why)
+        replies, self._replies = self._replies, deque()
         super().connectionLost(why)
+        for d in replies:
+            d.errback(txredisapi.ConnectionError("Redis connection lost"))
 
 
 class SubscriberProtocol(RedisProtocol):
