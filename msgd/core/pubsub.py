@@ -462,7 +462,7 @@ class Broker:
                 n += 1
             except Exception:
                 self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=ev.channel)
-        if self._m is not None:
+        if self._m is not None and not ev.gap:
             self._m[0].inc()
             self._m[1].inc(n)
         return n
