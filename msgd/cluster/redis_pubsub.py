@@ -112,7 +112,8 @@ PUBLISH = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 local epoch = redis.call('GET', KEYS[1])
 local offset = redis.call('INCR', KEYS[2])
-local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8] .. ',"d":' .. ARGV[3] .. '}'
+local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8]
+  .. ',"d":' .. ARGV[3] .. '}'
 local size = tonumber(ARGV[5])
 if size > 0 then
   redis.call('RPUSH', KEYS[3], ev)
