@@ -326,6 +326,25 @@ class BridgeTests(unittest.TestCase):
         self.bridge.shard_up(self.shard)
         self.assertEqual(self.broker.channels, {})
 
+    def test_a_failed_publish_is_marked_as_a_gap_at_once(self):
+        s = Sub()
+        self.broker.subscribe("a", s)
+        self.join(offset=2)
+        d = self.broker.publish("a", "x")
+        self.shard.runs[-1][3].errback(txredisapi.ResponseError("OOM command not allowed"))
+        self.assertEqual(self.successResultOf(d), 3)                 # delivered here, alone
+        self.assertEqual(s.got, [("gap", "a", 2), ("a", 3, "x")])
+        marker = self.shard.runs[-1]
+        self.assertEqual((marker[0], marker[2][7]), (PUBLISH, ',"g":1'))
+        marker[3].callback(3)
+        # the marker comes back: the node reads the channel again and is back on the shared stream
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 3, None, gap=True))
+        [(_, _, _, read)] = self.shard.reads()
+        read.callback([b"E1", b"3", [event_json("a", 3, None, gap=True)]])
+        self.assertEqual(s.got[2:], [("gap", "a", 2), ("gap", "a", 3)])
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 4, "four"))
+        self.assertEqual(s.got[-1], ("a", 4, "four"))
+
     def test_no_state_for_a_channel_only_published_on(self):
         d = self.broker.publish("quiet", {"x": 1})
         [(script, keys, args, run)] = self.shard.runs

@@ -551,7 +551,9 @@ class RedisBridge(MultiService):
         self.patterns: set[str] = set()         # msgd patterns with local subscribers
         self._forked: set[str] = set()          # channels published on alone during an outage
         self._away: set[Shard] = set()          # shards that were lost (not merely not connected yet)
-        self._batches: dict[Shard, list] = {}   # shard -> [subscribe, unsubscribe, psubscribe, punsubscribe, follows]
+        # this turn's work per shard: [subscribe, unsubscribe, psubscribe, punsubscribe, follows joining,
+        # Deferred fired once the (p)subscriptions are confirmed]
+        self._batches: dict[Shard, list] = {}
         self._flush_call = None
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
@@ -566,10 +568,11 @@ class RedisBridge(MultiService):
             metrics.gauge("msgd_pubsub_redis_subscriptions", "Channels and patterns subscribed to in Redis") \
                 .set_function(lambda: sum(s.subscriptions for s in self.shards))
         # shards: objects offering what Shard offers (tests pass their own)
-        self.shards = shards or [Shard(self, "redis", config.redis, config.redis_password, config.redis_db,
-                                       reactor, retry_policy, latency)]
-        for s in self.shards:
-            if shards is None:
+        self.shards = shards
+        if shards is None:
+            self.shards = [Shard(self, "redis", config.redis, config.redis_password, config.redis_db, reactor,
+                                 retry_policy, latency)]
+            for s in self.shards:
                 s.setServiceParent(self)
         broker.backend = self
 
@@ -622,11 +625,8 @@ class RedisBridge(MultiService):
         for p in self.patterns:
             self._batch(shard)[2].add(redis_pattern(self.prefix, p))
         for name in [n for n in self._forked if self.shard_for(n) is shard]:
-            self._forked.discard(name)
             self.broker.forget(name)        # what it kept of a channel it has no subscribers for
-            self._publish(shard, name, None, ',"g":1').addErrback(
-                lambda f, name=name: self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
-                                                   channel=name, error=f.getErrorMessage()))
+            self._mark_gap(shard, name)
 
     def shard_down(self, shard: Shard) -> None:
         """Channels of ``shard`` go on locally: a local publish forks them
@@ -655,8 +655,22 @@ class RedisBridge(MultiService):
 
     def forked(self, name: str) -> None:
         """An event of ``name`` was published on this node alone (its shard was
-        away): mark the gap in the shared channel once the shard is back."""
+        away, or the publish failed): mark the gap in the shared channel, now
+        or once the shard is back."""
         self._forked.add(name)
+        shard = self.shard_for(name)
+        if shard.connected:
+            self._mark_gap(shard, name)
+
+    def _mark_gap(self, shard: Shard, name: str) -> None:
+        """Publish a gap marker on ``name``: every node's subscribers get a
+        gap there, and resuming clients meet it in the history."""
+        def failed(f):
+            self._forked.add(name)          # tried again when the shard comes back
+            self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
+                          channel=name, error=f.getErrorMessage())
+        self._forked.discard(name)
+        self._publish(shard, name, None, ',"g":1').addErrback(failed)
 
     # -- following channels ---------------------------------------------------------------------
 

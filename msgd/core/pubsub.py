@@ -379,6 +379,7 @@ class Broker:
         now = self.clock.seconds()
         if ev.epoch != ch.epoch or ev.offset != ch.offset + 1 or ch.shared_at is not None:
             ch.history.clear()
+            ch.shared_at = None
             self._gap(ch, ev.epoch, ev.offset - 1, now)
         ch.offset = ev.offset
         if ch.max_size:
