@@ -383,7 +383,9 @@ class Shard(MultiService):
     ``subscribe(channels, patterns) -> Deferred``
         One ``SUBSCRIBE`` and/or ``PSUBSCRIBE`` of Redis channel names and
         globs; fires once Redis confirmed all of them (errback: the
-        connection was lost meanwhile).
+        connection was lost meanwhile).  The bridge sends patterns to every
+        shard.  (Sharded pub/sub has no pattern form: a shard that
+        ``SPUBLISH``\ es needs another way to serve patterns.)
     ``unsubscribe(channels, patterns)``
         ``UNSUBSCRIBE``/``PUNSUBSCRIBE``; nothing to wait for.
     ``subscriptions``
