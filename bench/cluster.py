@@ -99,7 +99,8 @@ def report(out: dict) -> list[str]:
     for mode, label in MODES:
         r = out[mode]
         cost = r["server_cpu"] / r["deliveries"]
-        lines.append(f"  {label:42s} {r['per_second']:>9,.0f} deliveries/s  {r['per_second'] / base['per_second']:4.2f}x  "
+        ratio = r["per_second"] / base["per_second"]
+        lines.append(f"  {label:42s} {r['per_second']:>9,.0f} deliveries/s  {ratio:4.2f}x  "
                      f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
                      f"subscribers' node {r['server_cpu'] / r['seconds']:.2f} cores, "
                      f"{cost * 1e6:.2f} us/delivery ({base_cost / cost if cost else 0:.2f}x)")

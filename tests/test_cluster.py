@@ -346,7 +346,8 @@ class BrokerSharingTests(unittest.TestCase):
         self.assertEqual(self.backend.watching, set())
 
 
-class ClusterTests(unittest.TestCase):
+class NodesCase(unittest.TestCase):
+    """Real node processes (and a private Redis), stopped after the test."""
 
     def setUp(self):
         self.nodes: list[NodeProcess] = []
@@ -369,6 +370,9 @@ class ClusterTests(unittest.TestCase):
     def run_scenario(self, fn):
         self.base = os.path.abspath(self.mktemp())
         return deferToThread(fn)
+
+
+class ClusterTests(NodesCase):
 
     # -- three nodes -----------------------------------------------------------------
 

@@ -16,19 +16,17 @@ reactor never blocks."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
 
 import websocket
-from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from tests import servers
 from tests.process import NodeProcess
 from tests.servers import free_port
-from tests.test_cluster import health, node_ini, wait_for
+from tests.test_cluster import NodesCase, health, wait_for
 
 EVENTS = 5000
 KILL_NODE, RESTART_NODE, KILL_REDIS = 1200, 1800, 2600
@@ -153,31 +151,19 @@ def violations(items: list[tuple], acked: list[int], start: int, late_from: int)
     return out
 
 
-class NoSilentGapTests(unittest.TestCase):
+class NoSilentGapTests(NodesCase):
 
     def setUp(self):
-        self.nodes: list[NodeProcess] = []
-        self.redis = None
+        super().setUp()
         self.stop = threading.Event()
-
-    def tearDown(self):
-        self.stop.set()
-        return deferToThread(self._cleanup)
-
-    def _cleanup(self):
-        for n in self.nodes:
-            n.stop()
-        if self.redis is not None:
-            self.redis.cleanup()
+        self.addCleanup(self.stop.set)      # the subscribers' threads end
 
     def test_kill_a_node_and_redis_under_traffic(self):
-        self.base = os.path.abspath(self.mktemp())
-        return deferToThread(self._scenario)
+        return self.run_scenario(self._scenario)
 
     def _scenario(self):
         self.redis = servers.redis()
-        a, b, c = (NodeProcess(os.path.join(self.base, n), node_ini(n, free_port(), self.redis)) for n in "abc")
-        self.nodes += [a, b, c]
+        a, b, c = (self.node(n, free_port(), self.redis) for n in "abc")
         for n in self.nodes:
             n.start()
         for n in self.nodes:

@@ -91,10 +91,22 @@ class ProtocolTests(unittest.TestCase):
                 + b"*2\r\n*1\r\n:5\r\n$-1\r\n" + push(b"message", b"p:{a}:ev", b"three\r\nfour"))
         for cut in range(len(data) + 1):
             p = subscriber()
+            d = p.execute_command("WHATEVER")         # the reply in the middle is its
             p.dataReceived(data[:cut])
             p.dataReceived(data[cut:])
             self.assertEqual(p.factory.shard.pushes, [(b"p:{a}:ev", b"one"), (b"p:{b}:ev", b"two"),
                                                       (b"p:{a}:ev", b"three\r\nfour")], cut)
+            self.assertEqual(self.successResultOf(d), [[5], None])
+
+    def test_error_replies_and_lost_connections_fail_their_commands(self):
+        p = subscriber()
+        p.factory.shard.lost = lambda kind, why: None
+        d1, d2 = p.execute_command("A"), p.execute_command("B")
+        self.assertEqual(p.transport.value(), b"*1\r\n$1\r\nA\r\n*1\r\n$1\r\nB\r\n")
+        p.dataReceived(b"-ERR no such thing\r\n")
+        self.assertEqual(str(self.failureResultOf(d1, txredisapi.ResponseError).value), "no such thing")
+        p.connectionLost(ConnectionError("gone"))
+        self.failureResultOf(d2, txredisapi.ConnectionError)
 
     def test_one_publish_through_a_channel_and_patterns_is_taken_once(self):
         p = subscriber()
@@ -313,6 +325,25 @@ class BridgeTests(unittest.TestCase):
         self.shard.connected = True
         self.bridge.shard_up(self.shard)
         self.assertEqual(self.broker.channels, {})
+
+    def test_a_failed_publish_is_marked_as_a_gap_at_once(self):
+        s = Sub()
+        self.broker.subscribe("a", s)
+        self.join(offset=2)
+        d = self.broker.publish("a", "x")
+        self.shard.runs[-1][3].errback(txredisapi.ResponseError("OOM command not allowed"))
+        self.assertEqual(self.successResultOf(d), 3)                 # delivered here, alone
+        self.assertEqual(s.got, [("gap", "a", 2), ("a", 3, "x")])
+        marker = self.shard.runs[-1]
+        self.assertEqual((marker[0], marker[2][7]), (PUBLISH, ',"g":1'))
+        marker[3].callback(3)
+        # the marker comes back: the node reads the channel again and is back on the shared stream
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 3, None, gap=True))
+        [(_, _, _, read)] = self.shard.reads()
+        read.callback([b"E1", b"3", [event_json("a", 3, None, gap=True)]])
+        self.assertEqual(s.got[2:], [("gap", "a", 2), ("gap", "a", 3)])
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 4, "four"))
+        self.assertEqual(s.got[-1], ("a", 4, "four"))
 
     def test_no_state_for_a_channel_only_published_on(self):
         d = self.broker.publish("quiet", {"x": 1})

@@ -113,7 +113,8 @@ PUBLISH = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 local epoch = redis.call('GET', KEYS[1])
 local offset = redis.call('INCR', KEYS[2])
-local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8] .. ',"d":' .. ARGV[3] .. '}'
+local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8]
+  .. ',"d":' .. ARGV[3] .. '}'
 local size = tonumber(ARGV[5])
 if size > 0 then
   redis.call('RPUSH', KEYS[3], ev)
@@ -218,14 +219,34 @@ def _reply(buf: bytes, pos: int):
 
 
 class RedisProtocol(txredisapi.BaseRedisProtocol):
-    """txredisapi's protocol reading every complete reply of a read at once
-    (its own reader hands over one bulk string per reactor turn, so events
-    from Redis would each cost a turn), and encoding commands in one join.
-    Bulk strings are bytes."""
+    """txredisapi's protocol (its commands, its AUTH/SELECT on connect)
+    reading every complete reply of a read at once — its own reader hands
+    over one bulk string per reactor turn, so events from Redis would each
+    cost a turn — with a lean command path: a command is written at once
+    (those of one reactor turn leave in one write) and its reply fires one
+    Deferred (an error reply errbacks it).  Bulk strings are bytes."""
 
     def __init__(self, password=None, dbid=None):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
         self._buf = b""
+        self._replies: deque = deque()
+
+    def execute_command(self, *args, **kwargs) -> defer.Deferred:
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        d = defer.Deferred()
+        self._replies.append(d)
+        return d
+
+    def replyReceived(self, reply):
+        if not self._replies:
+            raise txredisapi.InvalidResponse("a reply to no command")
+        d = self._replies.popleft()
+        if isinstance(reply, Exception):
+            d.errback(reply)
+        else:
+            d.callback(reply)
 
     def _build_command(self, *args, **kwargs) -> bytes:
         out = [b"*%d\r\n" % len(args)]
@@ -248,7 +269,7 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
                 if value is _INCOMPLETE:
                     break
                 self.replyReceived(value)
-        except (ValueError, IndexError, txredisapi.InvalidResponse) as e:
+        except (ValueError, IndexError, txredisapi.InvalidResponse) as e:   # not Redis speaking
             self._buf = b""
             self.factory.shard.log.error("pub/sub: bad reply from Redis ({error}); reconnecting", error=str(e))
             self.transport.loseConnection()
@@ -259,7 +280,10 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         # the shard hears of it before the pending commands fail, so that a publish
         # falling back to local delivery finds the shard down
         self.factory.shard.lost(self.factory.kind, why)
+        replies, self._replies = self._replies, deque()
         super().connectionLost(why)
+        for d in replies:
+            d.errback(txredisapi.ConnectionError("Redis connection lost"))
 
 
 _CONFIRMS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
@@ -388,7 +412,9 @@ class Shard(MultiService):
     ``subscribe(channels, patterns) -> Deferred``
         One ``SUBSCRIBE`` and/or ``PSUBSCRIBE`` of Redis channel names and
         globs; fires once Redis confirmed all of them (errback: the
-        connection was lost meanwhile).
+        connection was lost meanwhile).  The bridge sends patterns to every
+        shard.  (Sharded pub/sub has no pattern form: a shard that
+        ``SPUBLISH``\ es needs another way to serve patterns.)
     ``unsubscribe(channels, patterns)``
         ``UNSUBSCRIBE``/``PUNSUBSCRIBE``; nothing to wait for.
     ``subscriptions``
@@ -555,7 +581,9 @@ class RedisBridge(MultiService):
         self.patterns: set[str] = set()         # msgd patterns with local subscribers
         self._forked: set[str] = set()          # channels published on alone during an outage
         self._away: set[Shard] = set()          # shards that were lost (not merely not connected yet)
-        self._batches: dict[Shard, list] = {}   # shard -> [subscribe, unsubscribe, psubscribe, punsubscribe, follows]
+        # this turn's work per shard: [subscribe, unsubscribe, psubscribe, punsubscribe, follows joining,
+        # Deferred fired once the (p)subscriptions are confirmed]
+        self._batches: dict[Shard, list] = {}
         self._flush_call = None
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
@@ -638,11 +666,8 @@ class RedisBridge(MultiService):
         for p in self.patterns:
             self._batch(shard)[2].add(redis_pattern(self.prefix, p))
         for name in [n for n in self._forked if self.shard_for(n) is shard]:
-            self._forked.discard(name)
             self.broker.forget(name)        # what it kept of a channel it has no subscribers for
-            self._publish(shard, name, None, ',"g":1').addErrback(
-                lambda f, name=name: self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
-                                                   channel=name, error=f.getErrorMessage()))
+            self._mark_gap(shard, name)
 
     def shard_down(self, shard: Shard) -> None:
         """Channels of ``shard`` go on locally: a local publish forks them
@@ -692,8 +717,22 @@ class RedisBridge(MultiService):
 
     def forked(self, name: str) -> None:
         """An event of ``name`` was published on this node alone (its shard was
-        away): mark the gap in the shared channel once the shard is back."""
+        away, or the publish failed): mark the gap in the shared channel, now
+        or once the shard is back."""
         self._forked.add(name)
+        shard = self.shard_for(name)
+        if shard.connected:
+            self._mark_gap(shard, name)
+
+    def _mark_gap(self, shard: Shard, name: str) -> None:
+        """Publish a gap marker on ``name``: every node's subscribers get a
+        gap there, and resuming clients meet it in the history."""
+        def failed(f):
+            self._forked.add(name)          # tried again when the shard comes back
+            self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
+                          channel=name, error=f.getErrorMessage())
+        self._forked.discard(name)
+        self._publish(shard, name, None, ',"g":1').addErrback(failed)
 
     # -- following channels ---------------------------------------------------------------------
 

@@ -479,6 +479,7 @@ class Broker:
         now = self.clock.seconds()
         if ev.epoch != ch.epoch or ev.offset != ch.offset + 1 or ch.shared_at is not None:
             ch.history.clear()
+            ch.shared_at = None
             self._gap(ch, ev.epoch, ev.offset - 1, now)
         ch.offset = ev.offset
         if ch.max_size:
@@ -562,7 +563,7 @@ class Broker:
                 n += 1
             except Exception:
                 self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=ev.channel)
-        if self._m is not None:
+        if self._m is not None and not ev.gap:
             self._m[0].inc()
             self._m[1].inc(n)
         return n
