@@ -414,7 +414,7 @@ class Shard(MultiService):
         globs; fires once Redis confirmed all of them (errback: the
         connection was lost meanwhile).  The bridge sends patterns to every
         shard.  (Sharded pub/sub has no pattern form: a shard that
-        ``SPUBLISH``\ es needs another way to serve patterns.)
+        ``SPUBLISH``\\ es needs another way to serve patterns.)
     ``unsubscribe(channels, patterns)``
         ``UNSUBSCRIBE``/``PUNSUBSCRIBE``; nothing to wait for.
     ``subscriptions``
