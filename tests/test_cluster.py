@@ -176,6 +176,8 @@ class FakeBackend:
         self.live: set = set()
         self.watching: set = set()
         self.forks: set = set()
+        self.listings: list = []      # (pattern, Deferred) of channels(pattern)
+        self.reads: list = []         # (name, Deferred) of read(name)
 
     def available(self, name):
         return self.connected
@@ -214,6 +216,16 @@ class FakeBackend:
 
     def forked(self, name):
         self.forks.add(name)
+
+    def channels(self, pattern):
+        d = defer.Deferred()
+        self.listings.append((pattern, d))
+        return d
+
+    def read(self, name):
+        d = defer.Deferred()
+        self.reads.append((name, d))
+        return d
 
 
 class Sub:

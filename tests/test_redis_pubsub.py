@@ -436,6 +436,19 @@ class RealRedisTests(unittest.TestCase):
         self.assertEqual([d for _, _, d in s.got], ["once", "twice matched"])
 
     @defer.inlineCallbacks
+    def test_a_patterns_channels_listed_and_read_once(self):
+        (a, bridge_a, _), (b, bridge_b, _) = self.node(), self.node()
+        yield eventually(lambda: bridge_a.connected and bridge_b.connected)
+        names = [f"n.{i}" for i in range(1500)] + ["n.{x}", "n.%7Bx", "n.%", "m.1", "n"]
+        yield defer.gatherResults([a.publish(n, n) for n in names])
+        found = yield bridge_b.channels("n.*")       # more keys than one SCAN step returns
+        self.assertEqual(sorted(found), sorted(n for n in names if fnmatch.fnmatchcase(n, "n.*")))
+        epoch, offset, events = yield bridge_b.read("n.{x}")
+        self.assertEqual((offset, [(e.channel, e.offset, e.data) for e in events]), (1, [("n.{x}", 1, "n.{x}")]))
+        self.assertEqual(b.channels, {})            # read, not followed
+        self.assertEqual(bridge_b.following, {})
+
+    @defer.inlineCallbacks
     def test_scripts_come_back_after_a_flush(self):
         a, bridge, _ = self.node()
         yield eventually(lambda: bridge.connected)

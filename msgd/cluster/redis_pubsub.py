@@ -45,6 +45,15 @@ gets is exact.  One publish reaching a node both as ``message`` and as
 ``pmessage`` (the node follows the channel and a matching pattern) arrives
 as consecutive identical pushes on one connection, and is taken once.
 
+A pattern's resume (``since``/``epoch`` objects by channel) needs the
+state of channels the node may keep nothing of: the broker asks for the
+names of the channels in Redis that the pattern matches
+(:meth:`RedisBridge.channels`: ``SCAN`` of the shards' ``PREFIX:{...}:offset``
+keys matching the pattern's glob, then fnmatch) and reads each one once
+(:meth:`RedisBridge.read`: the channel-join script, without following the
+channel), after the pattern's ``PSUBSCRIBE`` is confirmed; what arrives
+meanwhile is held and taken once after the replay.
+
 Joining a channel: a subscribe waits until Redis confirmed the ``SUBSCRIBE``
 and the node has read the channel's epoch, offset and history (events that
 arrive meanwhile are held and applied after), so resuming with
@@ -80,8 +89,10 @@ Everything per channel goes through the :class:`Shard` that
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import re
 from collections import deque
 
 import orjson
@@ -139,7 +150,12 @@ ANNOUNCE = Script("""
 return redis.call(ARGV[3], ARGV[1], ARGV[2])
 """)
 
-SCRIPTS = [PUBLISH, SYNC, ANNOUNCE]      # loaded on every connection (presence adds its own)
+# ARGV: cursor, glob, count.  One SCAN step (the bridge goes on until the cursor is 0)
+SCAN = Script("""
+return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+""")
+
+SCRIPTS = [PUBLISH, SYNC, ANNOUNCE, SCAN]      # loaded on every connection (presence adds its own)
 
 
 # -- names ------------------------------------------------------------------------------
@@ -149,6 +165,15 @@ def tag(name: str) -> str:
     if "%" in name or "{" in name or "}" in name:
         return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
     return name
+
+
+def untag(text: str) -> str:
+    """The inverse of :func:`tag`."""
+    return _ESCAPED.sub(lambda m: _UNESCAPE[m.group(1)], text) if "%" in text else text
+
+
+_ESCAPED = re.compile(r"%(25|7B|7D)")
+_UNESCAPE = {"25": "%", "7B": "{", "7D": "}"}
 
 
 def redis_pattern(prefix: str, pattern: str) -> str:
@@ -565,7 +590,8 @@ class RedisBridge(MultiService):
 
     What the broker calls: ``available(name)``, ``publish(name, data)``,
     ``follow(name)``, ``unfollow(name)``, ``watch(pattern)``,
-    ``unwatch(pattern)``, ``forked(name)``."""
+    ``unwatch(pattern)``, ``forked(name)``, and for a pattern's resume
+    ``channels(pattern)`` and ``read(name)``."""
 
     log = Logger()
 
@@ -835,15 +861,7 @@ class RedisBridge(MultiService):
     def _got(self, reply, f: _Follow) -> None:
         if self.following.get(f.name) is not f or f.state != "reading":
             return
-        epoch, offset, history = reply
-        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-        events = []
-        for raw in history:
-            try:
-                events.append(_event(_loads(raw)))
-            except (ValueError, KeyError, TypeError):
-                self.log.warn("pub/sub: bad event in the history of {channel}", channel=f.name)
-        self.broker.resync(f.name, epoch, int(offset), events)
+        self.broker.resync(f.name, *self._state(reply, f.name))
         held, f.held = f.held or [], None
         f.state = "live"
         for ev in held:
@@ -851,6 +869,47 @@ class RedisBridge(MultiService):
             # anything else that does not follow is a gap (no second read: that could loop)
             self.broker.receive(ev, force=True)
         self._release(f)
+
+    def _state(self, reply, name: str) -> tuple[str, int, list[Event]]:
+        """``(epoch, offset, events)`` from the SYNC script's reply."""
+        epoch, offset, history = reply
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        events = []
+        for raw in history:
+            try:
+                events.append(_event(_loads(raw)))
+            except (ValueError, KeyError, TypeError):
+                self.log.warn("pub/sub: bad event in the history of {channel}", channel=name)
+        return epoch, int(offset), events
+
+    # -- one-shot reads (a pattern's resume) ---------------------------------------------------
+
+    def read(self, name: str) -> defer.Deferred:
+        """Channel ``name``'s shared state, read once without following the
+        channel: fires with ``(epoch, offset, events)``."""
+        return self.shard_for(name).run(SYNC, self.keys(name), [new_epoch(), self.ttl]).addCallback(
+            self._state, name)
+
+    def channels(self, pattern: str) -> defer.Deferred:
+        """The names of the channels kept in Redis (on every shard) that
+        ``pattern`` matches, found with ``SCAN`` over their offset keys:
+        fires with a list; fails when a shard is away."""
+        glob = redis_pattern(self.prefix, pattern)[:-len(":ev")] + ":offset"
+        start, end = len(self.prefix) + 2, -len("}:offset")
+        match = re.compile(fnmatch.translate(pattern)).match
+        found: list[str] = []
+
+        def step(reply, shard):
+            cursor, keys = reply
+            for key in keys:
+                name = untag((key.decode() if isinstance(key, bytes) else key)[start:end])
+                if match(name):
+                    found.append(name)
+            if int(cursor):
+                return shard.run(SCAN, [], [cursor, glob, 1000]).addCallback(step, shard)
+            return None
+        return defer.gatherResults([shard.run(SCAN, [], [0, glob, 1000]).addCallback(step, shard)
+                                    for shard in self.shards], consumeErrors=True).addCallback(lambda _: found)
 
     def _read_failed(self, failure, f: _Follow) -> None:
         if self.following.get(f.name) is not f:

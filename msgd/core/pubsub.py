@@ -172,11 +172,31 @@ class Channel:
 
     def covers(self, since: int) -> bool:
         """Can every event after ``since`` be replayed?"""
-        if since >= self.offset:
-            return since == self.offset
-        if since < 0:
-            return False
-        return bool(self.history) and self.history[0].offset <= since + 1
+        return covers(self.offset, self.history, since)
+
+
+def covers(offset: int, history, since: int) -> bool:
+    """Can every event after ``since`` be replayed from ``history`` (the
+    events up to ``offset``, in order)?"""
+    if since >= offset:
+        return since == offset
+    if since < 0:
+        return False
+    return bool(history) and history[0].offset <= since + 1
+
+
+class _Holder:
+    """Stands for a pattern subscriber while its resume reads the shared
+    backend: keeps what it is given, to be handed over after the replay."""
+
+    __slots__ = ("principal", "events")
+
+    def __init__(self, subscriber):
+        self.principal = getattr(subscriber, "principal", None)
+        self.events: list = []
+
+    def deliver(self, ev) -> None:
+        self.events.append(ev)
 
 
 class Broker:
@@ -199,6 +219,7 @@ class Broker:
         self.patterns: dict[str, set] = {}
         self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
         self._matched: dict[str, dict] = {}         # subscribed pattern -> channels here it matches (ordered)
+        self._resuming: dict[tuple, _Holder] = {}   # (pattern, subscriber) -> its stand-in while reading
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
         self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
@@ -333,45 +354,139 @@ class Broker:
         if backend is not None and getattr(backend, "no_patterns", None):
             raise errors.InvalidParams(backend.no_patterns)
         since, epoch = check_positions(since, epoch)
-        if since is not None and backend is not None and backend.connected:
-            # every matched channel's shared state first, as for a channel
-            names = [n for n in self._matching(name, since) if not backend.synced(n)]
-            if names:
-                return defer.gatherResults([backend.sync(n) for n in names]).addCallback(
-                    lambda _: self._resume_pattern(name, subscriber, since, epoch))
-        return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
+        if backend is None:
+            return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
+        if since is None:
+            watching = self._add_pattern(name, subscriber)
+            if watching is None:
+                return defer.succeed(self._pattern_answer(name, True))
+            return watching.addCallback(lambda _: self._pattern_answer(name, True))
+        # Resuming through a shared backend: channels matched only by the pattern keep no
+        # state here, so each matched channel is read from the backend once the pattern is
+        # watched; what arrives meanwhile is held, and taken after the replay.
+        holder = _Holder(subscriber)
+        self._resuming[(name, subscriber)] = holder
+        watching = self._add_pattern(name, holder) or defer.succeed(None)
+        return watching.addCallback(lambda _: self._read_pattern(name, since)).addCallback(
+            self._resumed_shared, name, subscriber, holder, since, epoch)
 
-    def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+    def _add_pattern(self, name: str, subscriber) -> defer.Deferred | None:
+        """Add a pattern subscriber; a Deferred when the backend must first
+        start watching the pattern."""
+        watching = None
         if name not in self.patterns:
             self._matched[name] = dict.fromkeys(self._matching(name))
             self.patterns[name] = set()
             self._matches.clear()
             if self.backend is not None:
-                self.backend.watch(name)
+                watching = self.backend.watch(name)
         self.patterns[name].add(subscriber)
+        return watching
+
+    def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+        self._add_pattern(name, subscriber)
         recovered = True
         if since is not None:
             now = self.clock.seconds()
-            missed = []
+            states = {}
             for n in self._matching(name, since):
-                ch, held, held_epoch = self.channels.get(n), since.get(n, 0), epoch.get(n)
-                if ch is None:      # forgotten here (its history was gone): a position in it cannot be vouched for
-                    recovered = recovered and not held and held_epoch is None
-                    continue
+                ch = self.channels.get(n)
+                if ch is not None:
+                    ch.trim(now)
+                    states[n] = (ch.epoch, ch.offset, ch.history)
+            recovered, _ = self._replay_pattern(subscriber, self._matching(name, since), states, since, epoch)
+        return self._pattern_answer(name, recovered)
+
+    def _read_pattern(self, name: str, since: dict) -> defer.Deferred:
+        """The shared state of every channel ``name`` matches, named in
+        ``since`` or kept in the backend: fires with ``(names, states,
+        complete)``; ``states`` by channel (channels followed here: their
+        state here), ``complete`` false when a channel or the list of them
+        could not be read."""
+        backend: Any = self.backend
+
+        def listed(found):
+            complete = found is not None
+            names = list(dict.fromkeys([*self._matching(name, since), *(found or ())]))
+            states: dict = {}
+            reads = []
+            for n in names:
+                if (n not in self.channels or n in self._waiting) and backend.available(n):
+                    reads.append(backend.read(n).addCallback(lambda st, n=n: states.__setitem__(n, st)))
+            done = defer.gatherResults(reads, consumeErrors=True) if reads else defer.succeed(None)
+            return done.addCallbacks(lambda _: (names, states, complete), lambda _: (names, states, False))
+
+        def unlisted(failure):
+            self.log.warn("pub/sub: could not list the channels of pattern {pattern} ({error})",
+                          pattern=name, error=failure.getErrorMessage())
+            return None
+        return backend.channels(name).addErrback(unlisted).addCallback(listed)
+
+    def _resumed_shared(self, read, name: str, subscriber, holder: _Holder, since: dict, epoch: dict) -> dict:
+        names, states, complete = read
+        if self._resuming.get((name, subscriber)) is not holder:
+            # unsubscribed (its connection closed) while reading, or subscribed again meanwhile
+            if holder in self.patterns.get(name, ()):
+                self.unsubscribe(name, holder)
+            return {"channel": name, "pattern": True, "epoch": {}, "offset": {}, "recovered": False}
+        del self._resuming[(name, subscriber)]
+        now = self.clock.seconds()
+        for n in names:
+            ch = self.channels.get(n)
+            if ch is not None and n not in self._waiting:     # followed here: its state here is the one
                 ch.trim(now)
-                if (held_epoch is None or held_epoch == ch.epoch) and ch.covers(held):
-                    missed.append([ev for ev in ch.history if ev.offset > held])
-                else:
-                    recovered = False
-            # each channel in offset order, the channels interleaved by time (all in this turn)
-            for ev in heapq.merge(*missed, key=lambda ev: ev.time):
-                subscriber.deliver(ev)
+                states[n] = (ch.epoch, ch.offset, ch.history)
+        recovered, last = self._replay_pattern(subscriber, names, states, since, epoch)
+        for ev in holder.events:        # arrived while reading: each taken once
+            at = last.get(ev.channel)
+            if at is not None and not ev.gap and ev.epoch == at[0] and ev.offset <= at[1]:
+                continue
+            if ev.epoch:
+                last[ev.channel] = (ev.epoch, ev.offset)
+            subscriber.deliver(ev)
+        subs = self.patterns[name]
+        subs.discard(holder)
+        subs.add(subscriber)
+        answer = self._pattern_answer(name, recovered and complete)
+        for n, (e, o, _) in states.items():
+            if o and n not in answer["offset"]:
+                answer["epoch"][n], answer["offset"][n] = last.get(n, (e, o))
+        return answer
+
+    def _replay_pattern(self, subscriber, names, states: dict, since: dict, epoch: dict) -> tuple[bool, dict]:
+        """Deliver to ``subscriber`` what it missed of each channel in
+        ``names`` (``states``: ``(epoch, offset, history)`` by channel, a
+        channel without one unknown): each channel from the position held
+        in ``since``/``epoch``, one not named there from its first event.
+        Returns (recovered, ``{channel: (epoch, offset)}`` where each now
+        stands)."""
+        recovered = True
+        missed = []
+        last = {}
+        for n in names:
+            state, held, held_epoch = states.get(n), since.get(n, 0), epoch.get(n)
+            if state is None:   # forgotten (its history was gone) or unread: a position in it cannot be vouched for
+                recovered = recovered and not held and held_epoch is None
+                continue
+            ch_epoch, offset, history = state
+            last[n] = (ch_epoch, offset)
+            if (held_epoch is None or held_epoch == ch_epoch) and covers(offset, history, held):
+                missed.append([ev for ev in history if held < ev.offset <= offset])
+            else:
+                recovered = False
+        # each channel in offset order, the channels interleaved by time (all in this turn)
+        for ev in heapq.merge(*missed, key=lambda ev: ev.time):
+            subscriber.deliver(ev)
+        return recovered, last
+
+    def _pattern_answer(self, name: str, recovered: bool) -> dict:
         held = [self.channels[n] for n in self._matched.get(name, ()) if self.channels[n].offset]
         return {"channel": name, "pattern": True, "epoch": {ch.name: ch.epoch for ch in held},
                 "offset": {ch.name: ch.offset for ch in held}, "recovered": recovered}
 
     def unsubscribe(self, name: str, subscriber) -> bool:
         if is_pattern(name):
+            subscriber = self._resuming.pop((name, subscriber), subscriber)
             subs = self.patterns.get(name)
             if not subs or subscriber not in subs:
                 return False
@@ -407,7 +522,9 @@ class Broker:
         ch = self.channels.get(name)
         if ch is not None and ch.subscribers:
             return
-        self.channels.pop(name, None)
+        if self.channels.pop(name, None) is not None:
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p].pop(name, None)
         self._matches.pop(name, None)
         self.backend.unfollow(name)
 
