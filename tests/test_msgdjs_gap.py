@@ -69,5 +69,7 @@ class MsgdJsGapTests(unittest.TestCase):
             ["gap", "c.x", gap], ["gap", "c.*", gap],
             ["event", "c.x", 10, "ten"], ["event", "c.*", 10, "ten"],
             ["gap", "c.*", {"channel": "c.*", "pattern": True}],
-            ["resubscribe", [{"channel": "c.x", "since": 10, "epoch": "E2"}, {"channel": "c.*"}]],
+            # the pattern resumes with the positions held (h2's pattern resume): c.x's from the gap on
+            ["resubscribe", [{"channel": "c.x", "since": 10, "epoch": "E2"},
+                             {"channel": "c.*", "since": {"c.x": 10}, "epoch": {"c.x": "E2"}}]],
         ])
