@@ -267,8 +267,8 @@ def _check_pubsub(pubsub: PubSubConfig, path: str) -> None:
         raise ConfigError(path, "pubsub", "prefix", "must not contain { or } (they make Redis Cluster hash tags)")
     if pubsub.cluster and pubsub.redis_db:
         raise ConfigError(path, "pubsub", "redis_db", "a Redis Cluster has only database 0")
-    from msgd.cluster.rediscluster import endpoint_name
-    seen = {}
+    from msgd.cluster.endpoints import endpoint_name
+    seen: dict[str, str] = {}
     for ep in pubsub.redis:
         addr = endpoint_name(ep)
         if addr in seen:

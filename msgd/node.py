@@ -107,7 +107,15 @@ class NodeService(MultiService):
                 self.peers[name].setServiceParent(self)
         if config.pubsub.backend == "redis":
             from msgd.cluster.redis_pubsub import RedisBridge
-            self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics)
+            shards = None
+            if config.pubsub.cluster:
+                from msgd.cluster.rediscluster import RedisCluster
+                p = config.pubsub
+
+                def shards(bridge, latency):
+                    return [RedisCluster(bridge, "cluster", p.redis, p.redis_password, self.reactor, None, latency)]
+            self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics,
+                                             shards=shards)
             self.pubsub_bridge.setServiceParent(self)
             from msgd.cluster.presence import RedisPresence
             # added after the bridge, so stopped before it: it removes this node's entries on the way out
@@ -380,7 +388,7 @@ class NodeService(MultiService):
             "peers": {n: p.describe() for n, p in self.peers.items()},
             "outbox": self.outbox.describe() if self.outbox is not None else {},
             "pubsub": dict(self.pubsub_bridge.describe(), presence=self.presence.describe())
-                      if self.pubsub_bridge is not None else {"backend": "memory"},
+                      if self.pubsub_bridge is not None and self.presence is not None else {"backend": "memory"},
             "modules": {n: {"version": m.version, "file": m.path, "exports": sorted(m.exports)}
                         for n, m in self.apps.modules.items()},
             "load_errors": errors,

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 

@@ -47,7 +47,7 @@ class Rendezvous:
             if len(self.names) == 1:
                 return 0
             key = channel.encode()
-            best = -1
+            best, i = -1, 0
             for n, seed in enumerate(self._seeds):
                 score = int.from_bytes(blake2b(seed + key, digest_size=8).digest(), "big")
                 if score > best:

@@ -109,9 +109,9 @@ class RedisPresence(Service):
     ``run(channel, script, keys, args)`` (run a script on its shard)."""
 
     log = Logger()
-    name = "pubsub:presence"
 
     def __init__(self, broker, backend, clock, node_name: str, ttl: float = 30.0, stop_timeout: float = 2.0):
+        self.setName("pubsub:presence")
         self.broker = broker
         self.backend = backend
         self.clock = clock

@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+from functools import partial
 import json
 import re
 from collections import deque
@@ -105,6 +106,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from msgd.core.jsonrpc import dumps
+from msgd.cluster.endpoints import endpoint_name
 from msgd.cluster.hashing import Rendezvous
 from msgd.core.pubsub import Event, new_epoch, presence_notice
 
@@ -179,7 +181,8 @@ _UNESCAPE = {"25": "%", "7B": "{", "7D": "}"}
 def redis_pattern(prefix: str, pattern: str) -> str:
     """The Redis glob matching the ``:ev`` channel of every name that the
     fnmatch ``pattern`` matches (and maybe more: see the module docstring)."""
-    out, i, n = [], 0, len(pattern)
+    out: list[str] = []
+    i, n = 0, len(pattern)
     while i < n:
         c = pattern[i]
         if c in "*?[":
@@ -260,7 +263,7 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
         self.transport.write(self._build_command(*args))
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._replies.append(d)
         return d
 
@@ -366,7 +369,7 @@ class SubscriberProtocol(RedisProtocol):
     def send(self, command: str, names, wait: bool):
         """``command`` with ``names``; a Deferred firing once every name is
         confirmed when ``wait``, else None."""
-        d = defer.Deferred() if wait else None
+        d: defer.Deferred | None = defer.Deferred() if wait else None
         self._expected.append([command.lower().encode(), {n.encode() for n in names}, d])
         self.transport.write(self._build_command(command, *names))
         return d
@@ -481,7 +484,7 @@ class Shard(MultiService):
         ep = clientFromString(reactor, endpoint)
         for kind, protocol in (("command", RedisProtocol), ("subscriber", SubscriberProtocol)):
             ClientService(ep, _Factory(self, kind, protocol), retryPolicy=policy, clock=reactor,
-                          prepareConnection=lambda p, kind=kind: self._ready(kind, p)).setServiceParent(self)
+                          prepareConnection=partial(self._ready, kind)).setServiceParent(self)
 
     @property
     def subscriptions(self) -> int:
@@ -623,12 +626,14 @@ class RedisBridge(MultiService):
                 .set_function(lambda: 1 if self.connected else 0)
             metrics.gauge("msgd_pubsub_redis_subscriptions", "Channels and patterns subscribed to in Redis") \
                 .set_function(lambda: sum(s.subscriptions for s in self.shards))
-        # shards: objects offering what Shard offers (tests pass their own)
-        if shards is None:
-            from msgd.cluster.rediscluster import RedisCluster, endpoint_name
-            if config.cluster:
-                shards = [RedisCluster(self, "cluster", config.redis, config.redis_password, reactor,
-                                       retry_policy, latency)]
+        # shards: objects offering what Shard offers (tests pass their own), or a callable
+        # making them for this bridge: shards(bridge, latency) (the node's makes a RedisCluster
+        # with cluster = yes: msgd.cluster.rediscluster imports this module, not the reverse)
+        if shards is None or callable(shards):
+            if shards is not None:
+                shards = shards(self, latency)
+            elif config.cluster:
+                raise ValueError("cluster = yes: pass shards making a RedisCluster (msgd.cluster.rediscluster)")
             else:
                 shards = [Shard(self, endpoint_name(ep), ep, config.redis_password, config.redis_db, reactor,
                                 retry_policy, latency) for ep in config.redis]
@@ -773,7 +778,7 @@ class RedisBridge(MultiService):
                 self._join(f)
         if f.state == "live" or f.state == "away":
             return None
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         f.waiters.append(d)
         return d
 
@@ -835,19 +840,19 @@ class RedisBridge(MultiService):
         for shard, (sub, unsub, psub, punsub, follows, done) in batches.items():
             if unsub or punsub:
                 shard.unsubscribe(unsub, punsub)
-            d = shard.subscribe(sub, psub) if sub or psub else defer.succeed(None)
+            d: defer.Deferred = shard.subscribe(sub, psub) if sub or psub else defer.succeed(None)
             d.addCallbacks(self._joined, self._join_failed, callbackArgs=(follows,), errbackArgs=(follows,))
-            d.addBoth(lambda _, done=done: done.callback(None))
+            d.addBoth(_fire, done)
 
-    def _joined(self, _, follows) -> None:
+    def _joined(self, _, follows: list[_Follow]) -> None:
         for f in follows:
-            if self.following.get(f.name) is f and f.state == "joining":
+            if f.state == "joining" and self.following.get(f.name) is f:
                 self._read(f)
 
-    def _join_failed(self, failure, follows) -> None:
+    def _join_failed(self, failure, follows: list[_Follow]) -> None:
         self.log.warn("pub/sub: could not subscribe in Redis ({error})", error=failure.getErrorMessage())
         for f in follows:
-            if self.following.get(f.name) is f and f.state == "joining":
+            if f.state == "joining" and self.following.get(f.name) is f:
                 self._failed(f)
 
     def _read(self, f: _Follow, held: list | None = None) -> None:
@@ -970,6 +975,10 @@ class RedisBridge(MultiService):
         if not self.broker.receive(ev):
             # not the next one: read the channel again (replay or gap), holding what follows
             self._read(f, [ev])
+
+
+def _fire(_, d: defer.Deferred) -> None:
+    d.callback(None)
 
 
 def _loads(raw: bytes):

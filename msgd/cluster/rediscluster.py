@@ -55,6 +55,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from msgd.cluster.endpoints import address_of, endpoint_for, endpoint_name  # noqa: F401  (endpoint_name: re-exported)
 from msgd.cluster.redis_pubsub import Shard, timed
 
 SLOTS = 16384
@@ -136,72 +137,6 @@ def error_kind(error: Exception) -> str:
     return text.partition(" ")[0]
 
 
-# -- endpoints ---------------------------------------------------------------------------
-
-def _split_endpoint(description: str) -> list[str]:
-    """Split a Twisted endpoint string on unescaped colons (escapes kept)."""
-    parts, cur, i = [], "", 0
-    while i < len(description):
-        c = description[i]
-        if c == "\\" and i + 1 < len(description):
-            cur += description[i:i + 2]
-            i += 2
-            continue
-        if c == ":":
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += c
-        i += 1
-    parts.append(cur)
-    return parts
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def endpoint_for(template: str, host: str, port: int) -> str:
-    """``template`` (a client endpoint string) aimed at ``host``:``port``:
-    its ``host=``/``port=`` (or first two positional) arguments replaced,
-    every other option kept."""
-    parts = _split_endpoint(template)
-    kind, args = parts[0], parts[1:]
-    positional = [i for i, a in enumerate(args) if "=" not in a]
-    keyword = {a.partition("=")[0]: i for i, a in enumerate(args) if "=" in a}
-    out = list(args)
-    for name, value, pos in (("host", _escape(host), 0), ("port", str(port), 1)):
-        if name in keyword:
-            out[keyword[name]] = f"{name}={value}"
-        elif len(positional) > pos:
-            out[positional[pos]] = value
-        else:
-            out.append(f"{name}={value}")
-    return ":".join([kind, *out])
-
-
-def address_of(template: str) -> tuple[str, int]:
-    """The ``(host, port)`` a client endpoint string connects to."""
-    args = _split_endpoint(template)[1:]
-    positional = [a for a in args if "=" not in a]
-    keyword = dict(a.partition("=")[::2] for a in args if "=" in a)
-    host = keyword.get("host", positional[0] if positional else "127.0.0.1")
-    port = keyword.get("port", positional[1] if len(positional) > 1 else "6379")
-    return host.replace("\\:", ":").replace("\\\\", "\\"), int(port)
-
-
-def endpoint_name(description: str) -> str:
-    """What names a Redis server reached through a client endpoint string:
-    ``host:port``, or ``unix:PATH`` for a Unix socket."""
-    parts = _split_endpoint(description.strip())
-    if parts[0] == "unix":
-        args = parts[1:]
-        keyword = dict(a.partition("=")[::2] for a in args if "=" in a)
-        path = keyword.get("path", next((a for a in args if "=" not in a), ""))
-        return "unix:" + path.replace("\\:", ":")
-    return "%s:%d" % address_of(description)
-
-
 # -- the cluster ------------------------------------------------------------------------------
 
 class Node(Shard):
@@ -222,7 +157,7 @@ class Node(Shard):
         waiting up to ``timeout``."""
         if self.connected:
             return defer.succeed(self.command)
-        d = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        d: defer.Deferred = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
         self._waiting.append(d)
         d.addTimeout(timeout, self.reactor)
         return d
@@ -233,6 +168,7 @@ class Node(Shard):
         out = []
         for group in _by_slot(channels):
             self.channels.update(group)
+            assert self.subscriber is not None
             out.append((group, self.subscriber.send("SSUBSCRIBE", group, True)))
         return out
 
@@ -443,7 +379,7 @@ class RedisCluster(MultiService):
             slots[first:last + 1] = [node] * (last - first + 1)
         self.slots = slots
         self.discovered = True
-        self.masters = masters = set(slots) - {None}
+        self.masters = masters = {n for n in slots if n is not None}
         for node in list(self.nodes.values()):
             if node not in masters:
                 self._drop(node)
@@ -484,7 +420,7 @@ class RedisCluster(MultiService):
                 kind = error_kind(e)
                 if kind in ("MOVED", "ASK"):
                     self.redirections[kind] += 1
-                    _, _, host, port = redirect(e)
+                    _, _, host, port = redirect(e)  # type: ignore[misc]   # kind says it is one
                     target = self._node(host or node.host, port)
                     if kind == "MOVED":
                         self.slots[slot] = target
@@ -494,7 +430,7 @@ class RedisCluster(MultiService):
                 elif kind == "NOSCRIPT" and script is not None:
                     yield conn.execute_command("SCRIPT", "LOAD", script.text)
                 elif kind in ("TRYAGAIN", "CLUSTERDOWN"):
-                    pause = defer.Deferred()
+                    pause: defer.Deferred = defer.Deferred()
                     self.reactor.callLater(self.retry_delay * (attempt + 1), pause.callback, None)
                     yield pause
                     node = self.slots[slot]
@@ -516,7 +452,7 @@ class RedisCluster(MultiService):
         waits = []
         for c in channels:
             if c not in self.confirmed:
-                d = defer.Deferred()
+                d: defer.Deferred = defer.Deferred()
                 self._waiters.setdefault(c, []).append(d)
                 waits.append(d)
         new = [c for c in channels if c not in self.channels]
