@@ -79,12 +79,14 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 
 class Server:
-    """A server process (msgd node or reference) pinned to SERVER_CPU."""
+    """A server process (msgd node or reference) pinned to ``cpu`` (SERVER_CPU)."""
 
-    def __init__(self, argv: list, port: int, cwd: str | None = None):
+    def __init__(self, argv: list, port: int, cwd: str | None = None, cpu: str = SERVER_CPU):
         raise_fd_limit()
         self.port = port
-        self.proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=cwd, stdout=subprocess.DEVNULL,
+        # the checkout's code, not whichever msgd the virtualenv has installed
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(pinned(cpu, argv), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         wait_port(port)
         self.pid = self._real_pid()
@@ -134,8 +136,9 @@ def node_in_process(reactor, ini: str, apps: dict | None = None, base: str | Non
     return node
 
 
-def msgd_argv(port: int, extra_ini: str = "") -> tuple[list, str]:
-    """The command line of a benchmark node on ``port`` and its directory."""
+def msgd_argv(port: int, extra_ini: str = "", pubsub: str = "") -> tuple[list, str]:
+    """The command line of a benchmark node on ``port`` and its directory
+    (``pubsub``: more lines of its ``[pubsub]`` section)."""
     base = tempfile.mkdtemp(prefix="msgd-bench-")
     ini = textwrap.dedent(f"""
         [node]
@@ -146,22 +149,23 @@ def msgd_argv(port: int, extra_ini: str = "") -> tuple[list, str]:
 
         [pubsub]
         history_size = 100
+        @PUBSUB@
 
         [interface:web]
         type = http
         endpoint = tcp:{port}:interface=127.0.0.1:backlog=4096
         ws_max_pending = 64MiB
         ws_ping_interval = 0
-        """) + extra_ini
+        """).replace("@PUBSUB@", textwrap.dedent(pubsub).strip()) + extra_ini
     with open(os.path.join(base, "node.ini"), "w") as f:
         f.write(ini)
     return [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"], base
 
 
-def msgd_server(extra_ini: str = "") -> tuple[Server, str]:
+def msgd_server(extra_ini: str = "", pubsub: str = "", cpu: str = SERVER_CPU) -> tuple[Server, str]:
     port = free_port()
-    argv, base = msgd_argv(port, extra_ini)
-    return Server(argv, port, cwd=base), base
+    argv, base = msgd_argv(port, extra_ini, pubsub)
+    return Server(argv, port, cwd=base, cpu=cpu), base
 
 
 def ref_server() -> Server:

@@ -2,7 +2,9 @@
 // "socket.io-client", installed by bench/common.py into .cache/bench-node).  Runs in
 // its own process, pinned to another core than the server; prints one JSON line.
 //
-//   node loadgen.js fanout URL SUBSCRIBERS EVENTS WINDOW PAYLOAD      (JSON-RPC: msgd, raw Autobahn)
+//   node loadgen.js fanout URL SUBSCRIBERS EVENTS WINDOW PAYLOAD [PUBLISHER_URL]
+//                                                                    (JSON-RPC: msgd, raw Autobahn; the
+//                                                                    publisher on another node when given)
 //   node loadgen.js rpc    URL CONNECTIONS INFLIGHT SECONDS
 //   node loadgen.js idle   URL CONNECTIONS HOLD_SECONDS
 //   node loadgen.js connect URL SECONDS CONCURRENCY                   (new sessions per second)
@@ -22,9 +24,9 @@ function pct(sorted, p) { return sorted.length ? sorted[Math.min(sorted.length -
 
 const PROTOCOLS = {
   jsonrpc: () => ({
-    async connect() {
+    async connect(target) {
       const ws = await new Promise((resolve, reject) => {
-        const w = new WebSocket(url, ["jsonrpc"], { perMessageDeflate: false });
+        const w = new WebSocket(target || url, ["jsonrpc"], { perMessageDeflate: false });
         w.on("open", () => resolve(w)); w.on("error", reject);
       });
       const acks = new Map(); let id = 0; let onEvent = () => {};
@@ -105,7 +107,7 @@ async function openMany(proto, n) {
   return out;
 }
 
-async function genericFanout(proto, subscribers, events, window, payload) {
+async function genericFanout(proto, subscribers, events, window, payload, publisherUrl) {
   subscribers = +subscribers; events = +events; window = +window; payload = +payload;
   const pad = "x".repeat(Math.max(0, payload - 40));
   const subs = await openMany(proto, subscribers);
@@ -118,7 +120,7 @@ async function genericFanout(proto, subscribers, events, window, payload) {
     if (++perEvent[d.n] === subscribers) { lastSeen++; publishNext(); }
   }));
   await Promise.all(subs.map((c) => c.subscribe("bench")));
-  const [pub] = await openMany(proto, 1);
+  const pub = publisherUrl ? await proto.connect(publisherUrl) : (await openMany(proto, 1))[0];
   const finished = new Promise((r) => { finish = r; });
   publishNext = () => {
     while (sent < events && sent - lastSeen < window) { sent++; pub.publish("bench", { n: sent, t: performance.now(), p: pad }); }

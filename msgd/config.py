@@ -12,7 +12,7 @@ Sections
 ``[adapter:NAME]``       a client of an external system; ``type=`` picks it
 ``[peer:NAME]``          another node reached over Perspective Broker
 ``[pubsub]``             the pub/sub broker (:class:`PubSubConfig`)
-``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history
+``[channel:PATTERN]``    per-channel-pattern overrides of ``[pubsub]`` history, presence events
 ``[access:NAME]``        an authorization rule (:mod:`msgd.security.rules`)
 
 Relative paths are taken relative to the directory of the ini file, so a node
@@ -31,7 +31,8 @@ from typing import Any, Callable
 from msgd import registry
 from msgd.options import (  # noqa: F401  (re-exported: declarations may import them from here)
     REQUIRED, ConfigError, Invalid, string, nonempty, integer, boolean, duration, optional_duration, size,
-    choice, words, networks, nonempty_words, path, optional_path, server_endpoint, client_endpoint, target,
+    choice, words, networks, nonempty_words, path, optional_path, server_endpoint, client_endpoint,
+    client_endpoints, target,
     _hint, option, Context, parse_section, describe)
 
 # -- parsers of [node] keys ------------------------------------------------------
@@ -97,17 +98,28 @@ class PubSubConfig:
                                doc="events kept per channel for resuming subscribers")
     history_age: float = option(3600.0, parse=duration,
                                 doc="how long events are kept for resuming subscribers")
-    redis: str = option("tcp:host=127.0.0.1:port=6379", parse=client_endpoint,
-                        doc="Redis endpoint when backend=redis")
+    redis: tuple = option(("tcp:host=127.0.0.1:port=6379",), parse=client_endpoints,
+                          doc="Redis endpoint when backend=redis; several (separated by commas or spaces) "
+                              "spread the channels over them by a consistent hash; with cluster = yes, some "
+                              "nodes of the Redis Cluster")
+    cluster: bool = option(False, parse=boolean,
+                           doc="the redis endpoints are nodes of one Redis Cluster (7+: sharded pub/sub)")
     redis_password: str = option("", doc="Redis password when backend=redis")
     redis_db: int = option(0, parse=integer(0), doc="Redis database number when backend=redis")
     prefix: str = option("msgd", parse=nonempty, doc="prefix of the Redis keys and channels used")
+    presence_ttl: float = option(30.0, parse=duration,
+                                 doc="backend=redis: a node's presence entries are refreshed every third of this, "
+                                     "and gone this long after the node stopped refreshing them (died)")
 
 
 @dataclass(frozen=True)
 class ChannelConfig:
     history_size: int | None = option(None, parse=integer(0), doc="overrides [pubsub] history_size")
     history_age: float | None = option(None, parse=duration, doc="overrides [pubsub] history_age")
+    presence_events: bool | None = option(None, parse=boolean,
+                                          doc="tell the channel's subscribers who joins and leaves (rpc.join, "
+                                              "rpc.leave); the first matching section that sets it decides; "
+                                              "default no")
 
 
 @dataclass(frozen=True)
@@ -244,9 +256,24 @@ def parse_text(text: str, path: str = "<string>") -> Config:
         node = parse_section(NodeConfig, {}, ctx, "node", skip=())
     if pubsub is None:
         pubsub = PubSubConfig()
+    _check_pubsub(pubsub, path)
     return Config(path=path, node=node, pubsub=pubsub, channels=tuple(channels),
                   interfaces=tuple(interfaces), adapters=tuple(adapters), peers=tuple(peers),
                   targets=tuple(ctx.targets), access=tuple(access))
+
+
+def _check_pubsub(pubsub: PubSubConfig, path: str) -> None:
+    if "{" in pubsub.prefix or "}" in pubsub.prefix:
+        raise ConfigError(path, "pubsub", "prefix", "must not contain { or } (they make Redis Cluster hash tags)")
+    if pubsub.cluster and pubsub.redis_db:
+        raise ConfigError(path, "pubsub", "redis_db", "a Redis Cluster has only database 0")
+    from msgd.cluster.endpoints import endpoint_name
+    seen: dict[str, str] = {}
+    for ep in pubsub.redis:
+        addr = endpoint_name(ep)
+        if addr in seen:
+            raise ConfigError(path, "pubsub", "redis", f"{seen[addr]!r} and {ep!r} are the same Redis ({addr})")
+        seen[addr] = ep
 
 
 def load(path: str) -> Config:

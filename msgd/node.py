@@ -70,6 +70,8 @@ class NodeService(MultiService):
         self.peers: dict = {}
         self.pubsub = Broker(reactor, config.pubsub.history_size, config.pubsub.history_age,
                              overrides=[(p, c.history_size, c.history_age) for p, c in config.channels],
+                             presence_events=[(p, c.presence_events) for p, c in config.channels
+                                              if c.presence_events is not None],
                              metrics=self.metrics)
         self.started_at = None
         self._apps_loaded = False
@@ -96,7 +98,7 @@ class NodeService(MultiService):
         from msgd.cluster.outbox import Outbox
         state = config.node.state_dir
         n = config.node
-        self.outbox = self.pubsub_bridge = None
+        self.outbox = self.pubsub_bridge = self.presence = None
         if config.peers:
             self.outbox = Outbox(os.path.join(state, "outbox.sqlite"), self.reactor, self.run_blocking,
                                  self.peers, metrics=self.metrics, base_delay=n.outbox_retry_min,
@@ -106,8 +108,21 @@ class NodeService(MultiService):
                 self.peers[name].setServiceParent(self)
         if config.pubsub.backend == "redis":
             from msgd.cluster.redis_pubsub import RedisBridge
-            self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics)
+            shards = None
+            if config.pubsub.cluster:
+                from msgd.cluster.rediscluster import RedisCluster
+                p = config.pubsub
+
+                def shards(bridge, latency):
+                    return [RedisCluster(bridge, "cluster", p.redis, p.redis_password, self.reactor, None, latency)]
+            self.pubsub_bridge = RedisBridge(self.pubsub, config.pubsub, self.reactor, metrics=self.metrics,
+                                             shards=shards)
             self.pubsub_bridge.setServiceParent(self)
+            from msgd.cluster.presence import RedisPresence
+            # added after the bridge, so stopped before it: it removes this node's entries on the way out
+            self.presence = RedisPresence(self.pubsub, self.pubsub_bridge, self.reactor, self.name_,
+                                          ttl=config.pubsub.presence_ttl)
+            self.presence.setServiceParent(self)
 
     def _add(self, table: dict, kind: str, types: dict, comp):
         cls = registry.load(types, comp.type)
@@ -373,7 +388,8 @@ class NodeService(MultiService):
             "adapters": {n: a.describe() for n, a in self.adapters.items()},
             "peers": {n: p.describe() for n, p in self.peers.items()},
             "outbox": self.outbox.describe() if self.outbox is not None else {},
-            "pubsub": self.pubsub_bridge.describe() if self.pubsub_bridge is not None else {"backend": "memory"},
+            "pubsub": dict(self.pubsub_bridge.describe(), presence=self.presence.describe())
+                      if self.pubsub_bridge is not None and self.presence is not None else {"backend": "memory"},
             "modules": {n: {"version": m.version, "file": m.path, "exports": sorted(m.exports)}
                         for n, m in self.apps.modules.items()},
             "load_errors": errors,

@@ -183,6 +183,15 @@ def client_endpoint(value: str, ctx: "Context") -> str:
     return v
 
 
+def client_endpoints(value: str, ctx: "Context") -> tuple[str, ...]:
+    """One or more client endpoint strings, separated by commas and/or
+    whitespace, each checked."""
+    out = nonempty_words(value, ctx)
+    for ep in out:
+        client_endpoint(ep, ctx)
+    return out
+
+
 _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 
 

@@ -14,6 +14,8 @@ its standard port.
 server      environment variable       private instance
 ==========  =========================  ======================================
 Redis       MSGD_TEST_REDIS=host:port  redis-server, no persistence
+Redis       (none: private only)       redis_cluster(): three masters,
+Cluster                                cluster-enabled redis-servers
 LDAP        MSGD_TEST_LDAP=host:port   slapd with a generated slapd.conf
 POP3        (none: needs its users)    dovecot with a passwd-file
 STOMP       MSGD_TEST_STOMP=host:port  the machine's RabbitMQ (rabbitmq_stomp)
@@ -189,6 +191,77 @@ def redis(own: bool = True, tls: tuple = ()) -> Server:
         extra = {"ca": ca["cert"]}
     srv = Server("redis", "127.0.0.1", port, dir=d, own=True, argv=argv, extra=extra)
     return srv.start()
+
+
+def free_bus_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535 and not port_open("127.0.0.1", port + 10000):
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                pass
+    raise RuntimeError("no free port with a free cluster bus port")
+
+
+@dataclass
+class RedisCluster:
+    """A private Redis Cluster: ``nodes`` are its masters (each a
+    :class:`Server` that can be stopped and started again), ``seeds`` their
+    ``host:port``."""
+    nodes: list
+    dir: str
+
+    @property
+    def seeds(self) -> list[str]:
+        return [n.address for n in self.nodes]
+
+    def cli(self, node: "Server", *args: str) -> str:
+        """Run ``redis-cli`` against one node; returns its output."""
+        out = subprocess.run([which("redis-cli"), "-h", node.host, "-p", str(node.port), *args],
+                             check=True, capture_output=True, timeout=30)
+        return out.stdout.decode().strip()
+
+    def cleanup(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_cluster(masters: int = 3, timeout: float = 20.0) -> RedisCluster:
+    """A throwaway Redis Cluster of ``masters`` masters and no replicas, on
+    loopback ports, created with ``redis-cli --cluster create``; returns once
+    every node says ``cluster_state:ok``."""
+    binary, cli = which("redis-server"), which("redis-cli")
+    if binary is None or cli is None:
+        unavailable("redis-server/redis-cli are not installed (Debian package redis-server)")
+    d = tempfile.mkdtemp(prefix="msgd-redis-cluster-")
+    nodes = []
+    cluster = RedisCluster(nodes, d)
+    try:
+        for i in range(masters):
+            nd = os.path.join(d, str(i))
+            os.makedirs(nd)
+            port = free_bus_port()
+            argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
+                    "--cluster-config-file", os.path.join(nd, "nodes.conf"), "--cluster-node-timeout", "2000",
+                    "--save", "", "--appendonly", "no", "--dir", nd, "--daemonize", "no",
+                    "--logfile", os.path.join(nd, "redis.log")]
+            nodes.append(Server("redis-cluster", "127.0.0.1", port, dir=nd, own=True, argv=argv).start())
+        subprocess.run([cli, "--cluster", "create", *cluster.seeds, "--cluster-yes"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        deadline = time.monotonic() + timeout
+        while not all("cluster_state:ok" in cluster.cli(n, "cluster", "info") for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster not ok after {timeout}s")
+            time.sleep(0.05)
+    except BaseException:
+        cluster.cleanup()
+        raise
+    return cluster
 
 
 # -- LDAP ----------------------------------------------------------------------

@@ -147,44 +147,85 @@ class Client:
             m = json.loads(self.ws.recv())
             if m.get("id") == self.ids:
                 return m
-            self.events.append(m["params"])
+            self.events.append(self._params(m))
+
+    @staticmethod
+    def _params(m):
+        """An event's params; a gap notification's with ``"gap": True``."""
+        return dict(m["params"], gap=True) if m["method"] == "rpc.gap" else m["params"]
 
     def event(self):
         if self.events:
             return self.events.pop(0)
-        return json.loads(self.ws.recv())["params"]
+        return self._params(json.loads(self.ws.recv()))
 
     def close(self):
         self.ws.close()
 
 
 class FakeBackend:
-    """Stands in for the Redis bridge: publishes are answered by the test."""
+    """Stands in for the Redis bridge: publishes and joins are answered by the test."""
 
     def __init__(self, broker):
         self.broker = broker
         broker.backend = self
         self.connected = True
         self.published: list = []
-        self.syncs: list = []
-        self._synced: dict = {}
+        self.joins: list = []
+        self.following: set = set()
+        self.live: set = set()
+        self.watching: set = set()
+        self.forks: set = set()
+        self.listings: list = []      # (pattern, Deferred) of channels(pattern)
+        self.reads: list = []         # (name, Deferred) of read(name)
+
+    def available(self, name):
+        return self.connected
 
     def publish(self, name, data):
         d = defer.Deferred()
         self.published.append((name, data, d))
         return d
 
-    def synced(self, name):
-        ch = self.broker.channels.get(name)
-        return ch is not None and self._synced.get(name) is ch
-
-    def unsync(self, name):
-        self._synced.pop(name, None)
-
-    def sync(self, name):
+    def follow(self, name):
+        self.following.add(name)
+        if name in self.live or not self.connected:
+            return None
         d = defer.Deferred()
-        self.syncs.append((name, d))
-        return d.addCallback(lambda state: self._synced.__setitem__(name, self.broker.adopt(name, *state)))
+        self.joins.append((name, d))
+        return d
+
+    def join(self, name, epoch, offset, events):
+        """The shared state arrives (what the bridge does after SUBSCRIBE + read)."""
+        if name in self.following:
+            self.broker.resync(name, epoch, offset, events)
+        self.live.add(name)
+        for n, d in [j for j in self.joins if j[0] == name]:
+            self.joins.remove((n, d))
+            d.callback(None)
+
+    def unfollow(self, name):
+        self.following.discard(name)
+        self.live.discard(name)
+
+    def watch(self, pattern):
+        self.watching.add(pattern)
+
+    def unwatch(self, pattern):
+        self.watching.discard(pattern)
+
+    def forked(self, name):
+        self.forks.add(name)
+
+    def channels(self, pattern):
+        d = defer.Deferred()
+        self.listings.append((pattern, d))
+        return d
+
+    def read(self, name):
+        d = defer.Deferred()
+        self.reads.append((name, d))
+        return d
 
 
 class Sub:
@@ -194,7 +235,7 @@ class Sub:
         self.got = []
 
     def deliver(self, ev):
-        self.got.append((ev.offset, ev.data))
+        self.got.append(("gap", ev.offset) if ev.gap else (ev.offset, ev.data))
 
 
 def shared(offset, data, epoch="E1", channel="c"):
@@ -208,65 +249,117 @@ class BrokerSharingTests(unittest.TestCase):
         self.broker = Broker(task.Clock(), history_size=10, gc_interval=0)
         self.backend = FakeBackend(self.broker)
 
+    def live(self, sub, epoch="E1", offset=0, events=()):
+        d = self.broker.subscribe("c", sub)
+        self.backend.join("c", epoch, offset, list(events))
+        return self.successResultOf(d)
+
     def test_publish_goes_to_the_backend_and_delivery_comes_back(self):
         sub = Sub()
-        self.backend.connected = False
-        self.broker.subscribe("c", sub)
-        self.backend.connected = True
+        self.live(sub, offset=6)
         d = self.broker.publish("c", "x")
         self.assertEqual(sub.got, [])                   # not delivered until it comes back
         self.backend.published[0][2].callback(7)
         self.assertEqual(self.successResultOf(d), 7)
-        self.broker.receive("c", 7, "E1", "x", 0.0)
+        self.assertTrue(self.broker.receive(shared(7, "x")))
         self.assertEqual(sub.got, [(7, "x")])
 
     def test_subscribe_waits_for_the_shared_state_and_replays_in_order(self):
         sub = Sub()
         d = self.broker.subscribe("c", sub, since=3, epoch="E1")
         self.assertNoResult(d)
-        self.broker.receive("c", 6, "E1", "live", 0.0)   # arrives while Redis is being read
-        [(name, sync)] = self.backend.syncs
-        sync.callback(("E1", 5, [shared(4, "four"), shared(5, "five")]))
+        self.backend.join("c", "E1", 5, [shared(4, "four"), shared(5, "five")])
         answer = self.successResultOf(d)
-        self.assertEqual(answer, {"channel": "c", "epoch": "E1", "offset": 6, "recovered": True})
-        self.assertEqual(sub.got, [(4, "four"), (5, "five"), (6, "live")])
-        self.broker.receive("c", 7, "E1", "next", 0.0)
-        self.assertEqual(sub.got[-1], (7, "next"))
-        self.assertTrue(self.backend.synced("c"))
+        self.assertEqual(answer, {"channel": "c", "epoch": "E1", "offset": 5, "recovered": True})
+        self.assertEqual(sub.got, [(4, "four"), (5, "five")])
+        self.broker.receive(shared(6, "next"))
+        self.assertEqual(sub.got[-1], (6, "next"))
 
     def test_other_epoch_is_not_recovered(self):
         d = self.broker.subscribe("c", Sub(), since=3, epoch="OLD")
-        self.backend.syncs[0][1].callback(("E1", 5, [shared(4, "four"), shared(5, "five")]))
+        self.backend.join("c", "E1", 5, [shared(4, "four"), shared(5, "five")])
         self.assertFalse(self.successResultOf(d)["recovered"])
 
-    def test_gap_restarts_local_history(self):
-        self.backend._synced["c"] = self.broker.adopt("c", "E1", 2, [shared(1, "a"), shared(2, "b")])
-        self.broker.receive("c", 5, "E1", "e", 0.0)
-        self.assertFalse(self.backend.synced("c"))
-        self.assertEqual([e.offset for e in self.broker.channels["c"].history], [5])
-
-    def test_outage_publishes_locally_under_a_new_epoch(self):
-        self.broker.adopt("c", "E1", 2, [])
-        self.backend.connected = False
-        self.broker.unshare()
+    def test_no_state_without_subscribers(self):
         sub = Sub()
-        self.successResultOf(self.broker.subscribe("c", sub))
+        self.live(sub, offset=2)
+        self.assertIn("c", self.backend.following)
+        self.broker.unsubscribe("c", sub)
+        self.assertNotIn("c", self.broker.channels)
+        self.assertNotIn("c", self.backend.following)
+        # an event still on its way reaches nobody and leaves nothing behind
+        self.assertTrue(self.broker.receive(shared(3, "late")))
+        self.assertNotIn("c", self.broker.channels)
+
+    def test_leaving_while_joining_unfollows(self):
+        sub = Sub()
+        d = self.broker.subscribe("c", sub)
+        self.broker.unsubscribe("c", sub)
+        self.assertNotIn("c", self.backend.following)
+        self.backend.join("c", "E1", 0, [])
+        self.assertFalse(self.successResultOf(d)["recovered"])
+        self.assertNotIn("c", self.broker.channels)
+
+    def test_a_gap_is_reported_not_repaired_silently(self):
+        sub = Sub()
+        self.live(sub, offset=2)
+        self.assertFalse(self.broker.receive(shared(5, "e")))    # the backend reads the channel again
+        self.assertEqual(sub.got, [])
+        self.assertTrue(self.broker.receive(shared(5, "e"), force=True))
+        self.assertEqual(sub.got, [("gap", 4), (5, "e")])
+
+    def test_resync_replays_what_history_covers(self):
+        sub = Sub()
+        self.live(sub, offset=2)
+        self.broker.resync("c", "E1", 4, [shared(2, "b"), shared(3, "c"), shared(4, "d")])
+        self.assertEqual(sub.got, [(3, "c"), (4, "d")])
+
+    def test_resync_without_the_history_is_a_gap(self):
+        sub = Sub()
+        self.live(sub, offset=2)
+        self.broker.resync("c", "E1", 9, [shared(8, "h"), shared(9, "i")])
+        self.assertEqual(sub.got, [("gap", 7), (8, "h"), (9, "i")])      # what there is, after the gap
+        self.broker.resync("c", "E2", 1, [shared(1, "a", epoch="E2")])    # Redis lost the channel
+        self.assertEqual(sub.got[3:], [("gap", 0), (1, "a")])
+        self.assertEqual(self.broker.channels["c"].epoch, "E2")
+
+    def test_outage_publishes_locally_under_a_new_epoch_announced_first(self):
+        sub = Sub()
+        self.live(sub, offset=2)
+        self.backend.connected = False
         self.assertEqual(self.successResultOf(self.broker.publish("c", "alone")), 3)
-        self.assertEqual(sub.got, [(3, "alone")])
+        self.assertEqual(sub.got, [("gap", 2), (3, "alone")])
         self.assertNotEqual(self.broker.channels["c"].epoch, "E1")
+        self.assertEqual(self.backend.forks, {"c"})
+        # back: Redis has what others published meanwhile: replayed after the local ones
+        self.backend.connected = True
+        self.broker.resync("c", "E1", 3, [shared(3, "elsewhere")])
+        self.assertEqual(sub.got[2:], [("gap", 2), (3, "elsewhere")])    # the local epoch ends, said so
+        self.assertEqual(self.broker.channels["c"].epoch, "E1")
 
     def test_failed_shared_publish_is_delivered_here(self):
         sub = Sub()
-        self.backend.connected = False
-        self.broker.subscribe("c", sub)
-        self.backend.connected = True
+        self.live(sub, offset=0)
         d = self.broker.publish("c", "x")
         self.backend.published[0][2].errback(ConnectionError("lost"))
         self.assertEqual(self.successResultOf(d), 1)
-        self.assertEqual(sub.got, [(1, "x")])
+        self.assertEqual(sub.got, [("gap", 0), (1, "x")])
+
+    def test_patterns_are_watched_while_they_have_subscribers(self):
+        sub = Sub()
+        self.broker.subscribe("n.*", sub)
+        self.assertEqual(self.backend.watching, {"n.*"})
+        self.broker.receive(shared(4, "x", channel="n.a"))
+        self.assertEqual(sub.got, [(4, "x")])
+        self.assertEqual(self.broker.channels, {})
+        self.broker.pattern_gap()
+        self.assertEqual(sub.got[-1], ("gap", 0))
+        self.broker.unsubscribe("n.*", sub)
+        self.assertEqual(self.backend.watching, set())
 
 
-class ClusterTests(unittest.TestCase):
+class NodesCase(unittest.TestCase):
+    """Real node processes (and a private Redis), stopped after the test."""
 
     def setUp(self):
         self.nodes: list[NodeProcess] = []
@@ -289,6 +382,9 @@ class ClusterTests(unittest.TestCase):
     def run_scenario(self, fn):
         self.base = os.path.abspath(self.mktemp())
         return deferToThread(fn)
+
+
+class ClusterTests(NodesCase):
 
     # -- three nodes -----------------------------------------------------------------
 
@@ -421,13 +517,21 @@ class ClusterTests(unittest.TestCase):
         for i in range(20):                    # traffic while Redis is away
             publish(a, "news", f"local-{i}")
             publish(b, "news", f"b-alone-{i}")
+        # delivered here, after a gap notification: what B publishes no longer arrives
+        self.assertTrue(client.event().get("gap"))
         self.assertEqual([client.event()["data"] for _ in range(20)], [f"local-{i}" for i in range(20)])
 
         self.redis.start()
         for n in (a, b):
             wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="reconnected to Redis")
         publish(b, "news", "after")
-        self.assertEqual(client.event()["data"], "after")
+        # Redis came back empty: the channel goes on under a new epoch, announced by gap
+        # notifications (A's resync, and the gap markers A and B publish for their lone events)
+        got = []
+        while not got or got[-1].get("data") != "after":
+            got.append(client.event())
+        self.assertTrue(got[0].get("gap"))
+        self.assertTrue(all(e.get("gap") for e in got[:-1]), got)
         self.assertEqual(health(a)["status"], "ok")
         self.assertIsNone(a.proc.poll())
         self.assertIsNone(b.proc.poll())

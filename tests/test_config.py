@@ -170,3 +170,29 @@ class DocsTests(unittest.TestCase):
             start = doc.index(marker)
             for key, _default, _doc in config.describe(cls):
                 self.assertIn(f"``{key}``", doc[start:], f"{marker}: key {key} is not documented")
+
+
+class PubSubRedisTests(unittest.TestCase):
+    """[pubsub] redis takes several endpoints (shards) or a Redis Cluster's seeds."""
+
+    def pubsub(self, text):
+        return parse_text("[pubsub]\nbackend = redis\n" + text).pubsub
+
+    def test_one_or_several_endpoints(self):
+        self.assertEqual(self.pubsub("").redis, ("tcp:host=127.0.0.1:port=6379",))
+        self.assertEqual(self.pubsub("redis = tcp:host=a:port=1, tcp:host=b:port=2\n  tcp:host=c:port=3\n").redis,
+                         ("tcp:host=a:port=1", "tcp:host=b:port=2", "tcp:host=c:port=3"))
+        self.assertTrue(self.pubsub("cluster = yes\n").cluster)
+
+    def test_mistakes(self):
+        for text, key, words in (
+                ("redis = tcp:host=a:port=1 tcp:port=1:host=a\n", "redis", "the same Redis (a:1)"),
+                ("redis = unix:path=/r.sock unix:/r.sock\n", "redis", "the same Redis (unix:/r.sock)"),
+                ("redis = tcp:host=a:port=1, bogus\n", "redis", "not a client endpoint"),
+                ("redis = ,\n", "redis", "at least one"),
+                ("prefix = app{1}\n", "prefix", "must not contain {"),
+                ("cluster = yes\nredis_db = 3\n", "redis_db", "only database 0")):
+            with self.assertRaises(ConfigError) as cm:
+                self.pubsub(text)
+            self.assertEqual((cm.exception.section, cm.exception.key), ("pubsub", key), text)
+            self.assertIn(words, str(cm.exception))

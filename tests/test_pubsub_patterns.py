@@ -133,23 +133,160 @@ class PatternResumeTests(unittest.TestCase):
 
 
 class SharedPatternResumeTests(unittest.TestCase):
-    """With a shared backend, every matched channel's shared state is read
-    before the pattern answers, as for a channel."""
+    """With a shared backend, channels matched only by a pattern keep no
+    state here: a pattern's resume lists the matched channels in the backend
+    and reads each one (a channel followed here gives its state here), then
+    replays; events arriving meanwhile are held and taken once after."""
 
     def setUp(self):
         self.broker = Broker(task.Clock(), history_size=10, gc_interval=0)
         self.backend = FakeBackend(self.broker)
 
-    def test_matched_channels_synced_then_replayed(self):
-        self.broker.receive("a.x", 5, "E1", "live", 0.0)      # known here, not synced
+    def follow(self, name, epoch, offset, events=()):
         sub = Sub()
-        d = self.broker.subscribe("a.*", sub, since={"a.x": 3, "a.y": 1}, epoch={"a.x": "E1", "a.y": "E2"})
+        d = self.broker.subscribe(name, sub)
+        self.backend.join(name, epoch, offset, list(events))
+        self.successResultOf(d)
+        return sub
+
+    def reads(self):
+        return dict(self.backend.reads)
+
+    def test_matched_channels_read_then_replayed(self):
+        self.follow("a.f", "E0", 2, [shared(1, "one", "E0", "a.f"), shared(2, "two", "E0", "a.f")])
+        sub = Sub()
+        d = self.broker.subscribe("a.*", sub, since={"a.x": 3, "a.f": 1, "a.y": 1},
+                                  epoch={"a.x": "E1", "a.f": "E0", "a.y": "E2"})
+        self.assertEqual(self.backend.watching, {"a.*"})
+        [(pattern, listing)] = self.backend.listings
+        self.assertEqual(pattern, "a.*")
+        listing.callback(["a.x", "a.new"])                  # a.new: begun while the client was away
+        self.assertEqual(set(self.reads()), {"a.x", "a.y", "a.new"})    # a.f is followed: its state here
         self.assertNoResult(d)
-        syncs = dict(self.backend.syncs)
-        self.assertEqual(set(syncs), {"a.x", "a.y"})
-        syncs["a.x"].callback(("E1", 5, [shared(4, "four", channel="a.x"), shared(5, "five", channel="a.x")]))
-        syncs["a.y"].callback(("E2", 2, [shared(2, "two", channel="a.y")]))
+        self.broker.receive(shared(5, "five", channel="a.x"))            # pushed while reading: held
+        self.broker.receive(shared(6, "six", channel="a.x"))
+        self.assertEqual(sub.got, [])
+        reads = self.reads()
+        reads["a.x"].callback(("E1", 5, [shared(4, "four", channel="a.x"), shared(5, "five", channel="a.x")]))
+        reads["a.y"].callback(("E2", 2, [shared(2, "two", "E2", "a.y")]))
+        reads["a.new"].callback(("E3", 1, [shared(1, "first", "E3", "a.new")]))
         answer = self.successResultOf(d)
         self.assertTrue(answer["recovered"])
-        self.assertEqual(sorted(sub.got), [("a.x", 4), ("a.x", 5), ("a.y", 2)])
-        self.assertEqual(answer["offset"], {"a.x": 5, "a.y": 2})
+        self.assertEqual(sorted(sub.got[:-1]), [("a.f", 2), ("a.new", 1), ("a.x", 4), ("a.x", 5), ("a.y", 2)])
+        self.assertEqual(sub.got[-1], ("a.x", 6))           # the held one after the replay, five once
+        self.assertEqual(answer["offset"], {"a.f": 2, "a.x": 6, "a.y": 2, "a.new": 1})
+        self.broker.receive(shared(7, "seven", channel="a.x"))     # live from now on
+        self.assertEqual(sub.got[-1], ("a.x", 7))
+        self.assertEqual(self.broker.patterns["a.*"], {sub})
+        self.assertNotIn("a.x", self.broker.channels)             # no state kept for it
+
+    def test_a_channel_that_cannot_be_read_is_not_recovered(self):
+        sub = Sub()
+        d = self.broker.subscribe("a.*", sub, since={"a.x": 3}, epoch={"a.x": "E1"})
+        self.backend.listings[0][1].callback(["a.x"])
+        self.reads()["a.x"].errback(ConnectionError("Redis is not connected"))
+        self.assertFalse(self.successResultOf(d)["recovered"])
+
+    def test_channels_that_cannot_be_listed_are_not_recovered(self):
+        # a channel begun while the client was away may be missed: said so
+        d = self.broker.subscribe("a.*", Sub(), since={}, epoch={})
+        self.backend.listings[0][1].errback(ConnectionError("Redis is not connected"))
+        self.assertFalse(self.successResultOf(d)["recovered"])
+
+    def test_a_channel_whose_shard_is_away_is_not_recovered(self):
+        self.backend.connected = False
+        d = self.broker.subscribe("a.*", Sub(), since={"a.x": 3}, epoch={"a.x": "E1"})
+        self.backend.listings[0][1].callback([])
+        self.assertEqual(self.backend.reads, [])
+        self.assertFalse(self.successResultOf(d)["recovered"])
+
+    def test_another_epoch_is_not_recovered(self):
+        d = self.broker.subscribe("a.*", Sub(), since={"a.x": 3}, epoch={"a.x": "E1"})
+        self.backend.listings[0][1].callback(["a.x"])
+        self.reads()["a.x"].callback(("E9", 5, [shared(5, "five", "E9", "a.x")]))
+        self.assertFalse(self.successResultOf(d)["recovered"])
+
+    def test_unsubscribed_while_reading(self):
+        sub = Sub()
+        d = self.broker.subscribe("a.*", sub, since={"a.x": 3}, epoch={"a.x": "E1"})
+        self.assertTrue(self.broker.unsubscribe("a.*", sub))
+        self.assertNotIn("a.*", self.broker.patterns)
+        self.assertEqual(self.backend.watching, set())
+        self.backend.listings[0][1].callback(["a.x"])
+        self.reads()["a.x"].callback(("E1", 4, [shared(4, "four", channel="a.x")]))
+        self.assertFalse(self.successResultOf(d)["recovered"])
+        self.assertEqual(sub.got, [])
+        self.assertNotIn("a.*", self.broker.patterns)
+
+    def test_a_forgotten_channel_is_no_longer_matched(self):
+        self.broker.subscribe("a.*", Sub())
+        sub = self.follow("a.f", "E0", 1, [shared(1, "one", "E0", "a.f")])
+        self.assertEqual(list(self.broker._matched["a.*"]), ["a.f"])
+        self.broker.unsubscribe("a.f", sub)
+        self.assertNotIn("a.f", self.broker.channels)
+        self.assertEqual(list(self.broker._matched["a.*"]), [])
+        self.assertEqual(self.successResultOf(self.broker.subscribe("a.*", Sub()))["offset"], {})
+
+    def test_refused_in_cluster_mode(self):
+        self.backend.no_patterns = "no patterns here"
+        with self.assertRaises(errors.InvalidParams):
+            self.broker.subscribe("a.*", Sub())
+
+
+class RedisPatternResumeTests(test_cluster.NodesCase):
+    """A pattern resumed on another node process over a real Redis: every
+    matched channel replayed from the positions held (the node keeps no
+    state for them), or ``recovered: false``."""
+
+    def test_pattern_resumed_on_another_node(self):
+        return self.run_scenario(self._resumed_on_another_node)
+
+    def _resumed_on_another_node(self):
+        from tests import servers
+        from tests.servers import free_port
+        from tests.test_cluster import Client, health, publish, wait_for
+        self.redis = servers.redis()
+        a = self.node("a", free_port(), self.redis)
+        b = self.node("b", free_port(), self.redis)
+        for n in (a, b):
+            n.start()
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], what=f"{n.base} connected to Redis")
+        publish(b, "a.x", "x1")
+        client = Client(a)
+        answer = client.call("rpc.subscribe", {"channel": "a.*"})["result"]
+        self.assertEqual(answer["offset"], {})       # A follows no channel: positions come with the events
+        held_offset, held_epoch = {}, {}
+
+        def take(ev):
+            held_offset[ev["channel"]], held_epoch[ev["channel"]] = ev["offset"], ev["epoch"]
+            return ev["channel"], ev["data"]
+        publish(b, "a.x", "x2")
+        publish(b, "a.{y}", "y1")
+        publish(a, "end.0", "-")
+        self.assertEqual([take(client.event()) for _ in range(2)], [("a.x", "x2"), ("a.{y}", "y1")])
+        client.close()
+
+        # while away: a.x and a.{y} go on, a.new begins, b.z is not matched
+        publish(b, "a.x", "x3")
+        publish(a, "a.new", "n1")
+        publish(b, "a.{y}", "y2")
+        publish(b, "b.z", "z")
+        publish(a, "a.x", "x4")
+        again = Client(b)                   # B has never seen these channels
+        answer = again.call("rpc.subscribe", {"channel": "a.*", "since": held_offset, "epoch": held_epoch})
+        answer = answer["result"]
+        self.assertTrue(answer["recovered"], answer)
+        self.assertEqual([(e["channel"], e["data"]) for e in again.events],
+                         [("a.x", "x3"), ("a.new", "n1"), ("a.{y}", "y2"), ("a.x", "x4")])
+        self.assertEqual(answer["offset"], {"a.x": 4, "a.{y}": 2, "a.new": 1})
+        again.events.clear()
+        publish(a, "a.new", "n2")           # live from there
+        self.assertEqual(again.event()["data"], "n2")
+        again.close()
+
+        # a position the history cannot vouch for (another epoch): said so
+        third = Client(a)
+        r = third.call("rpc.subscribe", {"channel": "a.*", "since": {"a.x": 1}, "epoch": {"a.x": "0" * 12}})
+        self.assertFalse(r["result"]["recovered"])
+        third.close()

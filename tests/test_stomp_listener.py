@@ -496,6 +496,16 @@ class SessionTests(unittest.TestCase):
         f = frames_of(b"".join(self.out[written:]))[0]
         self.assertEqual((f.get("destination"), f.get("subscription")), ("/topic/news.sport", "2"))
 
+    def test_a_gap_is_a_message_saying_so(self):
+        from msgd.core.pubsub import Event
+        self.session()
+        written = len(self.out)
+        ch = self.node.pubsub.channels["c"]
+        self.node.pubsub.deliver(Event("c", 7, "E2", None, 0.0, gap=True), ch)
+        f = frames_of(b"".join(self.out[written:]))[0]
+        self.assertEqual((f.command, f.get("msgd-gap"), f.get("msgd-offset"), f.get("msgd-epoch"), f.body),
+                         ("MESSAGE", "true", "7", "E2", b""))
+
     def test_connection_lost_unsubscribes(self):
         s = self.session()
         self.assertEqual(self.node.pubsub.presence("c")["count"], 1)

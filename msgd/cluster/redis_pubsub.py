@@ -1,38 +1,102 @@
 """``[pubsub] backend = redis``: channels shared by every node through Redis.
 
-Per channel, Redis holds (keys under ``[pubsub] prefix``)::
+Keys and events
+---------------
 
-    PREFIX:ch:NAME:epoch     the channel's epoch (set once, by whoever comes first)
-    PREFIX:ch:NAME:offset    INCR'd for every event: the shared offset
-    PREFIX:ch:NAME:history   a list of the last history_size events (JSON)
+Every key and the pub/sub channel of one msgd channel ``NAME`` sit under
+one Redis Cluster hash tag, so that they live on one shard (a Lua script
+may touch them all, and ``SPUBLISH`` from that script is allowed)::
 
-A publish on any node runs one Lua script: assign the next offset, append
-the event to the history (trimmed), and PUBLISH it on ``PREFIX:events``.
-Every node — the publishing one included — delivers what arrives on that
-Redis channel to its local subscribers, so each subscriber sees every event
-once and in offset order.  The keys expire when a channel has had no event
-for ``history_age`` plus a day; a channel that comes back then gets a new
-epoch (its resuming clients are told ``recovered: false``, as the contract
-says).
+    PREFIX:{TAG}:epoch     the channel's epoch (set once, by whoever comes first)
+    PREFIX:{TAG}:offset    INCR'd for every event: the shared offset
+    PREFIX:{TAG}:history   a list of the last history_size events (JSON)
+    PREFIX:{TAG}:ev        the Redis pub/sub channel carrying its events
 
-Resuming: a node that has not followed a channel from its start asks Redis
-for its epoch, offset and history before it answers a subscribe
-(:meth:`RedisBridge.sync`), so a client that reconnects to another node with
-``since``/``epoch`` gets exactly what it missed.
+``TAG`` is ``NAME`` with ``%``, ``{`` and ``}`` written ``%25``, ``%7B`` and
+``%7D`` (:func:`tag`), so that the tag is the whole name, never empty and
+never cut short.  (The key names of msgd before interest routing —
+``PREFIX:ch:NAME:*`` and ``PREFIX:events`` — are not read: channels start
+afresh, resuming clients are told ``recovered: false`` once.)
 
-Outage: when either Redis connection is lost, the node goes on alone —
-publishes are delivered locally under a fresh local epoch (so no offset
-assigned meanwhile can pass for a shared one), ``/health`` says
-``degraded`` with ``pubsub.connected: false``, and the ClientServices
-reconnect with back-off.  Once both connections are back, sharing resumes;
-events published elsewhere during the outage are not replayed, and clients
-resuming across the outage are told ``recovered: false``.
+A publish on any node runs one Lua script (``EVALSHA``; its text is loaded
+with ``SCRIPT LOAD`` when a connection is made, and again on ``NOSCRIPT``):
+assign the next offset, append the event to the history (trimmed), and
+publish it on the channel's ``:ev`` channel.  Publishes are not waited for
+one by one: every command of a reactor turn leaves in one write.
+
+Interest routing
+----------------
+
+A node receives only the events of channels and patterns it has local
+subscribers for: it ``SUBSCRIBE``\\ s to ``PREFIX:{TAG}:ev`` when the first
+local subscriber of ``NAME`` arrives and ``UNSUBSCRIBE``\\ s when the last
+one leaves (both batched: one command per reactor turn and shard).  It keeps
+no state for a channel without local subscribers: a node that only
+publishes keeps nothing, the offset comes from Redis.
+
+A pattern subscription (``news.*``, fnmatch semantics) ``PSUBSCRIBE``\\ s
+every shard to the Redis glob :func:`redis_pattern` makes of it: the
+pattern's literal characters escaped (and ``%{}`` written as in tags), every
+wildcard (``*``, ``?``, ``[...]``) made ``*``.  That glob matches the
+``:ev`` channel of every name the pattern matches, and possibly a few more
+(``?`` may match ``%7B``); the broker then delivers an event only to the
+patterns that match its channel by fnmatch — so what a pattern subscriber
+gets is exact.  One publish reaching a node both as ``message`` and as
+``pmessage`` (the node follows the channel and a matching pattern) arrives
+as consecutive identical pushes on one connection, and is taken once.
+
+A pattern's resume (``since``/``epoch`` objects by channel) needs the
+state of channels the node may keep nothing of: the broker asks for the
+names of the channels in Redis that the pattern matches
+(:meth:`RedisBridge.channels`: ``SCAN`` of the shards' ``PREFIX:{...}:offset``
+keys matching the pattern's glob, then fnmatch) and reads each one once
+(:meth:`RedisBridge.read`: the channel-join script, without following the
+channel), after the pattern's ``PSUBSCRIBE`` is confirmed; what arrives
+meanwhile is held and taken once after the replay.
+
+Joining a channel: a subscribe waits until Redis confirmed the ``SUBSCRIBE``
+and the node has read the channel's epoch, offset and history (events that
+arrive meanwhile are held and applied after), so resuming with
+``since``/``epoch`` on any node gets exactly what was missed, or
+``recovered: false``.  Events arrive in offset order; one that does not
+follow the last one (a push lost with a connection, an epoch changed in
+Redis) makes the node read the channel again: subscribers get the missed
+events from the history, or a gap notification (:mod:`msgd.core.pubsub`).
+
+Outage
+------
+
+When a shard's connection is lost, the node goes on alone for the channels
+on that shard: publishes are delivered locally, under a fresh local epoch
+announced to the channel's subscribers by a gap notification first (events
+published elsewhere no longer reach them).  ``/health`` says ``degraded``
+with ``pubsub.connected: false``; the ClientServices reconnect with back-off.
+When the shard is back, the node subscribes again and resynchronises each
+channel it serves: subscribers still connected get the events they missed
+when the shard's history covers them, else a gap notification; pattern
+subscribers get a gap notification for their pattern.  For each channel it
+published on alone, it publishes a *gap marker* through the shard, so that
+subscribers on every other node learn that events were published that they
+never got (and resuming clients meet it in the history).
+
+Shards
+------
+
+Everything per channel goes through the :class:`Shard` that
+:meth:`RedisBridge.shard_for` picks for its name (today there is one).  See
+:class:`Shard` for what the bridge needs of one.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+from functools import partial
 import json
+import re
+from collections import deque
 
+import orjson
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
@@ -42,13 +106,28 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from msgd.core.jsonrpc import dumps
-from msgd.core.pubsub import Event, new_epoch
+from msgd.cluster.endpoints import endpoint_name
+from msgd.cluster.hashing import Rendezvous
+from msgd.core.pubsub import Event, new_epoch, presence_notice
 
-PUBLISH = """
+
+class Script:
+    """A Lua script run by its SHA1 (``EVALSHA``)."""
+
+    def __init__(self, text: str):
+        self.text = text.strip().encode()
+        self.sha = hashlib.sha1(self.text).hexdigest()
+
+
+# KEYS: epoch, offset, history.  ARGV: new epoch, channel (JSON), data (JSON), time,
+# history size, ttl, pub/sub channel, extra JSON fields ('' or ',"g":1' for a gap marker),
+# publish command (PUBLISH or SPUBLISH)
+PUBLISH = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 local epoch = redis.call('GET', KEYS[1])
 local offset = redis.call('INCR', KEYS[2])
-local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ',"d":' .. ARGV[3] .. '}'
+local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8]
+  .. ',"d":' .. ARGV[3] .. '}'
 local size = tonumber(ARGV[5])
 if size > 0 then
   redis.call('RPUSH', KEYS[3], ev)
@@ -57,34 +136,255 @@ if size > 0 then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-redis.call('PUBLISH', ARGV[7], ev)
+redis.call(ARGV[9], ARGV[7], ev)
 return offset
-"""
+""")
 
-SYNC = """
+# KEYS: epoch, offset, history.  ARGV: new epoch, ttl
+SYNC = Script("""
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) or '0', redis.call('LRANGE', KEYS[3], 0, -1)}
-"""
+""")
+
+# KEYS: a key of the channel (for a Redis Cluster to route by).  ARGV: pub/sub channel, message,
+# publish command (PUBLISH or SPUBLISH)
+ANNOUNCE = Script("""
+return redis.call(ARGV[3], ARGV[1], ARGV[2])
+""")
+
+# ARGV: cursor, glob, count.  One SCAN step (the bridge goes on until the cursor is 0)
+SCAN = Script("""
+return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+""")
+
+SCRIPTS = [PUBLISH, SYNC, ANNOUNCE, SCAN]      # loaded on every connection (presence adds its own)
 
 
-class _Command(txredisapi.RedisProtocol):
+# -- names ------------------------------------------------------------------------------
+
+def tag(name: str) -> str:
+    """``name`` as the hash tag of its keys: ``%``, ``{``, ``}`` escaped."""
+    if "%" in name or "{" in name or "}" in name:
+        return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return name
+
+
+def untag(text: str) -> str:
+    """The inverse of :func:`tag`."""
+    return _ESCAPED.sub(lambda m: _UNESCAPE[m.group(1)], text) if "%" in text else text
+
+
+_ESCAPED = re.compile(r"%(25|7B|7D)")
+_UNESCAPE = {"25": "%", "7B": "{", "7D": "}"}
+
+
+def redis_pattern(prefix: str, pattern: str) -> str:
+    """The Redis glob matching the ``:ev`` channel of every name that the
+    fnmatch ``pattern`` matches (and maybe more: see the module docstring)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c in "*?[":
+            if c == "[":       # a class as fnmatch reads it: [!...] / []...] up to the next ]
+                j = i + 1
+                if j < n and pattern[j] == "!":
+                    j += 1
+                if j < n and pattern[j] == "]":
+                    j += 1
+                while j < n and pattern[j] != "]":
+                    j += 1
+                if j < n:
+                    i = j      # skip the class; with no closing ] the [ alone is covered by *
+            if not out or out[-1] != "*":
+                out.append("*")
+        else:
+            t = tag(c)
+            out.append("\\" + t if t in ("\\", "]") else t)
+        i += 1
+    return f"{prefix}:{{{''.join(out)}}}:ev"
+
+
+# -- Redis protocol --------------------------------------------------------------------
+
+_INCOMPLETE = object()
+
+
+def _reply(buf: bytes, pos: int):
+    """One RESP2 reply at ``pos``: ``(value, next position)``, or
+    ``(_INCOMPLETE, pos)``.  Bulk strings stay bytes."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return _INCOMPLETE, pos
+    kind = buf[pos]
+    if kind == 36:                                  # $ bulk string
+        size = int(buf[pos + 1:end])
+        if size < 0:
+            return None, end + 2
+        stop = end + 2 + size
+        if len(buf) < stop + 2:
+            return _INCOMPLETE, pos
+        return buf[end + 2:stop], stop + 2
+    if kind == 42:                                  # * array
+        count = int(buf[pos + 1:end])
+        if count < 0:
+            return None, end + 2
+        items, p = [], end + 2
+        for _ in range(count):
+            item, p = _reply(buf, p)
+            if item is _INCOMPLETE:
+                return _INCOMPLETE, pos
+            items.append(item)
+        return items, p
+    if kind == 58:                                  # : integer
+        return int(buf[pos + 1:end]), end + 2
+    if kind == 43:                                  # + status
+        return buf[pos + 1:end].decode(), end + 2
+    if kind == 45:                                  # - error
+        text = buf[pos + 1:end].decode(errors="replace")
+        return txredisapi.ResponseError(text[4:] if text.startswith("ERR ") else text), end + 2
+    raise txredisapi.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
+
+
+class RedisProtocol(txredisapi.BaseRedisProtocol):
+    """txredisapi's protocol (its commands, its AUTH/SELECT on connect)
+    reading every complete reply of a read at once — its own reader hands
+    over one bulk string per reactor turn, so events from Redis would each
+    cost a turn — with a lean command path: a command is written at once
+    (those of one reactor turn leave in one write) and its reply fires one
+    Deferred (an error reply errbacks it).  Bulk strings are bytes."""
+
+    def __init__(self, password=None, dbid=None):
+        super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
+        self._buf = b""
+        self._replies: deque = deque()
+
+    def execute_command(self, *args, **kwargs) -> defer.Deferred:
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        d: defer.Deferred = defer.Deferred()
+        self._replies.append(d)
+        return d
+
+    def replyReceived(self, reply):
+        if not self._replies:
+            raise txredisapi.InvalidResponse("a reply to no command")
+        d = self._replies.popleft()
+        if isinstance(reply, Exception):
+            d.errback(reply)
+        else:
+            d.callback(reply)
+
+    def _build_command(self, *args, **kwargs) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                a = a.encode()
+            elif isinstance(a, float):
+                a = format(a, "f").encode()
+            elif not isinstance(a, bytes):
+                a = str(a).encode() if not isinstance(a, bytearray) else bytes(a)
+            out += (b"$%d\r\n" % len(a), a, b"\r\n")
+        return b"".join(out)
+
+    def dataReceived(self, data, unpause=False):
+        buf = self._buf + data if self._buf else data
+        pos, n = 0, len(buf)
+        try:
+            while pos < n:
+                value, pos = _reply(buf, pos)
+                if value is _INCOMPLETE:
+                    break
+                self.replyReceived(value)
+        except (ValueError, IndexError, txredisapi.InvalidResponse) as e:   # not Redis speaking
+            self._buf = b""
+            self.factory.shard.log.error("pub/sub: bad reply from Redis ({error}); reconnecting", error=str(e))
+            self.transport.loseConnection()
+            return
+        self._buf = buf[pos:] if pos < n else b""
+
     def connectionLost(self, why):
+        # the shard hears of it before the pending commands fail, so that a publish
+        # falling back to local delivery finds the shard down
+        self.factory.shard.lost(self.factory.kind, why)
+        replies, self._replies = self._replies, deque()
         super().connectionLost(why)
-        self.factory.bridge.lost("command", why)
+        for d in replies:
+            d.errback(txredisapi.ConnectionError("Redis connection lost"))
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern, channel, message):
-        self.factory.bridge.message(message)
+_CONFIRMS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
+                       b"sunsubscribe"))
+
+
+class SubscriberProtocol(RedisProtocol):
+    """The pub/sub side: pushes go to the shard; (un)subscribe confirmations
+    (one per channel or pattern) complete the command that named them.  A
+    Redis Cluster node also ends shard-channel subscriptions by itself when
+    their slot moves: an ``sunsubscribe`` no command asked for, which goes to
+    ``shard.dropped``."""
+
+    def __init__(self, password=None, dbid=None):
+        super().__init__(password, dbid)
+        self._expected: deque = deque()    # [kind, names not confirmed yet, Deferred], in command order
+        self._last = None
+
+    def replyReceived(self, reply):
+        if type(reply) is list and reply:
+            kind = reply[0]
+            if kind == b"message" or kind == b"smessage":
+                self._push(reply[1], reply[2])
+                return
+            if kind == b"pmessage":
+                self._push(reply[2], reply[3])
+                return
+            if type(kind) is bytes and kind in _CONFIRMS:
+                name = reply[1]
+                for entry in self._expected:
+                    if entry[0] == kind and name in entry[1]:
+                        entry[1].discard(name)
+                        if not entry[1]:
+                            self._expected.remove(entry)
+                            if entry[2] is not None:
+                                entry[2].callback(None)
+                        return
+                if kind == b"sunsubscribe" and name is not None:
+                    self.factory.shard.dropped(name.decode())
+                return
+        elif isinstance(reply, Exception) and self._expected:
+            head = self._expected.popleft()       # the whole command failed
+            if head[2] is not None:
+                head[2].errback(reply)
+            return
+        super().replyReceived(reply)
+
+    def _push(self, channel, payload):
+        # one publish seen through a channel and patterns: identical consecutive pushes
+        if payload == self._last:
+            return
+        self._last = payload
+        self.factory.shard.pushed(channel, payload)
+
+    def send(self, command: str, names, wait: bool):
+        """``command`` with ``names``; a Deferred firing once every name is
+        confirmed when ``wait``, else None."""
+        d: defer.Deferred | None = defer.Deferred() if wait else None
+        self._expected.append([command.lower().encode(), {n.encode() for n in names}, d])
+        self.transport.write(self._build_command(command, *names))
+        return d
 
     def connectionLost(self, why):
+        expected, self._expected = self._expected, deque()
         super().connectionLost(why)
-        self.factory.bridge.lost("subscriber", why)
+        for _, _, d in expected:
+            if d is not None:
+                d.errback(ConnectionError("Redis connection lost"))
 
 
 class _Factory(Factory):
-    """Builds txredisapi protocols outside txredisapi's own pools (whose
-    methods the protocols call)."""
+    """Builds the protocols outside txredisapi's own pools (whose methods
+    the protocols call)."""
 
     isLazy = False
 
@@ -92,12 +392,12 @@ class _Factory(Factory):
         def put(self, conn):
             pass
 
-    def __init__(self, bridge, protocol, password, db):
-        self.bridge, self.protocol, self.password, self.db = bridge, protocol, password, db
+    def __init__(self, shard, kind, protocol):
+        self.shard, self.kind, self.protocol = shard, kind, protocol
         self.connectionQueue = self._NoQueue()
 
     def buildProtocol(self, addr):
-        p = self.protocol(password=self.password or None, dbid=self.db or None, convertNumbers=False)
+        p = self.protocol(password=self.shard.password or None, dbid=self.shard.db or None)
         p.factory = self
         return p
 
@@ -105,113 +405,588 @@ class _Factory(Factory):
         pass
 
     def connectionError(self, why):
-        self.bridge.error = str(why)
+        self.shard.error = str(why)
 
 
-class RedisBridge(MultiService):
-    """Shares ``broker``'s channels through Redis (see the module docstring)."""
+# -- shards ----------------------------------------------------------------------------------
+
+def timed(d: defer.Deferred, latency, clock, start: float) -> defer.Deferred:
+    """Observe the round trip of ``d`` (started at ``start``) in the
+    ``latency`` histogram, when there is one."""
+    if latency is not None:
+        def observe(result):
+            latency.observe(clock.seconds() - start)
+            return result
+        d.addCallback(observe)
+    return d
+
+
+class Shard(MultiService):
+    """One Redis server holding the keys and the events of some channels:
+    a command connection and a subscriber connection, each kept up by a
+    ClientService.
+
+    What the bridge uses (another kind of shard — a Redis Cluster node, say
+    — offers the same):
+
+    ``connected``
+        True while both connections are up and the scripts are loaded.
+    ``publish_command``
+        ``"PUBLISH"`` (``"SPUBLISH"`` for sharded pub/sub): what the publish
+        script sends the event with.
+    ``run(script, keys, args) -> Deferred``
+        ``EVALSHA``; on ``NOSCRIPT`` loads the script and runs it again.
+        Commands are written at once (pipelined): replies come in order.
+    ``subscribe(channels, patterns) -> Deferred``
+        One ``SUBSCRIBE`` and/or ``PSUBSCRIBE`` of Redis channel names and
+        globs; fires once Redis confirmed all of them (errback: the
+        connection was lost meanwhile).  The bridge sends patterns to every
+        shard.  (Sharded pub/sub has no pattern form: a shard that
+        ``SPUBLISH``\\ es needs another way to serve patterns.)
+    ``unsubscribe(channels, patterns)``
+        ``UNSUBSCRIBE``/``PUNSUBSCRIBE``; nothing to wait for.
+    ``subscriptions``
+        How many channels and patterns it holds in Redis.
+    ``describe() -> dict``
+        For ``/health``.
+
+    What it calls on the bridge:
+
+    ``bridge.shard_up(shard)``
+        Both connections ready (the first time and after every outage):
+        the bridge subscribes again to what it needs and resynchronises.
+    ``bridge.shard_down(shard)``
+        A connection was lost; called before the commands waiting on it
+        fail.  Redis subscriptions are gone with it.
+    ``bridge.pushed(shard, channel, payload)``
+        An event (``message``, ``pmessage`` or ``smessage``; payload bytes).
+    """
 
     log = Logger()
+    publish_command = "PUBLISH"
 
-    def __init__(self, broker, config, reactor, metrics=None, retry_policy=None):
+    def __init__(self, bridge, name: str, endpoint: str, password: str, db: int, reactor,
+                 retry_policy=None, latency=None):
         super().__init__()
-        self.setName("pubsub:redis")
-        self.broker = broker
-        self.config = config
+        self.setName(name)
+        self.bridge = bridge
+        self.endpoint = endpoint
+        self.password, self.db = password, db
         self.reactor = reactor
-        self.events_channel = f"{config.prefix}:events"
-        self.ttl = int(config.history_age) + 86400
-        self.command = self.subscriber = None
+        self.command: RedisProtocol | None = None
+        self.subscriber: SubscriberProtocol | None = None
         self.connected = False
         self.error: str | None = "not connected yet"
-        self._synced: dict = {}
+        self.channels: set[str] = set()     # held in Redis (confirmed or on their way)
+        self.patterns: set[str] = set()
+        self._latency = latency
         policy = retry_policy or backoffPolicy(initialDelay=0.2, maxDelay=5.0)
-        endpoint = clientFromString(reactor, config.redis)
-        for kind, protocol in (("command", _Command), ("subscriber", _Subscriber)):
-            svc = ClientService(endpoint, _Factory(self, protocol, config.redis_password, config.redis_db),
-                                retryPolicy=policy, clock=reactor,
-                                prepareConnection=lambda p, kind=kind: self._ready(kind, p))
-            svc.setServiceParent(self)
-        self._m = None
-        if metrics is not None:
-            self._m = metrics.gauge("msgd_pubsub_redis_connected", "1 when channels are shared through Redis")
-            self._m.set_function(lambda: 1 if self.connected else 0)
-        broker.backend = self
+        ep = clientFromString(reactor, endpoint)
+        for kind, protocol in (("command", RedisProtocol), ("subscriber", SubscriberProtocol)):
+            ClientService(ep, _Factory(self, kind, protocol), retryPolicy=policy, clock=reactor,
+                          prepareConnection=partial(self._ready, kind)).setServiceParent(self)
 
-    # -- connection state ------------------------------------------------------------
+    @property
+    def subscriptions(self) -> int:
+        return len(self.channels) + len(self.patterns)
+
+    # -- connections -------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def _ready(self, kind: str, proto):
         yield proto.whenConnected()
-        if kind == "subscriber":
-            yield proto.subscribe(self.events_channel)
+        if kind == "command":
+            for script in SCRIPTS:
+                yield proto.execute_command("SCRIPT", "LOAD", script.text)
+        if not proto.connected:
+            return
         setattr(self, kind, proto)
         if self.command is not None and self.subscriber is not None and not self.connected:
             self.connected = True
             self.error = None
-            self._synced.clear()
-            self.log.info("pub/sub: sharing channels through Redis at {endpoint}", endpoint=self.config.redis)
+            self.log.info("pub/sub: sharing channels through Redis at {endpoint}", endpoint=self.endpoint)
+            self.bridge.shard_up(self)
 
     def lost(self, kind: str, why) -> None:
         if getattr(self, kind) is None:
             return
         setattr(self, kind, None)
+        self.channels.clear()
+        self.patterns.clear()
         if self.connected:
             self.connected = False
             self.error = f"{kind} connection lost: {why.getErrorMessage()}"
-            self._synced.clear()
-            self.broker.unshare()
-            if not self.running:
-                return          # we are stopping: nothing to report
-            self.log.error("pub/sub: Redis connection lost ({error}); delivering on this node only until it returns",
-                           error=self.error)
+            if self.running:
+                self.log.error("pub/sub: Redis connection lost ({error}); delivering on this node only "
+                               "until it returns", error=self.error)
+            self.bridge.shard_down(self)
 
     def describe(self) -> dict:
-        return {"backend": "redis", "endpoint": self.config.redis, "connected": self.connected, "error": self.error}
+        return {"endpoint": self.endpoint, "connected": self.connected, "error": self.error}
 
-    # -- what the broker calls ---------------------------------------------------------
+    # -- what the bridge calls --------------------------------------------------------------
 
-    def _keys(self, name: str) -> list[str]:
-        base = f"{self.config.prefix}:ch:{name}"
-        return [f"{base}:epoch", f"{base}:offset", f"{base}:history"]
+    def run(self, script: Script, keys, args) -> defer.Deferred:
+        if self.command is None:
+            return defer.fail(ConnectionError("Redis is not connected"))
+        start = self.reactor.seconds()
+        d = self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        d.addErrback(self._noscript, script, keys, args)
+        return timed(d, self._latency, self.reactor, start)
+
+    def _noscript(self, f, script, keys, args):
+        f.trap(txredisapi.ResponseError)
+        if not str(f.value).startswith("NOSCRIPT") or self.command is None:
+            return f
+        self.log.info("pub/sub: Redis lost its scripts; loading them again")
+        self.command.execute_command("SCRIPT", "LOAD", script.text)
+        return self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def subscribe(self, channels=(), patterns=()) -> defer.Deferred:
+        if self.subscriber is None:
+            return defer.fail(ConnectionError("Redis is not connected"))
+        ds = []
+        if channels:
+            self.channels.update(channels)
+            ds.append(self.subscriber.send("SUBSCRIBE", list(channels), True))
+        if patterns:
+            self.patterns.update(patterns)
+            ds.append(self.subscriber.send("PSUBSCRIBE", list(patterns), True))
+        return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+    def unsubscribe(self, channels=(), patterns=()) -> None:
+        if self.subscriber is None:
+            return
+        if channels:
+            self.channels.difference_update(channels)
+            self.subscriber.send("UNSUBSCRIBE", list(channels), False)
+        if patterns:
+            self.patterns.difference_update(patterns)
+            self.subscriber.send("PUNSUBSCRIBE", list(patterns), False)
+
+    def pushed(self, channel, payload) -> None:
+        self.bridge.pushed(self, channel, payload)
+
+    def dropped(self, channel: str) -> None:
+        """The server ended the subscription to ``channel`` by itself (only
+        Redis Cluster nodes do: :mod:`msgd.cluster.rediscluster`)."""
+        self.channels.discard(channel)
+
+
+# -- the bridge ---------------------------------------------------------------------------------
+
+class _Follow:
+    """A channel this node follows (it has local subscribers)."""
+
+    __slots__ = ("name", "shard", "state", "held", "waiters")
+
+    def __init__(self, name: str, shard: Shard):
+        self.name = name
+        self.shard = shard
+        self.state = "away"         # away → joining (SUBSCRIBE) → reading (SYNC) → live
+        self.held: list[Event] | None = None      # events arriving while joining/reading
+        self.waiters: list[defer.Deferred] = []
+
+
+class RedisBridge(MultiService):
+    """Shares ``broker``'s channels through Redis (see the module docstring).
+
+    What the broker calls: ``available(name)``, ``publish(name, data)``,
+    ``follow(name)``, ``unfollow(name)``, ``watch(pattern)``,
+    ``unwatch(pattern)``, ``forked(name)``, and for a pattern's resume
+    ``channels(pattern)`` and ``read(name)``."""
+
+    log = Logger()
+
+    def __init__(self, broker, config, reactor, metrics=None, retry_policy=None, shards=None):
+        super().__init__()
+        self.setName("pubsub:redis")
+        self.broker = broker
+        self.config = config
+        self.reactor = reactor
+        self.prefix = config.prefix
+        self.ttl = int(config.history_age) + 86400
+        self.following: dict[str, _Follow] = {}
+        self.patterns: set[str] = set()         # msgd patterns with local subscribers
+        self._forked: set[str] = set()          # channels published on alone during an outage
+        self._away: set[Shard] = set()          # shards that were lost (not merely not connected yet)
+        # this turn's work per shard: [subscribe, unsubscribe, psubscribe, punsubscribe, follows joining,
+        # Deferred fired once the (p)subscriptions are confirmed]
+        self._batches: dict[Shard, list] = {}
+        self._flush_call = None
+        self.retry_delay = 1.0                  # before joining again a channel whose join failed
+        self._name_cache: dict[str, tuple] = {}
+        self._m = None
+        latency = None
+        if metrics is not None:
+            latency = metrics.histogram("msgd_pubsub_redis_latency_seconds",
+                                        "Round trip of a pub/sub script (publish, channel read) to Redis")
+            self._m = metrics.counter("msgd_pubsub_redis_received_total", "Events received from Redis")
+            metrics.gauge("msgd_pubsub_redis_connected", "1 when channels are shared through Redis") \
+                .set_function(lambda: 1 if self.connected else 0)
+            metrics.gauge("msgd_pubsub_redis_subscriptions", "Channels and patterns subscribed to in Redis") \
+                .set_function(lambda: sum(s.subscriptions for s in self.shards))
+        # shards: objects offering what Shard offers (tests pass their own), or a callable
+        # making them for this bridge: shards(bridge, latency) (the node's makes a RedisCluster
+        # with cluster = yes: msgd.cluster.rediscluster imports this module, not the reverse)
+        if shards is None or callable(shards):
+            if shards is not None:
+                shards = shards(self, latency)
+            elif config.cluster:
+                raise ValueError("cluster = yes: pass shards making a RedisCluster (msgd.cluster.rediscluster)")
+            else:
+                shards = [Shard(self, endpoint_name(ep), ep, config.redis_password, config.redis_db, reactor,
+                                retry_policy, latency) for ep in config.redis]
+            for s in shards:
+                s.setServiceParent(self)
+        self.shards = shards
+        self.ring = Rendezvous([s.name for s in shards])
+        # Redis Cluster has no sharded PSUBSCRIBE: the reason pattern subscriptions are refused
+        self.no_patterns = ("pattern subscriptions are not available with [pubsub] cluster = yes "
+                            "(Redis Cluster has no sharded PSUBSCRIBE)") if config.cluster else None
+        broker.backend = self
+
+    def shard_for(self, name: str) -> Shard:
+        """The shard holding channel ``name``: with several, the one the
+        rendezvous hash of :mod:`msgd.cluster.hashing` picks."""
+        shards = self.shards
+        return shards[self.ring.index(name)] if len(shards) > 1 else shards[0]
+
+    # -- names --------------------------------------------------------------------------
+
+    def keys(self, name: str) -> list[str]:
+        return self._names(name)[0]
+
+    def events_channel(self, name: str) -> str:
+        return self._names(name)[1]
+
+    def _names(self, name: str) -> tuple:
+        """(keys, pub/sub channel, name as JSON) of a channel, computed once."""
+        n = self._name_cache.get(name)
+        if n is None:
+            if len(self._name_cache) > 4096:
+                self._name_cache.clear()
+            base = f"{self.prefix}:{{{tag(name)}}}"
+            n = self._name_cache[name] = ([f"{base}:epoch", f"{base}:offset", f"{base}:history"], f"{base}:ev",
+                                          json.dumps(name))
+        return n
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return all(s.connected for s in self.shards)
+
+    def available(self, name: str) -> bool:
+        return self.shard_for(name).connected
+
+    def describe(self) -> dict:
+        out = {"backend": "redis", "endpoint": ", ".join(self.config.redis), "connected": self.connected,
+               "error": next((s.error for s in self.shards if s.error), None)}
+        if len(self.shards) > 1 or self.config.cluster:
+            out["shards"] = {s.name: s.describe() for s in self.shards}
+        return out
+
+    def shard_up(self, shard: Shard) -> None:
+        for f in self.following.values():
+            if f.shard is shard:
+                self._join(f)
+        if shard in self._away:
+            self._away.discard(shard)
+            self.broker.pattern_gap()      # their events of the shard's channels are not replayed
+        for p in self.patterns:
+            self._batch(shard)[2].add(redis_pattern(self.prefix, p))
+        for name in [n for n in self._forked if self.shard_for(n) is shard]:
+            self.broker.forget(name)        # what it kept of a channel it has no subscribers for
+            self._mark_gap(shard, name)
+
+    def shard_down(self, shard: Shard) -> None:
+        """Channels of ``shard`` go on locally: a local publish forks them
+        (:meth:`Broker._publish_alone`); :meth:`shard_up` resynchronises."""
+        batch = self._batches.pop(shard, None)
+        if batch is not None:
+            batch[5].callback(None)         # pattern subscribers waiting for it: answered
+        self._away.add(shard)
+        for f in self.following.values():
+            if f.shard is shard:
+                f.state, f.held = "away", None
+                self._release(f)
+
+    # -- publishing ----------------------------------------------------------------------------
 
     def publish(self, name: str, data) -> defer.Deferred:
-        """Fires with the shared offset; delivery comes through :meth:`message`."""
+        """Fires with the shared offset; delivery comes back through Redis."""
+        return self._publish(self.shard_for(name), name, dumps(data), "")
+
+    def _publish(self, shard: Shard, name: str, data_json, extra: str) -> defer.Deferred:
         size, _ = self.broker._limits(name)
-        return self.command.eval(PUBLISH, self._keys(name), [
-            new_epoch(), json.dumps(name), dumps(data), repr(self.reactor.seconds()), size, self.ttl,
-            self.events_channel]).addCallback(int)
+        keys, channel, name_json = self._names(name)
+        return shard.run(PUBLISH, keys, [
+            new_epoch(), name_json, data_json if data_json is not None else "null",
+            repr(self.reactor.seconds()), size, self.ttl, channel, extra, shard.publish_command])
 
-    def synced(self, name: str) -> bool:
-        ch = self.broker.channels.get(name)
-        if ch is not None and self._synced.get(name) is ch:
-            return True
-        self._synced.pop(name, None)     # the channel was collected (or never synced)
-        return False
+    # -- what cluster-wide presence (msgd.cluster.presence) uses -----------------------------
 
-    def unsync(self, name: str) -> None:
-        self._synced.pop(name, None)
+    def presence_keys(self, name: str) -> list[str]:
+        base = f"{self.prefix}:{{{tag(name)}}}"
+        return [f"{base}:presence", f"{base}:presence:exp"]
 
-    def sync(self, name: str) -> defer.Deferred:
-        """Take the channel's shared epoch, offset and history from Redis."""
-        def got(reply):
-            epoch, offset, history = reply
-            events = [_event(json.loads(raw)) for raw in history]
-            self._synced[name] = self.broker.adopt(name, epoch, int(offset), events)
+    def run(self, name: str, script: Script, keys, args) -> defer.Deferred:
+        """Run ``script`` on the shard of channel ``name``."""
+        return self.shard_for(name).run(script, keys, args)
 
+    def announce(self, name: str, action: str, principal, count: int) -> defer.Deferred:
+        """Tell every node's subscribers of ``name`` that ``count``
+        subscriptions of ``principal`` joined or left: a notice on the
+        channel's Redis channel (``{"c", "k": "join"|"leave", "p", "n", "i"}``;
+        ``i``, a random id, keeps two alike from passing for one publish seen
+        twice), not an event."""
+        shard = self.shard_for(name)
+        notice = json.dumps({"c": name, "k": action, "p": principal, "n": count, "i": new_epoch()})
+        return shard.run(ANNOUNCE, self.presence_keys(name)[:1],
+                         [self.events_channel(name), notice, shard.publish_command])
+
+    def forked(self, name: str) -> None:
+        """An event of ``name`` was published on this node alone (its shard was
+        away, or the publish failed): mark the gap in the shared channel, now
+        or once the shard is back."""
+        self._forked.add(name)
+        shard = self.shard_for(name)
+        if shard.connected:
+            self._mark_gap(shard, name)
+
+    def _mark_gap(self, shard: Shard, name: str) -> None:
+        """Publish a gap marker on ``name``: every node's subscribers get a
+        gap there, and resuming clients meet it in the history."""
         def failed(f):
-            self.log.warn("pub/sub: could not read channel {channel} from Redis ({error}); using local state",
+            self._forked.add(name)          # tried again when the shard comes back
+            self.log.warn("pub/sub: could not mark the gap on {channel} ({error})",
                           channel=name, error=f.getErrorMessage())
-        return self.command.eval(SYNC, self._keys(name), [new_epoch(), self.ttl]).addCallbacks(got, failed)
+        self._forked.discard(name)
+        self._publish(shard, name, None, ',"g":1').addErrback(failed)
 
-    def message(self, raw) -> None:
-        """An event from ``PREFIX:events``: deliver it here."""
+    # -- following channels ---------------------------------------------------------------------
+
+    def follow(self, name: str) -> defer.Deferred | None:
+        """Receive ``name``'s events from now on.  None when the channel is
+        live already, else a Deferred firing once the node has its shared
+        state (:meth:`Broker.resync` was called) or gave up for now."""
+        f = self.following.get(name)
+        if f is None:
+            f = self.following[name] = _Follow(name, self.shard_for(name))
+            if f.shard.connected:
+                self._join(f)
+        if f.state == "live" or f.state == "away":
+            return None
+        d: defer.Deferred = defer.Deferred()
+        f.waiters.append(d)
+        return d
+
+    def unfollow(self, name: str) -> None:
+        f = self.following.pop(name, None)
+        if f is None:
+            return
+        self._release(f)
+        # also while the shard is down: a Redis Cluster keeps its wanted channels
+        b = self._batch(f.shard)
+        ev = self.events_channel(name)
+        b[0].discard(ev)
+        b[1].add(ev)
+
+    def watch(self, pattern: str) -> defer.Deferred | None:
+        """Receive the events of the channels ``pattern`` matches."""
+        self.patterns.add(pattern)
+        glob = redis_pattern(self.prefix, pattern)
+        waits = []
+        for shard in self.shards:
+            if shard.connected:
+                b = self._batch(shard)
+                b[3].discard(glob)
+                b[2].add(glob)
+                waits.append(b[5])
+        return defer.gatherResults(waits, consumeErrors=True).addBoth(lambda _: None) if waits else None
+
+    def unwatch(self, pattern: str) -> None:
+        self.patterns.discard(pattern)
+        glob = redis_pattern(self.prefix, pattern)
+        if any(redis_pattern(self.prefix, p) == glob for p in self.patterns):
+            return      # another pattern needs the same glob
+        for shard in self.shards:
+            if shard.connected:
+                b = self._batch(shard)
+                b[2].discard(glob)
+                b[3].add(glob)
+
+    def _join(self, f: _Follow) -> None:
+        f.state, f.held = "joining", []
+        b = self._batch(f.shard)
+        ev = self.events_channel(f.name)
+        b[1].discard(ev)
+        b[0].add(ev)
+        b[4].append(f)
+
+    def _batch(self, shard: Shard) -> list:
+        """This turn's (un)subscriptions for ``shard``, sent at the end of the turn."""
+        b = self._batches.get(shard)
+        if b is None:
+            b = self._batches[shard] = [set(), set(), set(), set(), [], defer.Deferred()]
+            if self._flush_call is None:
+                self._flush_call = self.reactor.callLater(0, self._flush)
+        return b
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batches, self._batches = self._batches, {}
+        for shard, (sub, unsub, psub, punsub, follows, done) in batches.items():
+            if unsub or punsub:
+                shard.unsubscribe(unsub, punsub)
+            d: defer.Deferred = shard.subscribe(sub, psub) if sub or psub else defer.succeed(None)
+            d.addCallbacks(self._joined, self._join_failed, callbackArgs=(follows,), errbackArgs=(follows,))
+            d.addBoth(_fire, done)
+
+    def _joined(self, _, follows: list[_Follow]) -> None:
+        for f in follows:
+            if f.state == "joining" and self.following.get(f.name) is f:
+                self._read(f)
+
+    def _join_failed(self, failure, follows: list[_Follow]) -> None:
+        self.log.warn("pub/sub: could not subscribe in Redis ({error})", error=failure.getErrorMessage())
+        for f in follows:
+            if f.state == "joining" and self.following.get(f.name) is f:
+                self._failed(f)
+
+    def _read(self, f: _Follow, held: list | None = None) -> None:
+        """Read the channel's shared state; events arriving meanwhile are held."""
+        f.state = "reading"
+        if held is not None:
+            f.held = held
+        f.shard.run(SYNC, self.keys(f.name), [new_epoch(), self.ttl]).addCallbacks(
+            self._got, self._read_failed, callbackArgs=(f,), errbackArgs=(f,))
+
+    def _got(self, reply, f: _Follow) -> None:
+        if self.following.get(f.name) is not f or f.state != "reading":
+            return
+        self.broker.resync(f.name, *self._state(reply, f.name))
+        held, f.held = f.held or [], None
+        f.state = "live"
+        for ev in held:
+            # what was published between the SUBSCRIBE and the read is in both: taken once;
+            # anything else that does not follow is a gap (no second read: that could loop)
+            self.broker.receive(ev, force=True)
+        self._release(f)
+
+    def _state(self, reply, name: str) -> tuple[str, int, list[Event]]:
+        """``(epoch, offset, events)`` from the SYNC script's reply."""
+        epoch, offset, history = reply
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        events = []
+        for raw in history:
+            try:
+                events.append(_event(_loads(raw)))
+            except (ValueError, KeyError, TypeError):
+                self.log.warn("pub/sub: bad event in the history of {channel}", channel=name)
+        return epoch, int(offset), events
+
+    # -- one-shot reads (a pattern's resume) ---------------------------------------------------
+
+    def read(self, name: str) -> defer.Deferred:
+        """Channel ``name``'s shared state, read once without following the
+        channel: fires with ``(epoch, offset, events)``."""
+        return self.shard_for(name).run(SYNC, self.keys(name), [new_epoch(), self.ttl]).addCallback(
+            self._state, name)
+
+    def channels(self, pattern: str) -> defer.Deferred:
+        """The names of the channels kept in Redis (on every shard) that
+        ``pattern`` matches, found with ``SCAN`` over their offset keys:
+        fires with a list; fails when a shard is away."""
+        glob = redis_pattern(self.prefix, pattern)[:-len(":ev")] + ":offset"
+        start, end = len(self.prefix) + 2, -len("}:offset")
+        match = re.compile(fnmatch.translate(pattern)).match
+        found: list[str] = []
+
+        def step(reply, shard):
+            cursor, keys = reply
+            for key in keys:
+                name = untag((key.decode() if isinstance(key, bytes) else key)[start:end])
+                if match(name):
+                    found.append(name)
+            if int(cursor):
+                return shard.run(SCAN, [], [cursor, glob, 1000]).addCallback(step, shard)
+            return None
+        return defer.gatherResults([shard.run(SCAN, [], [0, glob, 1000]).addCallback(step, shard)
+                                    for shard in self.shards], consumeErrors=True).addCallback(lambda _: found)
+
+    def _read_failed(self, failure, f: _Follow) -> None:
+        if self.following.get(f.name) is not f:
+            return
+        self.log.warn("pub/sub: could not read channel {channel} from Redis ({error}); using local state",
+                      channel=f.name, error=failure.getErrorMessage())
+        self._failed(f)
+
+    def _failed(self, f: _Follow) -> None:
+        """Joining ``f`` failed: its subscribers go on with local state, and
+        it is joined again in a while if its shard is still up (else when
+        the shard comes back)."""
+        f.state, f.held = "away", None
+        self._release(f)
+        self.reactor.callLater(self.retry_delay, self._retry, f)
+
+    def _retry(self, f: _Follow) -> None:
+        if self.following.get(f.name) is f and f.state == "away" and f.shard.connected:
+            self._join(f)
+
+    def _release(self, f: _Follow) -> None:
+        waiters, f.waiters = f.waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def resubscribed(self, shard, channels) -> None:
+        """``shard`` (a Redis Cluster) subscribed ``channels`` again, after a
+        node came back or a slot moved: read what may have been missed."""
+        channels = set(channels)
+        for f in list(self.following.values()):
+            if f.shard is shard and f.state == "live" and self.events_channel(f.name) in channels:
+                self._read(f, [])
+
+    def pushed(self, shard: Shard, channel, payload) -> None:
+        """An event (or a presence notice) from Redis: deliver it here."""
         try:
-            e = json.loads(raw)
-            self.broker.receive(e["c"], int(e["o"]), e["e"], e["d"], float(e["t"]))
-        except Exception:
-            self.log.failure("pub/sub: bad event from Redis: {raw!r}", raw=str(raw)[:200])
+            e = _loads(payload)
+            if "k" in e:
+                self.broker.notify(presence_notice(e["c"], e["k"], e["p"], int(e["n"])))
+                return
+            ev = _event(e)
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("pub/sub: bad event from Redis: {raw!r}", raw=bytes(payload[:200]))
+            return
+        if self._m is not None:
+            self._m.inc()
+        f = self.following.get(ev.channel)
+        if f is None:
+            self.broker.receive(ev)         # for pattern subscribers only
+        elif f.state == "live":
+            self._take(f, ev)
+        elif f.held is not None:
+            f.held.append(ev)
+
+    def _take(self, f: _Follow, ev: Event) -> None:
+        if not self.broker.receive(ev):
+            # not the next one: read the channel again (replay or gap), holding what follows
+            self._read(f, [ev])
+
+
+def _fire(_, d: defer.Deferred) -> None:
+    d.callback(None)
+
+
+def _loads(raw: bytes):
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)      # what orjson refuses (integers past 64 bits)
 
 
 def _event(e: dict) -> Event:
-    return Event(e["c"], int(e["o"]), e["e"], e["d"], float(e["t"]))
+    return Event(e["c"], int(e["o"]), e["e"], e["d"], float(e["t"]), gap=bool(e.get("g")))

@@ -29,6 +29,20 @@ subscribers there are).
 
 Ordering: replayed events are delivered before the ``subscribe`` Deferred
 fires, and live events never interleave with a replay.
+
+Gaps: when a subscriber still connected may have missed events (a shared
+backend came back without the history to replay them, or this node had to
+go on alone), it is handed a *gap* event (``Event.gap``) at that point
+instead of silence: ``rpc.gap`` on the wire, with the position the channel
+continues from (see docs/websocket.rst).
+
+Presence: ``presence(name)`` is who is subscribed here; with a cluster-wide
+store (``Broker.presence_store``, :mod:`msgd.cluster.presence`)
+``rpc.presence`` answers for every node.  Channels matching a
+``[channel:PATTERN]`` with ``presence_events = yes`` tell their subscribers
+who joins and leaves (:class:`Notice`: ``rpc.join`` / ``rpc.leave``
+notifications, not events: no offset, no history); through a shared backend
+every node's subscribers hear of every node's joins and leaves.
 """
 
 from __future__ import annotations
@@ -77,16 +91,25 @@ class Event:
     epoch: str
     data: Any
     time: float
+    gap: bool = False      # not an event: events before this point may be missing (data "local":
+                           # and events published elsewhere will be, until the next gap)
     cache: dict = field(default_factory=dict)   # per-transport pre-encoded forms
 
     def params(self) -> dict:
+        if self.gap:
+            if not self.epoch:      # for a pattern: any channel it matches
+                return {"channel": self.channel, "pattern": True}
+            if self.data == "local":    # this node goes on alone
+                return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "local": True}
+            return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch}
         return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "data": self.data}
 
     def notification(self) -> bytes:
-        """The JSON-RPC ``rpc.event`` notification, encoded once."""
+        """The JSON-RPC ``rpc.event`` (or ``rpc.gap``) notification, encoded once."""
         b = self.cache.get("json")
         if b is None:
-            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": "rpc.event", "params": self.params()})
+            method = "rpc.gap" if self.gap else "rpc.event"
+            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": method, "params": self.params()})
         return b
 
     def data_json(self) -> bytes:
@@ -97,8 +120,36 @@ class Event:
         return b
 
 
+@dataclass(eq=False, slots=True)
+class Notice:
+    """A notification for a channel's subscribers that is not one of its
+    events (no offset, no history, never replayed): ``rpc.join`` and
+    ``rpc.leave``.  Subscribers take it through ``deliver`` like an event,
+    except those whose ``notices`` attribute is false (STOMP)."""
+    channel: str
+    method: str
+    params: dict
+    cache: dict = field(default_factory=dict)
+    offset = None
+    epoch = None
+    gap = False
+
+    def notification(self) -> bytes:
+        b = self.cache.get("json")
+        if b is None:
+            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": self.method, "params": self.params})
+        return b
+
+
+def presence_notice(channel: str, action: str, principal: str | None, count: int = 1) -> Notice:
+    """``rpc.join`` / ``rpc.leave``: ``count`` subscriptions of ``principal``
+    (None: anonymous) came or went."""
+    return Notice(channel, f"rpc.{action}", {"channel": channel, "principal": principal, "count": count})
+
+
 class Channel:
-    __slots__ = ("name", "epoch", "offset", "history", "subscribers", "max_size", "max_age", "last_used")
+    __slots__ = ("name", "epoch", "offset", "history", "subscribers", "max_size", "max_age", "last_used",
+                 "shared_at")
 
     def __init__(self, name: str, max_size: int, max_age: float, now: float):
         self.name = name
@@ -109,6 +160,9 @@ class Channel:
         self.max_size = max_size
         self.max_age = max_age
         self.last_used = now
+        # with a shared backend: None while epoch and offset are the shared ones, else the
+        # last shared (epoch, offset) before this node went on alone (("", 0): never shared)
+        self.shared_at: tuple[str, int] | None = None
 
     def trim(self, now: float) -> None:
         h = self.history
@@ -118,11 +172,31 @@ class Channel:
 
     def covers(self, since: int) -> bool:
         """Can every event after ``since`` be replayed?"""
-        if since >= self.offset:
-            return since == self.offset
-        if since < 0:
-            return False
-        return bool(self.history) and self.history[0].offset <= since + 1
+        return covers(self.offset, self.history, since)
+
+
+def covers(offset: int, history, since: int) -> bool:
+    """Can every event after ``since`` be replayed from ``history`` (the
+    events up to ``offset``, in order)?"""
+    if since >= offset:
+        return since == offset
+    if since < 0:
+        return False
+    return bool(history) and history[0].offset <= since + 1
+
+
+class _Holder:
+    """Stands for a pattern subscriber while its resume reads the shared
+    backend: keeps what it is given, to be handed over after the replay."""
+
+    __slots__ = ("principal", "events")
+
+    def __init__(self, subscriber):
+        self.principal = getattr(subscriber, "principal", None)
+        self.events: list = []
+
+    def deliver(self, ev) -> None:
+        self.events.append(ev)
 
 
 class Broker:
@@ -133,19 +207,24 @@ class Broker:
 
     def __init__(self, clock, history_size: int = 1000, history_age: float = 3600.0,
                  overrides: Iterable[tuple[str, int | None, float | None]] = (), metrics=None,
-                 gc_interval: float = 60.0):
+                 gc_interval: float = 60.0, presence_events: Iterable[tuple[str, bool]] = ()):
         self.clock = clock
         self.history_size = history_size
         self.history_age = history_age
         self.overrides = list(overrides)
+        self.presence_events = list(presence_events)   # [(pattern, yes/no)]: the first match decides
+        self._announces: dict[str, bool] = {}
+        self.presence_store = None   # cluster-wide presence when set (msgd.cluster.presence)
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, set] = {}
         self._matches: dict[str, list[str]] = {}   # channel -> patterns matching it (cache)
         self._matched: dict[str, dict] = {}         # subscribed pattern -> channels here it matches (ordered)
+        self._resuming: dict[tuple, _Holder] = {}   # (pattern, subscriber) -> its stand-in while reading
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
         self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
         self.backend = None    # shares channels between nodes when set (msgd.cluster.redis_pubsub)
+        self._waiting: dict[str, set] = {}     # subscribers waiting for the backend to join a channel
         self._m = None
         if metrics is not None:
             self._m = (metrics.counter("msgd_pubsub_published_total", "Events published"),
@@ -200,11 +279,15 @@ class Broker:
             ch = self.channels[name] = Channel(name, size, age, self.clock.seconds())
             for p in self._patterns_for(name) if self.patterns else ():
                 self._matched[p][name] = None
+            if self.backend is not None:
+                ch.shared_at = ("", 0)      # made here: resync() tells its subscribers what they lost
         return ch
 
     def _patterns_for(self, name: str) -> list[str]:
         m = self._matches.get(name)
         if m is None:
+            if len(self._matches) > 10000:      # channels seen only through patterns: keep it bounded
+                self._matches.clear()
             m = self._matches[name] = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
         return m
 
@@ -219,12 +302,25 @@ class Broker:
         if is_pattern(name):
             return self._subscribe_pattern(name, subscriber, since, epoch)
         check_channel(name)
-        backend = self.backend
-        if backend is not None and backend.connected and not backend.synced(name):
-            # learn the shared epoch, offset and history first; events arriving meanwhile
-            # are kept in the local history and replayed below, in the same turn
-            return backend.sync(name).addCallback(lambda _: self._subscribe(name, subscriber, since, epoch))
+        if self.backend is not None:
+            # the backend delivers the channel's events here from now on; when it must first
+            # learn the shared epoch, offset and history, the subscriber waits for that
+            joining = self.backend.follow(name)
+            if joining is not None:
+                waiting = self._waiting.setdefault(name, set())
+                waiting.add(subscriber)
+                return joining.addCallback(lambda _: self._joined(name, subscriber, since, epoch))
         return defer.succeed(self._subscribe(name, subscriber, since, epoch))
+
+    def _joined(self, name: str, subscriber, since, epoch) -> dict:
+        waiting = self._waiting.get(name)
+        if waiting is None or subscriber not in waiting:
+            # unsubscribed (its connection closed) while waiting
+            return {"channel": name, "epoch": None, "offset": 0, "recovered": False}
+        waiting.discard(subscriber)
+        if not waiting:
+            del self._waiting[name]
+        return self._subscribe(name, subscriber, since, epoch)
 
     def _subscribe(self, name: str, subscriber, since, epoch) -> dict:
         ch = self.channel(name)
@@ -237,7 +333,9 @@ class Broker:
                 for ev in list(ch.history):
                     if ev.offset > since:
                         subscriber.deliver(ev)
-        ch.subscribers.add(subscriber)
+        if subscriber not in ch.subscribers:
+            ch.subscribers.add(subscriber)
+            self._presence_changed(name, subscriber, "join")
         return {"channel": name, "epoch": ch.epoch, "offset": ch.offset, "recovered": recovered}
 
     def _matching(self, pattern: str, since: dict | None = None) -> list[str]:
@@ -252,45 +350,143 @@ class Broker:
 
     def _subscribe_pattern(self, name: str, subscriber, since, epoch) -> defer.Deferred:
         check_channel(name, pattern_ok=True)
-        since, epoch = check_positions(since, epoch)
         backend = self.backend
-        if since is not None and backend is not None and backend.connected:
-            # every matched channel's shared state first, as for a channel
-            names = [n for n in self._matching(name, since) if not backend.synced(n)]
-            if names:
-                return defer.gatherResults([backend.sync(n) for n in names]).addCallback(
-                    lambda _: self._resume_pattern(name, subscriber, since, epoch))
-        return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
+        if backend is not None and getattr(backend, "no_patterns", None):
+            raise errors.InvalidParams(backend.no_patterns)
+        since, epoch = check_positions(since, epoch)
+        if backend is None:
+            return defer.succeed(self._resume_pattern(name, subscriber, since, epoch))
+        if since is None:
+            watching = self._add_pattern(name, subscriber)
+            if watching is None:
+                return defer.succeed(self._pattern_answer(name, True))
+            return watching.addCallback(lambda _: self._pattern_answer(name, True))
+        # Resuming through a shared backend: channels matched only by the pattern keep no
+        # state here, so each matched channel is read from the backend once the pattern is
+        # watched; what arrives meanwhile is held, and taken after the replay.
+        holder = _Holder(subscriber)
+        self._resuming[(name, subscriber)] = holder
+        watching = self._add_pattern(name, holder) or defer.succeed(None)
+        return watching.addCallback(lambda _: self._read_pattern(name, since)).addCallback(
+            self._resumed_shared, name, subscriber, holder, since, epoch)
 
-    def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+    def _add_pattern(self, name: str, subscriber) -> defer.Deferred | None:
+        """Add a pattern subscriber; a Deferred when the backend must first
+        start watching the pattern."""
+        watching = None
         if name not in self.patterns:
             self._matched[name] = dict.fromkeys(self._matching(name))
             self.patterns[name] = set()
             self._matches.clear()
+            if self.backend is not None:
+                watching = self.backend.watch(name)
         self.patterns[name].add(subscriber)
+        return watching
+
+    def _resume_pattern(self, name: str, subscriber, since: dict | None, epoch: dict) -> dict:
+        self._add_pattern(name, subscriber)
         recovered = True
         if since is not None:
             now = self.clock.seconds()
-            missed = []
+            states = {}
             for n in self._matching(name, since):
-                ch, held, held_epoch = self.channels.get(n), since.get(n, 0), epoch.get(n)
-                if ch is None:      # forgotten here (its history was gone): a position in it cannot be vouched for
-                    recovered = recovered and not held and held_epoch is None
-                    continue
+                ch = self.channels.get(n)
+                if ch is not None:
+                    ch.trim(now)
+                    states[n] = (ch.epoch, ch.offset, ch.history)
+            recovered, _ = self._replay_pattern(subscriber, self._matching(name, since), states, since, epoch)
+        return self._pattern_answer(name, recovered)
+
+    def _read_pattern(self, name: str, since: dict) -> defer.Deferred:
+        """The shared state of every channel ``name`` matches, named in
+        ``since`` or kept in the backend: fires with ``(names, states,
+        complete)``; ``states`` by channel (channels followed here: their
+        state here), ``complete`` false when a channel or the list of them
+        could not be read."""
+        backend: Any = self.backend
+
+        def listed(found):
+            complete = found is not None
+            names = list(dict.fromkeys([*self._matching(name, since), *(found or ())]))
+            states: dict = {}
+            reads = []
+            for n in names:
+                if (n not in self.channels or n in self._waiting) and backend.available(n):
+                    reads.append(backend.read(n).addCallback(lambda st, n=n: states.__setitem__(n, st)))
+            done = defer.gatherResults(reads, consumeErrors=True) if reads else defer.succeed(None)
+            return done.addCallbacks(lambda _: (names, states, complete), lambda _: (names, states, False))
+
+        def unlisted(failure):
+            self.log.warn("pub/sub: could not list the channels of pattern {pattern} ({error})",
+                          pattern=name, error=failure.getErrorMessage())
+            return None
+        return backend.channels(name).addErrback(unlisted).addCallback(listed)
+
+    def _resumed_shared(self, read, name: str, subscriber, holder: _Holder, since: dict, epoch: dict) -> dict:
+        names, states, complete = read
+        if self._resuming.get((name, subscriber)) is not holder:
+            # unsubscribed (its connection closed) while reading, or subscribed again meanwhile
+            if holder in self.patterns.get(name, ()):
+                self.unsubscribe(name, holder)
+            return {"channel": name, "pattern": True, "epoch": {}, "offset": {}, "recovered": False}
+        del self._resuming[(name, subscriber)]
+        now = self.clock.seconds()
+        for n in names:
+            ch = self.channels.get(n)
+            if ch is not None and n not in self._waiting:     # followed here: its state here is the one
                 ch.trim(now)
-                if (held_epoch is None or held_epoch == ch.epoch) and ch.covers(held):
-                    missed.append([ev for ev in ch.history if ev.offset > held])
-                else:
-                    recovered = False
-            # each channel in offset order, the channels interleaved by time (all in this turn)
-            for ev in heapq.merge(*missed, key=lambda ev: ev.time):
-                subscriber.deliver(ev)
+                states[n] = (ch.epoch, ch.offset, ch.history)
+        recovered, last = self._replay_pattern(subscriber, names, states, since, epoch)
+        for ev in holder.events:        # arrived while reading: each taken once
+            at = last.get(ev.channel)
+            if at is not None and not ev.gap and ev.epoch == at[0] and ev.offset <= at[1]:
+                continue
+            if ev.epoch:
+                last[ev.channel] = (ev.epoch, ev.offset)
+            subscriber.deliver(ev)
+        subs = self.patterns[name]
+        subs.discard(holder)
+        subs.add(subscriber)
+        answer = self._pattern_answer(name, recovered and complete)
+        for n, (e, o, _) in states.items():
+            if o and n not in answer["offset"]:
+                answer["epoch"][n], answer["offset"][n] = last.get(n, (e, o))
+        return answer
+
+    def _replay_pattern(self, subscriber, names, states: dict, since: dict, epoch: dict) -> tuple[bool, dict]:
+        """Deliver to ``subscriber`` what it missed of each channel in
+        ``names`` (``states``: ``(epoch, offset, history)`` by channel, a
+        channel without one unknown): each channel from the position held
+        in ``since``/``epoch``, one not named there from its first event.
+        Returns (recovered, ``{channel: (epoch, offset)}`` where each now
+        stands)."""
+        recovered = True
+        missed = []
+        last = {}
+        for n in names:
+            state, held, held_epoch = states.get(n), since.get(n, 0), epoch.get(n)
+            if state is None:   # forgotten (its history was gone) or unread: a position in it cannot be vouched for
+                recovered = recovered and not held and held_epoch is None
+                continue
+            ch_epoch, offset, history = state
+            last[n] = (ch_epoch, offset)
+            if (held_epoch is None or held_epoch == ch_epoch) and covers(offset, history, held):
+                missed.append([ev for ev in history if held < ev.offset <= offset])
+            else:
+                recovered = False
+        # each channel in offset order, the channels interleaved by time (all in this turn)
+        for ev in heapq.merge(*missed, key=lambda ev: ev.time):
+            subscriber.deliver(ev)
+        return recovered, last
+
+    def _pattern_answer(self, name: str, recovered: bool) -> dict:
         held = [self.channels[n] for n in self._matched.get(name, ()) if self.channels[n].offset]
         return {"channel": name, "pattern": True, "epoch": {ch.name: ch.epoch for ch in held},
                 "offset": {ch.name: ch.offset for ch in held}, "recovered": recovered}
 
     def unsubscribe(self, name: str, subscriber) -> bool:
         if is_pattern(name):
+            subscriber = self._resuming.pop((name, subscriber), subscriber)
             subs = self.patterns.get(name)
             if not subs or subscriber not in subs:
                 return False
@@ -299,13 +495,38 @@ class Broker:
                 del self.patterns[name]
                 del self._matched[name]
                 self._matches.clear()
+                if self.backend is not None:
+                    self.backend.unwatch(name)
+            return True
+        waiting = self._waiting.get(name)
+        if waiting is not None and subscriber in waiting:
+            waiting.discard(subscriber)
+            if not waiting:
+                del self._waiting[name]
+            self.forget(name)
             return True
         ch = self.channels.get(name)
         if ch is None or subscriber not in ch.subscribers:
             return False
         ch.subscribers.discard(subscriber)
         ch.last_used = self.clock.seconds()
+        self._presence_changed(name, subscriber, "leave")
+        self.forget(name)
         return True
+
+    def forget(self, name: str) -> None:
+        """With a shared backend, a channel without local subscribers is not
+        followed and leaves no state here (Redis holds its history)."""
+        if self.backend is None or name in self._waiting:
+            return
+        ch = self.channels.get(name)
+        if ch is not None and ch.subscribers:
+            return
+        if self.channels.pop(name, None) is not None:
+            for p in self._patterns_for(name) if self.patterns else ():
+                self._matched[p].pop(name, None)
+        self._matches.pop(name, None)
+        self.backend.unfollow(name)
 
     def unsubscribe_all(self, subscriber, names: Iterable[str]) -> None:
         for name in list(names):
@@ -320,7 +541,7 @@ class Broker:
             dumps(data)
         except (TypeError, ValueError) as e:
             raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
-        if self.backend is not None and self.backend.connected:
+        if self.backend is not None and self.backend.available(name):
             # offset from the shared channel; delivered here when it comes back through receive()
             return self.backend.publish(name, data).addErrback(self._publish_alone, name, data)
         return self._publish_alone(None, name, data)
@@ -332,6 +553,14 @@ class Broker:
                           channel=name, error=failure.getErrorMessage())
         ch = self.channel(name)
         now = self.clock.seconds()
+        if self.backend is not None:
+            if ch.shared_at is None:
+                # leave the shared stream: a local epoch, announced first — events published
+                # elsewhere no longer reach these subscribers
+                ch.shared_at = (ch.epoch, ch.offset)
+                ch.history.clear()
+                self._gap(ch, new_epoch(), ch.offset, now, "local")
+            self.backend.forked(name)
         ch.offset += 1
         ev = Event(name, ch.offset, ch.epoch, data, now)
         if ch.max_size:
@@ -345,42 +574,94 @@ class Broker:
 
     # -- shared channels (a backend calls these) ------------------------------------
 
-    def receive(self, name: str, offset: int, epoch: str, data: Any, time: float) -> None:
-        """An event of a shared channel, in offset order.  A new epoch or a
-        gap in the offsets restarts the local history, which can no longer
-        vouch for continuity."""
-        ch = self.channel(name)
-        if ch.epoch != epoch or offset != ch.offset + 1:
-            ch.epoch = epoch
+    def receive(self, ev: Event, force: bool = False) -> bool:
+        """An event of a shared channel.  A channel not followed here (no
+        channel subscribers) goes to pattern subscribers and leaves no state.
+        Returns False, doing nothing, when ``ev`` does not follow the channel's
+        last event (the backend then reads the channel again: see
+        :meth:`resync`); with ``force`` the subscribers are told of the gap and
+        get ``ev``.  An event already delivered is dropped."""
+        ch = self.channels.get(ev.channel)
+        if ch is None:
+            if self.patterns:
+                self.deliver(ev, None)
+            return True
+        if ev.epoch == ch.epoch and ch.shared_at is None:
+            if ev.offset <= ch.offset:
+                return True
+            if ev.offset != ch.offset + 1 and not force:
+                return False
+        elif not force:
+            return False
+        now = self.clock.seconds()
+        if ev.epoch != ch.epoch or ev.offset != ch.offset + 1 or ch.shared_at is not None:
             ch.history.clear()
-            if self.backend is not None:
-                self.backend.unsync(name)
-        ch.offset = offset
-        ev = Event(name, offset, epoch, data, time)
+            ch.shared_at = None
+            self._gap(ch, ev.epoch, ev.offset - 1, now)
+        ch.offset = ev.offset
         if ch.max_size:
             ch.history.append(ev)
-            ch.trim(self.clock.seconds())
-        ch.last_used = self.clock.seconds()
+            ch.trim(now)
+        ch.last_used = now
         self.deliver(ev, ch)
+        return True
 
-    def adopt(self, name: str, epoch: str, offset: int, events: list[Event]) -> Channel:
-        """Take the shared state of a channel: its epoch, offset and history
-        (``events``), keeping local events newer than it of the same epoch."""
-        ch = self.channel(name)
-        newer = [e for e in ch.history if e.offset > offset] if ch.epoch == epoch else []
+    def resync(self, name: str, epoch: str, offset: int, events: list[Event]) -> Channel:
+        """Take a channel's shared state (``events``: its history, in order).
+        Subscribers still connected get the events they missed since the last
+        shared position this node had when the history covers it, else a gap
+        event and then the history there is; a new channel simply starts
+        there.  A channel that went on alone here (:meth:`_publish_alone`)
+        always gets a gap event first: it leaves its local epoch."""
+        now = self.clock.seconds()
+        ch = self.channels.get(name)
+        if ch is None:
+            ch = self.channel(name)
+            ch.shared_at = None
+            ch.epoch, ch.offset = epoch, offset
+            ch.history.extend(e for e in events if e.offset <= offset)
+            ch.trim(now)
+            return ch
+        base_epoch, base = ch.shared_at or (ch.epoch, ch.offset)
+        branched = ch.shared_at is not None
+        missed = [e for e in events if base < e.offset <= offset]
+        covered = base_epoch == epoch and base <= offset and (
+            base == offset or (missed and missed[0].offset == base + 1 and missed[-1].offset == offset))
+        ch.shared_at = None
         ch.history.clear()
-        ch.history.extend(e for e in events if e.offset <= offset)
-        ch.history.extend(newer)
-        ch.epoch = epoch
-        ch.offset = newer[-1].offset if newer else offset
-        ch.trim(self.clock.seconds())
+        if covered:
+            ch.epoch, ch.offset = epoch, base
+            ch.history.extend(e for e in events if e.offset <= base)
+            if branched:
+                self._gap(ch, epoch, base, now)
+        else:
+            missed = [e for e in events if e.offset <= offset]
+            self._gap(ch, epoch, missed[0].offset - 1 if missed else offset, now)
+        for e in missed:
+            ch.offset = e.offset
+            ch.history.append(e)
+            self.deliver(e, ch)
+        ch.trim(now)
+        ch.last_used = now
         return ch
 
-    def unshare(self) -> None:
-        """The shared backend is away: give every channel a new local epoch,
-        so offsets assigned here meanwhile never pass for shared ones."""
-        for ch in self.channels.values():
-            ch.epoch = new_epoch()
+    def _gap(self, ch: Channel, epoch: str, offset: int, now: float, why=None) -> None:
+        """The channel goes on at ``epoch``/``offset`` after events its
+        subscribers may have missed: tell them."""
+        ch.epoch, ch.offset = epoch, offset
+        self.deliver(Event(ch.name, offset, epoch, why, now, gap=True), ch)
+
+    def pattern_gap(self) -> None:
+        """Pattern subscribers may have missed events of any channel (a shared
+        backend was away): tell them, once per pattern."""
+        now = self.clock.seconds()
+        for pattern, subs in list(self.patterns.items()):
+            ev = Event(pattern, 0, "", None, now, gap=True)
+            for sub in list(subs):
+                try:
+                    sub.deliver(ev)
+                except Exception:
+                    self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=pattern)
 
     def deliver(self, ev: Event, ch: Channel | None = None) -> int:
         """Hand ``ev`` to the channel's and the matching patterns'
@@ -399,32 +680,78 @@ class Broker:
                 n += 1
             except Exception:
                 self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=ev.channel)
-        if self._m is not None:
+        if self._m is not None and not ev.gap:
             self._m[0].inc()
             self._m[1].inc(n)
         return n
 
+    # -- presence ---------------------------------------------------------------------------
+
     def presence(self, name: str) -> dict:
+        """Who is subscribed to ``name`` on this node."""
         check_channel(name)
+        local = self.local_presence(name)
+        return {"channel": name, "count": sum(local.values()), "principals": sorted(p for p in local if p)}
+
+    def local_presence(self, name: str) -> dict[str | None, int]:
+        """``{principal name or None: subscriptions}`` of ``name`` on this node."""
+        out: dict[str | None, int] = {}
         ch = self.channels.get(name)
-        subs = ch.subscribers if ch is not None else ()
-        principals = sorted({_principal_name(s.principal) for s in subs if getattr(s, "principal", None)})
-        return {"channel": name, "count": len(subs), "principals": principals}
+        for s in (ch.subscribers if ch is not None else ()):
+            p = getattr(s, "principal", None)
+            key = _principal_name(p) if p else None
+            out[key] = out.get(key, 0) + 1
+        return out
 
-    # -- JSON-RPC -------------------------------------------------------------------------
+    def cluster_presence(self, name: str) -> defer.Deferred:
+        """Who is subscribed to ``name`` on any node (this node's answer
+        when there is no cluster-wide store)."""
+        check_channel(name)
+        if self.presence_store is not None:
+            return self.presence_store.query(name)
+        return defer.succeed(self.presence(name))
 
-    def http_builtins(self) -> dict:
-        """``rpc.*`` methods for transports without a connection (HTTP)."""
-        return {"rpc.publish": self._rpc_publish, "rpc.presence": self._rpc_presence}
+    def announces(self, name: str) -> bool:
+        """Do ``name``'s subscribers hear of joins and leaves?"""
+        a = self._announces.get(name)
+        if a is None:
+            a = next((on for pattern, on in self.presence_events if fnmatch.fnmatchcase(name, pattern)), False)
+            if len(self._announces) > 100_000:
+                self._announces.clear()
+            self._announces[name] = a
+        return a
 
-    def _rpc_publish(self, request, params):
-        channel = check_channel(param(params, "channel", 0, str))
-        data = param(params, "data", 1, required=False)
-        return self.publish(channel, data, principal=request.principal).addCallback(
-            lambda offset: {"channel": channel, "offset": offset})
+    def _presence_changed(self, name: str, subscriber, action: str) -> None:
+        if self.presence_store is not None:
+            self.presence_store.changed(name)
+        if self.presence_events and self.announces(name):
+            p = getattr(subscriber, "principal", None)
+            self.announce(name, action, _principal_name(p) if p else None, 1)
 
-    def _rpc_presence(self, request, params):
-        return self.presence(param(params, "channel", 0, str))
+    def announce(self, name: str, action: str, principal: str | None, count: int) -> None:
+        """Tell ``name``'s subscribers on every node that ``count``
+        subscriptions of ``principal`` joined or left."""
+        backend = self.backend
+        if backend is not None and backend.available(name):
+            backend.announce(name, action, principal, count).addErrback(
+                lambda f: self.notify(presence_notice(name, action, principal, count)))
+        else:
+            self.notify(presence_notice(name, action, principal, count))
+
+    def notify(self, notice: Notice) -> int:
+        """Hand ``notice`` to the channel's own subscribers (not to pattern
+        subscribers) that take notices; returns how many."""
+        ch = self.channels.get(notice.channel)
+        n = 0
+        for sub in list(ch.subscribers) if ch is not None else ():
+            if getattr(sub, "notices", True):
+                try:
+                    sub.deliver(notice)
+                    n += 1
+                except Exception:
+                    self.log.failure("subscriber {sub!r} failed on {channel}", sub=sub, channel=notice.channel)
+        return n
+
 
 
 def _principal_name(p) -> str:
@@ -521,7 +848,7 @@ class Session:
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
         self.check(request, "subscribe", channel)   # who is on a channel is as private as its events
-        return self.broker.presence(channel)
+        return self.broker.cluster_presence(channel)
 
     def close(self) -> None:
         self.broker.unsubscribe_all(self.subscriber, self.names)

@@ -137,10 +137,11 @@ class ChannelStream:
         self.positions: dict[str, tuple[str, int]] = {}
 
     def deliver(self, event):
-        held = self.positions.get(event.channel)
-        if held is not None and held[0] == event.epoch and event.offset <= held[1]:
-            return      # replayed again (for the channel and for a pattern): sent once
-        self.positions[event.channel] = (event.epoch, event.offset)
+        if event.epoch:      # not a pattern's gap nor a presence Notice (no position)
+            held = self.positions.get(event.channel)
+            if held is not None and held[0] == event.epoch and event.offset <= held[1]:
+                return      # replayed again (for the channel and for a pattern): sent once
+            self.positions[event.channel] = (event.epoch, event.offset)
         self.stream.send(event.notification(), self.event_id())
 
     def event_id(self) -> str:

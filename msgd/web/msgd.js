@@ -7,7 +7,8 @@
  *   client.on("state", (s) => console.log(s));     // connecting | open | reconnecting | closed | refused
  *   const order = await client.call("orders.place", ["book", 2], { timeout: 5000 });
  *   await client.subscribe("chat.lobby", (data, ev) => show(data));
- *   client.on("gap", (channel, info) => reload(channel));   // history could not cover a reconnect
+ *   client.on("gap", (channel, info) => reload(channel));   // events may be missing: reload
+ *   client.on("presence", (channel, change) => show(change));  // {action: "join"|"leave", principal, count}
  *   await client.publish("chat.lobby", { text: "hi" });
  *
  * Reconnects with exponential back-off and jitter, re-subscribes, and resumes
@@ -173,7 +174,7 @@
       this.pending = new Map();     // id -> {resolve, reject, timer, message}
       this.queue = [];              // [id, message] waiting for the connection
       this.channels = new Map();    // name -> {handlers:Set, epoch, offset, pattern}
-      this.listeners = { state: new Set(), gap: new Set(), error: new Set() };
+      this.listeners = { state: new Set(), gap: new Set(), error: new Set(), presence: new Set() };
       this.attempt = 0;
       this.closedByUser = false;
       this._open();
@@ -285,6 +286,12 @@
       const items = Array.isArray(msg) ? msg : [msg];
       for (const m of items) {
         if (m.method === "rpc.event") this._onEvent(m.params);
+        else if (m.method === "rpc.gap") this._onGap(m.params);
+        else if (m.method === "rpc.join" || m.method === "rpc.leave") {
+          // presence_events channels: subscriptions that came or went, on any node
+          this._emit("presence", m.params.channel, { action: m.method.slice(4), principal: m.params.principal,
+                                                     count: m.params.count });
+        }
         else if (m.id !== undefined && m.id !== null) this._onAnswer(m);
         else if (m.error) this._emit("error", new RpcError(m.error));
       }
@@ -315,6 +322,23 @@
       for (const ch of targets) {
         for (const fn of ch.handlers) {
           try { fn(ev.data, ev); } catch (e) { console.error("msgd event handler failed", e); }
+        }
+      }
+    }
+
+    /* The node says events may be missing here (docs/websocket.rst): the
+     * channel's position moves on, and "gap" is raised for each subscription
+     * concerned (the channel, or the patterns matching it). */
+    _onGap(g) {
+      const direct = g.pattern ? null : this.channels.get(g.channel);
+      if (!g.pattern) {
+        const pos = direct || this._patternPosition(g.channel);
+        pos.epoch = g.epoch;
+        pos.offset = g.offset;
+      }
+      for (const [name, ch] of this.channels) {
+        if (ch === direct || (g.pattern ? name === g.channel : ch.pattern && ch.regex.test(g.channel))) {
+          this._emit("gap", name, g);
         }
       }
     }

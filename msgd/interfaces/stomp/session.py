@@ -115,6 +115,7 @@ class _Subscription:
     """One SUBSCRIBE: the pub/sub broker's subscriber."""
 
     __slots__ = ("session", "id", "destination", "channel", "ack", "unacked")
+    notices = False      # rpc.join / rpc.leave have no STOMP form
 
     def __init__(self, session, id, destination, channel, ack):
         self.session, self.id, self.destination, self.channel, self.ack = session, id, destination, channel, ack
@@ -322,6 +323,8 @@ class StompSession:
                    ("subscription", sub.id), ("message-id", mid), ("content-type", "application/json"),
                    ("msgd-channel", event.channel), ("msgd-offset", str(event.offset)),
                    ("msgd-epoch", event.epoch)]
+        if event.gap:       # events may be missing before this point (docs/websocket.rst)
+            headers.append(("msgd-gap", "true"))
         if sub.ack != "auto":
             if self.version == "1.2":
                 headers.append(("ack", mid))
@@ -330,7 +333,7 @@ class StompSession:
             if len(self.unacked) > self.options.max_unacked:
                 self.drop(f"more than {self.options.max_unacked} unacknowledged messages", "unacked")
                 return
-        self.send(Frame("MESSAGE", headers, event.data_json()))
+        self.send(Frame("MESSAGE", headers, b"" if event.gap else event.data_json()))
 
     def on_ack(self, frame: Frame) -> None:
         self._settle(frame)
