@@ -98,6 +98,9 @@ class PubSubConfig:
                                doc="events kept per channel for resuming subscribers")
     history_age: float = option(3600.0, parse=duration,
                                 doc="how long events are kept for resuming subscribers")
+    history_memory: int = option(256 * 1024 * 1024, parse=size,
+                                 doc="bound of the memory all channels' history takes on this node (0: none); "
+                                     "past it the oldest events of the channels holding the most are dropped")
     redis: tuple = option(("tcp:host=127.0.0.1:port=6379",), parse=client_endpoints,
                           doc="Redis endpoint when backend=redis; several (separated by commas or spaces) "
                               "spread the channels over them by a consistent hash; with cluster = yes, some "

@@ -72,7 +72,7 @@ class NodeService(MultiService):
                              overrides=[(p, c.history_size, c.history_age) for p, c in config.channels],
                              presence_events=[(p, c.presence_events) for p, c in config.channels
                                               if c.presence_events is not None],
-                             metrics=self.metrics)
+                             metrics=self.metrics, history_memory=config.pubsub.history_memory)
         self.started_at = None
         self._apps_loaded = False
         self._ready: tuple | None = None     # (the start-up outcome or its Deferred, who waits for it)

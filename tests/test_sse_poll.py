@@ -3,6 +3,7 @@
 session expiry and bounds."""
 
 import json
+import tracemalloc
 
 import requests
 import sseclient
@@ -10,6 +11,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from msgd.core import jsonrpc
 from tests.helpers import SocketTransport, http, http_port, make_node
 
 INI = """
@@ -246,6 +248,21 @@ class PollTests(Base):
         yield self.post(sid, b"{not json")
         code, msgs = yield self.get(sid)
         self.assertEqual(msgs[0]["error"]["code"], -32700)
+
+    @defer.inlineCallbacks
+    def test_queued_answers_are_right_sized(self):
+        """An answer waiting in a session's queue holds its length, not the
+        4 KB buffer of orjson 3.12+'s bytes (the queue's bound counts lengths)."""
+        sid = yield self.open()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        for i in range(20):
+            yield self.post(sid, {"jsonrpc": "2.0", "id": i, "method": "m.add", "params": [i, 1]})
+        queue = self.registry.get(sid).queue
+        self.assertEqual(len(queue), 20)
+        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, jsonrpc.__file__)])
+        held = sum(stat.size for stat in snapshot.statistics("filename"))
+        self.assertLess(held, 20 * 200, f"{held} bytes for {sum(map(len, queue))} bytes of answers")
 
     @defer.inlineCallbacks
     def test_subscribe_receive_and_wait(self):

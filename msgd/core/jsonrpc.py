@@ -68,6 +68,14 @@ def dumps(obj: Any) -> bytes:
         return json.dumps(obj, default=_stdlib_default, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def kept(data: bytes) -> bytes:
+    """A copy of ``dumps``' bytes for keeping (a queue, a cache): orjson 3.12+
+    returns bytes whose buffer keeps its initial capacity (4 KB, and more for
+    larger documents), whatever their length; the copy is exactly as long as
+    it needs to be (about 0.2 us for a small document)."""
+    return bytes(memoryview(data))
+
+
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raises ParseError."""
     try:

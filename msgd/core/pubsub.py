@@ -10,7 +10,9 @@ receives exactly the missed events (``recovered: true``), otherwise it is told
 ``recovered: false`` and should reload its state.
 
 History is bounded per channel by count and age (``[pubsub] history_size``,
-``history_age``, overridable per pattern by ``[channel:PATTERN]`` sections).
+``history_age``, overridable per pattern by ``[channel:PATTERN]`` sections)
+and over all channels by memory (``history_memory``: past it the oldest
+events of the channels holding the most are dropped, see :meth:`Broker.shed`).
 
 Subscriptions are to a channel (``chat.lobby``) or a pattern with shell-style
 wildcards (``news.*``).  A pattern's subscribe answer gives the position
@@ -60,7 +62,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from msgd.core import errors
-from msgd.core.jsonrpc import dumps, param
+from msgd.core.jsonrpc import dumps, kept, loads, param
 
 MAX_CHANNEL = 200
 _CHANNEL = re.compile(r"^[^\s*?\[\]]+$")
@@ -84,16 +86,47 @@ def new_epoch() -> str:
     return os.urandom(6).hex()
 
 
-@dataclass(eq=False, slots=True)
+_HEAD = b'{"jsonrpc":"2.0","method":"rpc.event","params":{"channel":'
+_GONE = object()
+
+# What an event resting in history costs besides its encoded notification: the
+# Event object, its offset and time, its slot in the deque (measured, CPython 3.11).
+EVENT_OVERHEAD = 160
+
+
 class Event:
-    channel: str
-    offset: int
-    epoch: str
-    data: Any
-    time: float
-    gap: bool = False      # not an event: events before this point may be missing (data "local":
-                           # and events published elsewhere will be, until the next gap)
-    cache: dict = field(default_factory=dict)   # per-transport pre-encoded forms
+    """One published event (or, with ``gap``, not an event: events before
+    this point may be missing; data ``"local"``: and events published
+    elsewhere will be, until the next gap).  Its JSON-RPC ``rpc.event``
+    (``rpc.gap``) notification is encoded once (:meth:`notification`),
+    however many subscribers there are, and ``cache`` holds each transport's
+    framing of it while it is being delivered.  In history an event *rests*
+    (:meth:`rest`): it keeps only its notification, whose bytes are exactly
+    as long as they need to be (orjson 3.12+ returns bytes that keep a 4 KB
+    or larger buffer), ``cache`` is None and ``data`` is decoded from the
+    notification again when asked for."""
+
+    __slots__ = ("channel", "offset", "epoch", "time", "gap", "_data", "_json", "_at", "cache")
+
+    def __init__(self, channel: str, offset: int, epoch: str, data: Any, time: float,
+                 data_json: bytes | None = None, gap: bool = False):
+        self.channel = channel
+        self.offset = offset
+        self.epoch = epoch
+        self.time = time
+        self.gap = gap
+        self._data = data
+        self._json: bytes | None = None
+        self._at = 0
+        self.cache: dict | None = {} if data_json is None else {"data": data_json}   # transports' forms
+
+    def __repr__(self):
+        return f"Event({self.channel!r}, {self.offset}, {self.epoch!r}{', gap' if self.gap else ''})"
+
+    @property
+    def data(self) -> Any:
+        d = self._data
+        return loads(self.data_json()) if d is _GONE else d
 
     def params(self) -> dict:
         if self.gap:
@@ -105,19 +138,40 @@ class Event:
         return {"channel": self.channel, "offset": self.offset, "epoch": self.epoch, "data": self.data}
 
     def notification(self) -> bytes:
-        """The JSON-RPC ``rpc.event`` (or ``rpc.gap``) notification, encoded once."""
-        b = self.cache.get("json")
+        """The JSON-RPC ``rpc.event`` (or ``rpc.gap``) notification, encoded
+        once (an event's: the same bytes as ``dumps`` of it, built around
+        :meth:`data_json`)."""
+        b = self._json
         if b is None:
-            method = "rpc.gap" if self.gap else "rpc.event"
-            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": method, "params": self.params()})
+            if self.gap:
+                b = self._json = kept(dumps({"jsonrpc": "2.0", "method": "rpc.gap", "params": self.params()}))
+                return b
+            head = b"".join((_HEAD, dumps(self.channel), b',"offset":%d,"epoch":' % self.offset,
+                             dumps(self.epoch), b',"data":'))
+            self._json = b = b"".join((head, self.data_json(), b"}}"))
+            self._at = len(head)
         return b
 
     def data_json(self) -> bytes:
-        """Just the data, encoded once (STOMP bodies, SSE)."""
-        b = self.cache.get("data")
+        """Just the data, encoded once (STOMP bodies)."""
+        cache = self.cache
+        b = cache.get("data") if cache is not None else None
         if b is None:
-            b = self.cache["data"] = dumps(self.data)
+            b = dumps(self._data) if self._data is not _GONE else self._json[self._at:-2]   # type: ignore[index]
+            if cache is not None:
+                cache["data"] = b
         return b
+
+    def size(self) -> int:
+        """Bytes this event holds at rest, as counted against ``[pubsub] history_memory``."""
+        return len(self.notification()) + EVENT_OVERHEAD
+
+    def rest(self) -> None:
+        """Delivered: keep only the notification (history replays it)."""
+        self.notification()
+        if not self.gap:
+            self._data = _GONE
+        self.cache = None
 
 
 @dataclass(eq=False, slots=True)
@@ -141,6 +195,20 @@ class Notice:
         return b
 
 
+def framed(ev, key: str, make: Callable[[bytes], bytes]) -> bytes:
+    """A transport's framing of ``ev`` (an :class:`Event` or a
+    :class:`Notice`): ``make(notification)``, made once per event and kept in
+    its ``cache`` while it is delivered; a resting event (a replay from
+    history) keeps none, so it is framed again for each subscriber replayed to."""
+    cache = ev.cache
+    if cache is None:
+        return make(ev.notification())
+    b = cache.get(key)
+    if b is None:
+        b = cache[key] = make(ev.notification())
+    return b
+
+
 def presence_notice(channel: str, action: str, principal: str | None, count: int = 1) -> Notice:
     """``rpc.join`` / ``rpc.leave``: ``count`` subscriptions of ``principal``
     (None: anonymous) came or went."""
@@ -149,13 +217,13 @@ def presence_notice(channel: str, action: str, principal: str | None, count: int
 
 class Channel:
     __slots__ = ("name", "epoch", "offset", "history", "subscribers", "max_size", "max_age", "last_used",
-                 "shared_at")
+                 "shared_at", "bytes", "owner")
 
-    def __init__(self, name: str, max_size: int, max_age: float, now: float):
+    def __init__(self, name: str, max_size: int, max_age: float, now: float, owner: "Broker | None" = None):
         self.name = name
         self.epoch = new_epoch()
         self.offset = 0
-        self.history: deque[Event] = deque(maxlen=max_size)
+        self.history: deque[Event] = deque()
         self.subscribers: set = set()
         self.max_size = max_size
         self.max_age = max_age
@@ -163,12 +231,33 @@ class Channel:
         # with a shared backend: None while epoch and offset are the shared ones, else the
         # last shared (epoch, offset) before this node went on alone (("", 0): never shared)
         self.shared_at: tuple[str, int] | None = None
+        self.bytes = 0          # what the history holds (Event.size), counted in owner.history_bytes too
+        self.owner = owner
+
+    def keep(self, ev: Event) -> None:
+        """Append ``ev`` to the history (the oldest event goes past ``max_size``)."""
+        if len(self.history) >= self.max_size:
+            self.drop_oldest()
+        self.history.append(ev)
+        self._count(ev.size())
+
+    def drop_oldest(self) -> None:
+        self._count(-self.history.popleft().size())
+
+    def clear(self) -> None:
+        self.history.clear()
+        self._count(-self.bytes)
+
+    def _count(self, n: int) -> None:
+        self.bytes += n
+        if self.owner is not None:
+            self.owner.history_bytes += n
 
     def trim(self, now: float) -> None:
         h = self.history
         limit = now - self.max_age
         while h and h[0].time < limit:
-            h.popleft()
+            self.drop_oldest()
 
     def covers(self, since: int) -> bool:
         """Can every event after ``since`` be replayed?"""
@@ -207,10 +296,13 @@ class Broker:
 
     def __init__(self, clock, history_size: int = 1000, history_age: float = 3600.0,
                  overrides: Iterable[tuple[str, int | None, float | None]] = (), metrics=None,
-                 gc_interval: float = 60.0, presence_events: Iterable[tuple[str, bool]] = ()):
+                 gc_interval: float = 60.0, presence_events: Iterable[tuple[str, bool]] = (),
+                 history_memory: int = 0):
         self.clock = clock
         self.history_size = history_size
         self.history_age = history_age
+        self.history_memory = history_memory     # bound of history_bytes over all channels (0: none)
+        self.history_bytes = 0
         self.overrides = list(overrides)
         self.presence_events = list(presence_events)   # [(pattern, yes/no)]: the first match decides
         self._announces: dict[str, bool] = {}
@@ -230,8 +322,12 @@ class Broker:
             self._m = (metrics.counter("msgd_pubsub_published_total", "Events published"),
                        metrics.counter("msgd_pubsub_deliveries_total", "Events handed to subscribers"),
                        metrics.gauge("msgd_pubsub_channels", "Channels in memory"),
-                       metrics.gauge("msgd_pubsub_subscriptions", "Subscriptions (channels and patterns)"))
+                       metrics.gauge("msgd_pubsub_subscriptions", "Subscriptions (channels and patterns)"),
+                       metrics.gauge("msgd_pubsub_history_bytes", "Bytes of events kept in history"),
+                       metrics.counter("msgd_pubsub_history_shed_total",
+                                       "Events dropped from history to stay within history_memory"))
             self._m[2].set_function(lambda: len(self.channels))
+            self._m[4].set_function(lambda: self.history_bytes)
             self._m[3].set_function(lambda: sum(len(c.subscribers) for c in self.channels.values())
                                     + sum(len(s) for s in self.patterns.values()))
 
@@ -276,7 +372,7 @@ class Broker:
         ch = self.channels.get(name)
         if ch is None:
             size, age = self._limits(name)
-            ch = self.channels[name] = Channel(name, size, age, self.clock.seconds())
+            ch = self.channels[name] = Channel(name, size, age, self.clock.seconds(), self)
             for p in self._patterns_for(name) if self.patterns else ():
                 self._matched[p][name] = None
             if self.backend is not None:
@@ -522,7 +618,9 @@ class Broker:
         ch = self.channels.get(name)
         if ch is not None and ch.subscribers:
             return
-        if self.channels.pop(name, None) is not None:
+        ch = self.channels.pop(name, None)
+        if ch is not None:
+            ch.clear()
             for p in self._patterns_for(name) if self.patterns else ():
                 self._matched[p].pop(name, None)
         self._matches.pop(name, None)
@@ -538,15 +636,15 @@ class Broker:
         """Publish ``data``; fires with the event's offset."""
         check_channel(name)
         try:
-            dumps(data)
+            data_json = dumps(data)
         except (TypeError, ValueError) as e:
             raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
         if self.backend is not None and self.backend.available(name):
             # offset from the shared channel; delivered here when it comes back through receive()
             return self.backend.publish(name, data).addErrback(self._publish_alone, name, data)
-        return self._publish_alone(None, name, data)
+        return self._publish_alone(None, name, data, data_json)
 
-    def _publish_alone(self, failure, name: str, data: Any) -> defer.Deferred:
+    def _publish_alone(self, failure, name: str, data: Any, data_json: bytes | None = None) -> defer.Deferred:
         """Publish on this node only (memory backend, or the shared one is away)."""
         if failure is not None:
             self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
@@ -558,19 +656,60 @@ class Broker:
                 # leave the shared stream: a local epoch, announced first — events published
                 # elsewhere no longer reach these subscribers
                 ch.shared_at = (ch.epoch, ch.offset)
-                ch.history.clear()
+                ch.clear()
                 self._gap(ch, new_epoch(), ch.offset, now, "local")
             self.backend.forked(name)
         ch.offset += 1
-        ev = Event(name, ch.offset, ch.epoch, data, now)
-        if ch.max_size:
-            ch.history.append(ev)
-            ch.trim(now)
+        ev = Event(ch.name, ch.offset, ch.epoch, data, now, data_json)
         ch.last_used = now
-        self.deliver(ev, ch)
+        self._deliver_and_keep(ev, ch, now)
         for listener in self.listeners:
             listener(ev)
         return defer.succeed(ev.offset)
+
+    def _deliver_and_keep(self, ev: Event, ch: Channel, now: float) -> None:
+        """Deliver ``ev`` and keep it in the channel's history, at rest."""
+        if not ch.max_size:
+            self.deliver(ev, ch)
+            return
+        ch.keep(ev)
+        ch.trim(now)
+        self.deliver(ev, ch)
+        ev.rest()
+        self._bound_memory()
+
+    def _bound_memory(self) -> None:
+        if self.history_memory and self.history_bytes > self.history_memory:
+            self.shed()
+
+    def shed(self) -> int:
+        """History is over ``history_memory``: drop the oldest events of the
+        channels that hold the most, until all history holds 90% of the bound
+        (every channel above a common level is cut down to it).  A resume
+        that needs a dropped event is told ``recovered: false``.  Returns how
+        many events went."""
+        target = self.history_memory * 9 // 10
+        sizes = sorted((ch.bytes for ch in self.channels.values() if ch.bytes), reverse=True)
+        rest = sum(sizes)
+        level = 0
+        for k, size in enumerate(sizes):       # the top k+1 channels come down to `level`
+            rest -= size
+            level = (target - rest) // (k + 1)
+            if k + 1 == len(sizes) or level >= sizes[k + 1]:
+                break
+        dropped = 0
+        touched = 0
+        for ch in self.channels.values():
+            if ch.bytes > level:
+                touched += 1
+                while ch.history and ch.bytes > level:
+                    ch.drop_oldest()
+                    dropped += 1
+        if self._m is not None:
+            self._m[5].inc(dropped)
+        self.log.info("history over history_memory ({limit} bytes): dropped the {events} oldest events of "
+                      "{channels} channels", limit=self.history_memory, events=dropped, channels=touched)
+        return dropped
 
     # -- shared channels (a backend calls these) ------------------------------------
 
@@ -595,15 +734,12 @@ class Broker:
             return False
         now = self.clock.seconds()
         if ev.epoch != ch.epoch or ev.offset != ch.offset + 1 or ch.shared_at is not None:
-            ch.history.clear()
+            ch.clear()
             ch.shared_at = None
             self._gap(ch, ev.epoch, ev.offset - 1, now)
         ch.offset = ev.offset
-        if ch.max_size:
-            ch.history.append(ev)
-            ch.trim(now)
         ch.last_used = now
-        self.deliver(ev, ch)
+        self._deliver_and_keep(ev, ch, now)
         return True
 
     def resync(self, name: str, epoch: str, offset: int, events: list[Event]) -> Channel:
@@ -619,8 +755,7 @@ class Broker:
             ch = self.channel(name)
             ch.shared_at = None
             ch.epoch, ch.offset = epoch, offset
-            ch.history.extend(e for e in events if e.offset <= offset)
-            ch.trim(now)
+            self._keep_resting(ch, [e for e in events if e.offset <= offset], now)
             return ch
         base_epoch, base = ch.shared_at or (ch.epoch, ch.offset)
         branched = ch.shared_at is not None
@@ -628,10 +763,10 @@ class Broker:
         covered = base_epoch == epoch and base <= offset and (
             base == offset or (missed and missed[0].offset == base + 1 and missed[-1].offset == offset))
         ch.shared_at = None
-        ch.history.clear()
+        ch.clear()
         if covered:
             ch.epoch, ch.offset = epoch, base
-            ch.history.extend(e for e in events if e.offset <= base)
+            self._keep_resting(ch, [e for e in events if e.offset <= base], now)
             if branched:
                 self._gap(ch, epoch, base, now)
         else:
@@ -639,11 +774,19 @@ class Broker:
             self._gap(ch, epoch, missed[0].offset - 1 if missed else offset, now)
         for e in missed:
             ch.offset = e.offset
-            ch.history.append(e)
-            self.deliver(e, ch)
+            self._deliver_and_keep(e, ch, now)
         ch.trim(now)
         ch.last_used = now
         return ch
+
+    def _keep_resting(self, ch: Channel, events: list[Event], now: float) -> None:
+        """Put ``events`` (not delivered here) in the channel's history, at rest."""
+        if ch.max_size:
+            for e in events:
+                e.rest()
+                ch.keep(e)
+        ch.trim(now)
+        self._bound_memory()
 
     def _gap(self, ch: Channel, epoch: str, offset: int, now: float, why=None) -> None:
         """The channel goes on at ``epoch``/``offset`` after events its

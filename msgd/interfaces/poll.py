@@ -52,7 +52,7 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.core.jsonrpc import dumps, error_response
+from msgd.core.jsonrpc import dumps, error_response, kept
 from msgd.interfaces.connection import Clients
 
 
@@ -306,7 +306,7 @@ class PollResource(resource.Resource):
         if session is None:
             return refusal
         session.last_seen = self.registry.clock.seconds()
-        session.connection.answer(request.content.read(), session.push)
+        session.connection.answer(request.content.read(), lambda data: session.push(kept(data)))   # queued: right-sized
         return _reply(request, 202, {"queued": True})
 
     def render_GET(self, request):

@@ -54,6 +54,7 @@ from zope.interface import implementer
 from msgd.config import Invalid, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
+from msgd.core.pubsub import framed
 from msgd.interfaces.base import Listener, discard_unsent
 from msgd.interfaces.connection import CONNECTED, Clients
 from msgd.interfaces.writer import BoundedWriter
@@ -95,6 +96,10 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
 
 
 @implementer(IPushProducer)
+def _line(notification: bytes) -> bytes:
+    return notification + b"\n"
+
+
 class StreamProtocol(protocol.Protocol):
     """One client connection: splits lines, answers them, delivers events."""
 
@@ -163,10 +168,7 @@ class StreamProtocol(protocol.Protocol):
 
     def deliver(self, event):
         """Called by the broker for each event of a subscribed channel."""
-        line = event.cache.get("line")
-        if line is None:
-            line = event.cache["line"] = event.notification() + b"\n"
-        self._write(line)
+        self._write(framed(event, "line", _line))
 
     def _write(self, data: bytes):
         if not self._closing and self.writer is not None:

@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
+from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.writer import BoundedWriter
@@ -212,10 +213,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         frame is prepared once per event and written as is."""
         if self.state != self.STATE_OPEN or self._closing:
             return
-        data = event.cache.get("ws")
-        if data is None:
-            data = event.cache["ws"] = frame(event.notification())
-        self.writer.write(data)
+        self.writer.write(framed(event, "ws", frame))
 
     def _drop_slow(self, limit):
         iface = self.factory.interface
