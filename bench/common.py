@@ -66,6 +66,10 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def rss_kib_self() -> int:
+    return rss_kib(os.getpid())
+
+
 def wait_port(port: int, timeout: float = 20) -> None:
     import socket
     deadline = time.monotonic() + timeout
