@@ -3,6 +3,7 @@
 import json
 
 import websocket
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -235,6 +236,28 @@ class WebSocketTests(unittest.TestCase):
         r = (yield a3.call("rpc.subscribe", dict(held, channel="a.*")))["result"]
         self.assertFalse(r["recovered"])
         self.assertEqual([(e["params"]["channel"], e["params"]["offset"]) for e in a3.pending()], [("a.y", 1)])
+
+    @defer.inlineCallbacks
+    def test_a_connection_holds_only_what_differs(self):
+        """Autobahn's ~40 options live on the interface's protocol class, not
+        in each connection; an idle subscribed connection's __dict__ is small."""
+        c = yield self.client()
+        yield c.call("rpc.subscribe", {"channel": "room.1"})
+        iface = self.node.interfaces["web"]
+        [proto] = [going_away.__self__ for going_away in iface.goodbyes.values()]
+        cls = type(proto)
+        self.assertEqual((cls.maxMessagePayloadSize, cls.maxFramePayloadSize), (64 * 1024, 64 * 1024))
+        self.assertEqual((cls.autoPingInterval, cls.autoPingTimeout), (30.0, 10.0))
+        self.assertEqual(cls.perMessageCompressionAccept(["offer"]), None)     # a function, not a method
+        state = vars(proto)
+        self.assertEqual([name for name in WebSocketServerProtocol.CONFIG_ATTRS if name in state], [])
+        self.assertNotIn("http_headers", state)
+        self.assertLessEqual(len(state), 30, sorted(state))
+        r = yield c.call("m.add", [1, 2])          # and it still works
+        self.assertEqual(r["result"], 3)
+        yield c.call("rpc.publish", {"channel": "room.1", "data": "x"})
+        ev = yield c.next_event()
+        self.assertEqual(ev["params"]["data"], "x")
 
     @defer.inlineCallbacks
     def test_metrics_count_connections(self):

@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
@@ -89,9 +91,35 @@ log = Logger()
 
 # Autobahn copies these options from the factory to each new connection and,
 # doing so, formats all of them with pprint for a debug line, logged or not:
-# a fifth of the CPU a new connection costs.  MsgdWebSocket copies them itself
-# and leaves Autobahn none to copy.
+# a fifth of the CPU a new connection costs.  Each MsgdWebSocketFactory makes
+# its own subclass of MsgdWebSocket holding them as class attributes instead,
+# and leaves Autobahn none to copy: a connection holds only what differs.
 _PROTOCOL_OPTIONS = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+# Autobahn's per-connection state as it is on an open connection between
+# messages, held by the class: MsgdWebSocket._settle() removes what equals it
+# from a new connection's __dict__ (anything Autobahn sets again lands in the
+# instance, as before).  The traffic counters are shared: nothing reads them.
+_AT_REST = {
+    "data": b"", "send_queue": (), "triggered": False, "send_state": 0, "inside_message": False,
+    "current_frame": None, "current_frame_masker": None, "frame_data": None, "frame_length": 0,
+    "message_data": None, "message_data_total_length": 0, "message_is_binary": False,
+    "utf8validateLast": None, "utf8validateIncomingCurrentMessage": True, "_isMessageCompressed": False,
+    "_perMessageCompress": None, "trackedTimings": None, "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False, "closedByMe": False, "failedByMe": False, "droppedByMe": False,
+    "wasClean": False, "wasNotCleanReason": None, "wasServerConnectionDropTimeout": False,
+    "wasOpenHandshakeTimeout": False, "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False, "localCloseCode": None, "localCloseReason": None,
+    "remoteCloseCode": None, "remoteCloseReason": None, "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None, "autoPingPending": None,
+    "autoPingPendingCall": None, "autoPingPendingSent": None, "autoPingPendingSeq": 0,
+    "websocket_version": 13, "websocket_extensions_in_use": (), "_transport_details": None,
+    "trafficStats": TrafficStats(),
+}
+# ... and what the opening handshake left that nothing reads once the connection is open
+_HANDSHAKE_ONLY = ("http_headers", "http_request_data", "http_response_data", "http_status_line",
+                   "http_request_uri", "http_request_path", "http_request_params", "http_request_host",
+                   "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey")
 
 
 @implementer(IPushProducer)
@@ -110,10 +138,20 @@ class MsgdWebSocket(WebSocketServerProtocol):
     _opened = False
     _refusal = None
 
-    def connectionMade(self):
-        factory = self.factory
-        self.__dict__.update({name: getattr(factory, name) for name in _PROTOCOL_OPTIONS})
-        super().connectionMade()
+    def _settle(self):
+        """Open: let the connection's __dict__ hold only what differs from
+        the class (a new, compact dict; the old one had room for 100 keys)."""
+        d = self.__dict__
+        if d.get("_listeners") is None:     # txaio events: nobody listens (set_valid_events made these)
+            d.pop("_valid_events", None)
+            d.pop("_results", None)
+        for name in _HANDSHAKE_ONLY + ("trafficStats", "_transport_details"):
+            d.pop(name, None)
+        for name in ("send_queue", "websocket_extensions_in_use"):
+            if not d.get(name, True):
+                del d[name]         # empty: the class's () does
+        cls = type(self)
+        self.__dict__ = {k: v for k, v in d.items() if getattr(cls, k, _AT_REST) is not v}
 
     # -- handshake -------------------------------------------------------------
 
@@ -182,12 +220,14 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.connection = self.factory.clients.connect(self.deliver, self.principal)
             self.writer = BoundedWriter(self.transport.write, iface.options.ws_max_pending, self._drop_slow,
                                         lambda: discard_unsent(self.transport))
+        self._settle()
 
     # -- requests ----------------------------------------------------------------
 
     def onMessage(self, payload, isBinary):
         if self._refusal is not None or self._closing:
             return      # refused, or closed by the node: nothing more is served
+        self.current_frame_masker = None    # the frame's, done with: not kept while idle
         if self.stomp is not None:
             self.stomp.data_received(payload)
             return
@@ -283,6 +323,10 @@ class MsgdWebSocket(WebSocketServerProtocol):
         super().connectionLost(reason)
 
 
+for _name, _value in _AT_REST.items():
+    setattr(MsgdWebSocket, _name, _value)
+
+
 class MsgdWebSocketFactory(WebSocketServerFactory):
     protocol = MsgdWebSocket
 
@@ -300,6 +344,9 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
             openHandshakeTimeout=10, closeHandshakeTimeout=o.close_timeout,
             tcpNoDelay=True,
         )
+        options = {name: getattr(self, name) for name in _PROTOCOL_OPTIONS}
+        self.protocol = type("MsgdWebSocket", (MsgdWebSocket,), {   # a function stays one, not a method
+            name: staticmethod(v) if inspect.isfunction(v) else v for name, v in options.items()})
 
 
 def make_resource(interface):
