@@ -234,8 +234,7 @@ class StatusRoot(resource.Resource):
     def __init__(self, interface):
         super().__init__()
         self.page = WebFile("status.html", b"text/html; charset=utf-8")
-        factory = MsgdWebSocketFactory(interface)
-        factory.protocol = StatusWebSocket
+        factory = MsgdWebSocketFactory(interface, protocol=StatusWebSocket)
         feed = factory.feed = StatusFeed(interface.node, interface.options.status_interval)
         # its own broker, the one channel, rpc.status, no app functions
         clients = factory.clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"))

@@ -328,9 +328,12 @@ for _name, _value in _AT_REST.items():
 
 
 class MsgdWebSocketFactory(WebSocketServerFactory):
+    """Connections are of a subclass of ``protocol`` (MsgdWebSocket or one of
+    its subclasses) made for this factory, which holds its options."""
+
     protocol = MsgdWebSocket
 
-    def __init__(self, interface):
+    def __init__(self, interface, protocol: type = MsgdWebSocket):
         super().__init__(url=None, server="msgd")
         self.interface = interface
         self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
@@ -345,7 +348,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
             tcpNoDelay=True,
         )
         options = {name: getattr(self, name) for name in _PROTOCOL_OPTIONS}
-        self.protocol = type("MsgdWebSocket", (MsgdWebSocket,), {   # a function stays one, not a method
+        self.protocol = type(protocol.__name__, (protocol,), {   # a function stays one, not a method
             name: staticmethod(v) if inspect.isfunction(v) else v for name, v in options.items()})
 
 
