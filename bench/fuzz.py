@@ -218,8 +218,10 @@ stomp_input = st.one_of(
 class Harness:
     """A node built from INI (not started: nothing listens) on a fake clock,
     and one ``feed_X(input) -> outcome`` per decoder.  Outcomes are
-    ``result``, ``error``, ``none`` (a notification: nothing is due) or
-    ``waiting`` (STOMP: a frame not complete yet); anything else raises."""
+    ``result``, ``error``, ``none`` (a notification: nothing is due),
+    ``waiting`` (STOMP: a frame not complete yet) or ``closed`` (WebSocket: a
+    text message that is not UTF-8 fails the connection, code 1007); anything
+    else raises."""
 
     def __init__(self):
         from msgd.config import parse_text
@@ -269,9 +271,12 @@ class Harness:
         proto._perMessageCompress = None
         proto.state = proto.STATE_OPEN
         proto.connection = self.ws_factory.clients.connect(proto.deliver)
+        proto.transport.registerProducer(proto, True)      # as onOpen does
         proto.onMessage(data, False)
         self._settle()
         proto.connection.close()
+        if proto.failedByMe:
+            return "closed"     # not UTF-8: the connection is failed with 1007
         sent += [payload for _, payload in server_frames(proto.transport.value())]
         return _json_outcome(sent, data)
 

@@ -1,13 +1,16 @@
 """WebSocket interface against a real client library (websocket-client)."""
 
 import json
+import os
 
 import websocket
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from msgd.interfaces.websocket import unmask
 from tests.helpers import http, http_port, make_node
 from tests.wsclient import WS
 
@@ -110,6 +113,45 @@ class WebSocketTests(unittest.TestCase):
         else:
             self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
             self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 1009)
+        other = yield self.client()
+        r = yield other.call("m.add", [1, 2])
+        self.assertEqual(r["result"], 3)
+
+    @defer.inlineCallbacks
+    def test_frames_are_unmasked_and_reassembled(self):
+        """msgd unmasks client frames itself: a call split in fragments (each
+        frame with its own masking key) and one large enough to arrive in
+        several reads both come through."""
+        c = yield self.client()
+        msg = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "m.add", "params": [40, 2]}).encode()
+        frames = [websocket.ABNF.create_frame(msg[:11], websocket.ABNF.OPCODE_TEXT, fin=0),
+                  websocket.ABNF.create_frame(msg[11:30], websocket.ABNF.OPCODE_CONT, fin=0),
+                  websocket.ABNF.create_frame(msg[30:], websocket.ABNF.OPCODE_CONT, fin=1)]
+        for f in frames:
+            yield deferToThread(c.ws.send_frame, f)
+        r = yield c.recv()
+        self.assertEqual((r["id"], r["result"]), (7, 42))
+        big = "é" * 25000             # 50,000 bytes of UTF-8, not ASCII
+        yield c.send(json.dumps({"jsonrpc": "2.0", "id": 8, "method": "rpc.publish",
+                                 "params": {"channel": "big", "data": big}}, ensure_ascii=False))
+        r = yield c.recv()
+        self.assertEqual(r["result"]["offset"], 1)
+        sub = yield self.client()
+        yield sub.call("rpc.subscribe", {"channel": "big", "since": 0})
+        self.assertEqual(sub.pending()[0]["params"]["data"], big)
+
+    @defer.inlineCallbacks
+    def test_text_that_is_not_utf8_closes_with_1007(self):
+        c = yield self.client()
+        bad = b'{"jsonrpc":"2.0","id":1,"method":"m.add","params":["\xff"]}'
+        yield deferToThread(c.ws.send_frame, websocket.ABNF.create_frame(bad, websocket.ABNF.OPCODE_TEXT))
+        try:
+            frame = yield deferToThread(c.ws.recv_data_frame, True)
+        except (ConnectionResetError, websocket.WebSocketConnectionClosedException):
+            pass    # the node dropped the connection (failByDrop): also a refusal
+        else:
+            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
+            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 1007)
         other = yield self.client()
         r = yield other.call("m.add", [1, 2])
         self.assertEqual(r["result"], 3)
@@ -287,3 +329,17 @@ class RefusalTests(unittest.TestCase):
         frame = yield deferToThread(c.ws.recv_data_frame, True)
         self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)       # no answer: only the close
         self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 4001)
+
+
+class UnmaskTests(unittest.TestCase):
+    def test_same_as_autobahn_masker_at_any_offset(self):
+        key = os.urandom(4)
+        for n in (0, 1, 3, 4, 5, 125, 126, 1000, 65537):
+            data = os.urandom(n)
+            self.assertEqual(unmask(data, key), create_xor_masker(key, n).process(data), n)
+            masker = create_xor_masker(key, n)
+            pieces, at = [], 0
+            for size in (1, 2, 5, 7, n):             # a payload that arrives in several reads
+                pieces.append(unmask(data[at:at + size], key, at))
+                at += size
+            self.assertEqual(b"".join(pieces), masker.process(data), n)
