@@ -208,6 +208,7 @@ class StreamTests(Base):
         self.assertEqual(slow.transport.producerState, "paused")   # its requests are not read either
         for i in range(100):
             self.node.pubsub.publish("busy", "x" * 1000)
+        iface.turn.run()
         self.assertTrue(slow.transport.disconnecting)
         last = slow.transport.value().splitlines()[-1]
         self.assertEqual(json.loads(last)["method"], "rpc.closing")
@@ -230,10 +231,12 @@ class StreamTests(Base):
         p.connection.session.subscribe("busy")
         for i in range(3):
             self.node.pubsub.publish("busy", "x" * 1000)
+        iface.turn.run()        # the turn's three lines go in one write
         t.room = 1500           # the socket takes one line and a half, then no more
         t.flush()
         for i in range(200):
             self.node.pubsub.publish("busy", "x" * 1000)
+        iface.turn.run()
         self.assertTrue(t.disconnecting)
         self.assertEqual(self.node.pubsub.presence("busy")["count"], 0)
         self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads

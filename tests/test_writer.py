@@ -1,9 +1,10 @@
 """The bounded writer every push transport uses (msgd.interfaces.writer),
 without a transport."""
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from msgd.interfaces.writer import BoundedWriter
+from msgd.interfaces.writer import TURN_BYTES, BoundedWriter, Turn
 
 
 class BoundedWriterTests(unittest.TestCase):
@@ -55,3 +56,51 @@ class BoundedWriterTests(unittest.TestCase):
         self.w.write(b"b")
         self.w.resume()
         self.assertEqual(self.out, [])
+
+
+class TurnTests(unittest.TestCase):
+    """With a Turn, what a writer is given during a reactor turn goes out in
+    one write at the end of it."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.turn = Turn(self.clock)
+        self.out, self.overflows = [], []
+        self.w = BoundedWriter(self.out.append, 10, self.overflows.append, None, self.turn)
+
+    def test_one_write_at_the_end_of_the_turn(self):
+        self.w.write(b"abc")
+        self.w.write(b"def")
+        self.assertEqual(self.out, [])
+        self.clock.advance(0)
+        self.assertEqual(self.out, [b"abcdef"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_paused_before_the_turn_ends_waits_and_counts(self):
+        self.w.write(b"0123456")
+        self.w.pause()
+        self.clock.advance(0)
+        self.assertEqual(self.out, [])
+        self.w.write(b"7890")                   # 11 bytes waiting: past the limit
+        self.assertEqual(self.overflows, [10])
+
+    def test_a_burst_goes_at_once(self):
+        w = BoundedWriter(self.out.append, 10 ** 6, self.overflows.append, None, self.turn)
+        chunk = b"x" * 1024
+        for _ in range(TURN_BYTES // 1024):
+            w.write(chunk)
+        self.assertEqual([len(b) for b in self.out], [TURN_BYTES])
+        self.clock.advance(0)
+        self.assertEqual(len(self.out), 1)
+
+    def test_close_writes_what_the_turn_gave_first(self):
+        self.w.write(b"last")
+        self.w.close()
+        self.w.write(b"more")
+        self.clock.advance(0)
+        self.assertEqual(self.out, [b"last"])
+
+    def test_run_early_leaves_no_call(self):
+        self.w.write(b"a")
+        self.turn.run()
+        self.assertEqual((self.out, self.clock.getDelayedCalls()), ([b"a"], []))

@@ -634,6 +634,13 @@ class Broker:
 
     def publish(self, name: str, data: Any, principal=None) -> defer.Deferred:
         """Publish ``data``; fires with the event's offset."""
+        offset = self.publish_now(name, data, principal)
+        return offset if isinstance(offset, defer.Deferred) else defer.succeed(offset)
+
+    def publish_now(self, name: str, data: Any, principal=None) -> int | defer.Deferred:
+        """Like :meth:`publish`, but the offset of an event published on this
+        node alone is returned as it is, not in a Deferred (the fast path of
+        ``rpc.publish``); a shared backend's is still a Deferred."""
         check_channel(name)
         try:
             data_json = dumps(data)
@@ -644,7 +651,7 @@ class Broker:
             return self.backend.publish(name, data).addErrback(self._publish_alone, name, data)
         return self._publish_alone(None, name, data, data_json)
 
-    def _publish_alone(self, failure, name: str, data: Any, data_json: bytes | None = None) -> defer.Deferred:
+    def _publish_alone(self, failure, name: str, data: Any, data_json: bytes | None = None) -> int:
         """Publish on this node only (memory backend, or the shared one is away)."""
         if failure is not None:
             self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
@@ -665,7 +672,7 @@ class Broker:
         self._deliver_and_keep(ev, ch, now)
         for listener in self.listeners:
             listener(ev)
-        return defer.succeed(ev.offset)
+        return ev.offset
 
     def _deliver_and_keep(self, ev: Event, ch: Channel, now: float) -> None:
         """Deliver ``ev`` and keep it in the channel's history, at rest."""
@@ -981,7 +988,11 @@ class Session:
     def rpc_publish(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
         data = param(params, "data", 1, required=False)
-        return self.publish(request, channel, data).addCallback(lambda offset: {"channel": channel, "offset": offset})
+        self.check(request, "publish", channel)
+        offset = self.broker.publish_now(channel, data, principal=request.principal)
+        if isinstance(offset, defer.Deferred):
+            return offset.addCallback(lambda offset: {"channel": channel, "offset": offset})
+        return {"channel": channel, "offset": offset}
 
     def publish(self, request, channel: str, data) -> defer.Deferred:
         """Publish as ``request``'s principal, once the channel check allows it."""

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
+from msgd.interfaces.writer import Turn
 from msgd.security.addresses import ProxyProtocolFactory
 from msgd.services import Services
 
@@ -76,6 +77,7 @@ class Listener(Interface):
         self.port = None
         self.connections: set = set()   # transports of open connections
         self.goodbyes: dict = {}        # transport -> how to close it politely (e.g. WebSocket 1001)
+        self.turn = Turn(node.reactor)  # its connections' writes go out at the end of the reactor turn
         self._aborts: dict = {}         # transport -> the abort of a connection the node is closing
         self._closing: list = []
         node.metrics.gauge("msgd_interface_connections", "Open connections per listening interface",

@@ -70,7 +70,8 @@ class EventStream:
         self.registry = registry
         self.limit = registry.options.poll_max_queue
         self.on_close = on_close
-        self.writer = BoundedWriter(request.write, self.limit, self._slow, lambda: discard_unsent(request.transport))
+        self.writer = BoundedWriter(request.write, self.limit, self._slow, lambda: discard_unsent(request.transport),
+                                    registry.interface.turn)
         self.closed = False
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")

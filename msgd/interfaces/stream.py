@@ -57,7 +57,7 @@ from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import Listener, discard_unsent
 from msgd.interfaces.connection import CONNECTED, Clients
-from msgd.interfaces.writer import BoundedWriter
+from msgd.interfaces.writer import BoundedWriter, write_now
 from msgd.security import Guard, SecurityOptions
 
 
@@ -120,8 +120,9 @@ class StreamProtocol(protocol.Protocol):
         # the node's [access:*] rules apply to calls and channels, for the principal of rpc.login
         address = iface.guard.addresses.of_connection(self.transport)     # rpc.login's throttle
         self.connection = iface.clients.connect(self.deliver, address=address)
-        self.writer = BoundedWriter(self.transport.write, iface.options.max_pending, self._slow,
-                                    lambda: discard_unsent(self.transport))
+        transport = self.transport
+        self.writer = BoundedWriter(lambda data: write_now(transport, data), iface.options.max_pending, self._slow,
+                                    lambda: discard_unsent(transport), iface.turn)
         self.transport.registerProducer(self, True)
 
     def _refuse(self, limit: str):

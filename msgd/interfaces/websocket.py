@@ -45,6 +45,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from collections import deque
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -59,7 +61,7 @@ from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
-from msgd.interfaces.writer import BoundedWriter
+from msgd.interfaces.writer import BoundedWriter, write_now
 from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
@@ -87,7 +89,8 @@ def unmask(data: bytes, key: bytes, offset: int = 0) -> bytes:
     n = len(data)
     if offset & 3:
         key = key[offset & 3:] + key[:offset & 3]
-    return (int.from_bytes(data, "little") ^ int.from_bytes((key * ((n + 3) >> 2))[:n], "little")).to_bytes(n, "little")
+    keys = (key * ((n + 3) >> 2))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
 
 
 def _stomp_session_class():
@@ -229,8 +232,9 @@ class MsgdWebSocket(WebSocketServerProtocol):
                                                      authenticate=lambda login, passcode: self.principal)
         else:
             self.connection = self.factory.clients.connect(self.deliver, self.principal)
-            self.writer = BoundedWriter(self.transport.write, iface.options.ws_max_pending, self._drop_slow,
-                                        lambda: discard_unsent(self.transport))
+            transport = self.transport
+            self.writer = BoundedWriter(lambda data: write_now(transport, data), iface.options.ws_max_pending,
+                                        self._drop_slow, lambda: discard_unsent(transport), iface.turn)
         self._settle()
 
     # -- requests ----------------------------------------------------------------
@@ -273,18 +277,29 @@ class MsgdWebSocket(WebSocketServerProtocol):
     def _answer(self, data):
         if self.state == self.STATE_OPEN:
             if self._perMessageCompress is None:
-                self.transport.write(frame(data))
+                self.writer.write(frame(data))      # after the events of this turn, in the same write
             else:
                 self.sendMessage(data, False)
 
     def _send_json(self, obj):
         self.sendMessage(dumps(obj), False)
 
+    def sendData(self, data, sync=False, chopsize=None):
+        # what Autobahn writes itself (close, ping, pong, sendMessage) goes after the frames
+        # held for the end of the turn
+        writer = self.writer
+        if writer is not None and writer.queue and not writer.paused:
+            writer.flush()
+        if (sync or chopsize) and "send_queue" not in self.__dict__:
+            self.send_queue = deque()       # the class's (at rest) is an empty tuple
+        super().sendData(data, sync, chopsize)
+
     # -- events --------------------------------------------------------------------
 
     def deliver(self, event):
         """Called by the broker for each event on a subscribed channel: the
-        frame is prepared once per event and written as is."""
+        frame is prepared once per event and written as is (at the end of
+        the reactor turn, with the connection's other frames)."""
         if self.state != self.STATE_OPEN or self._closing:
             return
         self.writer.write(framed(event, "ws", frame))
@@ -383,8 +398,9 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
             applyMask=False, utf8validateIncoming=False,    # MsgdWebSocket unmasks and checks UTF-8
         )
         options = {name: getattr(self, name) for name in _PROTOCOL_OPTIONS}
-        self.protocol = type(protocol.__name__, (protocol,), {   # a function stays one, not a method
+        made: Any = type(protocol.__name__, (protocol,), {   # a function stays one, not a method
             name: staticmethod(v) if inspect.isfunction(v) else v for name, v in options.items()})
+        self.protocol = made
 
 
 def make_resource(interface):

@@ -12,6 +12,12 @@ to send (:func:`msgd.interfaces.base.discard_unsent`), then calls
 an ``rpc.closing`` line, an ERROR frame) with :meth:`BoundedWriter.last`
 — the next thing the client reads — and closes the connection within
 ``close_timeout`` (:meth:`msgd.interfaces.base.Listener.close_within`).
+
+With a :class:`Turn` (the listener's), what a writer is given during a
+reactor turn goes out in one write at the end of the turn, however many
+events and answers there were: a fan-out costs each socket one ``send`` per
+turn.  :func:`write_now` is the ``out`` of plain sockets: straight to the
+socket when Twisted holds nothing unsent for it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,72 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def write_now(transport, data: bytes) -> None:
+    """``transport.write(data)``, but when Twisted holds nothing unsent for
+    this plain TCP (or Unix) socket, send at once, as a Node.js socket does
+    when it is uncorked: a write through Twisted costs a turn of the reactor,
+    two epoll_ctl calls (start and stop watching for writability) and its
+    write machinery, per socket and turn.  What the socket does not take
+    goes through ``transport.write`` (which also pauses the producer, as usual)."""
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport.dataBuffer and not transport._tempDataBuffer):
+        sent = transport.writeSomeData(data)        # the socket's send(); an exception object when lost
+        if isinstance(sent, int) and sent:          # (then the transport's own write finds out)
+            if sent < len(data):
+                # the rest of a write the socket has begun: where Twisted keeps such bytes (not
+                # in its queue of whole writes, which discard_unsent may drop)
+                transport.dataBuffer, transport.offset = data[sent:], 0
+                transport.startWriting()
+                transport._maybePauseProducer()
+            return
+    transport.write(data)
+
+
+# what a writer holds for the end of the turn before it writes at once (Twisted's
+# transports buffer 64 KiB before they pause their producer)
+TURN_BYTES = 64 * 1024
+
+
+class Turn:
+    """The writers given bytes during this reactor turn: each writes them
+    at the end of the turn (one ``callLater(0)`` for all of them)."""
+
+    __slots__ = ("call", "clock", "dirty")
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.dirty: list[BoundedWriter] = []
+        self.call = None
+
+    def add(self, writer: BoundedWriter) -> None:
+        self.dirty.append(writer)
+        if self.call is None:
+            self.call = self.clock.callLater(0, self.run)
+
+    def run(self) -> None:
+        """The turn ends (called early by tests: what is due goes now)."""
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+        dirty, self.dirty = self.dirty, []
+        for writer in dirty:
+            try:
+                writer.turn_ended()
+            except Exception:
+                log.failure("writing at the end of the reactor turn failed")
+
 
 class BoundedWriter:
-    __slots__ = ("closed", "discard", "limit", "out", "overflow", "paused", "queue", "queued")
+    __slots__ = ("closed", "discard", "limit", "out", "overflow", "paused", "queue", "queued", "turn")
 
     def __init__(self, out: Callable[[bytes], Any], limit: int, overflow: Callable[[int], Any],
-                 discard: Callable[[], Any] | None = None):
+                 discard: Callable[[], Any] | None = None, turn: Turn | None = None):
         self.out = out              # write(bytes) of the transport
         self.limit = limit
         self.overflow = overflow    # overflow(limit): say why and close
@@ -33,12 +99,22 @@ class BoundedWriter:
         self.queue: list[bytes] | None = None     # made when first needed: idle connections stay small
         self.queued = 0
         self.closed = False
+        self.turn = turn            # None: write at once
 
     def write(self, data: bytes) -> None:
         if self.closed:
             return
         if not self.paused:
-            self.out(data)
+            if self.turn is None:
+                self.out(data)
+            elif self.queue is None:
+                self.queue, self.queued = [data], len(data)
+                self.turn.add(self)
+            else:
+                self.queue.append(data)
+                self.queued += len(data)
+                if self.queued >= TURN_BYTES:
+                    self.flush()        # a burst: to the transport now, which pauses us if it must
             return
         if self.queue is None:
             self.queue = []
@@ -66,6 +142,10 @@ class BoundedWriter:
         self.paused = False
         self.flush()
 
+    def turn_ended(self) -> None:
+        if not self.paused:
+            self.flush()
+
     def flush(self) -> None:
         if self.queue:
             data = b"".join(self.queue)
@@ -76,6 +156,9 @@ class BoundedWriter:
         self.queue, self.queued = None, 0
 
     def close(self) -> None:
-        """Nothing more is written (the connection is closing or gone)."""
+        """Nothing more is written (the connection is closing or gone) after
+        what was given this turn."""
+        if not self.paused and not self.closed:
+            self.flush()
         self.closed = True
         self.clear()
