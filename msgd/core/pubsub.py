@@ -12,7 +12,7 @@ receives exactly the missed events (``recovered: true``), otherwise it is told
 History is bounded per channel by count and age (``[pubsub] history_size``,
 ``history_age``, overridable per pattern by ``[channel:PATTERN]`` sections)
 and over all channels by memory (``history_memory``: past it the oldest
-events of the channels holding the most are dropped, see :meth:`Broker.shed`).
+events of the channels holding the most are dropped, see ``Broker.shed``).
 
 Subscriptions are to a channel (``chat.lobby``) or a pattern with shell-style
 wildcards (``news.*``).  A pattern's subscribe answer gives the position
@@ -101,7 +101,7 @@ class Event:
     (``rpc.gap``) notification is encoded once (:meth:`notification`),
     however many subscribers there are, and ``cache`` holds each transport's
     framing of it while it is being delivered.  In history an event *rests*
-    (:meth:`rest`): it keeps only its notification, whose bytes are exactly
+    (``rest()``): it keeps only its notification, whose bytes are exactly
     as long as they need to be (orjson 3.12+ returns bytes that keep a 4 KB
     or larger buffer), ``cache`` is None and ``data`` is decoded from the
     notification again when asked for."""
@@ -140,7 +140,7 @@ class Event:
     def notification(self) -> bytes:
         """The JSON-RPC ``rpc.event`` (or ``rpc.gap``) notification, encoded
         once (an event's: the same bytes as ``dumps`` of it, built around
-        :meth:`data_json`)."""
+        ``data_json()``)."""
         b = self._json
         if b is None:
             if self.gap:
