@@ -69,7 +69,7 @@ class Setup:
 
 def run(setup: Setup, mode: str, subscribers: int, events: int, window: int, payload: int) -> dict:
     node, *urls = setup.urls(mode)
-    extra = urls[1:]
+    extra = [1, *urls[1:]] if urls[1:] else []     # one publisher, on the other node
     cpu0 = node.cpu()
     result, client_cpu = common.loadgen("fanout", urls[0], subscribers, events, window, payload, *extra)
     result["server_cpu"] = node.cpu() - cpu0

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,19 +167,42 @@ def msgd_argv(port: int, extra_ini: str = "", pubsub: str = "") -> tuple[list, s
     return [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"], base
 
 
-def msgd_server(extra_ini: str = "", pubsub: str = "", cpu: str = SERVER_CPU) -> tuple[Server, str]:
+def shipped_argv(port: int) -> tuple[list, str]:
+    """The command line of a node on the shipped ``etc/node.ini`` as it is
+    (every interface, reloading, logging), its web interface on ``port``, its
+    other listeners on free ports and its files in a temp dir."""
+    base = tempfile.mkdtemp(prefix="msgd-shipped-")
+    with open(os.path.join(ROOT, "etc", "node.ini")) as f:
+        ini = f.read()
+    for old, new in ((":8080:", f":{port}:"), (":61623:", f":{free_port()}:"), (":8789:", f":{free_port()}:"),
+                     ("= ../apps", f"= {ROOT}/apps"), ("../var/", f"{base}/")):
+        assert old in ini, old
+        ini = ini.replace(old, new)
+    with open(os.path.join(base, "node.ini"), "w") as f:
+        f.write(ini)
+    return [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={base}/node.log", "msgd", "-c", f"{base}/node.ini"], base
+
+
+def msgd_server(extra_ini: str = "", pubsub: str = "", cpu: str = SERVER_CPU,
+                shipped: bool = False) -> tuple[Server, str]:
     port = free_port()
-    argv, base = msgd_argv(port, extra_ini, pubsub)
+    argv, base = shipped_argv(port) if shipped else msgd_argv(port, extra_ini, pubsub)
     return Server(argv, port, cwd=base, cpu=cpu), base
 
 
-def ref_server() -> Server:
+def ref_server(*options: str) -> Server:
     port = free_port()
-    return Server([sys.executable, "-m", "bench.refserver", str(port)], port, cwd=ROOT)
+    return Server([sys.executable, "-m", "bench.refserver", str(port), *options], port, cwd=ROOT)
 
 
-def loadgen(*args) -> tuple[dict, float]:
-    """Run the Node.js load generator; returns (its JSON result, its CPU seconds)."""
+def loadgen(*args, cpu=None) -> tuple[dict, float]:
+    """Run the Node.js load generator; returns (its JSON result, its CPU seconds).
+    With ``cpu`` (a function: the server's CPU seconds so far), only the
+    measured phase counts, not setting up connections: the result then has
+    ``server_cpu`` and the CPU seconds returned are the generator's in that
+    phase."""
+    if cpu is not None:
+        return _loadgen_phases(args, cpu)
     env = dict(os.environ, NODE_PATH=ensure_ws_package())
     t = os.times()
     before = t.children_user + t.children_system
@@ -188,6 +212,37 @@ def loadgen(*args) -> tuple[dict, float]:
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr.strip()[-800:]}")
     return json.loads(out.stdout.strip().splitlines()[-1]), (t.children_user + t.children_system) - before
+
+
+def _loadgen_phases(args, cpu) -> tuple[dict, float]:
+    env = dict(os.environ, NODE_PATH=ensure_ws_package(), LOADGEN_PHASES="1")
+    gen = subprocess.Popen(pinned(CLIENT_CPU, ["node", os.path.join(ROOT, "bench", "loadgen.js"), *map(str, args)]),
+                           env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks = []     # (server CPU, generator CPU) when ready and when done
+    result = None
+    watchdog = threading.Timer(900, gen.kill)     # every run is bounded
+    watchdog.start()
+    try:
+        for line in gen.stdout:
+            msg = json.loads(line)
+            marks.append((cpu(), cpu_seconds(gen.pid)))
+            gen.stdin.write("\n")
+            gen.stdin.flush()
+            if not msg.get("ready"):
+                result = msg
+                break
+        gen.stdin.close()
+        gen.wait(120)
+    finally:
+        watchdog.cancel()
+        if gen.poll() is None:
+            gen.kill()
+            gen.wait()
+    if result is None or len(marks) != 2 or gen.returncode != 0:
+        raise RuntimeError(f"load generator failed: {gen.stderr.read().strip()[-800:]}")
+    gen.stderr.close()
+    result["server_cpu"] = marks[1][0] - marks[0][0]
+    return result, marks[1][1] - marks[0][1]
 
 
 def machine() -> str:

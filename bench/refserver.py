@@ -10,6 +10,10 @@
   ceiling for JSON-RPC calls.
 
 Messages use the same JSON as msgd's, so one load generator drives both.
+
+``python -m bench.refserver PORT --echo`` only echoes: every message goes
+back as it came, unparsed (the load generator takes an echoed call as the
+answer ``params[0]``): the ceiling of Autobahn itself, frames in and out.
 """
 
 import json
@@ -44,10 +48,18 @@ class Ref(WebSocketServerProtocol):
         self.factory.subscribers.discard(self)
 
 
+class Echo(WebSocketServerProtocol):
+    def onConnect(self, request):
+        return "jsonrpc" if "jsonrpc" in request.protocols else None
+
+    def onMessage(self, payload, isBinary):
+        self.sendMessage(payload, isBinary)
+
+
 def main():
     port = int(sys.argv[1])
     factory = WebSocketServerFactory()
-    factory.protocol = Ref
+    factory.protocol = Echo if "--echo" in sys.argv[2:] else Ref
     factory.subscribers = set()
     factory.seq = 0
     factory.setProtocolOptions(autoPingInterval=0, tcpNoDelay=True)

@@ -4,7 +4,9 @@
 ``.cache/peers/`` (python-socketio on aiohttp, Crossbar.io; nothing is
 committed), then runs every workload against each server in the same run:
 
-- pub/sub fan-out to 100 and 1,000 subscribers (deliveries/s, p50/p99),
+- pub/sub fan-out to 100 and 1,000 subscribers (deliveries/s, p50/p99,
+  server CPU per delivery), 1,000 events in flight published by two
+  connections, so that the server rather than the window is the limit,
 - RPC calls/s from 10 connections x 10 calls in flight,
 - memory per idle subscribed WebSocket at 10,000 connections,
 - connect rate (new WebSocket sessions per second),
@@ -12,7 +14,15 @@ committed), then runs every workload against each server in the same run:
 and then XML-RPC and PB against their raw Twisted baselines
 (``bench/xmlrpc.py``, ``bench/pb.py``).  Servers run pinned to CPU 0, the
 Node.js load generator to CPU 1; each row says which side was the
-bottleneck (CPU time of each).  ``--quick`` runs smaller workloads.
+bottleneck (CPU time of each, counted while the workload runs, not while
+connections are set up).  ``--quick`` runs smaller workloads.
+
+References besides the peers: raw Autobahn (``bench/refserver.py``: its own
+broadcast, and an echo that parses each call), a raw Autobahn echo that does
+not parse (``--echo``: Autobahn's own ceiling), and for fan-out a Node.js
+``ws`` server that corks each subscriber's socket until the next tick
+(``bench/refserver.js``).  RPC is also measured on a node running the
+shipped ``etc/node.ini`` as it is (every interface, reloading, logging).
 """
 
 from __future__ import annotations
@@ -72,10 +82,10 @@ def tree(pid: int) -> list[int]:
 class Target:
     """A server under test: ``proto`` is the load generator's mode prefix."""
 
-    def __init__(self, name, proto, argv, port, url, cwd=None, settle=0.0, extra=None):
+    def __init__(self, name, proto, argv, port, url, cwd=None, settle=0.0, extra=None, env=None):
         common.raise_fd_limit()
         self.name, self.proto, self.port, self.url = name, proto, port, url
-        self.proc = subprocess.Popen(common.pinned(common.SERVER_CPU, argv), cwd=cwd,
+        self.proc = subprocess.Popen(common.pinned(common.SERVER_CPU, argv), cwd=cwd, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         common.wait_port(port, timeout=60)
         time.sleep(settle)
@@ -131,8 +141,17 @@ def start(name: str, rpc_callee: bool = False) -> Target | None:
     if name == "msgd":
         argv, base = common.msgd_argv(port)
         return Target(name, "", argv, port, ws, cwd=base)
+    if name == SHIPPED:
+        argv, base = common.shipped_argv(port)
+        return Target(name, "", argv, port, ws, cwd=base)
     if name == "raw autobahn":
         return Target(name, "", [sys.executable, "-m", "bench.refserver", str(port)], port, ws, cwd=common.ROOT)
+    if name == RAW_ECHO:
+        return Target(name, "", [sys.executable, "-m", "bench.refserver", str(port), "--echo"], port, ws,
+                      cwd=common.ROOT)
+    if name == NODE_WS:
+        return Target(name, "", ["node", os.path.join(common.ROOT, "bench", "refserver.js"), str(port)], port, ws,
+                      env=dict(os.environ, NODE_PATH=common.ensure_ws_package()))
     if name == "python-socketio":
         py = peer_python("sio")
         if py is None:
@@ -155,13 +174,14 @@ def start(name: str, rpc_callee: bool = False) -> Target | None:
     raise ValueError(name)
 
 
-SERVERS = ["msgd", "raw autobahn", "crossbar", "python-socketio"]
+SHIPPED, RAW_ECHO, NODE_WS = "msgd etc/node.ini", "raw echo", "node ws corked"
+SERVERS = ["msgd", SHIPPED, "raw autobahn", RAW_ECHO, NODE_WS, "crossbar", "python-socketio"]
+WORKLOADS = {SHIPPED: {"rpc"}, RAW_ECHO: {"rpc"}, NODE_WS: {"fanout 100", "fanout 1000"}}   # others: all
 
 
 def run_workload(target: Target, kind: str, args: list) -> dict:
-    cpu0 = target.cpu()
-    result, client_cpu = common.loadgen(target.proto + kind, target.url, *args)
-    result["server_cpu"], result["client_cpu"] = target.cpu() - cpu0, client_cpu
+    result, client_cpu = common.loadgen(target.proto + kind, target.url, *args, cpu=target.cpu)
+    result["client_cpu"] = client_cpu
     return result
 
 
@@ -193,11 +213,35 @@ def row(label, unit, results: dict, key="per_second", fmt="{:,.0f}", higher_bett
         note = ""
         if isinstance(r, dict) and "server_cpu" in r:
             ops = r.get("deliveries") or r.get("calls") or r.get("sessions") or 0
-            per_op = f"   server {r['server_cpu'] / ops * 1e6:.1f} us/op" if ops else ""
+            per_op = f"   server {r['server_cpu'] / ops * 1e6:.2f} us/op" if ops else ""
+            if ops and name != "msgd" and isinstance(base, dict) and base.get("server_cpu") and r["server_cpu"]:
+                mine = base["server_cpu"] / (base.get("deliveries") or base.get("calls") or base.get("sessions"))
+                per_op += f" (msgd's = {mine / (r['server_cpu'] / ops):.2f}x of it)"
             note = per_op + "   " + common.bottleneck(r["server_cpu"], r["client_cpu"], r["seconds"])
             if "p50_ms" in r:
                 note = f"   p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms" + note
         lines.append(f"    {name:16s} {fmt.format(value):>12s}{ratio}{note}")
+    return lines
+
+
+def per_op(r) -> float | None:
+    if not isinstance(r, dict) or not r.get("server_cpu"):
+        return None
+    return r["server_cpu"] / (r.get("deliveries") or r.get("calls") or r.get("sessions"))
+
+
+def targets(table: dict) -> list[str]:
+    """The figures the targets are stated in (docs/performance.rst)."""
+    lines = []
+    for key in ("fanout 100", "fanout 1000"):
+        mine, ref = per_op(table.get("msgd", {}).get(key)), per_op(table.get(NODE_WS, {}).get(key))
+        if mine and ref:
+            lines.append(f"{key}: msgd's server CPU per delivery = {mine / ref:.2f}x the corked Node.js ws "
+                         f"server's (target <= 1x)")
+    shipped, echo = table.get(SHIPPED, {}).get("rpc"), table.get(RAW_ECHO, {}).get("rpc")
+    if shipped and echo:
+        lines.append(f"rpc: msgd on etc/node.ini = {shipped['per_second'] / echo['per_second']:.2f}x the raw echo's "
+                     f"calls/s, {per_op(echo) / per_op(shipped):.2f}x by server CPU per call (target >= 0.8x)")
     return lines
 
 
@@ -207,7 +251,7 @@ def main(argv=None):
     p.add_argument("--servers", nargs="+", default=SERVERS)
     a = p.parse_args(argv)
     idle_n = 2000 if a.quick else 10000
-    fan = {100: 1000 if a.quick else 4000, 1000: 100 if a.quick else 400}
+    fan = {100: 4000 if a.quick else 20000, 1000: 400 if a.quick else 2000}
     rpc_seconds = 3 if a.quick else 5
     print(common.machine())
     print("servers pinned to CPU", common.SERVER_CPU, "- load generator (Node.js) to CPU", common.CLIENT_CPU)
@@ -215,23 +259,28 @@ def main(argv=None):
     for name in a.servers:
         print(f"  measuring {name} ...", flush=True)
         results = table.setdefault(name, {})
-        for kind, args, key in (("fanout", [100, fan[100], 256, 100], "fanout 100"),
-                                ("fanout", [1000, fan[1000], 64, 100], "fanout 1000"),
+        only = WORKLOADS.get(name)
+        for kind, args, key in (("fanout", [100, fan[100], 1000, 100, 2], "fanout 100"),
+                                ("fanout", [1000, fan[1000], 1000, 100, 2], "fanout 1000"),
                                 ("rpc", [10, 10, rpc_seconds], "rpc"),
                                 ("connect", [rpc_seconds, 20], "connect")):
+            if only is not None and key not in only:
+                continue
             target = start(name, rpc_callee=(kind == "rpc"))
             if target is None:
                 results[key] = None
                 continue
             try:
                 if kind == "fanout":   # warm-up
-                    run_workload(target, kind, [args[0], max(10, args[1] // 10), args[2], args[3]])
+                    run_workload(target, kind, [args[0], max(10, args[1] // 10), *args[2:]])
                 results[key] = run_workload(target, kind, args)
             except Exception as e:
                 print(f"    {name} {key} failed: {e}")
                 results[key] = None
             finally:
                 target.stop()
+        if only is not None:
+            continue
         target = start(name)
         if target is None:
             results["idle"] = None
@@ -245,16 +294,19 @@ def main(argv=None):
                 target.stop()
     print()
     print("=" * 100)
-    for key, label, unit in (("fanout 100", "pub/sub fan-out to 100 subscribers", "deliveries/s"),
-                             ("fanout 1000", "pub/sub fan-out to 1,000 subscribers", "deliveries/s"),
+    for key, label, unit in (("fanout 100", "pub/sub fan-out to 100 subscribers, 1,000 in flight", "deliveries/s"),
+                             ("fanout 1000", "pub/sub fan-out to 1,000 subscribers, 1,000 in flight", "deliveries/s"),
                              ("rpc", "RPC, 10 connections x 10 in flight", "calls/s"),
                              ("connect", "connect rate", "new sessions/s")):
-        for line in row(label, unit, {n: table[n].get(key) for n in table}):
+        for line in row(label, unit, {n: table[n].get(key) for n in table if key in table[n]}):
             print(line)
     for line in row(f"memory per idle subscribed connection at {idle_n:,}", "KiB",
-                    {n: table[n].get("idle") for n in table}, fmt="{:.1f}", higher_better=False):
+                    {n: table[n].get("idle") for n in table if "idle" in table[n]}, fmt="{:.1f}",
+                    higher_better=False):
         print(line)
     print("=" * 100)
+    for line in targets(table):
+        print(line)
     for mod in ("xmlrpc", "pb"):
         print(f"\n--- bench.{mod} (against its raw Twisted baseline) ---", flush=True)
         subprocess.run([sys.executable, "-m", f"bench.{mod}"], cwd=common.ROOT, timeout=600)
