@@ -16,9 +16,7 @@ from bench import common
 
 def run_one(server, subscribers, events, window, payload):
     url = f"ws://127.0.0.1:{server.port}/ws"
-    cpu0 = server.cpu()
-    result, client_cpu = common.loadgen("fanout", url, subscribers, events, window, payload)
-    result["server_cpu"] = server.cpu() - cpu0
+    result, client_cpu = common.loadgen("fanout", url, subscribers, events, window, payload, cpu=server.cpu)
     result["client_cpu"] = client_cpu
     result["peak_rss_mib"] = server.peak_rss() / 1024
     return result

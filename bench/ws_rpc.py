@@ -22,9 +22,8 @@ def measure(connections=10, inflight=10, seconds=5.0) -> dict:
         try:
             url = f"ws://127.0.0.1:{server.port}/ws"
             common.loadgen("rpc", url, connections, inflight, 1)          # warm-up
-            cpu0 = server.cpu()
-            r, client_cpu = common.loadgen("rpc", url, connections, inflight, seconds)
-            r["server_cpu"], r["client_cpu"] = server.cpu() - cpu0, client_cpu
+            r, client_cpu = common.loadgen("rpc", url, connections, inflight, seconds, cpu=server.cpu)
+            r["client_cpu"] = client_cpu
             out[name] = r
         finally:
             server.stop()
