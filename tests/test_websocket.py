@@ -56,6 +56,16 @@ class WebSocketTests(unittest.TestCase):
         return c
 
     @defer.inlineCallbacks
+    def closed_with(self, c, code):
+        try:
+            frame = yield deferToThread(c.ws.recv_data_frame, True)
+        except (ConnectionResetError, websocket.WebSocketConnectionClosedException):
+            pass    # the node closed while our unread bytes were in flight: TCP says reset
+        else:
+            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
+            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), code)
+
+    @defer.inlineCallbacks
     def test_call_and_batch(self):
         c = yield self.client()
         self.assertEqual(c.ws.subprotocol, "jsonrpc")
@@ -106,13 +116,7 @@ class WebSocketTests(unittest.TestCase):
     def test_too_big_message_closes(self):
         c = yield self.client()
         yield c.send(json.dumps({"x": "a" * 70000}))
-        try:
-            frame = yield deferToThread(c.ws.recv_data_frame, True)
-        except ConnectionResetError:
-            pass    # the node closed while our unread bytes were in flight: TCP says reset
-        else:
-            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
-            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 1009)
+        yield self.closed_with(c, 1009)
         other = yield self.client()
         r = yield other.call("m.add", [1, 2])
         self.assertEqual(r["result"], 3)
@@ -145,13 +149,7 @@ class WebSocketTests(unittest.TestCase):
         c = yield self.client()
         bad = b'{"jsonrpc":"2.0","id":1,"method":"m.add","params":["\xff"]}'
         yield deferToThread(c.ws.send_frame, websocket.ABNF.create_frame(bad, websocket.ABNF.OPCODE_TEXT))
-        try:
-            frame = yield deferToThread(c.ws.recv_data_frame, True)
-        except (ConnectionResetError, websocket.WebSocketConnectionClosedException):
-            pass    # the node dropped the connection (failByDrop): also a refusal
-        else:
-            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
-            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), 1007)
+        yield self.closed_with(c, 1007)
         other = yield self.client()
         r = yield other.call("m.add", [1, 2])
         self.assertEqual(r["result"], 3)
