@@ -263,6 +263,7 @@ class Harness:
         return _json_outcome(answers, data)
 
     def feed_ws(self, data: bytes) -> str:
+        from msgd.interfaces.writer import BoundedWriter
         from tests.helpers import server_frames
         proto = self.ws_factory.buildProtocol(None)
         sent = []
@@ -271,6 +272,7 @@ class Harness:
         proto._perMessageCompress = None
         proto.state = proto.STATE_OPEN
         proto.connection = self.ws_factory.clients.connect(proto.deliver)
+        proto.writer = BoundedWriter(proto.transport.write, 1 << 30, lambda limit: None)   # answers: at once
         proto.transport.registerProducer(proto, True)      # as onOpen does
         proto.onMessage(data, False)
         self._settle()
