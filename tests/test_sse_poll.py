@@ -2,6 +2,7 @@
 /poll with plain HTTP: subscribe, receive, resume after a cut, calls,
 session expiry and bounds."""
 
+import gc
 import json
 import tracemalloc
 
@@ -12,6 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from msgd.core import jsonrpc
+from msgd.interfaces.sse import EventStream
 from tests.helpers import SocketTransport, http, http_port, make_node
 
 INI = """
@@ -170,6 +172,24 @@ class SSETests(Base):
         code, _, _ = yield http("GET", f"{self.base}/sse?session=nope")
         self.assertEqual(code, 404)
 
+
+    def test_events_of_the_turn_go_before_the_end_of_the_stream(self):
+        """An event written in the turn the stream ends in (held for the end
+        of the turn) still goes, before the response's end."""
+        iface = self.node.interfaces["web"]
+        t = SocketTransport(room=10 ** 9)
+        p = t.protocol = iface.factory().buildProtocol(None)
+        p.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        p.dataReceived(b"GET /sse?channel=room HTTP/1.1\r\nHost: x\r\n\r\n")
+        iface.turn.run()
+        [stream] = [c for c in gc.get_referrers(p.requests[0]) if isinstance(c, EventStream)]
+        self.publish("room", "last")
+        stream.close()
+        iface.turn.run()
+        t.flush()
+        self.assertIn(b'"data":"last"', t.sent)
+        self.assertTrue(t.sent.endswith(b"0\r\n\r\n"))
 
     def test_slow_consumer_told_before_what_was_not_sent(self):
         """Over a transport that buffers like Twisted's TCP one: the events

@@ -114,6 +114,7 @@ class EventStream:
 
     def close(self):
         if not self.closed:
+            self.writer.close()         # what this turn gave goes before the end of the response
             self.request.unregisterProducer()
             self.request.finish()
 
