@@ -172,16 +172,20 @@ class SSETests(Base):
         code, _, _ = yield http("GET", f"{self.base}/sse?session=nope")
         self.assertEqual(code, 404)
 
-
-    def test_events_of_the_turn_go_before_the_end_of_the_stream(self):
-        """An event written in the turn the stream ends in (held for the end
-        of the turn) still goes, before the response's end."""
+    def stream_over_socket(self):
+        """An SSE stream of ``room`` over a transport that buffers like Twisted's TCP one."""
         iface = self.node.interfaces["web"]
         t = SocketTransport(room=10 ** 9)
         p = t.protocol = iface.factory().buildProtocol(None)
         p.makeConnection(t)
         self.addCleanup(t.abortConnection)
         p.dataReceived(b"GET /sse?channel=room HTTP/1.1\r\nHost: x\r\n\r\n")
+        return iface, t, p
+
+    def test_events_of_the_turn_go_before_the_end_of_the_stream(self):
+        """An event written in the turn the stream ends in (held for the end
+        of the turn) still goes, before the response's end."""
+        iface, t, p = self.stream_over_socket()
         iface.turn.run()
         [stream] = [c for c in gc.get_referrers(p.requests[0]) if isinstance(c, EventStream)]
         self.publish("room", "last")
@@ -196,12 +200,7 @@ class SSETests(Base):
         the socket has begun go whole, the rest is dropped, an rpc.closing
         message comes next, then the end of the stream, and the connection
         closes once that is read (aborted after close_timeout otherwise)."""
-        iface = self.node.interfaces["web"]
-        t = SocketTransport(room=10 ** 9)
-        p = t.protocol = iface.factory().buildProtocol(None)
-        p.makeConnection(t)
-        self.addCleanup(t.abortConnection)
-        p.dataReceived(b"GET /sse?channel=room HTTP/1.1\r\nHost: x\r\n\r\n")
+        iface, t, p = self.stream_over_socket()
         for i in range(3):
             self.publish("room", "x" * 1000)
         iface.turn.run()                # the turn's three events go in one write

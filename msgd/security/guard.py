@@ -92,12 +92,7 @@ class Guard:
         of each request it carries."""
         peer = self.addresses.of_connection(transport)
         address = None if forwarded and self.addresses.trusts(peer) else peer
-        hit = self.connections.admit(address)
-        if hit is not None:
-            self.limited(hit, peer)
-        else:
-            self._open[transport] = address
-        return hit
+        return self._count(transport, address, peer)
 
     def readmit(self, transport, address: str) -> str | None:
         """A request arrived through a trusted proxy's connection (see
@@ -108,9 +103,13 @@ class Guard:
         if transport not in self._open or self._open[transport] == address:
             return None
         self.connections.release(self._open.pop(transport))
+        return self._count(transport, address, address)
+
+    def _count(self, transport, address: str | None, shown: str) -> str | None:
+        """Count ``transport`` as ``address``'s connection, or name the limit it hits."""
         hit = self.connections.admit(address)
         if hit is not None:
-            self.limited(hit, address)
+            self.limited(hit, shown)
         else:
             self._open[transport] = address
         return hit
