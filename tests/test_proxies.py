@@ -274,8 +274,12 @@ def stomp_connect(port: int, source: str, header: bytes = b"", login: bytes = b"
     s.bind((source, 0))
     s.connect(("127.0.0.1", port))
     creds = b"login:%s\npasscode:wrong\n" % login if login else b""
-    s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n" + creds + b"\n\x00")
     data = b""
+    try:
+        s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n" + creds + b"\n\x00")
+    except (ConnectionResetError, BrokenPipeError):
+        # refused (and reset) after the PROXY header, before the rest was written
+        return b"", s
     while b"\x00" not in data:
         try:
             chunk = s.recv(4096)
