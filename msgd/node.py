@@ -375,6 +375,11 @@ class NodeService(MultiService):
         except KeyError:
             raise NotFound(f"no peer named {name!r}") from None
 
+    @property
+    def settings(self):
+        """The ``[node]`` section in force (a reload replaces it)."""
+        return self.config.node
+
     def health(self) -> dict:
         up = self.reactor.seconds() - self.started_at if self.started_at is not None else 0.0
         errors = self.apps.errors()

@@ -55,6 +55,13 @@ class Services(Protocol):
     ``new_request(interface, timeout=None, principal=None, **kw) -> Request``
         A request of ``interface`` with a deadline ``timeout`` seconds away
         (default: the node's ``request_timeout``).
+    ``settings``
+        The ``[node]`` section in force (``name``, ``request_timeout``,
+        ``state_dir``, ...): read it when needed, a reload replaces it.
+    ``adapter(name)``
+        The ``[adapter:NAME]`` (``NotFound`` when there is none).
+    ``health() -> dict``
+        What ``/health`` and the status page show.
     """
 
     reactor: Any
@@ -67,3 +74,10 @@ class Services(Protocol):
 
     def new_request(self, interface: str, timeout: float | None = None, principal: Any = None,
                     **kw: Any) -> Request: ...
+
+    @property
+    def settings(self) -> Any: ...
+
+    def adapter(self, name: str) -> Any: ...
+
+    def health(self) -> dict: ...

@@ -35,6 +35,7 @@ from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
 from msgd.core.metrics import Metrics
+from msgd.config import NodeConfig
 from msgd.core.request import Request
 from msgd.security import Access
 
@@ -66,6 +67,15 @@ class AppHarness:
         self.access = Access(self.metrics)       # no [access:*] rules: everything is allowed
         self.adapters: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
+
+    @property
+    def settings(self) -> NodeConfig:
+        """The ``[node]`` defaults, with the harness's timeout."""
+        return NodeConfig(name="harness", apps=self.apps.directory, request_timeout=self.timeout or 30.0)
+
+    def health(self) -> dict:
+        return {"node": "harness", "status": "ok", "modules": sorted(self.apps.modules),
+                "load_errors": self.apps.errors()}
 
     @property
     def published(self) -> list:
