@@ -39,8 +39,10 @@ class NodeService(MultiService):
     """``reactor`` is passed in (only ``msgd.tap`` uses the global one).
 
     The node provides :class:`msgd.services.Services` (reactor, metrics,
-    dispatcher, pubsub, access, apps, run_blocking, new_request) to the
-    interfaces it builds, and to app code as ``api.services()``.
+    dispatcher, pubsub, access, apps, run_blocking, new_request, settings,
+    adapter, peer, received, health) to the interfaces and adapters it
+    builds — ``cls(name, options, self)``: they take it as their services and
+    never reach further into the node — and to app code as ``api.services()``.
 
     ``run_blocking(fn, *args, **kwargs) -> Deferred`` runs blocking work off
     the reactor thread: by default in the node's thread pool

@@ -3,7 +3,8 @@
 so a node that needs no LDAP never imports ldap3.
 
 Each class has an ``Options`` frozen dataclass declaring its keys with
-:func:`msgd.config.option`, and is built as ``cls(name, options, node)``.
+:func:`msgd.config.option`, and is built as ``cls(name, options, services)``
+(``services``: the node's :class:`msgd.services.Services`).
 """
 
 import importlib

@@ -17,7 +17,14 @@ requests on an :class:`~msgd.testing.AppHarness`).
 
 The node's configuration is data, not a service: a component reads the keys
 it needs from its own section (its ``options``) and the ``[node]`` defaults it
-inherits (``request_timeout``, ``state_dir``) at construction.
+inherits (``request_timeout``, ``state_dir``) from ``settings``, when it needs
+them (a reload replaces the section).
+
+Every part the node builds from a section — an interface, an adapter, the
+LDAP credential checker (given ``adapter``) — takes this object, never the
+node: ``cls(name, options, services)``.  A part that needs something the
+node has and this interface lacks gets it added here (and to the
+:class:`~msgd.testing.AppHarness`), not by reaching through the node.
 """
 
 from __future__ import annotations
@@ -60,6 +67,13 @@ class Services(Protocol):
         ``state_dir``, ...): read it when needed, a reload replaces it.
     ``adapter(name)``
         The ``[adapter:NAME]`` (``NotFound`` when there is none).
+    ``peer(name)``
+        The proxy of ``[peer:NAME]`` that app code calls and sends to
+        (``NotFound`` when there is none).
+    ``received``
+        The store of the ids of peer messages handled here
+        (:class:`msgd.cluster.outbox.Received`): a PB interface answers a
+        message delivered again as a duplicate.
     ``health() -> dict``
         What ``/health`` and the status page show.
     """
@@ -71,6 +85,7 @@ class Services(Protocol):
     access: Any
     apps: Any
     run_blocking: Callable[..., Deferred]
+    received: Any
 
     def new_request(self, interface: str, timeout: float | None = None, principal: Any = None,
                     **kw: Any) -> Request: ...
@@ -79,5 +94,7 @@ class Services(Protocol):
     def settings(self) -> Any: ...
 
     def adapter(self, name: str) -> Any: ...
+
+    def peer(self, name: str) -> Any: ...
 
     def health(self) -> dict: ...

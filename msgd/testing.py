@@ -19,8 +19,12 @@ adapters and peers are whatever objects you put in ``harness.adapters`` /
 ``harness.peers``.
 
 The harness provides :class:`msgd.services.Services`, as the node does
-(``reactor`` is its clock, ``access`` has no rules), so parts of msgd built
-on those services — an HTTP mount such as ``/RPC2`` — run on it in tests too.
+(``reactor`` is its clock, ``access`` has no rules, ``settings`` the
+``[node]`` defaults with the harness's timeout and ``state_dir``, handled peer
+message ids are kept in memory), so the parts of msgd built on those services
+— an HTTP mount such as ``/RPC2``, an interface such as ``schedule``, an
+adapter, the LDAP checker — run on it in tests too: ``cls(name, options,
+harness)``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from msgd.cluster.outbox import Received
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
 from msgd.core.errors import NotFound
@@ -53,7 +58,7 @@ class RecordingPubSub:
 
 class AppHarness:
     def __init__(self, apps_dir: str, clock: Clock | None = None, timeout: float | None = 30.0,
-                 principal: Any = None, interface: str = "test"):
+                 principal: Any = None, interface: str = "test", state_dir: str = "state"):
         self.clock = self.reactor = clock if clock is not None else Clock()
         self.metrics = Metrics()
         self.apps = AppRegistry(apps_dir, self.clock, interval=0)
@@ -67,11 +72,14 @@ class AppHarness:
         self.access = Access(self.metrics)       # no [access:*] rules: everything is allowed
         self.adapters: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
+        self.state_dir = state_dir
+        self.received = Received(":memory:", self.clock, self.run_blocking)
 
     @property
     def settings(self) -> NodeConfig:
-        """The ``[node]`` defaults, with the harness's timeout."""
-        return NodeConfig(name="harness", apps=self.apps.directory, request_timeout=self.timeout or 30.0)
+        """The ``[node]`` defaults, with the harness's timeout and ``state_dir``."""
+        return NodeConfig(name="harness", apps=self.apps.directory, request_timeout=self.timeout or 30.0,
+                          state_dir=self.state_dir)
 
     def health(self) -> dict:
         return {"node": "harness", "status": "ok", "modules": sorted(self.apps.modules),

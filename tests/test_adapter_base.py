@@ -186,7 +186,7 @@ class RetryTests(unittest.TestCase):
         self.assertNoResult(d)
         clock.advance(0.5)
         self.assertEqual(self.successResultOf(d), "done")
-        self.assertEqual(a.node.metrics.value("msgd_adapter_retries_total", {"adapter": "svc"}), 1)
+        self.assertEqual(a.services.metrics.value("msgd_adapter_retries_total", {"adapter": "svc"}), 1)
 
     def test_unsafe_not_retried_after_sending(self):
         a, clock = make(self, retries=2)
@@ -319,7 +319,7 @@ class MetricsTests(unittest.TestCase):
         a, clock = make(self)
         self.successResultOf(a.call("get", lambda conn: 1))
         self.failureResultOf(a.call("get", lambda conn: 1 / 0), base.AdapterRejected)
-        m = a.node.metrics
+        m = a.services.metrics
         self.assertEqual(m.value("msgd_adapter_calls_total", {"adapter": "svc", "op": "get", "outcome": "ok"}), 1)
         self.assertEqual(m.value("msgd_adapter_errors_total", {"adapter": "svc", "error": "application_error"}), 1)
         self.assertEqual(m.value("msgd_adapter_call_seconds_count", {"adapter": "svc", "op": "get"}), 2)

@@ -100,3 +100,57 @@ class LayerTests(unittest.TestCase):
     def test_leaves(self):
         for module in ("msgd.options", "msgd.security.rules"):
             self.assertEqual(self.graph[module], set(), module)
+
+
+# -- components take services, not the node (docs/architecture.rst) --------------
+
+# the node itself and twistd's entry point, which build and run it
+NODE_OWNERS = {"msgd/node.py", "msgd/tap.py"}
+# the HTTP Site's modules, being moved onto ``services``: this list only shrinks
+NODE_USERS_FOR_NOW = {"msgd/interfaces/http.py", "msgd/interfaces/admin.py", "msgd/interfaces/poll.py",
+                      "msgd/interfaces/sse.py", "msgd/interfaces/websocket.py", "msgd/interfaces/xmlrpc.py",
+                      "msgd/interfaces/soap", "msgd/interfaces/appstatic.py"}
+
+
+def node_reaches(source: str, path: str) -> list[str]:
+    """Where ``source`` reaches for the node: through an attribute
+    (``self.node``, ``interface.node``, ``x.config.node.state_dir``), or
+    through a constructor's ``node`` parameter (``node.reactor``).  Setting
+    ``self.node`` (msgd/interfaces/base.py keeps it for the HTTP site), or
+    passing ``node`` on to a base class, is not a reach."""
+    tree = ast.parse(source, path)
+    reaches = [n for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr == "node" and not isinstance(n.ctx, ast.Store)]
+    for init in ast.walk(tree):
+        if isinstance(init, ast.FunctionDef) and init.name == "__init__" \
+                and any(a.arg == "node" for a in init.args.args + init.args.kwonlyargs):
+            reaches += [n for n in ast.walk(init) if isinstance(n, ast.Attribute)
+                        and isinstance(n.value, ast.Name) and n.value.id == "node"]
+    return [f"{path}:{n.lineno}: {ast.unparse(n)}" for n in sorted(reaches, key=lambda n: (n.lineno, n.col_offset))]
+
+
+class ServicesNotNodeTests(unittest.TestCase):
+    def test_the_check_finds_reaches(self):
+        source = ("class I:\n    def __init__(self, services):\n        self.node = services\n"
+                  "    def f(self, interface):\n        return self.node.reactor, interface.node, "
+                  "self.config.node.state_dir, self.services.settings\n"
+                  "class J(I):\n    def __init__(self, node):\n        super().__init__(node)\n"
+                  "        self.clock = node.reactor\n"
+                  "def shard_up(node):\n    return node.placed\n")
+        self.assertEqual(node_reaches(source, "m.py"),
+                         ["m.py:5: self.node", "m.py:5: interface.node", "m.py:5: self.config.node",
+                          "m.py:9: node.reactor"])
+
+    def test_components_take_services_not_the_node(self):
+        """Only the node, tap and (for now) the HTTP Site use ``.node``: every
+        other part uses the msgd.services.Services it was given."""
+        found = []
+        for d, _, files in os.walk(os.path.join(ROOT, "msgd")):
+            for f in sorted(files):
+                rel = os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+                if not f.endswith(".py") or rel in NODE_OWNERS or rel in NODE_USERS_FOR_NOW \
+                        or any(rel.startswith(p + "/") for p in NODE_USERS_FOR_NOW):
+                    continue
+                with open(os.path.join(d, f), encoding="utf-8") as src:
+                    found += node_reaches(src.read(), rel)
+        self.assertEqual(found, [])

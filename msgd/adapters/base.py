@@ -62,6 +62,7 @@ from twisted.python.threadpool import ThreadPool
 from msgd.config import duration, integer, option, optional_duration
 from msgd.core import errors
 from msgd.core.request import current
+from msgd.services import Services
 
 
 # -- the error family ------------------------------------------------------------
@@ -352,8 +353,10 @@ def detached(inner: Deferred) -> Deferred:
 class Adapter(Service):
     """Base of every ``[adapter:NAME]`` type.
 
-    Subclasses declare ``Options`` (extending :class:`AdapterOptions`) and
-    may override :meth:`connect`/:meth:`disconnect` (pooled connections),
+    Built as ``cls(name, options, services)``: ``services``
+    (:class:`msgd.services.Services`) gives the clock (``self.reactor``), the
+    metrics and ``settings``.  Subclasses declare ``Options`` (extending
+    :class:`AdapterOptions`) and may override :meth:`connect`/:meth:`disconnect` (pooled connections),
     :meth:`classify` (their library's exceptions → the error family) and set
     ``threaded = True`` to get ``self.threads`` and :meth:`in_thread`.
     """
@@ -363,11 +366,11 @@ class Adapter(Service):
     threaded = False
     name: str  # type: ignore[assignment]   # the section's NAME, always set (twisted's Service says None)
 
-    def __init__(self, name: str, options, node):
+    def __init__(self, name: str, options, services: Services):
         self.name = name
         self.options = options
-        self.node = node
-        self.reactor = node.reactor
+        self.services: Services = services
+        self.reactor = services.reactor
         o = options
         self.breaker = Breaker(self.reactor, o.breaker_failures, o.breaker_reset, self._breaker_changed)
         self.pool = Pool(self.reactor, o.pool_size, o.pool_queue,
@@ -381,7 +384,7 @@ class Adapter(Service):
         self._reaper.clock = self.reactor
         self.last_error: str | None = None
         self._series: dict = {}
-        m = node.metrics
+        m = services.metrics
         self._calls = m.counter("msgd_adapter_calls_total", "Adapter calls by operation and outcome",
                                 ["adapter", "op", "outcome"])
         self._errors = m.counter("msgd_adapter_errors_total", "Adapter call failures by error",

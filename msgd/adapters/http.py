@@ -39,6 +39,7 @@ from zope.interface import implementer
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, boolean, option, optional_path, size, string
 from msgd.security.tls import client_tls, trust_root
+from msgd.services import Services
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -119,14 +120,14 @@ class HTTPAdapter(Adapter):
         max_body: int = option(10 * 1024 * 1024, parse=size, doc="largest response body read")
         user_agent: str = option("msgd", parse=string, doc="User-Agent header")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         self.http_pool = _Pool(self.reactor, persistent=True)
         self.http_pool.maxPersistentPerHost = options.pool_size
         self.http_pool.cachedConnectionTimeout = options.pool_idle
         self.http_pool.retryAutomatically = False   # the adapter decides what is safe to retry
         if not options.tls_verify:
-            policy = _NoVerify()
+            policy: IPolicyForHTTPS = _NoVerify()
         elif options.ca_file:
             policy = _TrustRoot(trust_root(options.ca_file))
         else:

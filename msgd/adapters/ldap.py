@@ -38,6 +38,7 @@ from ldap3.utils.dn import escape_rdn
 
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, boolean, nonempty, option, optional_path, string
+from msgd.services import Services
 
 SCOPES = {"base": ldap3.BASE, "one": ldap3.LEVEL, "sub": ldap3.SUBTREE}
 # result codes that mean "the server cannot serve now", not "bad request"
@@ -135,8 +136,8 @@ class LDAPAdapter(Adapter):
             if self.start_tls and self.url.startswith("ldaps:"):
                 raise Invalid("start_tls is for ldap:// URLs; ldaps:// is TLS already", "start_tls")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         u = urlsplit(options.url)
         tls = None
         if u.scheme == "ldaps" or options.start_tls:

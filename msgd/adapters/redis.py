@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, boolean, option, optional_path
 from msgd.security.tls import client_tls, trust_root
+from msgd.services import Services
 
 # commands that change nothing: safe to retry
 READS = frozenset("""get mget exists hget hgetall hmget hkeys hvals hlen hexists lrange llen lindex
@@ -119,8 +120,8 @@ class RedisAdapter(Adapter):
         ca_file: str | None = option(None, parse=optional_path,
                                      doc="CA certificates (PEM) to verify against (default: the system's)")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         self.endpoint, self.password, self.db = endpoint_of(options.url, options.timeout)
         u = urlsplit(options.url)
         self.tls = (client_tls(u.hostname or "127.0.0.1", trust_root(options.ca_file), options.tls_verify)

@@ -42,6 +42,7 @@ from twisted.mail import smtp
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import boolean, choice, client_endpoint, option, optional_path, string
 from msgd.security.tls import client_tls, trust_root
+from msgd.services import Services
 
 
 class _Sender(smtp.ESMTPSender):
@@ -103,8 +104,8 @@ class SMTPAdapter(Adapter):
         password: str = option("", parse=string, doc="AUTH password")
         sender: str = option("", parse=string, doc="envelope sender when the message has no From")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         kind, args, kw = _fields(options.endpoint)
         host = kw.get("host") or (args[0] if args else "localhost")
         self.hostname = options.tls_hostname or host

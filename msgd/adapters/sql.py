@@ -38,6 +38,7 @@ from twisted.internet import defer
 
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected, AdapterUnavailable
 from msgd.config import Invalid, choice, duration, option, optional_path, string
+from msgd.services import Services
 
 
 def _dict_row(cursor, row):
@@ -58,12 +59,12 @@ class SQLAdapter(Adapter):
             if self.driver == "postgres" and not self.dsn.strip():
                 raise Invalid("driver = postgres needs dsn (e.g. host=127.0.0.1 dbname=app user=app)", "dsn")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         self.sqlite = options.driver == "sqlite"
         self.path = None
         if self.sqlite:
-            self.path = options.path or os.path.join(node.config.node.state_dir, f"{name}.sqlite")
+            self.path = options.path or os.path.join(services.settings.state_dir, f"{name}.sqlite")
         if not self.sqlite and importlib.util.find_spec("psycopg2") is None:
             # checked here so that start-up fails with one clear line
             raise RuntimeError(f"[adapter:{name}] driver = postgres needs psycopg2: pip install 'msgd[postgres]'")

@@ -68,7 +68,8 @@ def bad_message_id(message_id) -> str | None:
 
 
 class _DB:
-    """One sqlite connection used from pool threads, one at a time."""
+    """One sqlite connection used from pool threads, one at a time
+    (``path`` may be ``":memory:"``: a store that lasts as long as the object)."""
 
     def __init__(self, path: str, schema: str):
         self.path = path
@@ -79,7 +80,8 @@ class _DB:
     def run(self, fn, *args):
         with self.lock:
             if self.conn is None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                if os.path.dirname(self.path):
+                    os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")     # survives a process crash

@@ -46,6 +46,7 @@ from msgd.config import (Invalid, choice, duration, integer, nonempty, option, o
                          string, target, words)
 from msgd.interfaces.base import Interface, StartupError
 from msgd.interfaces.ingest import IngestMetrics, atomic_write, reason, settle_within
+from msgd.services import Services
 
 SUBDIRS = ("processing", "done", "failed")
 
@@ -178,8 +179,8 @@ class DirWatch(Interface):
     log = Logger()
     close_grace = 5.0
 
-    def __init__(self, name: str, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name: str, options, services: Services):
+        super().__init__(name, options, services)
         self.dirs = {d: os.path.join(options.directory, d) for d in SUBDIRS}
         self.metrics = IngestMetrics(self.services.metrics, name)
         self.mode = None             # "inotify" or "poll" once started

@@ -61,6 +61,7 @@ from msgd.core import errors
 from msgd.core.pubsub import Session, check_channel
 from msgd.interfaces.base import Listener, StartupError
 from msgd.security import Guard, SecurityOptions
+from msgd.services import Services
 
 
 def _users(value: str, ctx) -> tuple:
@@ -273,9 +274,9 @@ class _Factory(pb.PBServerFactory):
 class PBInterface(Listener):
     Options = Options
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
-        self.received = node.received     # the node's store of handled message ids (msgd.cluster.outbox)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
+        self.received = services.received     # the store of handled peer message ids (msgd.cluster.outbox)
         self.guard = Guard(self)
         self.portal = _Portal(self, Realm(self), self.checkers())
 

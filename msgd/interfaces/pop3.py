@@ -55,6 +55,7 @@ from msgd.config import (Invalid, boolean, choice, client_endpoint, duration, in
                          optional_duration, optional_path, size, string, target)
 from msgd.interfaces.base import Interface, StartupError
 from msgd.interfaces.ingest import IngestMetrics, atomic_write, reason, settle_within
+from msgd.services import Services
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,10 @@ class POP3Poller(Interface):
     log = Logger()
     close_grace = 5.0
 
-    def __init__(self, name: str, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name: str, options, services: Services):
+        super().__init__(name, options, services)
         self.metrics = IngestMetrics(self.services.metrics, name)
-        self.state = MailboxState(os.path.join(node.config.node.state_dir, f"pop3-{name}.json"))
+        self.state = MailboxState(os.path.join(services.settings.state_dir, f"pop3-{name}.json"))
         self.host = endpoint_host(options.endpoint)
         self.mailbox = f"{options.username}@{self.host}"
         self.errors_in_row = 0

@@ -45,6 +45,7 @@ from msgd.core import errors
 from msgd.core.cron import Cron, CronError
 from msgd.interfaces.base import Interface
 from msgd.interfaces.ingest import atomic_write
+from msgd.services import Services
 
 
 def cron_expression(value: str, ctx) -> Cron | None:
@@ -103,12 +104,12 @@ class Schedule(Interface):
     type_name = "schedule"
     log = Logger()
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         self.clock = self.services.reactor
         self.random = random.Random()
         self.tz = None if options.timezone.lower() == "local" else ZoneInfo(options.timezone)
-        self.state_path = os.path.join(node.config.node.state_dir, f"schedule-{name}.json")
+        self.state_path = os.path.join(services.settings.state_dir, f"schedule-{name}.json")
         self.anchor: float | None = None   # interval grid origin
         self.last_run: float | None = None
         self.next_due: float | None = None

@@ -59,6 +59,7 @@ from msgd.interfaces.base import Listener, discard_unsent
 from msgd.interfaces.connection import CONNECTED, Clients
 from msgd.interfaces.writer import BoundedWriter, write_now
 from msgd.security import Guard, SecurityOptions
+from msgd.services import Services
 
 
 def stream_endpoint(value: str, ctx) -> str:
@@ -227,8 +228,8 @@ class StreamInterface(Listener):
     Options = Options
     type_name = "jsonrpc-stream"
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services: Services):
+        super().__init__(name, options, services)
         self.guard = Guard(self)
         self.clients = Clients(self, options.max_batch, options.max_subscriptions, (*CONNECTED, "rpc.login"))
         m = self.services.metrics

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any, Callable
 
 import bcrypt
 from twisted.cred.checkers import ICredentialsChecker
@@ -129,14 +130,14 @@ class LDAPChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, node, adapter: str):
-        self.node = node
+    def __init__(self, adapters: Callable[[str], Any], adapter: str):
+        self.adapters = adapters        # name -> adapter (Services.adapter), looked up at each login
         self.adapter = adapter
 
     def requestAvatarId(self, credentials):
         user, password = _text(credentials.username), _text(credentials.password)
         try:
-            d = self.node.adapter(self.adapter).authenticate(user, password)
+            d = self.adapters(self.adapter).authenticate(user, password)
         except Exception:
             return defer.fail()
 

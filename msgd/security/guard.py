@@ -58,7 +58,7 @@ class Guard:
         if o.auth == "password":
             self.checker = PasswordFileChecker(o.auth_file, services.run_blocking)
         elif o.auth == "ldap":
-            self.checker = LDAPChecker(interface.node, o.auth_adapter)   # the node's LDAP adapter
+            self.checker = LDAPChecker(services.adapter, o.auth_adapter)   # through [adapter:NAME] type = ldap
         secret = o.token_secret.encode() if o.token_secret else os.urandom(32)
         self.tokens = Tokens(secret, services.reactor, o.token_ttl)
         self.addresses = ClientAddresses(o.trusted_proxies, getattr(o, "forwarded_header", "x-forwarded-for"))

@@ -69,18 +69,18 @@ class Options:
 class StompConsumer(Interface):
     Options = Options
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services):
+        super().__init__(name, options, services)
         o = options
-        factory = StompClientFactory(node.reactor, login=o.login, passcode=o.passcode, vhost=o.vhost,
+        factory = StompClientFactory(services.reactor, login=o.login, passcode=o.passcode, vhost=o.vhost,
                                      heartbeat=o.heartbeat)
-        self.client = ClientService(clientFromString(node.reactor, o.endpoint), factory,
+        self.client = ClientService(clientFromString(services.reactor, o.endpoint), factory,
                                     retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=o.max_backoff),
-                                    clock=node.reactor, prepareConnection=self._subscribe)
+                                    clock=services.reactor, prepareConnection=self._subscribe)
         self.slots = defer.DeferredSemaphore(o.prefetch)
         self.accepting = False
         self.conn = None
-        m = node.metrics
+        m = services.metrics
         self.m_messages = m.counter("msgd_stomp_consumer_messages_total", "Broker messages handled, by outcome",
                                     ["interface", "outcome"])
         self.m_connects = m.counter("msgd_stomp_consumer_connects_total", "Connections made to the broker",
@@ -142,9 +142,9 @@ class StompConsumer(Interface):
                 message["data"] = loads(frame.body)
             except Exception as e:
                 message["data_error"] = str(e)
-        request = self.node.new_request(self.name, timeout=self.timeout())
+        request = self.services.new_request(self.name, timeout=self.timeout())
         try:
-            yield self.node.dispatcher.call(request, self.options.handler, (message,))
+            yield self.services.dispatcher.call(request, self.options.handler, (message,))
         except Exception as e:
             self.m_messages.labels(self.name, "failed").inc()
             self.log.warn("consumer {interface}: handler failed for {message_id} from {destination} "
