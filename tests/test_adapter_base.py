@@ -1,8 +1,9 @@
-"""The adapter contract on a task.Clock: deadline, pool, retry, breaker,
-metrics — no sockets."""
+"""The adapter contract on a task.Clock (an AppHarness's services, no
+node): deadline, pool, retry, breaker, metrics — no sockets."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from twisted.internet import defer, error as neterror
@@ -12,14 +13,8 @@ from twisted.trial import unittest
 from msgd.adapters import base
 from msgd.config import option
 from msgd.core import errors
-from msgd.core.metrics import Metrics
 from msgd.core.request import Request, current
-
-
-class FakeNode:
-    def __init__(self):
-        self.reactor = Clock()
-        self.metrics = Metrics()
+from msgd.testing import AppHarness
 
 
 class Conn:
@@ -56,12 +51,16 @@ class Stub(base.Adapter):
 
 
 def make(testcase, **opts) -> tuple[Stub, Clock]:
-    node = FakeNode()
+    """An adapter on the services of an AppHarness (a task.Clock, its own
+    metrics): no node."""
+    apps = os.path.abspath(testcase.mktemp())
+    os.makedirs(apps)
+    services = AppHarness(apps)
     options = replace(Stub.Options(), **opts)
-    a = Stub("svc", options, node)
+    a = Stub("svc", options, services)
     a.startService()
     testcase.addCleanup(lambda: a.stopService() if a.running else None)
-    return a, node.reactor
+    return a, services.clock
 
 
 def in_request(clock, timeout, fn):

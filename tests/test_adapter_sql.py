@@ -13,7 +13,9 @@ from twisted.protocols import portforward
 from twisted.trial import unittest
 
 from msgd.adapters import base
+from msgd.adapters.sql import SQLAdapter
 from msgd.core import errors
+from msgd.testing import AppHarness
 
 from tests import servers
 from tests.helpers import eventually, hung_listener, make_node
@@ -26,6 +28,18 @@ def ping():
 
 def call(node, target, *args, timeout=5.0):
     return node.dispatcher.call(node.new_request("test", timeout=timeout), target, args, {})
+
+
+class SQLiteOnAHarnessTests(unittest.TestCase):
+    def test_default_file_under_the_state_dir_of_its_services(self):
+        """Built on an AppHarness (no node): the default sqlite file is
+        ``[node] state_dir``/NAME.sqlite of the services' settings."""
+        apps = os.path.abspath(self.mktemp())
+        os.makedirs(apps)
+        state = os.path.abspath(self.mktemp())
+        db = SQLAdapter("db", SQLAdapter.Options(), AppHarness(apps, state_dir=state))
+        self.assertEqual(db.path, os.path.join(state, "db.sqlite"))
+        self.assertEqual(SQLAdapter("db", SQLAdapter.Options(path="/x/y.db"), AppHarness(apps)).path, "/x/y.db")
 
 
 class SQLiteTests(unittest.TestCase):

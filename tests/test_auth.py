@@ -17,11 +17,14 @@ from twisted.trial import unittest
 
 from msgd.config import AccessConfig, ConfigError, parse_text
 from msgd.core import errors
-from msgd.security.credentials import PasswordFileChecker, passwd_main, read_password_file, set_password
+from msgd.security import Guard, SecurityOptions
+from msgd.security.credentials import (LDAPChecker, PasswordFileChecker, passwd_main, read_password_file,
+                                       set_password)
 from msgd.security.limits import ConnectionLimits, LoginThrottle, RateLimit
 from msgd.security.principal import Principal
 from msgd.security.rules import Rules, covers
 from msgd.security.tokens import Tokens, _b64
+from msgd.testing import AppHarness
 from tests.helpers import QueuedPool, run_now
 
 
@@ -108,6 +111,77 @@ class PasswordFileTests(unittest.TestCase):
         self.assertEqual(read_password_file(self.path)["carol"][1], frozenset({"a", "b"}))
         self.assertEqual(passwd_main([self.path], io.StringIO("pw\n"), err), 2)
         self.assertEqual(passwd_main([self.path, "dave"], io.StringIO("\n"), err), 1)
+
+
+class Directory:
+    """Stands in for an ``[adapter:NAME] type = ldap``: ``authenticate``
+    answers the entry with its roles, or None (unknown user, wrong password)."""
+
+    def __init__(self, users: dict):
+        self.users = users          # user -> (password, roles)
+        self.asked: list = []
+
+    def authenticate(self, user, password):
+        self.asked.append(user)
+        entry = self.users.get(user)
+        return defer.succeed({"roles": entry[1]} if entry and entry[0] == password else None)
+
+
+class GuardOnAHarnessTests(unittest.TestCase):
+    """The credential checkers as an interface's Guard builds them, on an
+    AppHarness (no node, no slapd): LDAP through the services' ``adapter``
+    lookup, the password file through their ``run_blocking``."""
+
+    def setUp(self):
+        apps = os.path.abspath(self.mktemp())
+        os.makedirs(apps)
+        self.harness = AppHarness(apps)
+
+    def guard(self, **options) -> Guard:
+        class Interface:
+            name = "web"
+            services = self.harness
+        Interface.options = SecurityOptions(**options)
+        return Guard(Interface())
+
+    def test_ldap_logins_through_the_adapter_lookup(self):
+        self.harness.adapters["dir"] = Directory({"ann": ("pw", ["staff", "admins"])})
+        guard = self.guard(auth="ldap", auth_adapter="dir")
+        self.assertIsInstance(guard.checker, LDAPChecker)
+        self.assertEqual(self.successResultOf(guard.login("ann", "pw")),
+                         Principal("ann", frozenset({"staff", "admins"}), "ldap"))
+        self.failureResultOf(guard.login("ann", "nope"), errors.Unauthorized)
+        self.failureResultOf(guard.login("bob", "pw"), errors.Unauthorized)
+
+    def test_the_ldap_adapter_is_looked_up_at_each_login(self):
+        """A reload that restarts ``[adapter:dir]`` replaces it: the next
+        login asks the new one (and while there is none, it is not found)."""
+        checker = LDAPChecker(self.harness.adapter, "dir")
+        self.failureResultOf(checker.requestAvatarId(UsernamePassword(b"ann", b"pw")), errors.NotFound)
+        old = self.harness.adapters["dir"] = Directory({"ann": ("pw", [])})
+        self.successResultOf(checker.requestAvatarId(UsernamePassword(b"ann", b"pw")))
+        new = self.harness.adapters["dir"] = Directory({"ann": ("pw2", ["staff"])})
+        p = self.successResultOf(checker.requestAvatarId(UsernamePassword(b"ann", b"pw2")))
+        self.assertEqual((p.roles, old.asked, new.asked), (frozenset({"staff"}), ["ann"], ["ann"]))
+
+    def test_password_file_logins_run_in_the_services_run_blocking(self):
+        """The stat, the re-read after a change and bcrypt of a login all go
+        through ``services.run_blocking``: nothing on the calling thread."""
+        path = os.path.abspath(self.mktemp())
+        set_password(path, "alice", "s3cret", ["ops"], rounds=4)
+        pool = self.harness.run_blocking = QueuedPool()
+        guard = self.guard(auth="password", auth_file=path)
+        d = guard.login("alice", "s3cret")
+        self.assertNoResult(d)
+        self.assertEqual([fn.__name__ for fn, *_ in pool.queue], ["_check"])
+        self.assertEqual(pool.run(), 1)
+        self.assertEqual(self.successResultOf(d).roles, frozenset({"ops"}))
+        set_password(path, "alice", "new", ["dev"], rounds=4)
+        os.utime(path, ns=(1, 2))                           # a different stamp even within one clock tick
+        d = guard.login("alice", "new")
+        self.assertNoResult(d)                              # the changed file is not re-read here
+        self.assertEqual(pool.run(), 1)
+        self.assertEqual(self.successResultOf(d).roles, frozenset({"dev"}))
 
 
 class TokenTests(unittest.TestCase):

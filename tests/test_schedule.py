@@ -13,7 +13,10 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from msgd.config import ConfigError, parse_text
+from msgd.interfaces.ingest import atomic_write
+from msgd.interfaces.schedule import Schedule
 from msgd.node import NodeService
+from msgd.testing import AppHarness
 from tests.helpers import QueuedPool, run_now, write
 
 JOBS = '''
@@ -217,3 +220,59 @@ class ScheduleTests(unittest.TestCase):
             with self.assertRaises(ConfigError, msg=section) as e:
                 parse_text("[interface:job]\ntype = schedule\n" + section, "node.ini")
             self.assertEqual(e.exception.key, key, str(e.exception))
+
+
+class ScheduleOnAHarnessTests(unittest.TestCase):
+    """The schedule interface built on an AppHarness — its clock, dispatcher,
+    metrics, settings and run_blocking — with no node."""
+
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        write(os.path.join(base, "apps", "jobs.py"), JOBS)
+        clock = task.Clock()
+        clock.advance(START)
+        self.state = os.path.join(base, "state")
+        os.makedirs(self.state)
+        self.harness = AppHarness(os.path.join(base, "apps"), clock=clock, timeout=30, state_dir=self.state)
+        self.writes = self.harness.run_blocking = QueuedPool()     # the interface's blocking work waits here
+
+    def schedule(self, section: str) -> Schedule:
+        options = parse_text("[interface:job]\ntype = schedule\n" + section, "node.ini").interfaces[0].options
+        job = Schedule("job", options, self.harness)
+        job.startService()
+
+        def stop():
+            stopped = job.stopService()
+            self.writes.run()
+            return stopped
+        self.addCleanup(stop)
+        return job
+
+    def runs(self, outcome: str) -> float:
+        return self.harness.metrics.value("msgd_schedule_runs_total", {"job": "job", "outcome": outcome}) or 0
+
+    def test_each_run_writes_its_state_through_run_blocking(self):
+        self.schedule("handler = jobs.tick\ninterval = 10s\n")
+        path = os.path.join(self.state, "schedule-job.json")
+        self.harness.clock.advance(10)
+        m = self.harness.apps.modules["jobs"].module
+        self.assertEqual([c[0] - START for c in m.calls], [10])
+        self.assertEqual(self.runs("ok"), 1)
+        self.assertEqual([(fn, args[0]) for fn, args, _, _ in self.writes.queue], [(atomic_write, path)])
+        self.assertFalse(os.path.exists(path))                 # nothing written on the calling thread
+        self.assertEqual(self.writes.run(), 1)
+        with open(path) as f:
+            self.assertEqual(json.load(f), {"last_run": START + 10})
+
+    def test_the_deadline_is_the_request_timeout_in_force(self):
+        """Without its own ``request_timeout``, a run's deadline is the
+        ``[node]`` one of the services' settings when it starts (a reload
+        replaces them)."""
+        job = self.schedule("handler = jobs.held\ninterval = 60s\n")
+        self.assertEqual(job.timeout(), 30)
+        self.harness.timeout = 5
+        self.assertEqual(job.timeout(), 5)
+        self.harness.clock.advance(60)
+        self.assertEqual(len(self.harness.apps.modules["jobs"].module.gates), 1)
+        self.harness.clock.advance(5)
+        self.assertEqual(self.runs("timeout"), 1)

@@ -1,20 +1,26 @@
 """The services interface (msgd.services.Services): the node and the
 AppHarness both provide it, and parts built on it run on the harness without
-a node — a PB perspective, a peer (which takes a reactor and an outbox)."""
+a node — a PB perspective and interface, a JSON-RPC stream listener (on a
+MemoryReactorClock), a peer (which takes a reactor and an outbox)."""
 
 from __future__ import annotations
 
 import os
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from msgd.cluster.peers import Peer
 from msgd.config import PeerConfig, parse_text
 from msgd.core import errors
-from msgd.interfaces.pb import Perspective
+from msgd.core.pubsub import Broker
+from msgd.interfaces.pb import PBInterface, Perspective
+from msgd.interfaces.stream import StreamInterface
 from msgd.node import NodeService
 from msgd.services import Services
 from msgd.testing import AppHarness
@@ -29,6 +35,12 @@ def add(a: int, b: int) -> int:
 async def whoami() -> str:
     await api.sleep(1)
     return api.request().principal
+
+notes = []
+
+def note(text: str) -> int:
+    notes.append(text)
+    return len(notes)
 '''
 
 
@@ -67,6 +79,45 @@ class ServicesTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), "alice")
         self.assertEqual(self.successResultOf(p.perspective_publish("news", {"n": 1})), 1)
         self.assertEqual(self.harness.published, [("news", {"n": 1})])
+
+    def options(self, section: str):
+        return parse_text(section, os.path.abspath("node.ini")).interfaces[0].options
+
+    def test_pb_interface_on_a_harness(self):
+        """A message delivered twice is handled once: the second is answered
+        as a duplicate from the services' ``received`` store (the harness
+        keeps it in memory)."""
+        iface = PBInterface("pb", self.options("[interface:pb]\ntype = pb\nendpoint = tcp:0\nusers = a:pw\n"),
+                            self.harness)
+        self.assertIs(iface.received, self.harness.received)
+        p = Perspective(iface, "alice")
+        for duplicate in (False, True):
+            answer = p.perspective_send("m.note", ["hi"], message_id="msg-1")
+            self.assertEqual(self.successResultOf(answer), {"message_id": "msg-1", "duplicate": duplicate})
+        self.assertEqual(self.harness.apps.modules["m"].module.notes, ["hi"])
+
+    def test_a_listener_on_a_harness(self):
+        """A JSON-RPC stream listener built on a harness whose reactor is a
+        MemoryReactorClock (and, for its Sessions, a real Broker): it
+        listens on the memory reactor, counts its connections in the
+        services' metrics and answers a call over a StringTransport."""
+        reactor = MemoryReactorClock()
+        harness = AppHarness(self.harness.apps.directory, clock=reactor)
+        harness.pubsub = Broker(reactor)
+        iface = StreamInterface("s", self.options("[interface:s]\ntype = jsonrpc-stream\nendpoint = tcp:0\n"), harness)
+        iface.startService()
+        self.assertEqual(self.successResultOf(iface.ready), iface)
+        [(port, factory, _, _)] = reactor.tcpServers
+        client = IPv4Address("TCP", "192.0.2.1", 5000)
+        protocol, transport = factory.buildProtocol(client), StringTransport(peerAddress=client)
+        protocol.makeConnection(transport)
+        self.assertEqual(harness.metrics.value("msgd_interface_connections", {"interface": "s"}), 1)
+        protocol.dataReceived(b'{"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]}\n')
+        reactor.advance(0)                      # writes go out at the end of the reactor turn
+        self.assertEqual(transport.value(), b'{"jsonrpc":"2.0","result":5,"id":1}\n')
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(harness.metrics.value("msgd_interface_connections", {"interface": "s"}), 0)
+        iface.stopService()
 
 
 class PeerTests(unittest.TestCase):
