@@ -72,7 +72,7 @@ class Services(Protocol):
         (``NotFound`` when there is none).
     ``received``
         The store of the ids of peer messages handled here
-        (:class:`msgd.cluster.outbox.Received`): a PB interface answers a
+        (``msgd.cluster.outbox.Received``): a PB interface answers a
         message delivered again as a duplicate.
     ``health() -> dict``
         What ``/health`` and the status page show.
