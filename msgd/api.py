@@ -124,11 +124,7 @@ def issue_token(name: str | None = None, roles=(), ttl: float | None = None, int
         if p is None:
             raise errors.Unauthorized("no principal to issue a token for")
         name, roles = p.name, getattr(p, "roles", ())
-    iface = req.services.interfaces.get(interface or req.interface)
-    guard = getattr(iface, "guard", None)
-    if guard is None:
-        raise errors.NotFound(f"interface {interface or req.interface!r} accepts no tokens")
-    return guard.issue_token(name, roles, ttl)
+    return req.services.issue_token(interface or req.interface, name, roles, ttl)
 
 
 def sleep(seconds: float) -> Deferred:

@@ -382,6 +382,13 @@ class NodeService(MultiService):
         """The ``[node]`` section in force (a reload replaces it)."""
         return self.config.node
 
+    def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
+        """A login token of the interface named ``interface`` (its guard signs it)."""
+        guard = getattr(self.interfaces.get(interface), "guard", None)
+        if guard is None:
+            raise NotFound(f"interface {interface!r} accepts no tokens")
+        return guard.issue_token(name, roles, ttl)
+
     def health(self) -> dict:
         up = self.reactor.seconds() - self.started_at if self.started_at is not None else 0.0
         errors = self.apps.errors()

@@ -76,6 +76,10 @@ class Services(Protocol):
         message delivered again as a duplicate.
     ``health() -> dict``
         What ``/health`` and the status page show.
+    ``issue_token(interface, name, roles=(), ttl=None) -> dict``
+        A signed login token that the interface named ``interface`` accepts
+        (``NotFound`` when it takes no tokens): what ``msgd.api.issue_token``
+        gives app code.
     """
 
     reactor: Any
@@ -98,3 +102,5 @@ class Services(Protocol):
     def peer(self, name: str) -> Any: ...
 
     def health(self) -> dict: ...
+
+    def issue_token(self, interface: str, name: str, roles: Any = (), ttl: float | None = None) -> dict: ...

@@ -104,6 +104,13 @@ class AppHarness:
                        principal=self.principal if principal is None else principal, services=self, **kw)
 
     # what msgd.api reaches through request().services
+    def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
+        """A login token of the interface named ``interface`` (its guard signs it)."""
+        guard = getattr(self.interfaces.get(interface), "guard", None)
+        if guard is None:
+            raise NotFound(f"interface {interface!r} accepts no tokens")
+        return guard.issue_token(name, roles, ttl)
+
     def adapter(self, name: str):
         try:
             return self.adapters[name]

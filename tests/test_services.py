@@ -64,6 +64,18 @@ class ServicesTests(unittest.TestCase):
         self.assertEqual((r.interface, r.deadline, r.principal), ("web", 105, "bob"))
         self.assertEqual(self.successResultOf(self.harness.run_blocking(sum, [1, 2])), 3)
 
+    def test_tokens_through_the_services(self):
+        """``api.issue_token`` asks the services for the interface's token:
+        the stream interface's guard signs it and accepts it as a login;
+        an interface that is not there gives NotFound."""
+        iface = StreamInterface("s", self.options("[interface:s]\ntype = jsonrpc-stream\nendpoint = tcp:0\n"
+                                                  "token_secret = 0123456789abcdef\n"), self.harness)
+        self.harness.interfaces["s"] = iface
+        token = self.harness.issue_token("s", "carol", ["ops"], 60)["token"]
+        principal = iface.guard.verify_token(token)
+        self.assertEqual((principal.name, principal.roles), ("carol", frozenset({"ops"})))
+        self.assertRaises(errors.NotFound, self.harness.issue_token, "nope", "carol")
+
     def test_pb_perspective_on_a_harness(self):
         class Interface:
             name = "pb"
