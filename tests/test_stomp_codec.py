@@ -5,7 +5,7 @@ anything but ProtocolError."""
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
+from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
                                          negotiate_version, parse_heartbeat, unescape)
 
 COMMANDS = st.sampled_from(["SEND", "MESSAGE", "SUBSCRIBE", "ACK", "RECEIPT", "ERROR", "CONNECT", "CONNECTED"])

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from msgd.interfaces.stomp.codec import Decoder, Frame, encode
+from msgd.stomp.codec import Decoder, Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from tests.helpers import SocketTransport, http_port, make_node
 from tests.wsclient import WS
@@ -520,7 +520,7 @@ class ClientTests(unittest.TestCase):
     def setUp(self):
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
-        from msgd.interfaces.stomp.client import StompClient
+        from msgd.stomp.client import StompClient
         self.clock = Clock()
         self.client = StompClient(self.clock, login="u", passcode="p", vhost="/v", heartbeat=1.0)
         self.transport = StringTransport()
@@ -548,7 +548,7 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(got), 1)
 
     def test_error_fails_pending_receipts_and_stops_sending(self):
-        from msgd.interfaces.stomp.client import BrokerError, NotConnected
+        from msgd.stomp.client import BrokerError, NotConnected
         self.connected()
         d = self.client.send("/bad", b"x")
         self.client.dataReceived(encode(Frame("ERROR", [("message", "no such destination")])))

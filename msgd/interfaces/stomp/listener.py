@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
 from msgd.interfaces.base import Listener, discard_unsent
-from msgd.interfaces.stomp.codec import Limits
+from msgd.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.security import Guard, SecurityOptions
 from msgd.security.credentials import PasswordFileChecker

@@ -60,7 +60,7 @@ Wire protocol
 
 Bad input (a malformed frame, a frame before CONNECT, an unknown command
 or destination) gets one ``ERROR`` frame and the connection is closed.
-Bounds: the codec's :class:`~.codec.Limits`, subscriptions, unacked
+Bounds: the codec's :class:`~msgd.stomp.codec.Limits`, subscriptions, unacked
 messages, calls in flight, transactions, and ``max_pending`` bytes queued
 for a client whose socket does not drain (then what was not yet handed to
 the socket is dropped and the client gets an ERROR frame, reason ``slow
@@ -84,8 +84,8 @@ from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
 from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.writer import BoundedWriter
-from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
-                                         negotiate_version, parse_heartbeat)
+from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, negotiate_version,
+                              parse_heartbeat)
 
 TOPIC = "/topic/"
 APP = "/app/"
