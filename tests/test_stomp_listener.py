@@ -415,10 +415,12 @@ class SessionTests(unittest.TestCase):
                        + encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1")])))
         for i in range(3):
             node.pubsub.publish("c", "x" * 1000)
+        iface.turn.run()                # the turn's frames go in one write
         t.room = len(t.sent) + 1500     # the socket takes CONNECTED, one message and a half, then no more
         t.flush()
         for i in range(200):
             node.pubsub.publish("c", "x" * 1000)
+        iface.turn.run()
         self.assertTrue(t.disconnecting)
         self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
         t.room = 10 ** 9                # it reads again

@@ -1,10 +1,12 @@
 """The STOMP session (msgd.interfaces.stomp.session) without a transport or a
-node: an AppHarness for the services, a real pub/sub Broker on its clock,
-what the session writes kept as a list of writes.  Its pub/sub goes through the connection's Session, as a JSON-RPC
+node: an AppHarness for the services, a real pub/sub Broker and the
+writers' Turn on its clock, what the session writes kept as a list of
+writes.  Its pub/sub goes through the connection's Session, as a JSON-RPC
 connection's does: the same bound, channel check, presence and ending."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.trial import unittest
@@ -13,6 +15,7 @@ from msgd.config import AccessConfig
 from msgd.core.pubsub import Broker
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
+from msgd.interfaces.writer import Turn
 from msgd.security import Access
 from msgd.security.principal import Principal
 from msgd.stomp.codec import Decoder, Frame, encode
@@ -47,12 +50,12 @@ class StompSessionTests(unittest.TestCase):
         self.writes: list[bytes] = []
         self.closed: list[str] = []
 
-    def session(self, login: str | None = None, **options) -> StompSession:
+    def session(self, login: str | None = None, turn: Turn | None = None, **options) -> StompSession:
         options.setdefault("connect_timeout", 0)
         options.setdefault("heartbeat", (0, 0))
         principal = Principal(login) if login else None
         s = StompSession(self.harness, "stomp", self.writes.append, self.closed.append, peer="test",
-                         options=SessionOptions(authenticate=lambda login, passcode: principal, **options))
+                         options=SessionOptions(authenticate=lambda login, passcode: principal, **options), turn=turn)
         self.addCleanup(s.connection_lost)
         s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
         return s
@@ -136,3 +139,46 @@ class StompSessionTests(unittest.TestCase):
         self.frame(s, "SUBSCRIBE", destination="/topic/c", id="1", ack="client", **{"msgd-since": "0"})
         self.assertEqual(self.got()[-1].get("message"), "more than 2 unacknowledged messages")
         self.assertEqual((self.subscribers("c"), s.pubsub.count()), (0, 0))
+
+    def test_the_frames_of_one_turn_are_one_write(self):
+        turn = Turn(self.harness.clock)
+        s = self.session(turn=turn)
+        self.frame(s, "SUBSCRIBE", destination="/topic/c", id="1", receipt="r")
+        self.assertEqual(self.writes, [])
+        self.harness.clock.advance(0)       # the end of the reactor turn
+        self.assertEqual([[f.command for f in frames_of(w)] for w in self.writes], [["CONNECTED", "RECEIPT"]])
+        del self.writes[:]
+        for i in range(5):
+            self.broker.publish("c", i)
+        self.assertEqual(self.writes, [])
+        self.harness.clock.advance(0)
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual([json.loads(f.body) for f in frames_of(self.writes[0])], [0, 1, 2, 3, 4])
+
+    def test_an_error_comes_after_the_turns_messages(self):
+        turn = Turn(self.harness.clock)
+        s = self.session(turn=turn)
+        self.frame(s, "SUBSCRIBE", destination="/topic/c", id="1")
+        self.harness.clock.advance(0)
+        del self.writes[:]
+        self.broker.publish("c", 1)
+        self.broker.publish("c", 2)
+        self.frame(s, "SEND", destination="/nowhere", receipt="r")
+        self.assertEqual([(f.command, f.body if f.command == "MESSAGE" else f.get("receipt-id")) for f in self.got()],
+                         [("MESSAGE", b"1"), ("MESSAGE", b"2"), ("ERROR", "r")])
+        self.assertEqual(self.closed, ["unknown destination '/nowhere': use /topic/CHANNEL or /app/module.function"])
+        self.broker.publish("c", 3)
+        self.harness.clock.advance(0)
+        self.assertEqual(len(self.got()), 3)        # nothing after the ERROR
+
+    def test_receipts_keep_their_place_among_messages(self):
+        turn = Turn(self.harness.clock)
+        s = self.session(turn=turn)
+        self.frame(s, "SUBSCRIBE", destination="/topic/c", id="1")
+        self.broker.publish("c", 1)
+        self.frame(s, "SEND", b"2", destination="/topic/c", receipt="sent")
+        self.broker.publish("c", 3)
+        self.harness.clock.advance(0)
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual([(f.command, f.get("msgd-offset") or f.get("receipt-id")) for f in self.got()[1:]],
+                         [("MESSAGE", "1"), ("MESSAGE", "2"), ("RECEIPT", "sent"), ("MESSAGE", "3")])

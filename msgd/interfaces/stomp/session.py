@@ -6,7 +6,9 @@ both build a :class:`StompSession` with a ``write(bytes)`` and a
 ``close(reason)`` callable and its :class:`SessionOptions` (and set its
 writer's ``discard``, which drops what the transport has not begun to send;
 see :mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule
-below is written once.
+below is written once.  Given the listener's ``turn``, what a session writes
+during a reactor turn (the MESSAGE frames of a burst of events, receipts,
+an ERROR after them) reaches the transport in one write at its end.
 
 Pub/sub goes through the connection's :class:`msgd.core.pubsub.Session`, as
 on every protocol: each SUBSCRIBE id is one subscriber of it, so the bound
@@ -90,7 +92,7 @@ import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
 from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
-from msgd.interfaces.writer import BoundedWriter
+from msgd.interfaces.writer import BoundedWriter, Turn
 from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, negotiate_version,
                               parse_heartbeat)
 
@@ -149,7 +151,8 @@ class StompSession:
     Options = SessionOptions    # for the WebSocket layer, which imports this class by name
 
     def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
-                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
+                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
+                 turn: Turn | None = None):
         self.services = services        # msgd.services.Services
         self.interface = interface_name
         self._write_out = write
@@ -172,8 +175,9 @@ class StompSession:
         self.unacked: dict[str, _Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
         self.in_flight: set = set()
-        # the transport's pauseProducing/resumeProducing pause and resume it
-        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow)
+        # the transport's pauseProducing/resumeProducing pause and resume it; with a turn, what is
+        # written during a reactor turn goes out at its end in one write
+        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow, turn=turn)
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
