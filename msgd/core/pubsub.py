@@ -952,8 +952,8 @@ class Session:
 
     A JSON-RPC connection is its one ``subscriber``.  A connection with a
     subscriber per subscription (STOMP: one per SUBSCRIBE id) passes each
-    to :meth:`subscribe` and :meth:`unsubscribe`; they count against the
-    same bound and end with :meth:`close` too."""
+    to ``subscribe`` and ``unsubscribe``; they count against the same bound
+    and end with ``close`` too."""
 
     __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others")
 
