@@ -320,7 +320,10 @@ class Harness:
     def feed_stomp(self, data: bytes) -> str:
         from msgd.interfaces.stomp.session import StompSession
         out, closed = [], []
-        session = StompSession(self.node, "web", out.append, closed.append, peer="fuzz")
+        web = self.node.interfaces["web"]      # a session of /ws, with the bounds the WebSocket layer gives it
+        o = web.options
+        session = StompSession(self.node, "web", out.append, closed.append, peer="fuzz",
+                               options=StompSession.Options.within(o.ws_max_message, o.ws_max_pending, web.timeout()))
         session.data_received(data)
         self._settle()
         session.connection_lost()

@@ -5,8 +5,8 @@ anything but ProtocolError."""
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
-                                         negotiate_version, parse_heartbeat, unescape)
+from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, negotiate_version,
+                              parse_heartbeat, unescape)
 
 COMMANDS = st.sampled_from(["SEND", "MESSAGE", "SUBSCRIBE", "ACK", "RECEIPT", "ERROR", "CONNECT", "CONNECTED"])
 ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
@@ -64,6 +64,19 @@ class RoundTrip(unittest.TestCase):
     @given(frames("1.0"), st.integers(0, 17))
     def test_round_trip_10(self, frame, chunk):
         self.check(frame, "1.0", chunk)
+
+    def test_headers_with_and_without_escapes(self):
+        # nothing to escape: the header block in one piece; else header by header, as before
+        self.assertEqual(encode(Frame("MESSAGE", [("a", "1"), ("b", "x y")], b"hi")),
+                         b"MESSAGE\na:1\nb:x y\ncontent-length:2\n\nhi\0")
+        self.assertEqual(encode(Frame("MESSAGE", [("content-length", "2"), ("a", "1")], b"hi")),
+                         b"MESSAGE\ncontent-length:2\na:1\n\nhi\0")
+        self.assertEqual(encode(Frame("MESSAGE", [("a", "1"), ("content-length", "2")], b"hi")),
+                         b"MESSAGE\na:1\ncontent-length:2\n\nhi\0")
+        self.assertEqual(encode(Frame("MESSAGE", [("a:b", "x\\y"), ("c", "1\r\n2")])),
+                         b"MESSAGE\na\\cb:x\\\\y\nc:1\\r\\n2\n\n\0")
+        self.assertEqual(encode(Frame("MESSAGE", [("a", "x:y")]), "1.1"), b"MESSAGE\na:x\\cy\n\n\0")
+        self.assertEqual(encode(Frame("RECEIPT")), b"RECEIPT\n\n\0")
 
     def test_unencodable_headers(self):
         self.assertRaises(ProtocolError, encode, Frame("SEND", [("a", "x\ny")]), "1.0")

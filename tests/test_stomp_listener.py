@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from msgd.interfaces.stomp.codec import Decoder, Frame, encode
+from msgd.stomp.codec import Decoder, Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from tests.helpers import SocketTransport, http_port, make_node
 from tests.wsclient import WS
@@ -415,10 +415,12 @@ class SessionTests(unittest.TestCase):
                        + encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1")])))
         for i in range(3):
             node.pubsub.publish("c", "x" * 1000)
+        iface.turn.run()                # the turn's frames go in one write
         t.room = len(t.sent) + 1500     # the socket takes CONNECTED, one message and a half, then no more
         t.flush()
         for i in range(200):
             node.pubsub.publish("c", "x" * 1000)
+        iface.turn.run()
         self.assertTrue(t.disconnecting)
         self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
         t.room = 10 ** 9                # it reads again
@@ -520,7 +522,7 @@ class ClientTests(unittest.TestCase):
     def setUp(self):
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
-        from msgd.interfaces.stomp.client import StompClient
+        from msgd.stomp.client import StompClient
         self.clock = Clock()
         self.client = StompClient(self.clock, login="u", passcode="p", vhost="/v", heartbeat=1.0)
         self.transport = StringTransport()
@@ -548,7 +550,7 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(got), 1)
 
     def test_error_fails_pending_receipts_and_stops_sending(self):
-        from msgd.interfaces.stomp.client import BrokerError, NotConnected
+        from msgd.stomp.client import BrokerError, NotConnected
         self.connected()
         d = self.client.send("/bad", b"x")
         self.client.dataReceived(encode(Frame("ERROR", [("message", "no such destination")])))
@@ -601,7 +603,17 @@ class WebSocketBoundsTests(unittest.TestCase):
             ws_max_pending = 200KiB
             request_timeout = 7s
             """)
-        s = StompSession(node, "web", lambda data: None, lambda reason: None, version_hint="12")
-        self.addCleanup(s.connection_lost)
+        from msgd.interfaces.websocket import MsgdWebSocketFactory
+        t = SocketTransport(room=10 ** 9)
+        proto = t.protocol = MsgdWebSocketFactory(node.interfaces["web"]).buildProtocol(None)
+        proto.makeConnection(t)
+        self.addCleanup(t.abortConnection)
+        proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Protocol: v12.stomp\r\n\r\n")
+        t.flush()
+        self.assertIn(b" 101 ", t.sent.split(b"\r\n")[0])
+        s = proto.stomp
         self.assertEqual((s.options.limits.max_frame, s.options.max_pending, s.options.request_timeout),
                          (65536, 204800, 7.0))
+        self.assertEqual((s.hint, s.options.authenticate("claimed", "x")), ("1.2", None))   # the handshake's

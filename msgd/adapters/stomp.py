@@ -12,7 +12,7 @@ broker's responsibility), and fails with an AdapterError otherwise: an ERROR
 frame is a rejection (AdapterRejected), a lost connection an
 AdapterUnavailable.  A send is retried only when it surely never reached the
 broker (not connected).  Connections are the pool's, each a
-:class:`~msgd.interfaces.stomp.client.StompClient` (the consumer interface
+:class:`~msgd.stomp.client.StompClient` (the consumer interface
 uses the same client), with heart-beats so a dead broker is noticed.
 """
 
@@ -26,7 +26,7 @@ from twisted.internet.endpoints import clientFromString
 from msgd.adapters.base import Adapter, AdapterOptions, AdapterRejected
 from msgd.config import client_endpoint, duration, option, string
 from msgd.core.jsonrpc import dumps
-from msgd.interfaces.stomp.client import BrokerError, StompClientFactory
+from msgd.stomp.client import BrokerError, StompClientFactory
 
 
 def encode_body(body, headers: dict | None) -> tuple[bytes, dict]:

@@ -946,11 +946,16 @@ def parse_positions(text: str | None, strict: bool = False) -> dict[str, tuple[s
 
 class Session:
     """The pub/sub side of one connection (see msgd.interfaces.connection):
-    remembers its subscriptions so that they end with the connection, and
-    serves the connection-bound ``rpc.*`` methods, each checked by
-    ``authorize(request, action, channel)``."""
+    remembers its subscriptions so that they end with the connection, bounds
+    how many it holds, and serves the connection-bound ``rpc.*`` methods,
+    each checked by ``authorize(request, action, channel)``.
 
-    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize")
+    A JSON-RPC connection is its one ``subscriber``.  A connection with a
+    subscriber per subscription (STOMP: one per SUBSCRIBE id) passes each
+    to ``subscribe`` and ``unsubscribe``; they count against the same bound
+    and end with ``close`` too."""
+
+    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others")
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -959,6 +964,7 @@ class Session:
         self.names: set[str] = set()
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
+        self.others: set[tuple[str, Any]] | None = None     # (name, subscriber) of other subscribers
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
@@ -974,16 +980,42 @@ class Session:
         if self.authorize is not None:
             self.authorize(request, action, channel)
 
-    def subscribe(self, name: str, since=None, epoch=None) -> defer.Deferred:
-        if name not in self.names and len(self.names) >= self.max_subscriptions:
+    def count(self) -> int:
+        """The subscriptions held (bounded by ``max_subscriptions``)."""
+        return len(self.names) + (len(self.others) if self.others else 0)
+
+    def subscribe(self, name: str, since=None, epoch=None, subscriber=None) -> defer.Deferred:
+        """Subscribe ``subscriber`` (default: the connection's own) to
+        ``name``; fires as :meth:`Broker.subscribe` does."""
+        if subscriber is None or subscriber is self.subscriber:
+            if name not in self.names:
+                self._room()
+                self.names.add(name)
+            return self.broker.subscribe(name, self.subscriber, since, epoch)
+        held = (name, subscriber)
+        if self.others is None or held not in self.others:
+            self._room()
+            if self.others is None:
+                self.others = set()
+            self.others.add(held)
+        return self.broker.subscribe(name, subscriber, since, epoch)
+
+    def _room(self) -> None:
+        if self.count() >= self.max_subscriptions:
             raise errors.TooLarge(f"at most {self.max_subscriptions} subscriptions per connection")
-        self.names.add(name)
-        return self.broker.subscribe(name, self.subscriber, since, epoch)
+
+    def unsubscribe(self, name: str, subscriber=None) -> bool:
+        """End one subscription; whether the broker had it."""
+        if subscriber is None or subscriber is self.subscriber:
+            self.names.discard(name)
+            return self.broker.unsubscribe(name, self.subscriber)
+        if self.others is not None:
+            self.others.discard((name, subscriber))
+        return self.broker.unsubscribe(name, subscriber)
 
     def rpc_unsubscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
-        self.names.discard(name)
-        return {"channel": name, "unsubscribed": self.broker.unsubscribe(name, self.subscriber)}
+        return {"channel": name, "unsubscribed": self.unsubscribe(name)}
 
     def rpc_publish(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
@@ -1005,5 +1037,10 @@ class Session:
         return self.broker.cluster_presence(channel)
 
     def close(self) -> None:
-        self.broker.unsubscribe_all(self.subscriber, self.names)
-        self.names.clear()
+        """The connection is gone: every subscription it held ends."""
+        if self.names:
+            self.broker.unsubscribe_all(self.subscriber, self.names)
+            self.names.clear()
+        others, self.others = self.others, None
+        for name, subscriber in others or ():
+            self.broker.unsubscribe(name, subscriber)

@@ -42,7 +42,6 @@ pong within ``ws_ping_timeout`` closes the connection.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 from collections import deque
@@ -223,13 +222,15 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.transport.unregisterProducer()     # twisted.web's HTTPChannel was the producer until now
         self.transport.registerProducer(self, True)
         if getattr(self, "stomp_version", None):
+            o = iface.options
+            # this interface's bounds; the WebSocket handshake authenticated the caller: a CONNECT's
+            # login is not believed
+            options = self.factory.stomp_class.Options.within(o.ws_max_message, o.ws_max_pending, iface.timeout(),
+                                                              authenticate=lambda login, passcode: self.principal)
             self.stomp = self.factory.stomp_class(
                 iface.services, iface.name, write=lambda data: self.sendMessage(data, False),
-                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version)
+                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version, options=options)
             self.stomp.writer.discard = lambda: discard_unsent(self.transport)
-            # the WebSocket handshake authenticated the caller: a CONNECT's login is not believed
-            self.stomp.options = dataclasses.replace(self.stomp.options,
-                                                     authenticate=lambda login, passcode: self.principal)
         else:
             self.connection = self.factory.clients.connect(self.deliver, self.principal)
             transport = self.transport

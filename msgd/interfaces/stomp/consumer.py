@@ -31,7 +31,7 @@ from msgd.config import (Invalid, boolean, client_endpoint, duration, integer, n
                          optional_duration, string, target, words)
 from msgd.core.jsonrpc import loads
 from msgd.interfaces.base import Interface
-from msgd.interfaces.stomp.client import StompClientFactory
+from msgd.stomp.client import StompClientFactory
 
 
 def header_pairs(value: str, ctx) -> tuple:

@@ -6,7 +6,11 @@ there and in docs/stomp.rst.
 
 The protocol is its transport's push producer: when the socket buffer is
 full the session queues (up to ``max_pending`` bytes, then the client is
-dropped) and the node stops reading that client's frames.  A connection the
+dropped) and the node stops reading that client's frames.  What a session
+writes during a reactor turn goes to the socket in one write at the end of
+the turn (the interface's :class:`~msgd.interfaces.writer.Turn`), straight
+to the socket when Twisted holds nothing unsent for it
+(:func:`~msgd.interfaces.writer.write_now`).  A connection the
 node closes gets ``close_timeout`` to read its last frame, then is aborted.
 """
 
@@ -22,8 +26,9 @@ from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
 from msgd.interfaces.base import Listener, discard_unsent
-from msgd.interfaces.stomp.codec import Limits
+from msgd.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
+from msgd.interfaces.writer import write_now
 from msgd.security import Guard, SecurityOptions
 from msgd.security.credentials import PasswordFileChecker
 
@@ -74,9 +79,10 @@ class StompProtocol(Protocol):
         address = iface.guard.addresses.of_connection(self.transport)     # its failed logins are throttled
         options = dataclasses.replace(iface.session_options,
                                       authenticate=lambda login, passcode: iface.authenticate(login, passcode, address))
-        self.session = StompSession(iface.services, iface.name, self.transport.write, self._close,
+        transport = self.transport
+        self.session = StompSession(iface.services, iface.name, lambda data: write_now(transport, data), self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-                                    options=options)
+                                    options=options, turn=iface.turn)
         self.transport.registerProducer(self, True)
         self.session.writer.discard = lambda: discard_unsent(self.transport)
 

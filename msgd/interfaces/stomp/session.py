@@ -3,10 +3,18 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable (and set its writer's ``discard``, which drops
-what the transport has not begun to send; see
-:mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule below
-is written once.
+``close(reason)`` callable and its :class:`SessionOptions` (and set its
+writer's ``discard``, which drops what the transport has not begun to send;
+see :mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule
+below is written once.  Given the listener's ``turn``, what a session writes
+during a reactor turn (the MESSAGE frames of a burst of events, receipts,
+an ERROR after them) reaches the transport in one write at its end.
+
+Pub/sub goes through the connection's :class:`msgd.core.pubsub.Session`, as
+on every protocol: each SUBSCRIBE id is one subscriber of it, so the bound
+on subscriptions (``max_subscriptions``), the channel check
+(``Session.check``), presence and the end of every subscription with the
+connection are the Session's.
 
 Wire protocol
 -------------
@@ -60,7 +68,8 @@ Wire protocol
 
 Bad input (a malformed frame, a frame before CONNECT, an unknown command
 or destination) gets one ``ERROR`` frame and the connection is closed.
-Bounds: the codec's :class:`~.codec.Limits`, subscriptions, unacked
+Bounds: the codec's :class:`~msgd.stomp.codec.Limits`, subscriptions (and as
+many ``/temp-queue/`` destinations), unacked
 messages, calls in flight, transactions, and ``max_pending`` bytes queued
 for a client whose socket does not drain (then what was not yet handed to
 the socket is dropped and the client gets an ERROR frame, reason ``slow
@@ -83,9 +92,9 @@ import msgd
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, loads
 from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
-from msgd.interfaces.writer import BoundedWriter
-from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
-                                         negotiate_version, parse_heartbeat)
+from msgd.interfaces.writer import BoundedWriter, Turn
+from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, negotiate_version,
+                              parse_heartbeat)
 
 TOPIC = "/topic/"
 APP = "/app/"
@@ -96,8 +105,8 @@ _session_ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """Per-connection rules; the listener builds them from its ``Options``,
-    WebSocket sessions use the defaults."""
+    """Per-connection rules: the listener builds them from its ``Options``,
+    the WebSocket layer from the HTTP interface's (:meth:`within`)."""
     limits: Limits = field(default_factory=Limits)
     heartbeat: tuple[int, int] = (10000, 10000)   # ms: we can send, we want to receive
     connect_timeout: float = 10.0
@@ -110,9 +119,17 @@ class SessionOptions:
     max_transaction_frames: int = 1000
     authenticate: Callable[[str, str], Any] | None = None   # (login, passcode) -> principal | Deferred
 
+    @classmethod
+    def within(cls, max_message: int, max_pending: int, request_timeout: float | None, **kw) -> SessionOptions:
+        """The rules of a session inside another protocol's messages (a
+        WebSocket's): no frame longer than ``max_message`` bytes, at most
+        ``max_pending`` bytes queued, ``request_timeout`` for /app calls."""
+        return cls(limits=Limits(max_frame=max_message, max_body=min(max_message, Limits.max_body)),
+                   max_pending=max_pending, request_timeout=request_timeout, **kw)
+
 
 class _Subscription:
-    """One SUBSCRIBE: the pub/sub broker's subscriber."""
+    """One SUBSCRIBE: a subscriber of the connection's pub/sub Session."""
 
     __slots__ = ("session", "id", "destination", "channel", "ack", "unacked")
     notices = False      # rpc.join / rpc.leave have no STOMP form
@@ -131,31 +148,36 @@ class _Subscription:
 
 class StompSession:
     log = Logger()
+    Options = SessionOptions    # for the WebSocket layer, which imports this class by name
 
     def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
-                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None):
+                 peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
+                 turn: Turn | None = None):
         self.services = services        # msgd.services.Services
         self.interface = interface_name
         self._write_out = write
         self._close_out = close
         self.peer = peer
         self.hint = f"{version_hint[0]}.{version_hint[1]}" if version_hint else None
-        self.options = options or _websocket_options(services, interface_name)
+        self.options = options or SessionOptions()
         self.decoder = Decoder(self.options.limits)
         self.clock = services.reactor
         self.id = f"{os.urandom(3).hex()}-{next(_session_ids)}"
         self.version = "1.2"
         self.principal = None
-        # channel access and publishing go through the pub/sub Session, as on every protocol
-        self.pubsub = Session(services.pubsub, None, authorize=services.access.authorize_channel)
+        # subscribing, channel access and publishing go through the pub/sub Session, as on every
+        # protocol; each SUBSCRIBE is one of its subscribers
+        self.pubsub = Session(services.pubsub, None, max_subscriptions=self.options.max_subscriptions,
+                              authorize=services.access.authorize_channel)
         self.state = "new"             # new → connecting → connected → closed
         self.subscriptions: dict[str, _Subscription] = {}
         self.temp: dict[str, str] = {}     # /temp-queue/NAME -> subscription id
         self.unacked: dict[str, _Subscription] = {}
         self.transactions: dict[str, list[Frame]] = {}
         self.in_flight: set = set()
-        # the transport's pauseProducing/resumeProducing pause and resume it
-        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow)
+        # the transport's pauseProducing/resumeProducing pause and resume it; with a turn, what is
+        # written during a reactor turn goes out at its end in one write
+        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow, turn=turn)
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
@@ -279,9 +301,9 @@ class StompSession:
             raise errors.NotFound(f"cannot subscribe to {dest!r}: use /topic/CHANNEL or /temp-queue/NAME")
         if sid in self.subscriptions or sid in self.temp.values():
             raise errors.InvalidRequest(f"subscription id {sid!r} is already in use")
-        if len(self.subscriptions) + len(self.temp) >= self.options.max_subscriptions:
-            raise errors.TooLarge(f"at most {self.options.max_subscriptions} subscriptions per connection")
-        if dest.startswith(TEMP):     # replies of this connection's /app calls
+        if dest.startswith(TEMP):     # replies of this connection's /app calls: not the broker's
+            if len(self.temp) >= self.options.max_subscriptions:
+                raise errors.TooLarge(f"at most {self.options.max_subscriptions} subscriptions per connection")
             self.temp[dest] = sid
             self.receipt(frame)
             return
@@ -295,8 +317,16 @@ class StompSession:
                 raise errors.InvalidParams("msgd-since must be an offset")
             since = int(since)
         self._authorize("subscribe", channel)
+        # known before the Session subscribes it: what is replayed is delivered at once
         sub = self.subscriptions[sid] = _Subscription(self, sid, dest, channel, ack)
-        d = self.services.pubsub.subscribe(channel, sub, since, epoch)
+        try:
+            d = self.pubsub.subscribe(channel, since, epoch, subscriber=sub)     # bounded by the Session
+        except Exception:
+            self.subscriptions.pop(sid, None)
+            raise
+        if self.state == "closed":      # dropped during the replay (max_unacked), before the broker added it
+            self.pubsub.unsubscribe(channel, sub)
+            return
         d.addCallback(lambda info: self.receipt(frame, _subscribed(info)))
 
     def on_unsubscribe(self, frame: Frame) -> None:
@@ -309,7 +339,7 @@ class StompSession:
                 return
         if sub is None:
             raise errors.InvalidRequest(f"no subscription with id {sid!r}")
-        self.services.pubsub.unsubscribe(sub.channel, sub)
+        self.pubsub.unsubscribe(sub.channel, sub)
         for mid in sub.unacked:
             self.unacked.pop(mid, None)
         self.receipt(frame)
@@ -543,24 +573,11 @@ class StompSession:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        for sub in self.subscriptions.values():
-            self.services.pubsub.unsubscribe(sub.channel, sub)
+        self.pubsub.close()
         self.subscriptions.clear()
         self.unacked.clear()
         self.transactions.clear()
         self.writer.close()
-
-
-def _websocket_options(services, interface_name: str) -> SessionOptions:
-    """Bounds of a session the WebSocket layer built (no options given):
-    the HTTP interface's ``ws_max_message`` bounds frames and
-    ``ws_max_pending`` what is queued; its deadline applies to /app calls."""
-    iface = getattr(services, "interfaces", {}).get(interface_name)
-    o = getattr(iface, "options", None)
-    if iface is None or o is None or not hasattr(o, "ws_max_pending"):
-        return SessionOptions()
-    return SessionOptions(limits=Limits(max_frame=o.ws_max_message, max_body=min(o.ws_max_message, Limits.max_body)),
-                          max_pending=o.ws_max_pending, request_timeout=iface.timeout())
 
 
 def _subscribed(info: dict) -> list:

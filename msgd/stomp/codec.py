@@ -83,6 +83,16 @@ def encode(frame: Frame, version: str = "1.2") -> bytes:
     if not _COMMAND.match(frame.command.encode("ascii", "replace")):
         raise ProtocolError(f"invalid command {frame.command!r}")
     raw = frame.command in UNESCAPED or version == "1.0"
+    headers = frame.headers
+    if not raw and headers:
+        # most frames (every MESSAGE the server sends) have nothing to escape: then the
+        # header block is one join, checked with three scans instead of escaped header by header
+        text = "\n".join([f"{k}:{v}" for k, v in headers])
+        if text.count(":") == len(headers) and text.count("\n") == len(headers) - 1 \
+                and "\\" not in text and "\r" not in text:
+            if frame.body and not (text.startswith("content-length:") or "\ncontent-length:" in text):
+                text += f"\ncontent-length:{len(frame.body)}"
+            return f"{frame.command}\n{text}\n\n".encode("utf-8") + frame.body + b"\0"
     lines = [frame.command]
     has_length = False
     for k, v in frame.headers:

@@ -21,8 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.interfaces.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat,
-                                         parse_heartbeat)
+from msgd.stomp.codec import Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, parse_heartbeat
 
 
 class BrokerError(Exception):
