@@ -86,14 +86,14 @@ class Services(Protocol):
 @runtime_checkable
 class Control(Protocol):
     """The node's own controls, which only the operator's endpoints use
-    (``/admin``, the status page: :mod:`msgd.interfaces.admin`).  The node
+    (``/admin``, the status page: ``msgd.interfaces.admin``).  The node
     (:class:`msgd.node.NodeService`) provides them; a test passes a fake.
 
     ``reload() -> Deferred``
         Re-reads node.ini and applies it (as SIGHUP does); fires with what
         changed, fails when nothing was changed.
     ``logs``
-        The :class:`msgd.logging.LogSetup` (``levels()``, ``set_level``), or
+        The ``msgd.logging.LogSetup`` (``levels()``, ``set_level``), or
         None when the process running the node manages logging.
     ``last_reload``
         How the last reload went (``{"at", "ok", "error", ...}``), or None.

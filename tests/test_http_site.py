@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -79,6 +80,13 @@ class OptionsTests(unittest.TestCase):
         shown = [key for _, cls, skip in tables for key, _, _ in describe(cls) if key not in skip]
         self.assertEqual(sorted(shown), sorted([*DEFAULTS, "endpoint"]))
         self.assertEqual(sorted(shown), sorted(set(shown)))
+
+    def test_configuration_lists_every_key_once(self):
+        with open(os.path.join(ROOT, "docs", "configuration.rst"), encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("type = http\n~~~"):text.index("type = dirwatch\n~~~")]
+        listed = [line.split("``")[1] for line in section.splitlines() if re.match(r"``[a-z_0-9]+``  ", line)]
+        self.assertEqual(sorted(listed), sorted([*DEFAULTS, "endpoint"]))
 
 
 APP = '''
