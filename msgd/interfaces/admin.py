@@ -53,13 +53,13 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web import pages, resource
+from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC
 from msgd.core.pubsub import Broker
-from msgd.interfaces.appstatic import WebFile
+from msgd.interfaces.appstatic import Folder, WebFile
 from msgd.interfaces.base import StartupError
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.responder import json_reply
@@ -254,10 +254,9 @@ class StatusWebSocket(MsgdWebSocket):
             self.factory.feed.watcher_left()
 
 
-class StatusRoot(resource.Resource):
+class StatusRoot(Folder):
     def __init__(self, interface):
-        super().__init__()
-        self.page = WebFile("status.html", b"text/html; charset=utf-8")
+        super().__init__(WebFile("status.html", b"text/html; charset=utf-8"))
         factory = MsgdWebSocketFactory(interface, protocol=StatusWebSocket)
         feed = factory.feed = StatusFeed(interface.services, interface.control, interface.options.status_interval)
         # its own broker, the one channel, rpc.status, no app functions
@@ -266,14 +265,6 @@ class StatusRoot(resource.Resource):
         clients.broker, clients.authorize = feed.broker, _status_channel
         clients.table["rpc.status"] = lambda connection, request, params: feed.snapshot()
         self.putChild(b"ws", WebSocketResource(factory))
-
-    def getChild(self, path, request):
-        if path == b"":
-            return self.page
-        return pages.notFound()
-
-    def render_GET(self, request):
-        return self.page.render_GET(request)
 
 
 def _status_channel(request, action: str, channel: str) -> None:
@@ -361,7 +352,7 @@ def make_admin(interface) -> resource.Resource:
     control = interface.control
     if control is None:
         raise StartupError(f"[interface:{interface.name}] admin = yes needs a node to control")
-    root = resource.Resource()
+    root = Folder()
     root.putChild(b"reload", ReloadResource(control))
     root.putChild(b"log-level", LogLevelResource(control))
     return Guard(root, interface)

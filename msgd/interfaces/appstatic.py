@@ -132,6 +132,23 @@ class AppStaticResource(resource.Resource):
         return real
 
 
+class Folder(resource.Resource):
+    """Children by name, ``index`` at ``/`` and for the folder itself
+    (when given), 404 for any other name."""
+
+    def __init__(self, index: resource.Resource | None = None):
+        super().__init__()
+        self.index = index
+        if index is not None:
+            self.putChild(b"", index)
+
+    def getChild(self, path, request):
+        return pages.notFound()
+
+    def render(self, request):
+        return super().render(request) if self.index is None else self.index.render(request)
+
+
 class WebFile(resource.Resource):
     """A file shipped in msgd/web, read once."""
 

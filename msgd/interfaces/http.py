@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.interfaces import ISSLTransport
-from twisted.web import http, pages, resource, server
+from twisted.web import http, resource, server
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.interfaces import admin, appstatic, poll, soap, sse, websocket, xmlrpc
-from msgd.interfaces.appstatic import WebFile
+from msgd.interfaces.appstatic import Folder, WebFile
 from msgd.interfaces.base import Listener
 from msgd.interfaces.connection import STATELESS, Clients
 from msgd.interfaces.responder import Answer, CallResource, json_reply
@@ -340,17 +340,6 @@ def targets_page(services) -> Page:
     return Page(render)
 
 
-class Root(resource.Resource):
-    def __init__(self, index):
-        super().__init__()
-        self.index = index
-
-    def getChild(self, path, request):
-        if path == b"":
-            return self.index
-        return pages.notFound()
-
-
 class HTTPInterface(Listener):
     """The Site and its mounts.  ``control`` (:class:`msgd.services.Control`,
     the node's reload and log levels) is for ``/admin`` and ``/status``;
@@ -370,7 +359,7 @@ class HTTPInterface(Listener):
 
         def put(segment, res, guarded=False):
             self.root.putChild(segment, self.guard.protect(res, self.refusals) if guarded else res)
-        self.root = Root(WebFile("index.html", b"text/html; charset=utf-8"))
+        self.root = Folder(WebFile("index.html", b"text/html; charset=utf-8"))
         put(b"targets", targets_page(services), guarded=True)
         put(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
         put(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
