@@ -134,14 +134,19 @@ class Site(unittest.TestCase):
         self.interface = http.HTTPInterface("web", http.Options(endpoint="tcp:0", **options), self.harness)
         return self.interface
 
+    def connect(self, peer: str = "127.0.0.1"):
+        """A connection to the interface's own Site: (channel, transport)."""
+        channel = self.interface.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        return channel, transport
+
     def get(self, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b""):
         """One request through the interface's own Site: (status, headers, body)."""
-        channel = self.interface.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        channel.makeConnection(transport)
+        channel, transport = self.connect()
         channel.dataReceived(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
                              % (method, path, len(body), headers, body))
-        self.addCleanup(channel.connectionLost, None)
         return self.parse(transport.value())
 
     @staticmethod
@@ -220,10 +225,7 @@ class AdminTests(Site):
         self.harness.reloads[0].callback({"added": [], "removed": [], "restarted": ["web"]})
 
     def test_reload_answers(self):
-        channel = self.interface.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        channel.makeConnection(transport)
-        self.addCleanup(channel.connectionLost, None)
+        channel, transport = self.connect()
         channel.dataReceived(b"POST /admin/reload HTTP/1.1\r\nHost: x\r\n%sContent-Length: 2\r\n\r\n{}" % self.JSON)
         self.harness.reloads[0].callback({"restarted": ["web"]})
         status, _, body = self.parse(transport.value())
@@ -250,10 +252,7 @@ class AdminTests(Site):
         self.assertEqual(self.get(b"GET", b"/admin/log-level")[0], 503)
 
     def test_only_allowed_addresses(self):
-        channel = self.interface.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 40000))
-        channel.makeConnection(transport)
-        self.addCleanup(channel.connectionLost, None)
+        channel, transport = self.connect("10.1.2.3")
         channel.dataReceived(b"POST /admin/reload HTTP/1.1\r\nHost: x\r\n%sContent-Length: 2\r\n\r\n{}" % self.JSON)
         self.assertEqual(self.parse(transport.value())[0], 403)
         self.assertEqual(self.harness.reloads, [])
