@@ -104,3 +104,25 @@ class Services(Protocol):
     def health(self) -> dict: ...
 
     def issue_token(self, interface: str, name: str, roles: Any = (), ttl: float | None = None) -> dict: ...
+
+
+@runtime_checkable
+class Control(Protocol):
+    """The node's own controls, which only the operator's endpoints use
+    (``/admin``, the status page: ``msgd.interfaces.admin``).  The node
+    (:class:`msgd.node.NodeService`) provides them; a test passes a fake.
+
+    ``reload() -> Deferred``
+        Re-reads node.ini and applies it (as SIGHUP does); fires with what
+        changed, fails when nothing was changed.
+    ``logs``
+        The ``msgd.logging.LogSetup`` (``levels()``, ``set_level``), or
+        None when the process running the node manages logging.
+    ``last_reload``
+        How the last reload went (``{"at", "ok", "error", ...}``), or None.
+    """
+
+    logs: Any
+    last_reload: dict | None
+
+    def reload(self) -> Deferred: ...

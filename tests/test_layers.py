@@ -112,18 +112,14 @@ class LayerTests(unittest.TestCase):
 
 # the node itself and twistd's entry point, which build and run it
 NODE_OWNERS = {"msgd/node.py", "msgd/tap.py"}
-# the HTTP Site's modules, being moved onto ``services``: this list only shrinks
-NODE_USERS_FOR_NOW = {"msgd/interfaces/http.py", "msgd/interfaces/admin.py", "msgd/interfaces/poll.py",
-                      "msgd/interfaces/sse.py", "msgd/interfaces/websocket.py", "msgd/interfaces/xmlrpc.py",
-                      "msgd/interfaces/soap", "msgd/interfaces/appstatic.py"}
 
 
 def node_reaches(source: str, path: str) -> list[str]:
     """Where ``source`` reaches for the node: through an attribute
     (``self.node``, ``interface.node``, ``x.config.node.state_dir``), or
     through a constructor's ``node`` parameter (``node.reactor``).  Setting
-    ``self.node`` (msgd/interfaces/base.py keeps it for the HTTP site), or
-    passing ``node`` on to a base class, is not a reach."""
+    an attribute named ``node``, or passing ``node`` on to a base class, is
+    not a reach."""
     tree = ast.parse(source, path)
     reaches = [n for n in ast.walk(tree)
                if isinstance(n, ast.Attribute) and n.attr == "node" and not isinstance(n.ctx, ast.Store)]
@@ -148,14 +144,13 @@ class ServicesNotNodeTests(unittest.TestCase):
                           "m.py:9: node.reactor"])
 
     def test_components_take_services_not_the_node(self):
-        """Only the node, tap and (for now) the HTTP Site use ``.node``: every
-        other part uses the msgd.services.Services it was given."""
+        """Only the node and tap use ``.node``: every other part uses the
+        msgd.services.Services it was given."""
         found = []
         for d, _, files in os.walk(os.path.join(ROOT, "msgd")):
             for f in sorted(files):
                 rel = os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
-                if not f.endswith(".py") or rel in NODE_OWNERS or rel in NODE_USERS_FOR_NOW \
-                        or any(rel.startswith(p + "/") for p in NODE_USERS_FOR_NOW):
+                if not f.endswith(".py") or rel in NODE_OWNERS:
                     continue
                 with open(os.path.join(d, f), encoding="utf-8") as src:
                     found += node_reaches(src.read(), rel)

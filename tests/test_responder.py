@@ -130,14 +130,13 @@ class RespondTests(unittest.TestCase):
 
 class Mount:
     """What an HTTP mount uses of its interface: ``name``, ``options``,
-    ``timeout()``, ``log``, ``services`` (here an AppHarness) — and, for
-    ``/rpc``, ``node``."""
+    ``timeout()``, ``log``, ``services`` (here an AppHarness)."""
 
     log = Logger()
 
     def __init__(self, services, **options):
         self.name = "web"
-        self.services = self.node = services
+        self.services = services
         self.options = http.Options(endpoint="tcp:0", **options)
 
     def timeout(self) -> float:

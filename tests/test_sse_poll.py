@@ -70,7 +70,7 @@ class Base(unittest.TestCase):
     def setUp(self):
         self.node = make_node(self, INI, APPS)
         self.base = f"http://127.0.0.1:{http_port(self.node)}"
-        self.registry = self.node.interfaces["web"].poll_sessions
+        self.registry = self.node.interfaces["web"].shared.poll_sessions
         self.addCleanup(self.registry.close_all)
 
     @defer.inlineCallbacks
@@ -387,7 +387,7 @@ class AccessTests(unittest.TestCase):
             subscribe = news.*
             """, APPS)
         self.base = f"http://127.0.0.1:{http_port(self.node)}"
-        self.addCleanup(self.node.interfaces["web"].poll_sessions.close_all)
+        self.addCleanup(self.node.interfaces["web"].shared.poll_sessions.close_all)
 
     @defer.inlineCallbacks
     def test_rules(self):
@@ -425,7 +425,7 @@ class LoginTests(unittest.TestCase):
             """, dict(APPS, **{"who.py": "from msgd import api\n\ndef ami():\n"
                                      "    p = api.request().principal\n    return p and p.name\n"}))
         self.base = f"http://127.0.0.1:{http_port(self.node)}"
-        self.addCleanup(self.node.interfaces["web"].poll_sessions.close_all)
+        self.addCleanup(self.node.interfaces["web"].shared.poll_sessions.close_all)
         self.token = self.node.interfaces["web"].guard.issue_token("alice")["token"]
 
     @defer.inlineCallbacks

@@ -3,7 +3,12 @@ dataclass as tables (:func:`msgd.config.describe`: key, default and the
 ``doc=`` of its ``option()``), so the generated key reference cannot drift
 from the code: [node], [pubsub], [channel:NAME], [peer:NAME],
 [access:NAME], the listeners' security keys, and each interface and adapter
-type in msgd.registry."""
+type in msgd.registry.
+
+Every key is shown once: a listener's table leaves out the security keys
+(their own table), and a section assembled from parts that declare no key of
+its own (``type = http``: the Site and each mount) gets a table per part,
+titled by the first line of the part's docstring."""
 
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ def _text(doc: str) -> str:
     return doc
 
 
-def _table(cls) -> list[str]:
+def _table(cls, skip=frozenset()) -> list[str]:
     import dataclasses
 
     from msgd.config import NodeConfig, describe
@@ -45,6 +50,8 @@ def _table(cls) -> list[str]:
     lines = [".. list-table::", "   :header-rows: 1", "   :widths: 22 18 60", "",
              "   * - key", "     - default", "     - meaning"]
     for key, default, doc in describe(cls):
+        if key in skip:
+            continue
         shown = "(host name)" if cls is NodeConfig and key == "name" else _default(default, parsers[key])
         lines += [f"   * - ``{key}``", f"     - {shown}", f"     - {_text(doc)}"]
     return lines
@@ -64,11 +71,28 @@ def sections():
     return out
 
 
+def parts(title: str, cls) -> list[tuple[str, object, frozenset]]:
+    """(title, class, keys to leave out) of the tables of one section."""
+    import dataclasses
+
+    from msgd.security import SecurityOptions
+    if cls is SecurityOptions or not issubclass(cls, SecurityOptions):
+        return [(title, cls, frozenset())]
+    security = frozenset(f.name for f in dataclasses.fields(SecurityOptions))
+    if vars(cls).get("__annotations__"):
+        return [(title + " (and the security keys of listeners)", cls, security)]
+    own = [c for c in reversed(cls.__mro__[1:]) if vars(c).get("__annotations__") and c is not SecurityOptions]
+    return [(f"{title}: {(c.__doc__ or c.__name__).splitlines()[0]}" + (" (and the security keys of listeners)"
+                                                                         if c is own[0] else ""), c, frozenset())
+            for c in own]
+
+
 class OptionsDirective(Directive):
     def run(self):
         lines: list[str] = []
-        for title, cls in sections():
-            lines += [".. rubric:: " + title, ""] + _table(cls) + [""]
+        for section, whole in sections():
+            for title, cls, skip in parts(section, whole):
+                lines += [".. rubric:: " + title, ""] + _table(cls, skip) + [""]
         container = nodes.container()
         self.state.nested_parse(StringList(lines, source="msgd-options"), self.content_offset, container)
         return list(container.children)

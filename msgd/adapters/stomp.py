@@ -52,8 +52,8 @@ class StompAdapter(Adapter):
         vhost: str = option("/", parse=string, doc="virtual host (the CONNECT host header)")
         heartbeat: float = option(10.0, parse=duration, doc="heart-beat interval both ways (0: none)")
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services):
+        super().__init__(name, options, services)
         self.conns: set = set()
 
     async def _connect(self):

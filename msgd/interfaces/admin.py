@@ -35,6 +35,10 @@ A snapshot (the wire format of ``msgd.status``)::
 
 ``rate``/``error_rate`` are calls per second and ``p50``/``p95`` latencies in
 seconds (estimated from the histogram buckets) over the last interval.
+
+Both read the node through the interface's ``services`` (reactor, metrics,
+``health()``, ``settings``, dispatcher, apps) and its ``control``
+(:class:`msgd.services.Control`: ``reload()``, ``logs``, ``last_reload``).
 """
 
 from __future__ import annotations
@@ -43,23 +47,47 @@ import hmac
 import ipaddress
 import json
 import time
+from dataclasses import dataclass
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.web import pages, resource
+from twisted.logger import Logger
+from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
 from msgd.core.jsonrpc import JSONRPC
 from msgd.core.pubsub import Broker
+from msgd.interfaces.appstatic import Folder, WebFile
+from msgd.interfaces.base import StartupError
 from msgd.interfaces.connection import Clients
-from msgd.interfaces.http import WebFile, _json
+from msgd.interfaces.responder import json_reply
 from msgd.interfaces.websocket import MsgdWebSocket, MsgdWebSocketFactory
 from msgd.logging import BadLevel
+from msgd.options import boolean, duration, networks, option
 from msgd.security.addresses import ip
+from msgd.services import Control
 
 CHANNEL = "msgd.status"
+log = Logger()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminOptions:
+    """``/status`` and ``/admin``: the status page and admin calls (switches ``status``, ``admin``)"""
+
+    status: bool = option(False, parse=boolean, doc="serve the live status page at /status (see admin_allow)")
+    status_interval: float = option(1.0, parse=duration, doc="how often the status page gets a new snapshot")
+    admin: bool = option(False, parse=boolean,
+                         doc="serve admin calls at /admin (reload config, set log levels; see admin_allow)")
+    admin_allow: tuple = option(("127.0.0.1", "::1"), parse=networks,
+                                doc="addresses/networks allowed to use /status and /admin")
+    admin_token: str = option("", doc="when set, /status and /admin also need it (Authorization: Bearer, ?token=)")
+
+
+def _json(request, status: int, obj) -> bytes:
+    return json_reply(request, status, obj, pretty=True)
 
 
 class Guard(resource.Resource):
@@ -72,31 +100,25 @@ class Guard(resource.Resource):
         self.allow = [ipaddress.ip_network(n, strict=False) for n in interface.options.admin_allow]
         self.token = interface.options.admin_token.encode()
 
-    def allowed(self, request) -> tuple[int, str] | None:
-        """None when allowed, else (status, reason)."""
+    def refused(self, request) -> resource.Resource | None:
+        """None when allowed, else the refusal (403, 401)."""
         address = self.guard.client_address(request)
         addr = ip(address)
         if addr is None or not any(addr in net for net in self.allow):
             self.guard.denied("address", None, address, request.path.decode("latin-1")[:100])
-            return 403, "not allowed from this address"
+            return _Refused(403, "not allowed from this address")
         if self.token:
             auth = request.getHeader(b"authorization") or b""
             given = auth[7:] if auth.lower().startswith(b"bearer ") else (request.args.get(b"token") or [b""])[0]
             if not hmac.compare_digest(given, self.token):
-                return 401, "a valid token is needed"
+                return _Refused(401, "a valid token is needed")
         return None
 
     def getChildWithDefault(self, path, request):
-        refused = self.allowed(request)
-        if refused is not None:
-            return _Refused(*refused)
-        return self.inner.getChildWithDefault(path, request)
+        return self.refused(request) or self.inner.getChildWithDefault(path, request)
 
     def render(self, request):
-        refused = self.allowed(request)
-        if refused is not None:
-            return _Refused(*refused).render(request)
-        return self.inner.render(request)
+        return (self.refused(request) or self.inner).render(request)
 
 
 class _Refused(resource.Resource):
@@ -132,13 +154,15 @@ def _quantile(deltas: list[tuple[float, float]], q: float) -> float | None:
 
 
 class StatusFeed:
-    """Snapshots of one node, published on :data:`CHANNEL` of its own broker
-    every ``interval`` while at least one status page is connected."""
+    """Snapshots of one node (its ``services`` and ``control``), published on
+    :data:`CHANNEL` of its own broker every ``interval`` while at least one
+    status page is connected."""
 
-    def __init__(self, node, interval: float):
-        self.node = node
+    def __init__(self, services, control: Control | None, interval: float):
+        self.services = services
+        self.control = control
         self.interval = interval
-        self.broker = Broker(node.reactor, history_size=0, gc_interval=0)
+        self.broker = Broker(services.reactor, history_size=0, gc_interval=0)
         self.watchers = 0
         self._loop: LoopingCall | None = None
         self._last: tuple | None = None      # (time, total, errors, buckets) of the last published snapshot
@@ -147,9 +171,8 @@ class StatusFeed:
         self.watchers += 1
         if self._loop is None:
             self._loop = LoopingCall(self.publish)
-            self._loop.clock = self.node.reactor
-            self._loop.start(self.interval, now=True).addErrback(
-                lambda f: self.node.log.failure("status feed stopped", f))
+            self._loop.clock = self.services.reactor
+            self._loop.start(self.interval, now=True).addErrback(lambda f: log.failure("status feed stopped", f))
 
     def watcher_left(self) -> None:
         self.watchers -= 1
@@ -166,7 +189,7 @@ class StatusFeed:
         total = errors = 0
         by_iface: dict = {}
         buckets: dict[float, float] = {}
-        for metric in self.node.metrics.registry.collect():
+        for metric in self.services.metrics.registry.collect():
             if metric.name == "msgd_requests":
                 for s in metric.samples:
                     if s.name != "msgd_requests_total":
@@ -185,8 +208,8 @@ class StatusFeed:
         return total, errors, by_iface, buckets
 
     def snapshot(self, advance: bool = False) -> dict:
-        node = self.node
-        now = node.reactor.seconds()
+        services, control = self.services, self.control
+        now = services.reactor.seconds()
         total, errors, by_iface, buckets = self._requests()
         rate = error_rate = p50 = p95 = None
         if self._last is not None and now > self._last[0]:
@@ -197,20 +220,21 @@ class StatusFeed:
             p50, p95 = _quantile(deltas, 0.5), _quantile(deltas, 0.95)
         if advance:
             self._last = (now, total, errors, buckets)
-        health = node.health()
+        health = services.health()
+        logs = control.logs if control is not None else None
         return {
-            "node": node.name_, "time": time.time(), "uptime": health["uptime"], "status": health["status"],
-            "in_flight": node.dispatcher.in_flight,
+            "node": services.settings.name, "time": time.time(), "uptime": health["uptime"],
+            "status": health["status"], "in_flight": services.dispatcher.in_flight,
             "interfaces": health["interfaces"], "adapters": health["adapters"],
             "modules": {n: {"version": m.version, "loaded_at": m.loaded_at,
                             "error": m.error.to_dict() if m.error is not None else None}
-                        for n, m in node.apps.modules.items()},
+                        for n, m in services.apps.modules.items()},
             "load_errors": health["load_errors"],
             "requests": {"total": total, "errors": errors, "rate": rate, "error_rate": error_rate,
                          "p50": p50, "p95": p95},
             "by_interface": by_iface,
-            "last_reload": node.last_reload,
-            "log_levels": node.logs.levels() if node.logs is not None else {},
+            "last_reload": control.last_reload if control is not None else None,
+            "log_levels": logs.levels() if logs is not None else {},
         }
 
 
@@ -230,26 +254,17 @@ class StatusWebSocket(MsgdWebSocket):
             self.factory.feed.watcher_left()
 
 
-class StatusRoot(resource.Resource):
+class StatusRoot(Folder):
     def __init__(self, interface):
-        super().__init__()
-        self.page = WebFile("status.html", b"text/html; charset=utf-8")
+        super().__init__(WebFile("status.html", b"text/html; charset=utf-8"))
         factory = MsgdWebSocketFactory(interface, protocol=StatusWebSocket)
-        feed = factory.feed = StatusFeed(interface.node, interface.options.status_interval)
+        feed = factory.feed = StatusFeed(interface.services, interface.control, interface.options.status_interval)
         # its own broker, the one channel, rpc.status, no app functions
         clients = factory.clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"))
         clients.jsonrpc = JSONRPC(_NoApps(), max_batch=10)
         clients.broker, clients.authorize = feed.broker, _status_channel
         clients.table["rpc.status"] = lambda connection, request, params: feed.snapshot()
         self.putChild(b"ws", WebSocketResource(factory))
-
-    def getChild(self, path, request):
-        if path == b"":
-            return self.page
-        return pages.notFound()
-
-    def render_GET(self, request):
-        return self.page.render_GET(request)
 
 
 def _status_channel(request, action: str, channel: str) -> None:
@@ -277,9 +292,9 @@ def make_status(interface) -> resource.Resource:
 class _JSONPost(resource.Resource):
     isLeaf = True
 
-    def __init__(self, node):
+    def __init__(self, control: Control):
         super().__init__()
-        self.node = node
+        self.control = control
 
     def body(self, request) -> dict | None:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -305,21 +320,21 @@ class ReloadResource(_JSONPost):
         def failed(f):
             request.write(_json(request, 409, {"ok": False, "error": f.getErrorMessage()}))
             request.finish()
-        self.node.reload().addCallbacks(done, failed)
+        self.control.reload().addCallbacks(done, failed)
         return NOT_DONE_YET
 
 
 class LogLevelResource(_JSONPost):
-    def render_GET(self, request):
-        logs = self.node.logs
-        if logs is None:
+    def render(self, request):
+        if self.control.logs is None:
             return _json(request, 503, {"error": "log levels are managed by the process running the node"})
-        return _json(request, 200, {"levels": logs.levels()})
+        return super().render(request)
+
+    def render_GET(self, request):
+        return _json(request, 200, {"levels": self.control.logs.levels()})
 
     def render_POST(self, request):
-        logs = self.node.logs
-        if logs is None:
-            return _json(request, 503, {"error": "log levels are managed by the process running the node"})
+        logs = self.control.logs
         data = self.body(request)
         if data is None or not isinstance(data.get("namespace"), str) or not isinstance(data.get("level"), str):
             return _json(request, 400, {"error": 'POST {"namespace": "msgd.core.apps", "level": "debug"} '
@@ -328,13 +343,16 @@ class LogLevelResource(_JSONPost):
             logs.set_level(data["namespace"], data["level"])
         except BadLevel as e:
             return _json(request, 400, {"error": str(e)})
-        self.node.log.info("log level of {namespace} set to {new_level}", namespace=data["namespace"],
-                           new_level=data["level"])
+        log.info("log level of {namespace} set to {new_level}", namespace=data["namespace"], new_level=data["level"])
         return _json(request, 200, {"levels": logs.levels()})
 
 
 def make_admin(interface) -> resource.Resource:
-    root = resource.Resource()
-    root.putChild(b"reload", ReloadResource(interface.node))
-    root.putChild(b"log-level", LogLevelResource(interface.node))
+    """``/admin`` on the node's controls (``interface.control``)."""
+    control = interface.control
+    if control is None:
+        raise StartupError(f"[interface:{interface.name}] admin = yes needs a node to control")
+    root = Folder()
+    root.putChild(b"reload", ReloadResource(control))
+    root.putChild(b"log-level", LogLevelResource(control))
     return Guard(root, interface)

@@ -15,14 +15,31 @@ functions it calls live and change together.
   (``.git``) and NUL bytes are refused, and the resolved path (symlinks
   followed) must stay inside the app's ``static/`` directory, so a symlink
   pointing elsewhere is refused too.  Refusals are plain 404s.
+
+msgd's own files (the landing page, msgd.js, the status page) are a
+:class:`WebFile` each.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+from dataclasses import dataclass
 
 from twisted.web import http, pages, resource, static
 from twisted.web.util import Redirect
+
+from msgd.options import boolean, duration, option
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppStaticOptions:
+    """``/apps/``: app packages' static files (switch ``apps_static``)"""
+
+    apps_static: bool = option(True, parse=boolean, doc="serve app packages' static/ files at /apps/NAME/")
+    apps_static_max_age: float = option(0.0, parse=duration,
+                                        doc="Cache-Control max-age of /apps/ files (0: no-cache, revalidate)")
+
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8", ".htm": "text/html; charset=utf-8",
@@ -113,3 +130,38 @@ class AppStaticResource(resource.Resource):
         if not os.path.isfile(real):
             return not_found
         return real
+
+
+class Folder(resource.Resource):
+    """Children by name, ``index`` at ``/`` and for the folder itself
+    (when given), 404 for any other name."""
+
+    def __init__(self, index: resource.Resource | None = None):
+        super().__init__()
+        self.index = index
+        if index is not None:
+            self.putChild(b"", index)
+
+    def getChild(self, path, request):
+        return pages.notFound()
+
+    def render(self, request):
+        return super().render(request) if self.index is None else self.index.render(request)
+
+
+class WebFile(resource.Resource):
+    """A file shipped in msgd/web, read once."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes):
+        super().__init__()
+        self.body = importlib.resources.files("msgd.web").joinpath(name).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        if request.postpath not in ([], [b""]):
+            return pages.notFound().render(request)
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.body

@@ -51,9 +51,6 @@ class Interface(Service):
         self.name = name
         self.options = options
         self.services: Services = services
-        # the same object, untyped, for the HTTP site's modules until they use
-        # ``services`` alone (tests/test_layers.py keeps every other module off it)
-        self.node: Any = services
         self.ready: defer.Deferred[None] = defer.Deferred()   # fires when the interface accepts work
 
     def describe(self) -> dict:

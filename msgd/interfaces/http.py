@@ -15,7 +15,10 @@ Other interfaces mount on the same Site through :data:`MOUNTS`, each switched
 by a key of this section: WebSocket at ``/ws``, XML-RPC at ``/RPC2``, SOAP
 under ``/soap/``, Server-Sent Events at ``/sse``, long-poll at ``/poll``,
 app packages' static files under ``/apps/NAME/``, the status page and admin
-calls at ``/status`` and ``/admin``.
+calls at ``/status`` and ``/admin``.  Each mount's module declares its keys
+(a frozen options dataclass); :class:`Options`, the section's keys, is
+assembled from them, the Site's own (:class:`SiteOptions`) and the security
+keys.  What mounts share is the interface's :class:`Shared`.
 
 Bodies larger than ``max_body`` are refused with 413 before they are read
 whole (and before any ``100 Continue``); the connection then ends with a
@@ -26,93 +29,97 @@ its call.
 from __future__ import annotations
 
 import html
-import importlib
-import importlib.resources
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import ISSLTransport
-from twisted.web import http, pages, resource, server
+from twisted.web import http, resource, server
 
-from msgd.config import (boolean, choice, duration, integer, networks, option, optional_duration, server_endpoint,
-                         size, words)
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
+from msgd.interfaces import admin, appstatic, poll, soap, sse, websocket, xmlrpc
+from msgd.interfaces.appstatic import Folder, WebFile
 from msgd.interfaces.base import Listener
 from msgd.interfaces.connection import STATELESS, Clients
-from msgd.interfaces.responder import Answer, respond
+from msgd.interfaces.responder import Answer, CallResource, json_reply
+from msgd.options import boolean, choice, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.security import Guard, SecurityOptions
-
-# key -> (path segment, "module:factory"); factory(interface) -> Resource
-MOUNTS: dict[str, tuple[bytes, str]] = {
-    "websocket": (b"ws", "msgd.interfaces.websocket:make_resource"),
-    "xmlrpc": (b"RPC2", "msgd.interfaces.xmlrpc:XMLRPCResource"),
-    "soap": (b"soap", "msgd.interfaces.soap:SOAPResource"),
-    "apps_static": (b"apps", "msgd.interfaces.appstatic:AppStaticResource"),
-    "sse": (b"sse", "msgd.interfaces.sse:SSEResource"),
-    "poll": (b"poll", "msgd.interfaces.poll:PollResource"),
-    "status": (b"status", "msgd.interfaces.admin:make_status"),
-    "admin": (b"admin", "msgd.interfaces.admin:make_admin"),
-}
-
-# How a protocol words the refusal of a body above max_body, told apart by the
-# request's headers (the body is never read): refuse(request, error) ->
-# (status line, content type, body), or None when the request is not its own.
-# XML-RPC and SOAP add theirs so their clients get a fault, not JSON.
-REFUSALS: list = []
+from msgd.services import Control
 
 
-@dataclass(frozen=True)
-class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see docs/security.rst
+@dataclass(frozen=True, kw_only=True)
+class SiteOptions:
+    """the Site: ``/rpc``, ``/health``, ``/metrics``, ``/targets``, and the keys several mounts read"""
+
     endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8080:interface=127.0.0.1")
     jsonrpc: bool = option(True, parse=boolean, doc="serve JSON-RPC 2.0 at /rpc")
     health: bool = option(True, parse=boolean, doc="serve /health")
     metrics: bool = option(True, parse=boolean, doc="serve /metrics")
     max_body: int = option(1024 * 1024, parse=size, doc="largest request body accepted (413 above)")
-    max_batch: int = option(100, parse=integer(1), doc="most calls in one JSON-RPC batch")
+    max_batch: int = option(100, parse=integer(1),
+                            doc="most calls in one JSON-RPC batch (and one XML-RPC system.multicall)")
     request_timeout: float | None = option(None, parse=optional_duration,
                                            doc="deadline of requests here (default: [node] request_timeout)")
     idle_timeout: float = option(120.0, parse=duration, doc="close HTTP connections idle this long")
-    xmlrpc: bool = option(True, parse=boolean, doc="serve XML-RPC at /RPC2")
-    xmlrpc_allow_none: bool = option(False, parse=boolean, doc="send None as the XML-RPC <nil/> extension")
-    xmlrpc_i8: bool = option(False, parse=boolean, doc="send integers past 32 bits as the XML-RPC <i8> extension")
-    soap: bool = option(True, parse=boolean, doc="serve SOAP 1.1/1.2 at /soap/MODULE (WSDL at ?wsdl)")
-    soap_address: str = option("", doc="base URL of /soap/ put in WSDLs (default: from each request)")
-    xml_max_depth: int = option(64, parse=integer(4, 1000), doc="deepest element nesting in XML-RPC and SOAP bodies")
-    websocket: bool = option(True, parse=boolean, doc="serve WebSocket (JSON-RPC, pub/sub, STOMP) at /ws")
-    ws_max_message: int = option(1024 * 1024, parse=size, doc="largest WebSocket message accepted")
-    ws_max_pending: int = option(1024 * 1024, parse=size,
-                                 doc="events queued for a client that does not read; past it the client is dropped")
-    ws_max_subscriptions: int = option(1000, parse=integer(1), doc="most subscriptions per connection")
-    ws_ping_interval: float = option(30.0, parse=duration, doc="keep-alive ping interval (0: none)")
-    ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
     close_timeout: float = option(10.0, parse=duration,
                                   doc="how long a client the node closes (WebSocket close, a slow consumer's "
                                       "last SSE message) has to read it before the connection is aborted")
-    ws_origins: tuple = option(("*",), parse=words,
-                               doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
-    apps_static: bool = option(True, parse=boolean, doc="serve app packages' static/ files at /apps/NAME/")
-    apps_static_max_age: float = option(0.0, parse=duration,
-                                        doc="Cache-Control max-age of /apps/ files (0: no-cache, revalidate)")
-    sse: bool = option(True, parse=boolean, doc="serve Server-Sent Events (pub/sub, poll sessions) at /sse")
-    poll: bool = option(True, parse=boolean, doc="serve JSON-RPC and pub/sub by HTTP long-poll at /poll")
-    poll_wait: float = option(25.0, parse=duration, doc="longest a GET /poll waits for messages")
-    poll_idle: float = option(60.0, parse=duration, doc="a long-poll session nobody polls this long expires")
-    poll_max_queue: int = option(1024 * 1024, parse=size,
-                                 doc="bytes queued per long-poll session or SSE stream; past it it is ended")
-    poll_max_sessions: int = option(10000, parse=integer(1), doc="most long-poll sessions at once")
-    sse_ping: float = option(15.0, parse=duration, doc="keep-alive comment interval of SSE streams")
-    status: bool = option(False, parse=boolean, doc="serve the live status page at /status (see admin_allow)")
-    status_interval: float = option(1.0, parse=duration, doc="how often the status page gets a new snapshot")
-    admin: bool = option(False, parse=boolean,
-                         doc="serve admin calls at /admin (reload config, set log levels; see admin_allow)")
-    admin_allow: tuple = option(("127.0.0.1", "::1"), parse=networks,
-                                doc="addresses/networks allowed to use /status and /admin")
-    admin_token: str = option("", doc="when set, /status and /admin also need it (Authorization: Bearer, ?token=)")
+    ws_max_subscriptions: int = option(1000, parse=integer(1),
+                                       doc="most subscriptions per connection (WebSocket, long-poll session, "
+                                           "SSE stream)")
+    xml_max_depth: int = option(64, parse=integer(4, 1000), doc="deepest element nesting in XML-RPC and SOAP bodies")
     forwarded_header: str = option("x-forwarded-for", parse=choice("x-forwarded-for", "forwarded"),
                                    doc="the header trusted_proxies tell the client's address in: "
                                        "x-forwarded-for or forwarded (RFC 7239)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options(admin.AdminOptions, poll.PollOptions, sse.SSEOptions, appstatic.AppStaticOptions,
+              soap.SOAPOptions, xmlrpc.XMLRPCOptions, websocket.WebSocketOptions, SiteOptions, SecurityOptions):
+    """The keys of ``type = http``: the security keys (docs/security.rst), the
+    Site's, then each mount's (fields come in the reverse order of the bases)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A resource on the Site, switched on by the boolean key ``key`` of
+    :class:`Options` (its module declares it among its keys).  ``make(interface)``
+    builds it; ``guarded`` puts it behind the guard (authentication, rates);
+    ``refuse(request, error)`` words the refusal of a body above ``max_body``
+    in the mount's protocol, told by the request's headers (the body is never
+    read): ``(status line, content type, body)``, or None when the request is
+    not its own (XML-RPC and SOAP clients get a fault, not JSON)."""
+
+    key: str
+    segment: bytes
+    make: Callable[[Any], resource.Resource]
+    guarded: bool = False
+    refuse: Callable | None = None
+
+
+MOUNTS = (
+    Mount("websocket", b"ws", websocket.make_resource),
+    Mount("xmlrpc", b"RPC2", xmlrpc.XMLRPCResource, guarded=True, refuse=xmlrpc.refuse),
+    Mount("soap", b"soap", soap.SOAPResource, guarded=True, refuse=soap.refuse),
+    Mount("apps_static", b"apps", appstatic.AppStaticResource),
+    Mount("sse", b"sse", sse.SSEResource, guarded=True),
+    Mount("poll", b"poll", poll.PollResource, guarded=True),
+    Mount("status", b"status", admin.make_status),
+    Mount("admin", b"admin", admin.make_admin),
+)
+
+
+class Shared:
+    """What the mounts of one HTTP interface share, made by the interface
+    before them (``interface.shared``): the long-poll sessions (``/poll``
+    and ``/sse?session=``), the WebSocket counters (``/ws`` and the status
+    page's socket).  None where no mount uses it."""
+
+    def __init__(self, interface: "HTTPInterface"):
+        o = interface.options
+        self.poll_sessions = poll.Sessions(interface) if o.poll or o.sse else None
+        self.websocket = (websocket.Counters(interface.services.metrics, interface.name)
+                          if o.websocket or o.status else None)
 
 
 class BoundedRequest(server.Request):
@@ -140,11 +147,8 @@ class BoundedRequest(server.Request):
     def reject_too_large(self):
         self._rejected = True
         error = errors.TooLarge(f"request body larger than {self.channel.site.max_body} bytes")
-        answer = next(filter(None, (refuse(self, error) for refuse in REFUSALS)), None)
-        status, ctype, body = answer or (b"413 Payload Too Large", b"application/json",
-                                         dumps(error_response(error)))
-        self.channel.refuse(b"HTTP/1.1 %s\r\nContent-Type: %s\r\n"
-                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (status, ctype, len(body), body))
+        answer = next(filter(None, (refuse(self, error) for refuse in self.channel.site.refusals)), None)
+        self.channel.refuse(*answer or (b"413 Payload Too Large", b"application/json", dumps(error_response(error))))
 
 
 class TrackedChannel(http.HTTPChannel):
@@ -173,9 +177,8 @@ class TrackedChannel(http.HTTPChannel):
         self._admitted = self.site.interface.admit(self.transport, self._too_many, forwarded=True)
 
     def _too_many(self, limit: str) -> None:
-        body = dumps(error_response(errors.Overloaded(f"too many connections ({limit})")))
-        self.refuse(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.refuse(b"429 Too Many Requests", b"application/json",
+                    dumps(error_response(errors.Overloaded(f"too many connections ({limit})"))), b"Retry-After: 1\r\n")
 
     def allHeadersReceived(self):
         guard = self.site.interface.guard
@@ -193,9 +196,9 @@ class TrackedChannel(http.HTTPChannel):
 
     # -- refusing and lingering ---------------------------------------------------------
 
-    def refuse(self, response: bytes) -> None:
-        """Send ``response`` (a whole HTTP response with ``Connection:
-        close``) as the connection's last bytes, then linger (see above)."""
+    def refuse(self, status: bytes, content_type: bytes, body: bytes, headers: bytes = b"") -> None:
+        """Answer ``status`` (``b"413 Payload Too Large"``) with ``body`` as
+        the connection's last bytes, then linger (see above)."""
         if self._lingering is not None:
             return
         self.setTimeout(None)
@@ -204,7 +207,8 @@ class TrackedChannel(http.HTTPChannel):
         self.lineReceived = self.rawDataReceived = self.allContentReceived = _ignore  # type: ignore[method-assign]
         self.dataReceived = self._discard  # type: ignore[method-assign]   # nothing more is parsed
         transport: Any = self.transport
-        transport.write(response)
+        transport.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                        % (status, content_type, headers, len(body), body))
         if hasattr(transport, "loseWriteConnection") and not ISSLTransport.providedBy(transport):
             transport.loseWriteConnection()      # FIN once the answer is out; reading goes on
         self._lingering = [0, self.callLater(self.linger_idle, self._linger_end),
@@ -220,18 +224,18 @@ class TrackedChannel(http.HTTPChannel):
             lingering[1].reset(self.linger_idle)
 
     def _linger_end(self) -> None:
-        for call in (self._lingering or [])[1:]:
-            if call.active():
-                call.cancel()
+        self._stop_lingering()
         transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
 
+    def _stop_lingering(self) -> None:
+        for call in (self._lingering or [])[1:]:
+            if call.active():
+                call.cancel()
+
     def connectionLost(self, reason):
-        if self._lingering is not None:
-            for call in self._lingering[1:]:
-                if call.active():
-                    call.cancel()
+        self._stop_lingering()
         if self._admitted:
             self._admitted = False
             self.site.interface.closed(self.transport)
@@ -252,12 +256,13 @@ class MsgdSite(server.Site):
         # Content-Type with the email package (tens of microseconds) and a
         # multipart body in full before any resource saw the request.
         super().__init__(root, timeout=interface.options.idle_timeout, parsePOSTFormSubmission=False,
-                         reactor=interface.node.reactor)
+                         reactor=interface.services.reactor)
         self.interface = interface
         self.max_body = interface.options.max_body
+        self.refusals = interface.refusals
         self.displayTracebacks = False
         self.noisy = False
-        self.responses = interface.node.metrics.counter(
+        self.responses = interface.services.metrics.counter(
             "msgd_http_responses_total", "HTTP responses by interface and status code", ["interface", "code"])
         self._by_code: dict = {}
 
@@ -269,146 +274,103 @@ class MsgdSite(server.Site):
         counter.inc()
 
 
-def _json(request, status: int, obj) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(obj, indent=1).encode() + b"\n"
-
-
-class JSONRPCResource(resource.Resource):
-    isLeaf = True
-
+class JSONRPCResource(CallResource):
     def __init__(self, interface: "HTTPInterface"):
-        super().__init__()
-        self.interface = interface
+        super().__init__(interface)
         clients = Clients(interface, interface.options.max_batch, 0, STATELESS)
         self.jsonrpc, self.builtins = clients.jsonrpc, clients.stateless()
 
     def render_GET(self, request):
         request.setHeader(b"allow", b"POST")
-        return _json(request, 405, error_response(errors.InvalidRequest("use POST for JSON-RPC")))
+        return json_reply(request, 405, error_response(errors.InvalidRequest("use POST for JSON-RPC")), pretty=True)
 
     def render_POST(self, request):
-        iface = self.interface
-        node = iface.node
-        body = request.content.read()
-        timeout = iface.timeout()
-
-        def make_request():
-            return node.new_request(iface.name, timeout=timeout, principal=getattr(request, "principal", None))
-
-        return respond(request, self.jsonrpc.answer(body, make_request, self.builtins), _jsonrpc_answer,
-                       lambda e: Answer(500, None, None), log=iface.log, event="JSON-RPC over HTTP failed")
+        outcome = self.jsonrpc.answer(request.content.read(), lambda: self.new_request(request), self.builtins)
+        return self.respond(request, outcome, _jsonrpc_answer, lambda e: Answer(500, None, None),
+                            "JSON-RPC over HTTP failed")
 
 
 def _jsonrpc_answer(data: bytes | None) -> Answer:
     return Answer(204, None, None) if data is None else Answer(200, b"application/json", data)
 
 
-class HealthResource(resource.Resource):
+class Page(resource.Resource):
+    """A leaf answering GET with ``render(request)``."""
+
     isLeaf = True
 
-    def __init__(self, node):
+    def __init__(self, render: Callable[[Any], bytes]):
         super().__init__()
-        self.node = node
+        self.content = render
 
     def render_GET(self, request):
-        health = self.node.health()
-        return _json(request, 200 if health["status"] != "down" else 503, health)
+        return self.content(request)
 
 
-class MetricsResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, node):
-        super().__init__()
-        self.node = node
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", self.node.metrics.content_type.encode())
-        return self.node.metrics.render()
+def health_page(services) -> Page:
+    """``/health``: ``services.health()``, 503 when the node is down."""
+    def render(request):
+        report = services.health()
+        return json_reply(request, 200 if report["status"] != "down" else 503, report, pretty=True)
+    return Page(render)
 
 
-class TargetsResource(resource.Resource):
+def metrics_page(registry) -> Page:
+    """``/metrics``: the registry in Prometheus' text format."""
+    def render(request):
+        request.setHeader(b"content-type", registry.content_type.encode())
+        return registry.render()
+    return Page(render)
+
+
+def targets_page(services) -> Page:
     """``/targets``: what this node offers, for a person with a browser."""
-
-    isLeaf = True
-
-    def __init__(self, node):
-        super().__init__()
-        self.node = node
-
-    def render_GET(self, request):
-        node = self.node
-        rows = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in node.apps.targets())
+    def render(request):
+        apps, name = services.apps, html.escape(services.settings.name)
+        rows = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in apps.targets())
         errs = "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(str(e))}</li>"
-                       for n, e in node.apps.errors().items())
-        page = (f"<!doctype html><meta charset=utf-8><title>msgd {html.escape(node.name_)}</title>"
-                f"<h1>msgd node {html.escape(node.name_)}</h1>"
+                       for n, e in apps.errors().items())
+        page = (f"<!doctype html><meta charset=utf-8><title>msgd {name}</title><h1>msgd node {name}</h1>"
                 f"<p>JSON-RPC 2.0: <code>POST /rpc</code>, WebSocket <code>/ws</code> &middot; "
                 f"<a href=/health>/health</a> &middot; <a href=/metrics>/metrics</a></p>"
                 f"<h2>Targets</h2><ul>{rows}</ul>"
                 + (f"<h2>Load errors</h2><ul>{errs}</ul>" if errs else ""))
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return page.encode()
-
-
-class WebFile(resource.Resource):
-    """A file shipped in msgd/web, read once."""
-
-    isLeaf = True
-
-    def __init__(self, name: str, content_type: bytes):
-        super().__init__()
-        self.body = importlib.resources.files("msgd.web").joinpath(name).read_bytes()
-        self.content_type = content_type
-
-    def render_GET(self, request):
-        if request.postpath not in ([], [b""]):
-            return pages.notFound().render(request)
-        request.setHeader(b"content-type", self.content_type)
-        request.setHeader(b"cache-control", b"no-cache")
-        return self.body
-
-
-class Root(resource.Resource):
-    def __init__(self, index):
-        super().__init__()
-        self.index = index
-
-    def getChild(self, path, request):
-        if path == b"":
-            return self.index
-        return pages.notFound()
+    return Page(render)
 
 
 class HTTPInterface(Listener):
+    """The Site and its mounts.  ``control`` (:class:`msgd.services.Control`,
+    the node's reload and log levels) is for ``/admin`` and ``/status``;
+    ``shared`` (:class:`Shared`) is what the mounts share."""
+
     Options = Options
     type_name = "http"
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services):
+        super().__init__(name, options, services)
+        services = self.services
+        self.control: Control | None = services if isinstance(services, Control) else None
         self.guard = Guard(self)
-        guarded = {b"rpc", b"RPC2", b"soap", b"targets", b"poll", b"sse"}    # what needs authentication (and may be refused)
+        self.shared = Shared(self)
+        mounts = [m for m in MOUNTS if getattr(options, m.key)]
+        self.refusals = [m.refuse for m in mounts if m.refuse is not None]
 
-        def put(segment, res):
-            self.root.putChild(segment, self.guard.protect(res, REFUSALS) if segment in guarded else res)
-        self.root = Root(WebFile("index.html", b"text/html; charset=utf-8"))
-        put(b"targets", TargetsResource(node))
-        self.root.putChild(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
-        self.root.putChild(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
+        def put(segment, res, guarded=False):
+            self.root.putChild(segment, self.guard.protect(res, self.refusals) if guarded else res)
+        self.root = Folder(WebFile("index.html", b"text/html; charset=utf-8"))
+        put(b"targets", targets_page(services), guarded=True)
+        put(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
+        put(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
         if options.jsonrpc:
-            put(b"rpc", JSONRPCResource(self))
+            put(b"rpc", JSONRPCResource(self), guarded=True)
         if options.health:
-            self.root.putChild(b"health", HealthResource(node))
+            put(b"health", health_page(services))
         if options.metrics:
-            self.root.putChild(b"metrics", MetricsResource(node))
-        for key, (segment, factory) in MOUNTS.items():
-            if getattr(options, key, False):
-                modname, _, attr = factory.partition(":")
-                make = getattr(importlib.import_module(modname), attr)
-                put(segment, make(self))
+            put(b"metrics", metrics_page(services.metrics))
+        for m in mounts:
+            put(m.segment, m.make(self), m.guarded)
         self.site = MsgdSite(self.root, self)
 
     def factory(self):
@@ -416,7 +378,6 @@ class HTTPInterface(Listener):
 
     def close_connections(self):
         # Long-poll sessions outlive their connections: end them with the interface.
-        sessions = getattr(self, "poll_sessions", None)
-        if sessions is not None:
-            sessions.close_all()
+        if self.shared.poll_sessions is not None:
+            self.shared.poll_sessions.close_all()
         return super().close_connections()

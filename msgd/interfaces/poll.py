@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -52,15 +53,27 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.core.jsonrpc import dumps, error_response, kept
+from msgd.core.jsonrpc import error_response, kept
 from msgd.interfaces.connection import Clients
+from msgd.interfaces.responder import json_reply
+from msgd.options import boolean, duration, integer, option, size
 
 
-def _reply(request, status: int, obj) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return dumps(obj)
+@dataclass(frozen=True, kw_only=True)
+class PollOptions:
+    """``/poll``: long-poll (switch ``poll``; its sessions also stream at ``/sse?session=``)"""
+
+    poll: bool = option(True, parse=boolean, doc="serve JSON-RPC and pub/sub by HTTP long-poll at /poll")
+    poll_wait: float = option(25.0, parse=duration, doc="longest a GET /poll waits for messages")
+    poll_idle: float = option(60.0, parse=duration, doc="a long-poll session nobody polls this long expires")
+    poll_max_queue: int = option(1024 * 1024, parse=size,
+                                 doc="bytes queued per long-poll session or SSE stream; past it it is ended")
+    poll_max_sessions: int = option(10000, parse=integer(1), doc="most long-poll sessions at once")
+
+
+def _cancel(call) -> None:
+    if call is not None and call.active():
+        call.cancel()
 
 
 def _arg(request, name: bytes) -> str | None:
@@ -119,38 +132,32 @@ class PollSession:
         self._answer_waiter()          # only one waiter: an older GET gets what there is (often [])
         self.last_seen = self.registry.clock.seconds()
         if self.queue or seconds <= 0:
-            return self._respond(request)
+            return json_reply(request, 200, self.take())
         timer = self.registry.clock.callLater(seconds, self._answer_waiter)
         self.waiter = (request, timer)
         request.notifyFinish().addErrback(lambda f: self._gone(request))
         return NOT_DONE_YET
 
-    def _respond(self, request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return self.take()
+    def _take_waiter(self):
+        """The GET waiting, no longer waiting (None when there is none)."""
+        _cancel(self._flush)
+        self._flush = None
+        if self.waiter is None:
+            return None
+        (request, timer), self.waiter = self.waiter, None
+        _cancel(timer)
+        self.last_seen = self.registry.clock.seconds()
+        return request
 
     def _answer_waiter(self):
-        if self._flush is not None:
-            if self._flush.active():
-                self._flush.cancel()
-            self._flush = None
-        if self.waiter is None:
-            return
-        (request, timer), self.waiter = self.waiter, None
-        if timer.active():
-            timer.cancel()
-        self.last_seen = self.registry.clock.seconds()
-        request.write(self._respond(request))
-        request.finish()
+        request = self._take_waiter()
+        if request is not None:
+            request.write(json_reply(request, 200, self.take()))
+            request.finish()
 
     def _gone(self, request):
         if self.waiter is not None and self.waiter[0] is request:
-            _, timer = self.waiter
-            self.waiter = None
-            if timer.active():
-                timer.cancel()
-            self.last_seen = self.registry.clock.seconds()
+            self._take_waiter()
 
     # -- SSE ---------------------------------------------------------------------
 
@@ -177,14 +184,9 @@ class PollSession:
     def end(self, reason: str):
         self.closed = reason
         self.connection.close()
-        if self._flush is not None and self._flush.active():
-            self._flush.cancel()
-        if self.waiter is not None:
-            request, timer = self.waiter
-            self.waiter = None
-            if timer.active():
-                timer.cancel()
-            request.write(_reply(request, 410, {"error": errors.Unavailable(f"session ended: {reason}").to_dict()}))
+        request = self._take_waiter()
+        if request is not None:
+            request.write(_ended(request, reason))
             request.finish()
         if self.stream is not None:
             self.stream.close()
@@ -255,9 +257,16 @@ class Sessions:
         when the node ended it lately, else 404."""
         reason, when = self.ended.get(sid, (None, 0.0)) if sid else (None, 0.0)
         if reason is not None and when >= self.clock.seconds() - self.options.poll_idle:
-            return _reply(request, 410, {"error": errors.Unavailable(f"session ended: {reason}").to_dict()})
-        return _reply(request, 404, {"error": errors.Unavailable(
+            return _ended(request, reason)
+        return json_reply(request, 404, {"error": errors.Unavailable(
             "no such long-poll session (expired?): open a new one").to_dict()})
+
+    def find(self, request) -> tuple[PollSession | None, bytes | None]:
+        """``(session, None)`` for the ``?session=ID`` of ``request``, else
+        ``(None, the answer about it)`` (see :meth:`gone`)."""
+        sid = _arg(request, b"session")
+        session = self.get(sid)
+        return (session, None) if session is not None else (None, self.gone(request, sid))
 
     def close_all(self, reason: str = "interface stopped"):
         for s in list(self.sessions.values()):
@@ -270,59 +279,50 @@ class Sessions:
         for s in [s for s in self.sessions.values() if s.idle(now)]:
             self.close(s, "idle", "idle")
 
-def sessions(interface) -> Sessions:
-    """The interface's session registry, made on first use (``/poll`` and
-    ``/sse?session=`` share it)."""
-    registry = getattr(interface, "poll_sessions", None)
-    if registry is None:
-        registry = interface.poll_sessions = Sessions(interface)
-    return registry
+def _ended(request, reason: str) -> bytes:
+    return json_reply(request, 410, {"error": errors.Unavailable(f"session ended: {reason}").to_dict()})
 
 
 class PollResource(resource.Resource):
+    """``/poll``: on the interface's :class:`Sessions` (``interface.shared.poll_sessions``,
+    shared with ``/sse?session=``)."""
+
     isLeaf = True
     session_ids = True     # the guard lets ?session=ID through: the id speaks for the session
 
     def __init__(self, interface):
         super().__init__()
-        self.registry = sessions(interface)
-
-    def _session(self, request):
-        sid = _arg(request, b"session")
-        session = self.registry.get(sid)
-        if session is None:
-            return None, self.registry.gone(request, sid)
-        return session, None
+        self.registry = interface.shared.poll_sessions
 
     def render_POST(self, request):
         if _arg(request, b"session") is None:
             try:
                 session = self.registry.open(getattr(request, "principal", None))
             except errors.Overloaded as e:
-                return _reply(request, 503, {"error": e.to_dict()})
+                return json_reply(request, 503, {"error": e.to_dict()})
             o = self.registry.options
-            return _reply(request, 201, {"session": session.id, "wait": o.poll_wait, "idle": o.poll_idle})
-        session, refusal = self._session(request)
+            return json_reply(request, 201, {"session": session.id, "wait": o.poll_wait, "idle": o.poll_idle})
+        session, refusal = self.registry.find(request)
         if session is None:
             return refusal
         session.last_seen = self.registry.clock.seconds()
         session.connection.answer(request.content.read(), lambda data: session.push(kept(data)))   # queued: right-sized
-        return _reply(request, 202, {"queued": True})
+        return json_reply(request, 202, {"queued": True})
 
     def render_GET(self, request):
-        session, refusal = self._session(request)
+        session, refusal = self.registry.find(request)
         if session is None:
             return refusal
         limit = self.registry.options.poll_wait
         try:
             wait = min(limit, max(0.0, float(_arg(request, b"wait") or limit)))
         except ValueError:
-            return _reply(request, 400, error_response(errors.InvalidParams("wait must be a number of seconds")))
+            return json_reply(request, 400, error_response(errors.InvalidParams("wait must be a number of seconds")))
         return session.wait(request, wait)
 
     def render_DELETE(self, request):
-        session, refusal = self._session(request)
+        session, refusal = self.registry.find(request)
         if session is None:
             return refusal
         self.registry.close(session, "closed by the client")
-        return _reply(request, 200, {"closed": True})
+        return json_reply(request, 200, {"closed": True})

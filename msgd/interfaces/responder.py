@@ -18,18 +18,23 @@ protocol: ``answer(result)`` and ``fault(error)``, each returning an
 * the answer is written with its status, content type and length, and the
   request finished.
 
-A new HTTP mount that answers calls uses this; see docs/architecture.rst.
+A mount that answers calls is a ``CallResource`` (the interface's
+requests and log, ``respond``); a JSON body of any other answer is
+``json_reply``.  See docs/architecture.rst.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
+from msgd.core.jsonrpc import dumps
 
 
 class Answer(NamedTuple):
@@ -89,3 +94,39 @@ def write(request, a: Answer) -> None:
         request.setHeader(b"content-length", b"%d" % len(a.body))
         request.write(a.body)
     request.finish()
+
+
+def json_reply(request, status: int, obj, pretty: bool = False) -> bytes:
+    """``obj`` (bytes: JSON already) as the JSON body of ``render``'s
+    answer, with ``status`` and ``Cache-Control: no-store``; ``pretty``
+    (indented, a last newline) for what people read (``/health``, ``/admin``)."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    if isinstance(obj, bytes):
+        return obj
+    return json.dumps(obj, indent=1).encode() + b"\n" if pretty else dumps(obj)
+
+
+class CallResource(resource.Resource):
+    """Base of the mounts that answer calls (``/rpc``, ``/RPC2``,
+    ``/soap/``): it uses the interface's ``name``, ``options``,
+    ``timeout()``, ``log`` and ``services``, nothing else."""
+
+    isLeaf = True
+
+    def __init__(self, interface):
+        super().__init__()
+        self.interface = interface
+        self.services = interface.services
+
+    def new_request(self, request):
+        """A request of the interface (its deadline) for the principal the
+        guard found for the HTTP ``request``."""
+        iface = self.interface
+        return self.services.new_request(iface.name, timeout=iface.timeout(),
+                                         principal=getattr(request, "principal", None))
+
+    def respond(self, request, outcome, answer, fault, event: str, **fields) -> int:
+        """:func:`respond`, logging with the interface's log."""
+        return respond(request, outcome, answer, fault, log=self.interface.log, event=event, **fields)

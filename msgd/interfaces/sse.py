@@ -42,6 +42,8 @@ that within ``close_timeout`` (counted in
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
@@ -52,10 +54,20 @@ from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
-from msgd.core.pubsub import Session, check_channel, format_positions, is_pattern, parse_positions
+from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.base import discard_unsent
+from msgd.interfaces.poll import _arg
+from msgd.interfaces.responder import json_reply
 from msgd.interfaces.writer import BoundedWriter
-from msgd.interfaces.poll import _arg, _reply, sessions
+from msgd.options import boolean, duration, option
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSEOptions:
+    """``/sse``: Server-Sent Events (switch ``sse``; bounded by ``poll_max_queue``)"""
+
+    sse: bool = option(True, parse=boolean, doc="serve Server-Sent Events (pub/sub, poll sessions) at /sse")
+    sse_ping: float = option(15.0, parse=duration, doc="keep-alive comment interval of SSE streams")
 
 
 @implementer(IPushProducer)
@@ -131,11 +143,10 @@ PATTERN_HELD = "-"     # the epoch of a pattern's own entry in an event id: the 
 
 
 class ChannelStream:
-    """The subscriber behind ``/sse?channel=…``."""
+    """What ``/sse?channel=…`` delivers its connection's events to."""
 
-    def __init__(self, stream: EventStream, principal):
-        self.stream = stream
-        self.principal = principal
+    def __init__(self):
+        self.stream: Any = None        # the EventStream, once the request is accepted
         self.positions: dict[str, tuple[str, int]] = {}
 
     def deliver(self, event):
@@ -177,14 +188,13 @@ class SSEResource(resource.Resource):
     def __init__(self, interface):
         super().__init__()
         self.interface = interface
-        self.registry = sessions(interface)
+        self.registry = interface.shared.poll_sessions
 
     def render_GET(self, request):
-        sid = _arg(request, b"session")
-        if sid is not None:
-            session = self.registry.get(sid)
+        if _arg(request, b"session") is not None:
+            session, refusal = self.registry.find(request)
             if session is None:
-                return self.registry.gone(request, sid)
+                return refusal
             session.attach(EventStream(request, self.registry, on_close=session.detach))
             return NOT_DONE_YET
         names = [v.decode("utf-8", "replace") for v in request.args.get(b"channel", [])]
@@ -196,22 +206,21 @@ class SSEResource(resource.Resource):
                 raise errors.InvalidParams("give channel=NAME (repeatable) or channels=A,B, or session=ID")
             if len(set(names)) > limit:
                 raise errors.TooLarge(f"at most {limit} channels per stream")
-            principal = getattr(request, "principal", None)     # set by the interface's guard
-            sub = ChannelStream(None, principal)
-            services = self.interface.services
-            pubsub = Session(services.pubsub, sub, max_subscriptions=limit, authorize=services.access.authorize_channel)
-            check = services.new_request(self.interface.name, principal=principal)
+            sub = ChannelStream()
+            # a connection of the interface's JSON-RPC clients (principal: set by the guard) that only subscribes
+            connection = self.registry.clients.connect(sub.deliver, getattr(request, "principal", None))
+            pubsub, check = connection.session, connection.new_request()
             for n in names:
                 pubsub.check(check, "subscribe", check_channel(n, pattern_ok=True))
         except errors.Unauthorized as e:
-            return _reply(request, 403, error_response(e))
+            return json_reply(request, 403, error_response(e))
         except errors.MsgdError as e:
-            return _reply(request, 400, error_response(e))
+            return json_reply(request, 400, error_response(e))
         last = request.getHeader(b"last-event-id") or _arg(request, b"last_event_id")
         if isinstance(last, bytes):
             last = last.decode("utf-8", "replace")
         resume = parse_positions(last)
-        sub.stream = EventStream(request, self.registry, on_close=lambda s: pubsub.close())
+        sub.stream = EventStream(request, self.registry, on_close=lambda s: connection.close())
         sub.positions.update((c, p) for c, p in resume.items() if c in names and not is_pattern(c))
         for name in dict.fromkeys(names):
             pubsub.subscribe(name, *sub.resume(name, resume)).addCallback(sub.subscribed)

@@ -61,11 +61,38 @@ from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.writer import BoundedWriter, write_now
+from msgd.options import boolean, duration, option, size, words
 from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
 STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WebSocketOptions:
+    """``/ws``: WebSocket (switch ``websocket``; the status page's socket uses them too)"""
+
+    websocket: bool = option(True, parse=boolean, doc="serve WebSocket (JSON-RPC, pub/sub, STOMP) at /ws")
+    ws_max_message: int = option(1024 * 1024, parse=size, doc="largest WebSocket message accepted")
+    ws_max_pending: int = option(1024 * 1024, parse=size,
+                                 doc="events queued for a client that does not read; past it the client is dropped")
+    ws_ping_interval: float = option(30.0, parse=duration, doc="keep-alive ping interval (0: none)")
+    ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
+    ws_origins: tuple = option(("*",), parse=words,
+                               doc="allowed Origin patterns, e.g. https://app.example.org http://localhost:*")
+
+
+class Counters:
+    """The WebSocket metrics of one HTTP interface (``/ws`` and the status
+    page's socket count in them)."""
+
+    def __init__(self, metrics, interface: str):
+        self.connections = metrics.gauge("msgd_ws_connections", "Open WebSocket connections",
+                                         ["interface"]).labels(interface)
+        self.dropped = metrics.counter("msgd_ws_dropped_total", "WebSocket connections closed by the node",
+                                       ["interface", "reason"])
+        self.interface = interface
 
 
 def frame(payload: bytes) -> bytes:
@@ -217,7 +244,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         iface = self.factory.interface
         iface.connection_opened(self.transport)
         iface.goodbyes[self.transport] = self.going_away
-        iface.ws_connections.inc()
+        self.factory.counters.connections.inc()
         self._opened = True
         self.transport.unregisterProducer()     # twisted.web's HTTPChannel was the producer until now
         self.transport.registerProducer(self, True)
@@ -306,10 +333,10 @@ class MsgdWebSocket(WebSocketServerProtocol):
         self.writer.write(framed(event, "ws", frame))
 
     def _drop_slow(self, limit):
-        iface = self.factory.interface
         self._closing = True
         self.connection.close()                 # no more events: it is no longer among the subscribers
-        iface.ws_dropped.labels(iface.name, "slow_consumer").inc()
+        counters = self.factory.counters
+        counters.dropped.labels(counters.interface, "slow_consumer").inc()
         log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
                  peer=self.peer, limit=limit)
         # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
@@ -367,9 +394,8 @@ class MsgdWebSocket(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
         if self._opened:
             self._opened = False
-            iface = self.factory.interface
-            iface.connection_closed(self.transport)
-            iface.ws_connections.dec()
+            self.factory.interface.connection_closed(self.transport)
+            self.factory.counters.connections.dec()
         super().connectionLost(reason)
 
 
@@ -386,6 +412,7 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
     def __init__(self, interface, protocol: type = MsgdWebSocket):
         super().__init__(url=None, server="msgd")
         self.interface = interface
+        self.counters = interface.shared.websocket
         self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
         self.stomp_class = _stomp_session_class()
         o = interface.options
@@ -405,9 +432,4 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
 
 
 def make_resource(interface):
-    m = interface.services.metrics
-    interface.ws_connections = m.gauge("msgd_ws_connections", "Open WebSocket connections",
-                                       ["interface"]).labels(interface.name)
-    interface.ws_dropped = m.counter("msgd_ws_dropped_total", "WebSocket connections closed by the node",
-                                     ["interface", "reason"])
     return WebSocketResource(MsgdWebSocketFactory(interface))

@@ -41,17 +41,26 @@ from xml.sax.saxutils import escape
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web import resource
 
 from msgd.core import errors
 from msgd.core import typehints
-from msgd.interfaces import http, xmlsafe
-from msgd.interfaces.responder import Answer, respond
+from msgd.interfaces import xmlsafe
+from msgd.interfaces.responder import Answer, CallResource
+from msgd.options import boolean, option
 
 EXTENSIONS_NS = "{http://ws.apache.org/xmlrpc/namespaces/extensions}"
 MAXINT = 2 ** 31 - 1
 MAXI8 = 2 ** 63 - 1
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class XMLRPCOptions:
+    """``/RPC2``: XML-RPC (switch ``xmlrpc``)"""
+
+    xmlrpc: bool = option(True, parse=boolean, doc="serve XML-RPC at /RPC2")
+    xmlrpc_allow_none: bool = option(False, parse=boolean, doc="send None as the XML-RPC <nil/> extension")
+    xmlrpc_i8: bool = option(False, parse=boolean, doc="send integers past 32 bits as the XML-RPC <i8> extension")
 
 
 class Unsendable(errors.InternalError):
@@ -272,16 +281,12 @@ def _short(v) -> str:
 
 def refuse(request, error: errors.MsgdError):
     """An XML-RPC body above ``max_body`` still gets a fault (it is refused
-    before it is read: see ``http.REFUSALS``).  SOAP 1.1 also posts
+    before it is read: see ``http.Mount.refuse``).  SOAP 1.1 also posts
     text/xml, but with a SOAPAction header."""
     ctype = (request.getHeader(b"content-type") or b"").lower()
     if ctype.startswith((b"text/xml", b"application/xml")) and request.getHeader(b"soapaction") is None:
         return b"200 OK", XML, fault(error)
     return None
-
-
-if refuse not in http.REFUSALS:
-    http.REFUSALS.append(refuse)
 
 
 # -- types for introspection ---------------------------------------------------
@@ -321,17 +326,12 @@ SYSTEM_SIGNATURES = {
 }
 
 
-class XMLRPCResource(resource.Resource):
+class XMLRPCResource(CallResource):
     """``/RPC2``: decode → ``dispatcher`` → encode, answered through
-    :func:`~msgd.interfaces.responder.respond`.  Uses the interface's
-    ``name``, ``options``, ``timeout()``, ``log`` and ``services``."""
-
-    isLeaf = True
+    :func:`~msgd.interfaces.responder.respond`."""
 
     def __init__(self, interface):
-        super().__init__()
-        self.interface = interface
-        self.services = interface.services
+        super().__init__(interface)
         opts = interface.options
         self.encoder = Encoder(allow_none=opts.xmlrpc_allow_none, i8=opts.xmlrpc_i8)
         self.limits = xmlsafe.Limits(max_size=opts.max_body, max_depth=opts.xml_max_depth)
@@ -346,17 +346,15 @@ class XMLRPCResource(resource.Resource):
         return b"XML-RPC: POST a <methodCall> here\n"
 
     def render_POST(self, request):
-        iface = self.interface
         method = req = None
         try:
             method, params = load_call(xmlsafe.parse(request.content.read(), self.limits))
-            req = self.services.new_request(iface.name, timeout=iface.timeout(),
-                                            principal=getattr(request, "principal", None))
+            req = self.new_request(request)
             outcome = self.call(req, method, params)
         except errors.MsgdError:
             outcome = Failure()
-        return respond(request, outcome, self.response, _fault, log=iface.log, event="XML-RPC call {method} failed",
-                       request_id=req.id if req is not None else None, method=method)
+        return self.respond(request, outcome, self.response, _fault, "XML-RPC call {method} failed",
+                            request_id=req.id if req is not None else None, method=method)
 
     def response(self, result) -> Answer:
         try:

@@ -259,6 +259,6 @@ class Guard:
 
     def protect(self, inner, refusals: list):
         """``inner`` (a leaf resource) behind this guard; ``refusals`` word a
-        refusal in the protocol of the request (see ``http.REFUSALS``)."""
+        refusal in the protocol of the request (the mounts' ``Mount.refuse``, msgd.interfaces.http)."""
         return Protected(inner, self, refusals)
 

@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 
 from lxml import etree
 from twisted.python.failure import Failure
-from twisted.web import pages, resource
+from twisted.web import pages
 
 from msgd.core import errors
-from msgd.interfaces import http, xmlsafe
-from msgd.interfaces.responder import Answer, respond
+from msgd.interfaces import xmlsafe
+from msgd.interfaces.responder import Answer, CallResource
 from msgd.interfaces.soap.service import Service
+from msgd.options import boolean, option
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
@@ -47,6 +49,14 @@ CONTENT_TYPES = {SOAP11: b"text/xml; charset=utf-8", SOAP12: b"application/soap+
 CLIENT_ERRORS = (errors.ParseError, errors.InvalidRequest, errors.NotFound, errors.InvalidParams,
                  errors.Unauthorized, errors.TooLarge)
 _HOST = re.compile(rb"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SOAPOptions:
+    """``/soap/``: SOAP (switch ``soap``)"""
+
+    soap: bool = option(True, parse=boolean, doc="serve SOAP 1.1/1.2 at /soap/MODULE (WSDL at ?wsdl)")
+    soap_address: str = option("", doc="base URL of /soap/ put in WSDLs (default: from each request)")
 
 
 class MustUnderstand(errors.InvalidRequest):
@@ -85,7 +95,7 @@ def _answer(version: str, status_body: tuple[int, bytes]) -> Answer:
 
 def refuse(request, error: errors.MsgdError):
     """A SOAP body above ``max_body`` still gets a Fault (it is refused
-    before it is read: see ``http.REFUSALS``).  SOAP 1.2 is told by its
+    before it is read: see ``http.Mount.refuse``).  SOAP 1.2 is told by its
     content type, SOAP 1.1 by its SOAPAction header."""
     ctype = (request.getHeader(b"content-type") or b"").lower()
     if ctype.startswith(b"application/soap+xml"):
@@ -98,26 +108,16 @@ def refuse(request, error: errors.MsgdError):
     return (b"400 Bad Request" if status == 400 else b"500 Internal Server Error"), CONTENT_TYPES[version], body
 
 
-if refuse not in http.REFUSALS:
-    http.REFUSALS.append(refuse)
-
-
 def _true(value) -> bool:
     return value in ("1", "true")
 
 
-class SOAPResource(resource.Resource):
+class SOAPResource(CallResource):
     """``/soap/``: the services, their WSDLs and their calls (answered
-    through :func:`~msgd.interfaces.responder.respond`).  Uses the
-    interface's ``name``, ``options``, ``timeout()``, ``log`` and
-    ``services``."""
-
-    isLeaf = True
+    through :func:`~msgd.interfaces.responder.respond`)."""
 
     def __init__(self, interface):
-        super().__init__()
-        self.interface = interface
-        self.services = interface.services
+        super().__init__(interface)
         opts = interface.options
         self.limits = xmlsafe.Limits(max_size=opts.max_body, max_depth=opts.xml_max_depth)
         self.base_address = opts.soap_address
@@ -183,20 +183,18 @@ class SOAPResource(resource.Resource):
     def render_POST(self, request):
         ctype = (request.getHeader(b"content-type") or b"").lower()
         version = SOAP12 if ctype.startswith(b"application/soap+xml") else SOAP11
-        iface = self.interface
         svc = op = req = None
         try:
             version, svc, op, kwargs = self._decode(request)
-            req = self.services.new_request(iface.name, timeout=iface.timeout(),
-                                            principal=getattr(request, "principal", None))
+            req = self.new_request(request)
             outcome = self.services.dispatcher.run(req, f"{svc.name}.{op}", (), kwargs)
         except errors.MsgdError as e:
             version = getattr(e, "soap_version", version)
             outcome = Failure()
-        return respond(request, outcome, lambda result: _answer(version, self.response(version, svc, op, result)),
-                       lambda e: _answer(version, fault(version, e)), log=iface.log,
-                       event="SOAP call {module}.{op} failed", request_id=req.id if req is not None else None,
-                       module=svc.name if svc is not None else None, op=op)
+        return self.respond(request, outcome, lambda result: _answer(version, self.response(version, svc, op, result)),
+                            lambda e: _answer(version, fault(version, e)), "SOAP call {module}.{op} failed",
+                            request_id=req.id if req is not None else None,
+                            module=svc.name if svc is not None else None, op=op)
 
     @staticmethod
     def response(version: str, svc: Service, op: str, result) -> tuple[int, bytes]:

@@ -118,8 +118,8 @@ class StompProtocol(Protocol):
 class StompInterface(Listener):
     Options = Options
 
-    def __init__(self, name, options, node):
-        super().__init__(name, options, node)
+    def __init__(self, name, options, services):
+        super().__init__(name, options, services)
         o = options
         hb = int(o.heartbeat * 1000)
         self.session_options = SessionOptions(
