@@ -42,6 +42,7 @@ pong within ``ws_ping_timeout`` closes the connection.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections import deque
