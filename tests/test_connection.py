@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.core.pubsub import Broker
+from msgd.interfaces import base
 from msgd.interfaces.connection import CONNECTED, STATELESS, Clients
 from msgd.security.principal import Principal
 from msgd.testing import AppHarness
@@ -38,6 +39,7 @@ class Guard:
 
 class Interface:
     log = Logger()
+    new_request = base.Interface.new_request
 
     def __init__(self, services):
         self.name = "web"

@@ -21,7 +21,7 @@ from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
 from msgd.core import errors
-from msgd.interfaces import http
+from msgd.interfaces import base, http
 from msgd.interfaces.responder import Answer, respond
 from msgd.interfaces.soap import SOAPResource
 from msgd.interfaces.xmlrpc import XMLRPCResource
@@ -130,9 +130,10 @@ class RespondTests(unittest.TestCase):
 
 class Mount:
     """What an HTTP mount uses of its interface: ``name``, ``options``,
-    ``timeout()``, ``log``, ``services`` (here an AppHarness)."""
+    ``timeout()``, ``new_request()``, ``log``, ``services`` (here an AppHarness)."""
 
     log = Logger()
+    new_request = base.Interface.new_request
 
     def __init__(self, services, **options):
         self.name = "web"

@@ -66,6 +66,12 @@ class Interface(Service):
         own = getattr(self.options, "request_timeout", None)
         return own if own is not None else self.services.settings.request_timeout
 
+    def new_request(self, principal=None, timeout: float | None = None):
+        """A request of this interface: its name, ``principal``, and
+        ``timeout`` or else the interface's deadline (:meth:`timeout`)."""
+        return self.services.new_request(self.name, timeout=self.timeout() if timeout is None else timeout,
+                                         principal=principal)
+
 
 class Listener(Interface):
     """An interface that listens on ``options.endpoint``."""

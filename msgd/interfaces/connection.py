@@ -83,8 +83,7 @@ class Connection:
     # -- requests ----------------------------------------------------------------------
 
     def new_request(self):
-        iface = self.clients.interface
-        return self.clients.services.new_request(iface.name, timeout=iface.timeout(), principal=self.principal)
+        return self.clients.interface.new_request(self.principal)
 
     def answer(self, payload: bytes, reply: Callable[[bytes], object]) -> None:
         """Answer one JSON-RPC message (call, notification, batch):

@@ -44,8 +44,7 @@ from twisted.logger import Logger
 
 from msgd.config import (Invalid, choice, duration, integer, nonempty, option, optional_duration, path, size,
                          string, target, words)
-from msgd.interfaces.base import Interface, StartupError
-from msgd.interfaces.ingest import IngestMetrics, atomic_write, reason, settle_within
+from msgd.interfaces.ingest import Input, atomic_write
 from msgd.services import Services
 
 SUBDIRS = ("processing", "done", "failed")
@@ -174,19 +173,16 @@ def _unlink(p: str) -> None:
 
 # -- the interface ------------------------------------------------------------------
 
-class DirWatch(Interface):
+class DirWatch(Input):
     Options = Options
     log = Logger()
-    close_grace = 5.0
 
     def __init__(self, name: str, options, services: Services):
         super().__init__(name, options, services)
         self.dirs = {d: os.path.join(options.directory, d) for d in SUBDIRS}
-        self.metrics = IngestMetrics(self.services.metrics, name)
         self.mode = None             # "inotify" or "poll" once started
         self._notifier: Any = None    # an INotify when watching with inotify
         self._loop = None
-        self._accepting = False
         self._active: set[str] = set()      # names in processing/ (claimed by us)
         self._recovered: list[str] = []     # left in processing/ by a previous run
         self._pending: dict[str, float] = {}   # complete, waiting for a slot: name -> mtime
@@ -209,15 +205,13 @@ class DirWatch(Interface):
             self._recovered = sorted(n for n in os.listdir(self.dirs["processing"]) if not n.startswith("."))
             self.mode = self._start_watching()
         except Exception as e:
-            self.log.critical("interface {interface} cannot watch {directory}: {error}", interface=self.name,
-                              directory=self.options.directory, error=e)
-            self.ready.errback(StartupError(f"[interface:{self.name}] cannot watch {self.options.directory}: {e}"))
+            self.cannot_start(f"watch {self.options.directory}", e)
             return
         self._active.update(self._recovered)
         if self._recovered:
             self.log.warn("interface {interface}: {n} file(s) left in processing/ by a previous run are handled again",
                           interface=self.name, n=len(self._recovered))
-        self._accepting = True
+        self.accepting = True
         self._loop = task.LoopingCall(self.scan)
         self._loop.clock = self.services.reactor
         self._loop.start(self.options.poll_interval, now=True).addErrback(
@@ -248,21 +242,17 @@ class DirWatch(Interface):
         return "inotify"
 
     def stop_accepting(self):
-        self._accepting = False
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._notifier is not None:
             self._notifier.loseConnection()
             self._notifier = None
-        return defer.succeed(None)
+        return super().stop_accepting()
 
-    def stopService(self):
-        """Wait (briefly: the node already drained the handler calls) for
-        files being moved to done/ or failed/; whatever is still unfinished
-        stays in processing/ and is handled again at the next start."""
-        super().stopService()
-        self.stop_accepting()
-        return settle_within(self._tasks, self.close_grace, self.services.reactor)
+    def unfinished(self):
+        """Files being moved to done/ or failed/; whatever is still
+        unfinished at the stop stays in processing/."""
+        return list(self._tasks)
 
     def describe(self) -> dict:
         return dict(super().describe(), directory=self.options.directory, mode=self.mode,
@@ -309,7 +299,7 @@ class DirWatch(Interface):
     def scan(self) -> None:
         """List the directory (in the thread pool) and queue the complete
         files.  Calls during a scan are merged into one more scan after it."""
-        if not self._accepting:
+        if not self.accepting:
             return
         if self._scanning:
             self._rescan = True
@@ -359,7 +349,7 @@ class DirWatch(Interface):
     def _pump(self) -> None:
         """Start handling files while there are free slots: recovered ones
         first, then waiting ones by name or mtime."""
-        if not self._accepting:
+        if not self.accepting:
             return
         while self._recovered and self._busy < self.options.concurrency:
             self._start(self._handle(self._recovered.pop(0), claimed=True))
@@ -414,24 +404,17 @@ class DirWatch(Interface):
 
     @defer.inlineCallbacks
     def _call(self, name: str, proc: str, item: dict):
-        services, m = self.services, self.metrics
-        m.taken.inc()
-        m.lag.observe(item.pop("lag"))
-        m.in_flight.inc()
-        request = services.new_request(self.name, timeout=self.timeout())
+        services = self.services
         try:
-            yield services.dispatcher.call(request, self.options.handler, (item,))
-        except Exception as e:
-            why = reason(e)
-            m.failed.inc()
-            dst = yield services.run_blocking(finish_failed, proc, self.dirs["failed"], why)
-            self.log.warn("interface {interface}: {name} failed, moved to {dst}: {reason}", interface=self.name,
-                          name=name, dst=dst, reason=why, request_id=request.id)
-        else:
-            m.succeeded.inc()
-            yield services.run_blocking(finish_ok, proc,
-                                        self.dirs["done"] if self.options.on_success == "move" else None)
+            failed = yield self.call_handler(item, item.pop("lag"))
         finally:
-            m.in_flight.dec()
             if item["file"] is not None:
                 item["file"].close()
+        if failed is not None:
+            why, request_id = failed
+            dst = yield services.run_blocking(finish_failed, proc, self.dirs["failed"], why)
+            self.log.warn("interface {interface}: {name} failed, moved to {dst}: {reason}", interface=self.name,
+                          name=name, dst=dst, reason=why, request_id=request_id)
+        else:
+            yield services.run_blocking(finish_ok, proc,
+                                        self.dirs["done"] if self.options.on_success == "move" else None)

@@ -1,6 +1,7 @@
-"""What the asynchronous inputs (``dirwatch``, ``pop3``) share: their
-metrics, crash-safe writes of small state files, and the one-line reason
-recorded when a handler fails.
+"""What the asynchronous inputs (``dirwatch``, ``pop3``) share: their base
+class :class:`Input` (metrics, the counted handler call, start-up failure,
+the stop that lets work finish), crash-safe writes of small state files,
+and the one-line reason recorded when a handler fails.
 
 Both inputs are at-least-once: an item (a file, a mail) leaves its source
 only after the handler succeeded, so a crash at any moment can hand an item
@@ -12,9 +13,11 @@ from __future__ import annotations
 import os
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgd.core import errors
+from msgd.interfaces.base import Interface, StartupError
 
 LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400)
 
@@ -38,6 +41,63 @@ class IngestMetrics:
         self.errors = metrics.counter("msgd_ingest_errors_total",
                                       "Errors of the input itself (connection, server, file system)",
                                       label).labels(interface)
+
+
+class Input(Interface):
+    """Base of ``dirwatch`` and ``pop3``: an interface that takes items
+    from a source and hands each to the ``handler`` app target."""
+
+    log = Logger()
+    close_grace = 5.0     # how long a stop waits for work being finished (see stopService)
+
+    def __init__(self, name, options, services):
+        super().__init__(name, options, services)
+        self.metrics = IngestMetrics(services.metrics, name)
+        self.accepting = False
+
+    def cannot_start(self, what: str, error: Exception) -> None:
+        """Start-up failed: ``ready`` fails, which stops the node with one
+        line naming the section (``what``: e.g. ``watch /srv/drop``)."""
+        self.log.critical("interface {interface} cannot {what}: {error}", interface=self.name, what=what, error=error)
+        self.ready.errback(StartupError(f"[interface:{self.name}] cannot {what}: {error}"))
+
+    @defer.inlineCallbacks
+    def call_handler(self, item, lag: float | None):
+        """``handler(item)``, counted (``lag``: seconds from the item's
+        arrival, when known).  Fires with None when the handler succeeded,
+        else with ``(reason, request id)``; never fails."""
+        m = self.metrics
+        m.taken.inc()
+        if lag is not None:
+            m.lag.observe(lag)
+        m.in_flight.inc()
+        request = self.new_request()
+        try:
+            yield self.services.dispatcher.call(request, self.options.handler, (item,))
+        except Exception as e:
+            m.failed.inc()
+            return reason(e), request.id
+        else:
+            m.succeeded.inc()
+            return None
+        finally:
+            m.in_flight.dec()
+
+    def stop_accepting(self):
+        self.accepting = False
+        return defer.succeed(None)
+
+    def unfinished(self) -> list[defer.Deferred]:
+        """The work a stop waits for."""
+        return []
+
+    def stopService(self):
+        """Stop taking work, then wait (briefly: the node already drained
+        the handler calls) for :meth:`unfinished`; what is cut short is
+        taken again at the next start (at-least-once)."""
+        super().stopService()
+        self.stop_accepting()
+        return settle_within(self.unfinished(), self.close_grace, self.services.reactor)
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -129,8 +129,7 @@ class Perspective(pb.Avatar):
             raise errors.InvalidRequest("target must be a string")
         if deadline is not None and (not isinstance(deadline, (int, float)) or deadline < 0):
             raise errors.InvalidRequest("deadline must be a number of seconds >= 0")
-        timeout = self.interface.timeout() if deadline is None else float(deadline)
-        req = self.services.new_request(self.interface.name, timeout=timeout, principal=self.user)
+        req = self.interface.new_request(self.user, None if deadline is None else float(deadline))
         return self.services.dispatcher.run(req, target, list(args or ()), dict(kwargs or {}))
 
     def perspective_publish(self, channel, data=None):

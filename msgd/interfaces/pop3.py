@@ -53,8 +53,7 @@ from twisted.mail.pop3 import AdvancedPOP3Client
 
 from msgd.config import (Invalid, boolean, choice, client_endpoint, duration, integer, nonempty, option,
                          optional_duration, optional_path, size, string, target)
-from msgd.interfaces.base import Interface, StartupError
-from msgd.interfaces.ingest import IngestMetrics, atomic_write, reason, settle_within
+from msgd.interfaces.ingest import Input, atomic_write
 from msgd.services import Services
 
 
@@ -167,20 +166,17 @@ class MailboxState:
         return bool(gone)
 
 
-class POP3Poller(Interface):
+class POP3Poller(Input):
     Options = Options
     log = Logger()
-    close_grace = 5.0
 
     def __init__(self, name: str, options, services: Services):
         super().__init__(name, options, services)
-        self.metrics = IngestMetrics(self.services.metrics, name)
         self.state = MailboxState(os.path.join(services.settings.state_dir, f"pop3-{name}.json"))
         self.host = endpoint_host(options.endpoint)
         self.mailbox = f"{options.username}@{self.host}"
         self.errors_in_row = 0
         self.next_delay = 0.0
-        self._accepting = False
         self._call = None         # the scheduled next poll
         self._session: defer.Deferred | None = None      # the Deferred of the poll running now
         self._client = None
@@ -196,10 +192,9 @@ class POP3Poller(Interface):
             if self.options.starttls:
                 self._tls = self._tls_options()
         except Exception as e:
-            self.log.critical("interface {interface} cannot start: {error}", interface=self.name, error=e)
-            self.ready.errback(StartupError(f"[interface:{self.name}] cannot start: {e}"))
+            self.cannot_start("start", e)
             return
-        self._accepting = True
+        self.accepting = True
         self._schedule(0)
         self.log.info("interface {interface} (pop3) polling {mailbox} every {interval}s", interface=self.name,
                       mailbox=self.mailbox, interval=self.options.interval)
@@ -214,25 +209,24 @@ class POP3Poller(Interface):
         return optionsForClientTLS(self.host, trustRoot=trust)
 
     def stop_accepting(self):
-        self._accepting = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return defer.succeed(None)
+        return super().stop_accepting()
+
+    def unfinished(self):
+        return [self._session] if self._session is not None else []
 
     def stopService(self):
         """Let a running session DELE and QUIT for a moment; then drop it
         (its deletions are not committed: those mails come again)."""
-        super().stopService()
-        self.stop_accepting()
-        if self._session is None:
-            return defer.succeed(None)
         session = self._session
 
         def abort(_):
-            if session is self._session and self._client is not None and self._client.transport is not None:
+            if session is not None and session is self._session and self._client is not None \
+                    and self._client.transport is not None:
                 self._client.transport.abortConnection()
-        return settle_within([session], self.close_grace, self.services.reactor).addCallback(abort)
+        return super().stopService().addCallback(abort)
 
     def describe(self) -> dict:
         return dict(super().describe(), mailbox=self.mailbox, errors_in_row=self.errors_in_row,
@@ -243,7 +237,7 @@ class POP3Poller(Interface):
 
     def _schedule(self, delay: float) -> None:
         self.next_delay = delay
-        if self._accepting:
+        if self.accepting:
             self._call = self.services.reactor.callLater(delay, self.poll)
 
     def poll(self) -> defer.Deferred:
@@ -260,7 +254,7 @@ class POP3Poller(Interface):
 
     def _poll_failed(self, f):
         self._session = None
-        if not self._accepting:
+        if not self.accepting:
             self.log.info("interface {interface}: session cut short by the stop ({error}); its mail comes again",
                           interface=self.name, error=_error_text(f))
             return
@@ -294,7 +288,7 @@ class POP3Poller(Interface):
             taken = 0
             more = False
             for index, uid in enumerate(uids):
-                if not self._accepting:
+                if not self.accepting:
                     break
                 if uid is None or not self.state.due(uid.decode(), reactor.seconds()):
                     continue
@@ -335,29 +329,20 @@ class POP3Poller(Interface):
     @defer.inlineCallbacks
     def _take(self, client, index: int, uid: str, octets: int):
         """RETR, parse and hand one message; True if the handler succeeded."""
-        services, m = self.services, self.metrics
+        services = self.services
         lines = yield client.retrieve(index)
         raw = b"\r\n".join(lines) + b"\r\n"
         msg, arrived = yield services.run_blocking(parse, raw)
-        m.taken.inc()
-        if arrived is not None:
-            m.lag.observe(max(0.0, services.reactor.seconds() - arrived))
-        m.in_flight.inc()
-        request = services.new_request(self.name, timeout=self.timeout())
         mail = {"uid": uid, "size": octets, "message": msg, "raw": raw, "mailbox": self.mailbox}
         client.setTimeout(None)     # the server is not expected to say anything while the handler runs
         try:
-            yield services.dispatcher.call(request, self.options.handler, (mail,))
-        except Exception as e:
-            m.failed.inc()
-            self._failed_try(uid, reason(e), request.id)
-            return False
-        else:
-            m.succeeded.inc()
-            return True
+            failed = yield self.call_handler(mail, None if arrived is None
+                                             else max(0.0, services.reactor.seconds() - arrived))
         finally:
-            m.in_flight.dec()
             client.setTimeout(self.options.server_timeout)
+        if failed is not None:
+            self._failed_try(uid, *failed)
+        return failed is None
 
     def _failed_try(self, uid: str, why: str, request_id: str) -> None:
         entry = self.state.retry.setdefault(uid, {"tries": 0})

@@ -111,7 +111,7 @@ def json_reply(request, status: int, obj, pretty: bool = False) -> bytes:
 class CallResource(resource.Resource):
     """Base of the mounts that answer calls (``/rpc``, ``/RPC2``,
     ``/soap/``): it uses the interface's ``name``, ``options``,
-    ``timeout()``, ``log`` and ``services``, nothing else."""
+    ``new_request()``, ``log`` and ``services``, nothing else."""
 
     isLeaf = True
 
@@ -123,9 +123,7 @@ class CallResource(resource.Resource):
     def new_request(self, request):
         """A request of the interface (its deadline) for the principal the
         guard found for the HTTP ``request``."""
-        iface = self.interface
-        return self.services.new_request(iface.name, timeout=iface.timeout(),
-                                         principal=getattr(request, "principal", None))
+        return self.interface.new_request(getattr(request, "principal", None))
 
     def respond(self, request, outcome, answer, fault, event: str, **fields) -> int:
         """:func:`respond`, logging with the interface's log."""

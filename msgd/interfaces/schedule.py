@@ -185,7 +185,7 @@ class Schedule(Interface):
         self.last_run = due
         self._save(due)
         services = self.services
-        request = services.new_request(self.name, timeout=self.timeout())
+        request = self.new_request()
         params = self.options.params
         args, kwargs = (params, {}) if isinstance(params, tuple) else ((), dict(params))
         started = self.clock.seconds()

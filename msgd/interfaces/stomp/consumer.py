@@ -142,7 +142,7 @@ class StompConsumer(Interface):
                 message["data"] = loads(frame.body)
             except Exception as e:
                 message["data_error"] = str(e)
-        request = self.services.new_request(self.name, timeout=self.timeout())
+        request = self.new_request()
         try:
             yield self.services.dispatcher.call(request, self.options.handler, (message,))
         except Exception as e:
