@@ -30,13 +30,19 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC, param
+from msgd.core.jsonrpc import JSONRPC, dumps, param
 from msgd.core.pubsub import Session
 
 log = Logger()
 
 CONNECTED = ("rpc.subscribe", "rpc.unsubscribe", "rpc.publish", "rpc.presence")
 STATELESS = ("rpc.publish", "rpc.presence", "rpc.token")     # what JSON-RPC over plain HTTP offers
+
+
+def closing(reason: str) -> bytes:
+    """The last message of a JSON-RPC client the node ends (plain stream,
+    SSE): an ``rpc.closing`` notification saying why."""
+    return dumps({"jsonrpc": "2.0", "method": "rpc.closing", "params": {"reason": reason}})
 
 
 class Clients:

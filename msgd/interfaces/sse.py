@@ -45,20 +45,19 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import check_channel, format_positions, is_pattern, parse_positions
 from msgd.interfaces.base import discard_unsent
+from msgd.interfaces.connection import closing
 from msgd.interfaces.poll import _arg
 from msgd.interfaces.responder import json_reply
-from msgd.interfaces.writer import BoundedWriter
+from msgd.interfaces.writer import BoundedWriter, Producer
 from msgd.options import boolean, duration, option
 
 
@@ -70,10 +69,10 @@ class SSEOptions:
     sse_ping: float = option(15.0, parse=duration, doc="keep-alive comment interval of SSE streams")
 
 
-@implementer(IPushProducer)
-class EventStream:
+class EventStream(Producer):
     """One open ``text/event-stream`` response, with bounded buffering while
-    the client does not read."""
+    the client does not read (the request's producer; no ``transport`` of
+    its own to stop reading)."""
 
     log = Logger()
 
@@ -107,22 +106,11 @@ class EventStream:
         self.log.warn("ending SSE stream: slow consumer (more than {limit} bytes unsent)", limit=limit)
         self.registry.dropped.labels(self.registry.interface.name, "slow_consumer").inc()
         # what was not handed to the socket is dropped (whole chunks): the reason is the next message read
-        self.writer.last(b"data: " + dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                            "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}})
-                         + b"\n\n")
+        self.writer.last(b"data: " + closing(f"slow consumer: more than {limit} bytes unsent") + b"\n\n")
         transport = self.request.transport
         self.close()
         iface = self.registry.interface
         iface.close_within(transport, iface.options.close_timeout)
-
-    def pauseProducing(self):
-        self.writer.pause()
-
-    def resumeProducing(self):
-        self.writer.resume()
-
-    def stopProducing(self):
-        self.writer.clear()
 
     def close(self):
         if not self.closed:

@@ -47,17 +47,16 @@ import os
 from dataclasses import dataclass
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, server_endpoint, size
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import Listener, discard_unsent
-from msgd.interfaces.connection import CONNECTED, Clients
-from msgd.interfaces.writer import BoundedWriter, write_now
+from msgd.interfaces.connection import CONNECTED, Clients, closing
+from msgd.interfaces.writer import BoundedWriter, Producer, write_now
 from msgd.security import Guard, SecurityOptions
 from msgd.services import Services
 
@@ -96,13 +95,13 @@ class Options(SecurityOptions):     # auth, anonymous, tokens and limits: see do
                                            doc="deadline of requests here (default: [node] request_timeout)")
 
 
-@implementer(IPushProducer)
 def _line(notification: bytes) -> bytes:
     return notification + b"\n"
 
 
-class StreamProtocol(protocol.Protocol):
-    """One client connection: splits lines, answers them, delivers events."""
+class StreamProtocol(Producer, protocol.Protocol):
+    """One client connection: splits lines, answers them, delivers events;
+    while the client does not read, it is not read (``msgd.interfaces.writer.Producer``)."""
 
     log = Logger()
     transport: ITCPTransport   # set by connectionMade, before any use
@@ -127,8 +126,7 @@ class StreamProtocol(protocol.Protocol):
         self.transport.registerProducer(self, True)
 
     def _refuse(self, limit: str):
-        self.transport.write(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                    "params": {"reason": f"too many connections ({limit})"}}) + b"\n")
+        self.transport.write(closing(f"too many connections ({limit})") + b"\n")
         self._closing = True
         self.transport.loseConnection()
 
@@ -179,8 +177,7 @@ class StreamProtocol(protocol.Protocol):
     def _slow(self, limit: int):
         self.log.warn("closing stream client {peer}: slow consumer (more than {limit} bytes unsent)",
                       peer=self.transport.getPeer(), limit=limit)
-        self.writer.last(dumps({"jsonrpc": "2.0", "method": "rpc.closing",
-                                "params": {"reason": f"slow consumer: more than {limit} bytes unsent"}}) + b"\n")
+        self.writer.last(closing(f"slow consumer: more than {limit} bytes unsent") + b"\n")
         self._drop("slow_consumer")
 
     def _drop(self, reason: str):
@@ -189,19 +186,6 @@ class StreamProtocol(protocol.Protocol):
         self.connection.close()             # no more events
         self.interface.dropped.labels(self.interface.name, reason).inc()
         self.interface.close_within(self.transport, self.interface.options.close_timeout)
-
-    # IPushProducer: the transport says when its write buffer is full / drained
-    def pauseProducing(self):
-        self.writer.pause()
-        self.transport.pauseProducing()     # stop reading requests from a client that does not read
-
-    def resumeProducing(self):
-        self.writer.resume()
-        if not self._closing:
-            self.transport.resumeProducing()
-
-    def stopProducing(self):
-        self.writer.clear()
 
     # -- end ---------------------------------------------------------------------
 

@@ -53,15 +53,13 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
 
 from msgd.core import errors
 from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
-from msgd.interfaces.writer import BoundedWriter, write_now
+from msgd.interfaces.writer import BoundedWriter, Producer, write_now
 from msgd.options import boolean, duration, option, size, words
 from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
@@ -163,8 +161,7 @@ _HANDSHAKE_ONLY = ("http_headers", "http_request_data", "http_response_data", "h
                    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey")
 
 
-@implementer(IPushProducer)
-class MsgdWebSocket(WebSocketServerProtocol):
+class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   # autobahn's own bases disagree
     """One browser (or other client) connection.  ``self.log`` stays
     Autobahn's own (txaio's, whose levels below ``[node] log_level`` are
     no-ops: Autobahn logs at debug several times per message); msgd's own
@@ -346,26 +343,7 @@ class MsgdWebSocket(WebSocketServerProtocol):
         if hasattr(self.transport, "resumeProducing"):
             self.transport.resumeProducing()    # read again: the client's close frame answers ours
 
-    # IPushProducer: the transport tells us when its buffer is full / drained
-    def pauseProducing(self):
-        writer = self._writer()
-        if writer is not None:
-            writer.pause()
-        if self.transport is not None and hasattr(self.transport, "pauseProducing"):
-            self.transport.pauseProducing()     # stop reading requests from a client that doesn't read
-
-    def resumeProducing(self):
-        writer = self._writer()
-        if writer is not None:
-            writer.resume()
-        if self.transport is not None and hasattr(self.transport, "resumeProducing") and not self._closing:
-            self.transport.resumeProducing()
-
-    def stopProducing(self):
-        writer = self._writer()
-        if writer is not None:
-            writer.clear()
-
+    # the transport tells when its buffer is full / drained (writer.Producer)
     def _writer(self):
         return self.stomp.writer if self.stomp is not None else self.writer   # STOMP bounds its own frames
 

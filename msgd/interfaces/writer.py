@@ -17,7 +17,8 @@ With a :class:`Turn` (the listener's), what a writer is given during a
 reactor turn goes out in one write at the end of the turn, however many
 events and answers there were: a fan-out costs each socket one ``send`` per
 turn.  :func:`write_now` is the ``out`` of plain sockets: straight to the
-socket when Twisted holds nothing unsent for it.
+socket when Twisted holds nothing unsent for it.  :class:`Producer` is the
+``IPushProducer`` of a connection that writes through a writer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger()
 
@@ -162,3 +165,38 @@ class BoundedWriter:
             self.flush()
         self.closed = True
         self.clear()
+
+
+@implementer(IPushProducer)
+class Producer:
+    """The push producer of a connection that writes through a
+    :class:`BoundedWriter` (:meth:`_writer`): the transport tells it when
+    its buffer is full and when it drained.  Meanwhile the writer queues and
+    the connection stops reading ``transport`` (a client that does not read
+    sends no more requests), and reads again unless it is ``_closing``."""
+
+    transport: Any = None
+    writer: Any = None
+    _closing = False
+
+    def _writer(self) -> BoundedWriter | None:
+        return self.writer
+
+    def pauseProducing(self):
+        writer = self._writer()
+        if writer is not None:
+            writer.pause()
+        if self.transport is not None and hasattr(self.transport, "pauseProducing"):
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        writer = self._writer()
+        if writer is not None:
+            writer.resume()
+        if self.transport is not None and hasattr(self.transport, "resumeProducing") and not self._closing:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        writer = self._writer()
+        if writer is not None:
+            writer.clear()

@@ -20,15 +20,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from zope.interface import implementer
 
 from msgd.config import Invalid, duration, integer, option, optional_duration, optional_path, server_endpoint, size
 from msgd.interfaces.base import Listener, discard_unsent
 from msgd.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from msgd.interfaces.writer import write_now
+from msgd.interfaces.writer import Producer, write_now
 from msgd.security import Guard, SecurityOptions
 from msgd.security.credentials import PasswordFileChecker
 
@@ -66,10 +64,12 @@ class Options(SecurityOptions):     # auth, anonymous, limits: see docs/security
             raise Invalid("max_body must not exceed max_frame", "max_body")
 
 
-@implementer(IPushProducer)
-class StompProtocol(Protocol):
+class StompProtocol(Producer, Protocol):
     transport: Any   # a TCP, TLS or unix transport (a consumer too), set before any use
     session: StompSession | None = None
+
+    def _writer(self):
+        return self.session.writer if self.session is not None else None
 
     def connectionMade(self):
         iface = self.factory.interface
@@ -101,18 +101,6 @@ class StompProtocol(Protocol):
         if self.session is not None:
             self.session.connection_lost()
         self.factory.interface.closed(self.transport)
-
-    # IPushProducer: the transport's write buffer is full / drained
-    def pauseProducing(self):
-        self.session.writer.pause()
-        self.transport.pauseProducing()      # stop reading frames from a client that does not read
-
-    def resumeProducing(self):
-        self.session.writer.resume()
-        self.transport.resumeProducing()
-
-    def stopProducing(self):
-        pass
 
 
 class StompInterface(Listener):
