@@ -103,6 +103,11 @@ class LayerTests(unittest.TestCase):
         for module, deps in self.imports("msgd.adapters").items():
             self.assertEqual({d for d in deps if d.startswith("msgd.interfaces")}, set(), module)
 
+    def test_xml_imports_only_the_core(self):
+        # the XML formats of /RPC2 and /soap/: parsing and values, no transport
+        for module, deps in self.imports("msgd.xml").items():
+            self.assertEqual({d for d in deps if not d.startswith(("msgd.core", "msgd.xml"))}, set(), module)
+
     def test_leaves(self):
         for module in ("msgd.options", "msgd.security.rules"):
             self.assertEqual(self.graph[module], set(), module)

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.interfaces.soap import SOAP11, SOAP12
-from msgd.interfaces.soap.service import Service
+from msgd.xml.soap import Service
 
 from tests.helpers import ROOT, disconnect_cancels, http, http_port, make_node, write
 

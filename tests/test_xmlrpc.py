@@ -10,8 +10,8 @@ from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.core import typehints
-from msgd.interfaces import xmlrpc as xr
-from msgd.interfaces import xmlsafe
+from msgd.xml import xmlrpc as xr
+from msgd.xml import safe as xmlsafe
 
 from tests.helpers import disconnect_cancels, http, http_port, make_node
 

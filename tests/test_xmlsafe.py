@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from msgd.core import errors
-from msgd.interfaces import xmlsafe
+from msgd.xml import safe as xmlsafe
 from msgd.interfaces.soap import SOAP11, SOAP12
 
 from tests.helpers import http, http_port, make_node

@@ -37,9 +37,9 @@ from twisted.python.failure import Failure
 from twisted.web import pages
 
 from msgd.core import errors
-from msgd.interfaces import xmlsafe
+from msgd.xml import safe as xmlsafe
 from msgd.interfaces.responder import Answer, CallResource
-from msgd.interfaces.soap.service import Service
+from msgd.xml.soap import Service
 from msgd.options import boolean, option
 
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"

@@ -10,7 +10,7 @@ entities (the "billion laughs") and may fetch external ones (XXE: a
   access off and ``huge_tree`` off, so even a DTD that slipped past the check
   is never acted on;
 * the body size and the element nesting depth are bounded; a document past
-  either bound is refused with :class:`msgd.core.errors.TooLarge`.
+  either bound is refused with ``TooLarge``.
 
 Every refusal is an :class:`msgd.core.errors.MsgdError` (``ParseError`` or
 ``TooLarge``), which each protocol renders as its own fault.
