@@ -318,12 +318,12 @@ class Harness:
         raise AssertionError(f"not a SOAP answer: {body[:200]!r}")
 
     def feed_stomp(self, data: bytes) -> str:
-        from msgd.interfaces.stomp.session import StompSession
+        from msgd.interfaces.stomp.session import SessionOptions, StompSession
         out, closed = [], []
         web = self.node.interfaces["web"]      # a session of /ws, with the bounds the WebSocket layer gives it
         o = web.options
         session = StompSession(self.node, "web", out.append, closed.append, peer="fuzz",
-                               options=StompSession.Options.within(o.ws_max_message, o.ws_max_pending, web.timeout()))
+                               options=SessionOptions.within(o.ws_max_message, o.ws_max_pending, web.timeout()))
         session.data_received(data)
         self._settle()
         session.connection_lost()

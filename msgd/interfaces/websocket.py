@@ -27,7 +27,7 @@ Events arrive as notifications::
     {"jsonrpc":"2.0","method":"rpc.event","params":{"channel":C,"offset":N,"epoch":E,"data":D}}
 
 Subprotocols ``v12.stomp``, ``v11.stomp``, ``v10.stomp`` speak STOMP on the
-same endpoint when the STOMP interface module is installed.
+same endpoint.
 
 Limits: messages above ``ws_max_message`` close the connection (1009).  A
 client that does not read: while its socket buffer is full the node stops
@@ -43,7 +43,6 @@ pong within ``ws_ping_timeout`` closes the connection.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections import deque
 from typing import Any
@@ -59,13 +58,13 @@ from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
+from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.interfaces.writer import BoundedWriter, Producer, write_now
 from msgd.options import boolean, duration, option, size, words
 from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 
 STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 REFUSAL_SUBPROTOCOL = "msgd.refusal"   # offered by msgd.js: "tell me a refused login in-band (4001)"
-STOMP_SESSION = "msgd.interfaces.stomp.session:StompSession"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,14 +115,6 @@ def unmask(data: bytes, key: bytes, offset: int = 0) -> bytes:
         key = key[offset & 3:] + key[:offset & 3]
     keys = (key * ((n + 3) >> 2))[:n]
     return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
-
-
-def _stomp_session_class():
-    modname, _, attr = STOMP_SESSION.partition(":")
-    try:
-        return getattr(importlib.import_module(modname), attr)
-    except (ImportError, AttributeError):
-        return None
 
 
 log = Logger()
@@ -227,7 +218,7 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
         if not offered:
             return None
         for p in offered:
-            if p in STOMP_SUBPROTOCOLS and self.factory.stomp_class is not None:
+            if p in STOMP_SUBPROTOCOLS:
                 self.stomp_version = p[1:3]
                 return p
         if "jsonrpc" in offered:
@@ -250,9 +241,9 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
             o = iface.options
             # this interface's bounds; the WebSocket handshake authenticated the caller: a CONNECT's
             # login is not believed
-            options = self.factory.stomp_class.Options.within(o.ws_max_message, o.ws_max_pending, iface.timeout(),
-                                                              authenticate=lambda login, passcode: self.principal)
-            self.stomp = self.factory.stomp_class(
+            options = SessionOptions.within(o.ws_max_message, o.ws_max_pending, iface.timeout(),
+                                            authenticate=lambda login, passcode: self.principal)
+            self.stomp = StompSession(
                 iface.services, iface.name, write=lambda data: self.sendMessage(data, False),
                 close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version, options=options)
             self.stomp.writer.discard = lambda: discard_unsent(self.transport)
@@ -393,7 +384,6 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
         self.interface = interface
         self.counters = interface.shared.websocket
         self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
-        self.stomp_class = _stomp_session_class()
         o = interface.options
         self.setProtocolOptions(
             maxMessagePayloadSize=o.ws_max_message, maxFramePayloadSize=o.ws_max_message,

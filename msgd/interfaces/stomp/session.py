@@ -148,7 +148,6 @@ class _Subscription:
 
 class StompSession:
     log = Logger()
-    Options = SessionOptions    # for the WebSocket layer, which imports this class by name
 
     def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
