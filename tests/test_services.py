@@ -19,6 +19,7 @@ from msgd.cluster.peers import Peer
 from msgd.config import PeerConfig, parse_text
 from msgd.core import errors
 from msgd.core.pubsub import Broker
+from msgd.interfaces import base
 from msgd.interfaces.pb import PBInterface, Perspective
 from msgd.interfaces.stream import StreamInterface
 from msgd.node import NodeService
@@ -80,6 +81,7 @@ class ServicesTests(unittest.TestCase):
         class Interface:
             name = "pb"
             services = self.harness
+            new_request = base.Interface.new_request
 
             def timeout(self):
                 return 5.0
