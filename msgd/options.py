@@ -138,6 +138,20 @@ def networks(value: str, ctx: "Context") -> tuple[str, ...]:
     return out
 
 
+def pairs(form: str = "name:value", value_needed: bool = False) -> Callable:
+    """A parser of ``name:value name:value`` (words, see :func:`words`) →
+    ``((name, value), ...)``; ``form`` names the form in its errors."""
+    def parse(value: str, ctx: "Context") -> tuple[tuple[str, str], ...]:
+        out = []
+        for w in words(value, ctx):
+            name, sep, v = w.partition(":")
+            if not sep or not name or (value_needed and not v):
+                raise Invalid(f"{w!r} is not {form}")
+            out.append((name, v))
+        return tuple(out)
+    return parse
+
+
 def nonempty_words(value: str, ctx: "Context") -> tuple[str, ...]:
     w = words(value, ctx)
     if not w:

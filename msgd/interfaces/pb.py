@@ -56,29 +56,20 @@ from zope.interface import implementer
 
 from msgd.cluster.outbox import bad_message_id
 from msgd.cluster.wire import PBError, rebuild  # noqa: F401  (rebuild: part of this module's documented API)
-from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint, words
+from msgd.config import Invalid, duration, option, optional_duration, optional_path, server_endpoint
 from msgd.core import errors
 from msgd.core.pubsub import Session, check_channel
 from msgd.interfaces.base import Listener, StartupError
+from msgd.options import pairs
 from msgd.security import Guard, SecurityOptions
 from msgd.services import Services
-
-
-def _users(value: str, ctx) -> tuple:
-    """``alice:secret bob:pw`` → ((name, password), ...)."""
-    out = []
-    for word in words(value, ctx):
-        name, sep, password = word.partition(":")
-        if not sep or not name or not password:
-            raise Invalid(f"{word!r} is not NAME:PASSWORD")
-        out.append((name, password))
-    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options(SecurityOptions):     # auth, token, limits: see docs/security.rst
     endpoint: str = option(parse=server_endpoint, doc="where to listen, e.g. tcp:8789:interface=127.0.0.1")
-    users: tuple = option((), parse=_users, doc="logins as NAME:PASSWORD words (e.g. node-a:secret app:pw)")
+    users: tuple = option((), parse=pairs("NAME:PASSWORD", value_needed=True),
+                          doc="logins as NAME:PASSWORD words (e.g. node-a:secret app:pw)")
     users_file: str | None = option(None, parse=optional_path,
                                     doc="a file of NAME:PASSWORD lines, read at start (# comments allowed)")
     request_timeout: float | None = option(None, parse=optional_duration,

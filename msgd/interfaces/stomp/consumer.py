@@ -27,22 +27,12 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 
-from msgd.config import (Invalid, boolean, client_endpoint, duration, integer, nonempty_words, option,
-                         optional_duration, string, target, words)
+from msgd.config import (boolean, client_endpoint, duration, integer, nonempty_words, option, optional_duration,
+                         string, target)
 from msgd.core.jsonrpc import loads
 from msgd.interfaces.base import Interface
+from msgd.options import pairs
 from msgd.stomp.client import StompClientFactory
-
-
-def header_pairs(value: str, ctx) -> tuple:
-    """``name:value name:value`` (whitespace-separated) → pairs."""
-    pairs = []
-    for w in words(value, ctx):
-        name, sep, v = w.partition(":")
-        if not sep or not name:
-            raise Invalid(f"{w!r} is not name:value")
-        pairs.append((name, v))
-    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -58,7 +48,7 @@ class Options:
     requeue: bool = option(True, parse=boolean,
                            doc="on handler failure NACK with requeue (redeliver); no: the broker dead-letters "
                                "or drops it")
-    subscribe_headers: tuple = option((), parse=header_pairs,
+    subscribe_headers: tuple = option((), parse=pairs(),
                                       doc="extra SUBSCRIBE headers, e.g. x-queue-type:quorum durable:true")
     heartbeat: float = option(10.0, parse=duration, doc="heart-beat interval both ways (0: none)")
     max_backoff: float = option(30.0, parse=duration, doc="longest wait between reconnection attempts")
