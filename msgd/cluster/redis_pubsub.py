@@ -263,6 +263,8 @@ def _reply(buf: bytes, pos: int):
 
 def _encode(a) -> bytes:
     """A command argument other than ``str`` or ``bytes``, as bytes."""
+    if type(a) is int:
+        return b"%d" % a
     if isinstance(a, str):
         return a.encode()
     if isinstance(a, float):
@@ -284,6 +286,7 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
         self._buf = b""
         self._replies: deque = deque()
+        self._heads: dict[tuple, bytes] = {}
 
     def connectionMade(self):
         # Twisted leaves Nagle on for client connections: a command written while the
@@ -309,6 +312,23 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
             d.errback(reply)
         else:
             d.callback(reply)
+
+    def evalsha(self, sha: str, keys, args) -> defer.Deferred:
+        """``EVALSHA sha len(keys) *keys *args``, the part up to the keys
+        encoded once per script and keys."""
+        head = self._heads.get((sha, *keys))
+        if head is None:
+            if len(self._heads) > 4096:
+                self._heads.clear()
+            head = self._heads[(sha, *keys)] = self._build_command("EVALSHA", sha, len(keys), *keys)[
+                len(b"*%d\r\n" % (len(keys) + 3)):]
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(b"".join((b"*%d\r\n" % (len(keys) + 3 + len(args)), head,
+                                       self._build_command(*args)[len(b"*%d\r\n" % len(args)):])))
+        d: defer.Deferred = defer.Deferred()
+        self._replies.append(d)
+        return d
 
     def _build_command(self, *args, **kwargs) -> bytes:
         out = [b"*%d\r\n" % len(args)]
@@ -563,10 +583,14 @@ class Shard(MultiService):
     def run(self, script: Script, keys, args) -> defer.Deferred:
         if self.command is None:
             return defer.fail(ConnectionError("Redis is not connected"))
-        start = self.reactor.seconds()
-        d = self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        d.addErrback(self._noscript, script, keys, args)
-        return timed(d, self._latency, self.reactor, start)
+        d = self.command.evalsha(script.sha, keys, args)
+        return d.addCallbacks(self._ran, self._noscript, callbackArgs=(self.reactor.seconds(),),
+                              errbackArgs=(script, keys, args))
+
+    def _ran(self, result, start: float):
+        if self._latency is not None:
+            self._latency.observe(self.reactor.seconds() - start)
+        return result
 
     def _noscript(self, f, script, keys, args):
         f.trap(txredisapi.ResponseError)
@@ -574,7 +598,7 @@ class Shard(MultiService):
             return f
         self.log.info("pub/sub: Redis lost its scripts; loading them again")
         self.command.execute_command("SCRIPT", "LOAD", script.text)
-        return self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self.command.evalsha(script.sha, keys, args)
 
     def subscribe(self, channels=(), patterns=()) -> defer.Deferred:
         if self.subscriber is None:
