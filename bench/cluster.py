@@ -18,11 +18,12 @@ each CPU's busy fraction (the machine's other load included), and which CPU
 was full — or none, when the window of events in flight and the hops
 through Redis bound the run.
 
-CPU placement, the same in every mode (``--placement``): ``msgd`` (the
-default) pins every msgd node to CPU 0 and the load generator and Redis to
-CPU 1; ``split`` leaves the subscribers' node alone on CPU 0 and puts node A
-beside the load generator and Redis on CPU 1 (docs/performance.rst says
-why the default is the first).
+CPU placement, one policy for every mode (``--placement``): by default
+(``apart``) the load generator has CPU 1 to itself and everything under
+test — every msgd node and Redis — shares CPU 0, so each row gets the same
+one core for msgd and the same one for the generator (docs/performance.rst
+says why; ``nodes``, ``split`` and ``none`` are the other policies measured
+there).
 """
 
 from __future__ import annotations
@@ -35,16 +36,25 @@ import time
 from bench import common
 
 
-REDIS_CPU = common.CLIENT_CPU       # with the load generator, in every placement
-PLACEMENTS = {"msgd": common.SERVER_CPU, "split": common.CLIENT_CPU}    # node A's CPU
+S, C = common.SERVER_CPU, common.CLIENT_CPU
+ANY = ",".join(str(c) for c in range(common.CPUS))
+# placement: (node A's CPU, Redis' CPU, what it is); the subscribers' node (and the one node) on S,
+# the load generator on C, unless "none"
+PLACEMENT = "apart"
+PLACEMENTS = {
+    "apart": (S, S, f"the load generator alone on CPU {C}; every msgd node and Redis on CPU {S}"),
+    "nodes": (S, C, f"every msgd node on CPU {S}; the load generator and Redis on CPU {C}"),
+    "split": (C, C, f"the subscribers' node on CPU {S}; node A, the load generator and Redis on CPU {C}"),
+    "none": (ANY, ANY, "no pinning: the kernel places every process"),
+}
 
 
-def _redis():
+def _redis(cpu: str):
     sys.path.insert(0, common.ROOT)
     from tests import servers      # the tests' throwaway redis-server
     redis = servers.redis()
     if common.CPUS > 1:
-        os.sched_setaffinity(redis.proc.pid, {int(REDIS_CPU)})   # off the msgd nodes' core
+        os.sched_setaffinity(redis.proc.pid, {int(c) for c in cpu.split(",")})
     return redis
 
 
@@ -61,14 +71,16 @@ class Setup:
     """The four nodes, started once: the memory one, the redis one, and A
     (on the CPU ``placement`` says) + B sharing another prefix."""
 
-    def __init__(self, redis, placement: str = "msgd"):
+    def __init__(self, redis, placement: str):
         self.redis = redis
-        self.a_cpu = PLACEMENTS[placement]
+        self.a_cpu, self.redis_cpu, _ = PLACEMENTS[placement]
+        self.cpu = ANY if placement == "none" else S       # the subscribers' node's, the one node's
+        self.gen_cpu = ANY if placement == "none" else C
         self.nodes = {}
         try:
-            self.nodes["memory"] = common.msgd_server()[0]
-            self.nodes["redis"] = common.msgd_server(pubsub=_redis_ini(redis, "bench1"))[0]
-            self.nodes["B"] = common.msgd_server(pubsub=_redis_ini(redis, "bench2"))[0]
+            self.nodes["memory"] = common.msgd_server(cpu=self.cpu)[0]
+            self.nodes["redis"] = common.msgd_server(pubsub=_redis_ini(redis, "bench1"), cpu=self.cpu)[0]
+            self.nodes["B"] = common.msgd_server(pubsub=_redis_ini(redis, "bench2"), cpu=self.cpu)[0]
             self.nodes["A"] = common.msgd_server(pubsub=_redis_ini(redis, "bench2"), cpu=self.a_cpu)[0]
         except BaseException:
             self.stop()
@@ -136,25 +148,27 @@ def run(setup: Setup, mode: str, subscribers: int, events: int, window: int, pay
     used it (``busy``)."""
     node, *urls = setup.urls(mode)
     extra = [1, *urls[1:]] if urls[1:] else []     # one publisher, on the other node
-    procs = {"subscribers' node" if mode == "two" else "node": (node.pid, common.SERVER_CPU)}
+    procs = {"subscribers' node" if mode == "two" else "node": (node.pid, setup.cpu)}
     if mode == "two":
         procs["publisher's node A"] = (setup.nodes["A"].pid, setup.a_cpu)
     if mode != "memory":
-        procs["redis"] = (setup.redis.proc.pid, REDIS_CPU)
+        procs["redis"] = (setup.redis.proc.pid, setup.redis_cpu)
     marks: list = []
 
     def mark() -> float:
         if not marks:
             gen = _load_generator()
             if gen is not None:
-                procs["load generator"] = (gen, common.CLIENT_CPU)
+                procs["load generator"] = (gen, setup.gen_cpu)
+                if setup.gen_cpu == ANY and common.CPUS > 1:     # common.loadgen pins it: no pinning
+                    os.sched_setaffinity(gen, range(common.CPUS))
         marks.append((time.monotonic(), {n: cpu_time(pid) for n, (pid, _) in procs.items()}, cpu_busy()))
         return 0.0
     result, gen_cpu = common.loadgen("fanout", urls[0], subscribers, events, window, payload, *extra, cpu=mark)
     (t0, p0, b0), (t1, p1, b1) = marks
     wall = t1 - t0
     if "load generator" not in procs:       # not found: common.loadgen's figure (10 ms ticks)
-        procs["load generator"] = (0, common.CLIENT_CPU)
+        procs["load generator"] = (0, setup.gen_cpu)
         p0["load generator"], p1["load generator"] = 0.0, gen_cpu
     cpu = {n: ((p1[n] - p0[n]) / wall, c) for n, (_, c) in sorted(procs.items(), key=lambda i: i[0] != "load generator")}
     result["cpu"] = cpu
@@ -187,6 +201,8 @@ def bottleneck(r: dict) -> str:
     full = [c for c, b in sorted(r["busy"].items()) if b >= BUSY]
     if not full:
         return "no CPU full: window/latency-bound"
+    if any(cpu == ANY for _, cpu in r["cpu"].values()):     # no pinning: whose time it was is not known
+        return f"CPU {' and '.join(full)} full"
     out = []
     for c in full:
         ours = sorted(((f, n) for n, (f, cpu) in r["cpu"].items() if cpu == c), reverse=True)
@@ -223,20 +239,16 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=100, help="events in flight (not yet seen by every subscriber)")
     p.add_argument("--payload", type=int, default=100)
     p.add_argument("--repeat", type=int, default=2, help="runs of each mode (the best is shown)")
-    p.add_argument("--placement", choices=sorted(PLACEMENTS), default="msgd",
-                   help="msgd: every msgd node on CPU 0, load generator and Redis on CPU 1; "
-                        "split: node A beside the load generator and Redis")
+    p.add_argument("--placement", choices=list(PLACEMENTS), default=PLACEMENT,
+                   help="; ".join(f"{k}: {v[2]}" for k, v in PLACEMENTS.items()))
     a = p.parse_args(argv)
     print(common.machine())
     print(f"load average {os.getloadavg()[0]:.1f} at start (figures are comparable only within one run)")
-    redis = _redis()
+    redis = _redis(PLACEMENTS[a.placement][1])
     setup = None
     try:
         setup = Setup(redis, a.placement)
-        print(f"placement {a.placement}: " + (
-            f"every msgd node on CPU {common.SERVER_CPU}; load generator and Redis on CPU {REDIS_CPU}"
-            if a.placement == "msgd" else f"the subscribers' node on CPU {common.SERVER_CPU}; node A, "
-            f"load generator and Redis on CPU {REDIS_CPU}"))
+        print(f"placement {a.placement}: {PLACEMENTS[a.placement][2]}")
         for n in a.subscribers:
             print(f"fan-out, {n} subscribers, {a.payload}-byte events, window {a.window}, best of {a.repeat}:")
             for line in report(measure(setup, n, a.deliveries, a.window, a.payload, a.repeat), n):
