@@ -21,8 +21,11 @@ afresh, resuming clients are told ``recovered: false`` once.)
 A publish on any node runs one Lua script (``EVALSHA``; its text is loaded
 with ``SCRIPT LOAD`` when a connection is made, and again on ``NOSCRIPT``):
 assign the next offset, append the event to the history (trimmed), and
-publish it on the channel's ``:ev`` channel.  Publishes are not waited for
-one by one: every command of a reactor turn leaves in one write.
+publish it on the channel's ``:ev`` channel (five Redis commands; the keys'
+expiry, ``history_age`` plus a day, is moved on a node's first publish on
+the channel, then at most every ``REFRESH`` seconds, and on any key the
+publish creates).  Publishes are not waited for one by one: every command
+of a reactor turn leaves in one write.
 
 Interest routing
 ----------------
