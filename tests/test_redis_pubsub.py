@@ -485,3 +485,24 @@ class RealRedisTests(unittest.TestCase):
         yield a.publish("k", 4)                 # REFRESH later: moved again
         for t in (yield ttls()):
             self.assertGreater(t, bridge.ttl - 5)
+
+
+
+class RefreshTests(unittest.TestCase):
+    def test_a_node_moves_a_channels_expiry_once_per_refresh(self):
+        clock = task.Clock()        # at 0: the first publish's time is 0.0
+        broker = Broker(clock, history_size=10, gc_interval=0)
+        shard = FakeShard()
+        RedisBridge(broker, PubSubConfig(backend="redis", prefix="p"), clock, shards=[shard])
+
+        def refreshed():
+            return [run[2][9] for run in shard.runs]
+        broker.publish("a", 1)
+        broker.publish("a", 2)
+        broker.publish("b", 1)
+        clock.advance(redis_pubsub.REFRESH - 1)
+        broker.publish("a", 3)
+        clock.advance(1)
+        broker.publish("a", 4)
+        broker.publish("a", 5)
+        self.assertEqual(refreshed(), ["1", "", "1", "", "1", ""])

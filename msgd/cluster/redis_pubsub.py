@@ -784,15 +784,15 @@ class RedisBridge(MultiService):
         size, _ = self.broker._limits(name)
         keys, channel, name_json = self._names(name)
         now = self.reactor.seconds()
-        refresh = self._refreshed.get(name)
-        if refresh is None or now - refresh >= REFRESH:
+        last = self._refreshed.get(name)
+        refresh = last is None or now - last >= REFRESH
+        if refresh:
             if len(self._refreshed) > 4096:
                 self._refreshed.clear()
             self._refreshed[name] = now
-            refresh = None
         return shard.run(PUBLISH, keys, [
             new_epoch(), name_json, data_json if data_json is not None else "null",
-            repr(now), size, self.ttl, channel, extra, shard.publish_command, "" if refresh else "1"])
+            repr(now), size, self.ttl, channel, extra, shard.publish_command, "1" if refresh else ""])
 
     # -- what cluster-wide presence (msgd.cluster.presence) uses -----------------------------
 
