@@ -458,3 +458,51 @@ class RealRedisTests(unittest.TestCase):
         yield bridge.shards[0].command.execute_command("SCRIPT", "FLUSH")
         self.assertEqual((yield a.publish("c", 2)), 2)
         yield eventually(lambda: len(sub.got) == 2)
+
+    @defer.inlineCallbacks
+    def test_keys_expire_ttl_after_the_refresh_and_new_keys_always_get_it(self):
+        a, bridge, _ = self.node()
+        yield eventually(lambda: bridge.connected)
+        cmd = bridge.shards[0].command
+        keys = bridge.keys("k")
+
+        def ttls():
+            return defer.gatherResults([cmd.execute_command("TTL", k) for k in keys])
+        yield a.publish("k", 1)                 # the node's first publish there moves the expiry
+        for t in (yield ttls()):
+            self.assertGreater(t, bridge.ttl - 5)
+        for k in keys:
+            yield cmd.execute_command("EXPIRE", k, 1000)
+        yield a.publish("k", 2)                 # within REFRESH: the expiry is left as it is
+        self.assertEqual([t <= 1000 for t in (yield ttls())], [True] * 3)
+        yield cmd.execute_command("DEL", *keys)
+        self.assertEqual((yield a.publish("k", 3)), 1)      # keys made anew get the ttl all the same
+        for t in (yield ttls()):
+            self.assertGreater(t, bridge.ttl - 5)
+        bridge._refreshed["k"] -= redis_pubsub.REFRESH
+        for k in keys:
+            yield cmd.execute_command("EXPIRE", k, 1000)
+        yield a.publish("k", 4)                 # REFRESH later: moved again
+        for t in (yield ttls()):
+            self.assertGreater(t, bridge.ttl - 5)
+
+
+
+class RefreshTests(unittest.TestCase):
+    def test_a_node_moves_a_channels_expiry_once_per_refresh(self):
+        clock = task.Clock()        # at 0: the first publish's time is 0.0
+        broker = Broker(clock, history_size=10, gc_interval=0)
+        shard = FakeShard()
+        RedisBridge(broker, PubSubConfig(backend="redis", prefix="p"), clock, shards=[shard])
+
+        def refreshed():
+            return [run[2][9] for run in shard.runs]
+        broker.publish("a", 1)
+        broker.publish("a", 2)
+        broker.publish("b", 1)
+        clock.advance(redis_pubsub.REFRESH - 1)
+        broker.publish("a", 3)
+        clock.advance(1)
+        broker.publish("a", 4)
+        broker.publish("a", 5)
+        self.assertEqual(refreshed(), ["1", "", "1", "", "1", ""])

@@ -21,8 +21,11 @@ afresh, resuming clients are told ``recovered: false`` once.)
 A publish on any node runs one Lua script (``EVALSHA``; its text is loaded
 with ``SCRIPT LOAD`` when a connection is made, and again on ``NOSCRIPT``):
 assign the next offset, append the event to the history (trimmed), and
-publish it on the channel's ``:ev`` channel.  Publishes are not waited for
-one by one: every command of a reactor turn leaves in one write.
+publish it on the channel's ``:ev`` channel (five Redis commands; the keys'
+expiry, ``history_age`` plus a day, is moved on a node's first publish on
+the channel, then at most every ``REFRESH`` seconds, and on any key the
+publish creates).  Publishes are not waited for one by one: every command
+of a reactor turn leaves in one write.
 
 Interest routing
 ----------------
@@ -121,21 +124,31 @@ class Script:
 
 # KEYS: epoch, offset, history.  ARGV: new epoch, channel (JSON), data (JSON), time,
 # history size, ttl, pub/sub channel, extra JSON fields ('' or ',"g":1' for a gap marker),
-# publish command (PUBLISH or SPUBLISH)
+# publish command (PUBLISH or SPUBLISH), '1' to move the keys' expiry to ttl from now ('' leaves
+# it: a key this publish creates gets it all the same).  Five commands when the channel exists
+# and the expiry is left; scripts run atomically, so GET then SET is SET NX.
 PUBLISH = Script("""
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local ttl, refresh = ARGV[6], ARGV[10] == '1'
 local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch, 'EX', ttl)
+elseif refresh then
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
 local offset = redis.call('INCR', KEYS[2])
+if refresh or offset == 1 then
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8]
   .. ',"d":' .. ARGV[3] .. '}'
 local size = tonumber(ARGV[5])
 if size > 0 then
-  redis.call('RPUSH', KEYS[3], ev)
+  if redis.call('RPUSH', KEYS[3], ev) == 1 or refresh then
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
   redis.call('LTRIM', KEYS[3], -size, -1)
-  redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call(ARGV[9], ARGV[7], ev)
 return offset
 """)
@@ -158,6 +171,11 @@ return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 """)
 
 SCRIPTS = [PUBLISH, SYNC, ANNOUNCE, SCAN]      # loaded on every connection (presence adds its own)
+
+# A publish moves its channel's keys' expiry to ttl from now only if this node has not done so in
+# the last REFRESH seconds (ttl is history_age plus a day: the keys outlive the last publish by that,
+# less up to REFRESH)
+REFRESH = 60.0
 
 
 # -- names ------------------------------------------------------------------------------
@@ -246,6 +264,19 @@ def _reply(buf: bytes, pos: int):
     raise txredisapi.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
 
 
+def _encode(a) -> bytes:
+    """A command argument other than ``str`` or ``bytes``, as bytes."""
+    if type(a) is int:
+        return b"%d" % a
+    if isinstance(a, str):
+        return a.encode()
+    if isinstance(a, float):
+        return format(a, "f").encode()
+    if isinstance(a, (bytes, bytearray)):
+        return bytes(a)
+    return str(a).encode()
+
+
 class RedisProtocol(txredisapi.BaseRedisProtocol):
     """txredisapi's protocol (its commands, its AUTH/SELECT on connect)
     reading every complete reply of a read at once — its own reader hands
@@ -258,6 +289,15 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
         self._buf = b""
         self._replies: deque = deque()
+        self._heads: dict[tuple, bytes] = {}
+
+    def connectionMade(self):
+        # Twisted leaves Nagle on for client connections: a command written while the
+        # previous write is not acknowledged yet would wait for that ACK
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        return super().connectionMade()
 
     def execute_command(self, *args, **kwargs) -> defer.Deferred:
         if not self.connected:
@@ -276,16 +316,33 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         else:
             d.callback(reply)
 
+    def evalsha(self, sha: str, keys, args) -> defer.Deferred:
+        """``EVALSHA sha len(keys) *keys *args``, the part up to the keys
+        encoded once per script and keys."""
+        head = self._heads.get((sha, *keys))
+        if head is None:
+            if len(self._heads) > 4096:
+                self._heads.clear()
+            head = self._heads[(sha, *keys)] = self._build_command("EVALSHA", sha, len(keys), *keys)[
+                len(b"*%d\r\n" % (len(keys) + 3)):]
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(b"".join((b"*%d\r\n" % (len(keys) + 3 + len(args)), head,
+                                       self._build_command(*args)[len(b"*%d\r\n" % len(args)):])))
+        d: defer.Deferred = defer.Deferred()
+        self._replies.append(d)
+        return d
+
     def _build_command(self, *args, **kwargs) -> bytes:
         out = [b"*%d\r\n" % len(args)]
+        append = out.append
         for a in args:
-            if isinstance(a, str):
+            t = type(a)
+            if t is str:
                 a = a.encode()
-            elif isinstance(a, float):
-                a = format(a, "f").encode()
-            elif not isinstance(a, bytes):
-                a = str(a).encode() if not isinstance(a, bytearray) else bytes(a)
-            out += (b"$%d\r\n" % len(a), a, b"\r\n")
+            elif t is not bytes:
+                a = _encode(a)
+            append(b"$%d\r\n%s\r\n" % (len(a), a))
         return b"".join(out)
 
     def dataReceived(self, data, unpause=False):
@@ -529,10 +586,14 @@ class Shard(MultiService):
     def run(self, script: Script, keys, args) -> defer.Deferred:
         if self.command is None:
             return defer.fail(ConnectionError("Redis is not connected"))
-        start = self.reactor.seconds()
-        d = self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        d.addErrback(self._noscript, script, keys, args)
-        return timed(d, self._latency, self.reactor, start)
+        d = self.command.evalsha(script.sha, keys, args)
+        return d.addCallbacks(self._ran, self._noscript, callbackArgs=(self.reactor.seconds(),),
+                              errbackArgs=(script, keys, args))
+
+    def _ran(self, result, start: float):
+        if self._latency is not None:
+            self._latency.observe(self.reactor.seconds() - start)
+        return result
 
     def _noscript(self, f, script, keys, args):
         f.trap(txredisapi.ResponseError)
@@ -540,7 +601,7 @@ class Shard(MultiService):
             return f
         self.log.info("pub/sub: Redis lost its scripts; loading them again")
         self.command.execute_command("SCRIPT", "LOAD", script.text)
-        return self.command.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self.command.evalsha(script.sha, keys, args)
 
     def subscribe(self, channels=(), patterns=()) -> defer.Deferred:
         if self.subscriber is None:
@@ -616,6 +677,7 @@ class RedisBridge(MultiService):
         self._flush_call = None
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
+        self._refreshed: dict[str, float] = {}      # channel -> when this node last moved its keys' expiry
         self._m = None
         latency = None
         if metrics is not None:
@@ -721,9 +783,16 @@ class RedisBridge(MultiService):
     def _publish(self, shard: Shard, name: str, data_json, extra: str) -> defer.Deferred:
         size, _ = self.broker._limits(name)
         keys, channel, name_json = self._names(name)
+        now = self.reactor.seconds()
+        last = self._refreshed.get(name)
+        refresh = last is None or now - last >= REFRESH
+        if refresh:
+            if len(self._refreshed) > 4096:
+                self._refreshed.clear()
+            self._refreshed[name] = now
         return shard.run(PUBLISH, keys, [
             new_epoch(), name_json, data_json if data_json is not None else "null",
-            repr(self.reactor.seconds()), size, self.ttl, channel, extra, shard.publish_command])
+            repr(now), size, self.ttl, channel, extra, shard.publish_command, "1" if refresh else ""])
 
     # -- what cluster-wide presence (msgd.cluster.presence) uses -----------------------------
 
