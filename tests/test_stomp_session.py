@@ -82,6 +82,18 @@ class StompSessionTests(unittest.TestCase):
         self.assertEqual(self.closed, ["at most 2 subscriptions per connection"])
         self.assertEqual((self.subscribers("a"), self.subscribers("b")), (0, 0))
 
+    def test_reply_destinations_count_with_the_topics(self):
+        """``/temp-queue/`` reply destinations and topic subscriptions share
+        ``max_subscriptions``, whichever comes first."""
+        for first, second in (("/temp-queue/r", "/topic/a"), ("/topic/a", "/temp-queue/r")):
+            del self.writes[:], self.closed[:]
+            s = self.session(max_subscriptions=2)
+            self.frame(s, "SUBSCRIBE", destination=first, id="1")
+            self.frame(s, "SUBSCRIBE", destination=second, id="2")
+            self.frame(s, "SUBSCRIBE", destination="/temp-queue/q", id="3")
+            self.assertEqual(self.closed, ["at most 2 subscriptions per connection"], first)
+            self.assertEqual(self.subscribers("a"), 0)
+
     def test_a_denied_channel_is_an_error_frame(self):
         self.harness.access = Access(self.harness.metrics, [
             ("r", AccessConfig(principals=("*",), subscribe=("public.*",), publish=("public.*",)))])

@@ -300,9 +300,10 @@ class StompSession:
             raise errors.NotFound(f"cannot subscribe to {dest!r}: use /topic/CHANNEL or /temp-queue/NAME")
         if sid in self.subscriptions or sid in self.temp.values():
             raise errors.InvalidRequest(f"subscription id {sid!r} is already in use")
+        # reply destinations count with the topics (the Session bounds the topics alone)
+        if self.pubsub.count() + len(self.temp) >= self.options.max_subscriptions:
+            raise errors.TooLarge(f"at most {self.options.max_subscriptions} subscriptions per connection")
         if dest.startswith(TEMP):     # replies of this connection's /app calls: not the broker's
-            if len(self.temp) >= self.options.max_subscriptions:
-                raise errors.TooLarge(f"at most {self.options.max_subscriptions} subscriptions per connection")
             self.temp[dest] = sid
             self.receipt(frame)
             return
