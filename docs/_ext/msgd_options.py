@@ -12,10 +12,6 @@ titled by the first line of the part's docstring."""
 
 from __future__ import annotations
 
-from docutils import nodes
-from docutils.parsers.rst import Directive
-from docutils.statemachine import StringList
-
 
 def _default(value, parse) -> str:
     """A default as it would be written in node.ini."""
@@ -87,17 +83,26 @@ def parts(title: str, cls) -> list[tuple[str, object, frozenset]]:
             for c in own]
 
 
-class OptionsDirective(Directive):
-    def run(self):
-        lines: list[str] = []
-        for section, whole in sections():
-            for title, cls, skip in parts(section, whole):
-                lines += [".. rubric:: " + title, ""] + _table(cls, skip) + [""]
-        container = nodes.container()
-        self.state.nested_parse(StringList(lines, source="msgd-options"), self.content_offset, container)
-        return list(container.children)
+def lines() -> list[str]:
+    """The reference as reST: a rubric and a table per part of each section."""
+    out: list[str] = []
+    for section, whole in sections():
+        for title, cls, skip in parts(section, whole):
+            out += [".. rubric:: " + title, ""] + _table(cls, skip) + [""]
+    return out
 
 
 def setup(app):
+    # docutils only here: the tests read parts() and lines() without the docs' packages
+    from docutils import nodes
+    from docutils.parsers.rst import Directive
+    from docutils.statemachine import StringList
+
+    class OptionsDirective(Directive):
+        def run(self):
+            container = nodes.container()
+            self.state.nested_parse(StringList(lines(), source="msgd-options"), self.content_offset, container)
+            return list(container.children)
+
     app.add_directive("msgd-options", OptionsDirective)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
