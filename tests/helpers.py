@@ -226,3 +226,19 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
         out.append((data[0] & 0x0F, data[at:at + n]))
         data = data[at + n:]
     return out
+
+
+def stomp_frames(data: bytes | str, version: str = "1.2", chunk: int = 0) -> list:
+    """Every STOMP frame in ``data`` (fed ``chunk`` bytes at a time, or at once)."""
+    from msgd.stomp.codec import Decoder, Limits
+    data = data.encode() if isinstance(data, str) else data
+    d = Decoder(Limits(), version)
+    out = []
+    for piece in [data[i:i + chunk] for i in range(0, len(data), chunk)] if chunk else [data]:
+        out += d.feed(piece)
+        while d.pending():
+            more = d.feed(b"")
+            if not more:
+                break
+            out += more
+    return out

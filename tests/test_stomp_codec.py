@@ -7,6 +7,7 @@ from twisted.trial import unittest
 
 from msgd.stomp.codec import (Decoder, Frame, Limits, ProtocolError, encode, negotiate_heartbeat, negotiate_version,
                               parse_heartbeat, unescape)
+from tests.helpers import stomp_frames
 
 COMMANDS = st.sampled_from(["SEND", "MESSAGE", "SUBSCRIBE", "ACK", "RECEIPT", "ERROR", "CONNECT", "CONNECTED"])
 ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
@@ -24,18 +25,6 @@ def frames(draw, version):
     return Frame(command, headers, draw(BODIES))
 
 
-def decode_all(data: bytes, version: str, chunk: int = 0) -> list[Frame]:
-    d = Decoder(Limits(), version)
-    out = []
-    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)] if chunk else [data]
-    for p in pieces:
-        out += d.feed(p)
-        while d.pending():
-            more = d.feed(b"")
-            if not more:
-                break
-            out += more
-    return out
 
 
 def without_length(frame: Frame) -> list:
@@ -45,7 +34,7 @@ def without_length(frame: Frame) -> list:
 class RoundTrip(unittest.TestCase):
     def check(self, frame, version, chunk):
         data = encode(frame, version)
-        got = decode_all(data + b"\n" + data, version, chunk)
+        got = stomp_frames(data + b"\n" + data, version, chunk)
         self.assertEqual(len(got), 2)
         for g in got:
             self.assertEqual((g.command, without_length(g), g.body), (frame.command, frame.headers, frame.body))

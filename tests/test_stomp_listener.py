@@ -15,9 +15,9 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from msgd.stomp.codec import Decoder, Frame, encode
+from msgd.stomp.codec import Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from tests.helpers import SocketTransport, http_port, make_node
+from tests.helpers import SocketTransport, http_port, make_node, stomp_frames
 from tests.wsclient import WS
 
 APPS = {"calc.py": """
@@ -124,16 +124,6 @@ def raw_exchange(port: int, data: bytes, read_until_close=True) -> bytes:
             out += chunk
 
 
-def frames_of(data: bytes | str) -> list[Frame]:
-    d = Decoder()
-    data = data.encode() if isinstance(data, str) else data
-    out = d.feed(data)
-    while d.pending():
-        more = d.feed(b"")
-        if not more:
-            break
-        out += more
-    return out
 
 
 class ListenerTests(unittest.TestCase):
@@ -175,11 +165,11 @@ class ListenerTests(unittest.TestCase):
         self.addCleanup(wstomp.close)
         yield wstomp.send(encode(Frame("CONNECT", [("accept-version", "1.2"), ("host", "x")])))
         got = yield deferToThread(wstomp.ws.recv)
-        self.assertEqual(frames_of(got)[0].command, "CONNECTED")
+        self.assertEqual(stomp_frames(got)[0].command, "CONNECTED")
         yield wstomp.send(encode(Frame("SUBSCRIBE", [("destination", "/topic/room"), ("id", "w"),
                                                      ("receipt", "r")])))
         got = yield deferToThread(wstomp.ws.recv)
-        self.assertEqual(frames_of(got)[0].command, "RECEIPT")
+        self.assertEqual(stomp_frames(got)[0].command, "RECEIPT")
 
         # STOMP publishes: the other STOMP, the JSON-RPC and the STOMP-over-WS subscribers get it
         yield c.do("send", "/topic/room", json.dumps({"text": "hi"}), content_type="application/json",
@@ -191,7 +181,7 @@ class ListenerTests(unittest.TestCase):
         yield c.next("receipt")
         event = yield ws.next_event()
         self.assertEqual(event["params"]["data"], {"text": "hi"})
-        got = frames_of((yield deferToThread(wstomp.ws.recv)))[0]
+        got = stomp_frames((yield deferToThread(wstomp.ws.recv)))[0]
         self.assertEqual((got.command, json.loads(got.body)), ("MESSAGE", {"text": "hi"}))
 
         # JSON-RPC publishes: STOMP gets it
@@ -273,7 +263,7 @@ class ListenerTests(unittest.TestCase):
         self.start(heartbeat="100ms")
         out = yield deferToThread(raw_exchange, self.port,
                                   encode(Frame("CONNECT", [("accept-version", "1.2"), ("heart-beat", "100,100")])))
-        frames = frames_of(out)
+        frames = stomp_frames(out)
         self.assertEqual([f.command for f in frames], ["CONNECTED", "ERROR"])
         self.assertIn("heart-beat", frames[-1].get("message"))
 
@@ -348,7 +338,7 @@ class ListenerTests(unittest.TestCase):
         ]
         for data, expected in cases:
             out = yield deferToThread(raw_exchange, self.port, data)
-            frames = frames_of(out)
+            frames = stomp_frames(out)
             self.assertEqual(frames[-1].command, "ERROR", (data, frames))
             self.assertIn(expected, frames[-1].get("message"))
         # the node still serves
@@ -365,7 +355,7 @@ class ListenerTests(unittest.TestCase):
         self.assertEqual(c.version, "1.2")
         out = yield deferToThread(raw_exchange, self.port, encode(Frame("CONNECT", [
             ("accept-version", "1.2"), ("login", "alice"), ("passcode", "wrong")])))
-        self.assertEqual(frames_of(out)[-1].get("message"), "login failed")
+        self.assertEqual(stomp_frames(out)[-1].get("message"), "login failed")
         # frames sent right behind CONNECT wait for the (threaded) login check
         # and then decode in the negotiated version (1.1: no \r escape)
         out = yield deferToThread(raw_exchange, self.port, b"".join([
@@ -373,7 +363,7 @@ class ListenerTests(unittest.TestCase):
             encode(Frame("SEND", [("destination", "/app/calc.greet"), ("content-type", "application/json"),
                                   ("receipt", "a:b")], b'{"name": "x"}'), "1.1"),
             encode(Frame("DISCONNECT", [("receipt", "bye")]), "1.1")]))
-        self.assertEqual([(f.command, f.get("receipt-id")) for f in frames_of(out)],
+        self.assertEqual([(f.command, f.get("receipt-id")) for f in stomp_frames(out)],
                          [("CONNECTED", None), ("RECEIPT", "a:b"), ("RECEIPT", "bye")])
 
 
@@ -398,7 +388,7 @@ class SessionTests(unittest.TestCase):
         for i in range(20):
             self.node.pubsub.publish("c", "x" * 100)
         self.assertEqual(self.closed, ["slow consumer: more than 1000 bytes unsent"])
-        self.assertEqual([f.command for f in frames_of(b"".join(self.out[written:]))], ["ERROR"])
+        self.assertEqual([f.command for f in stomp_frames(b"".join(self.out[written:]))], ["ERROR"])
         self.assertEqual(self.node.pubsub.presence("c")["count"], 0)
 
     def test_slow_consumer_told_before_what_was_not_sent(self):
@@ -425,7 +415,7 @@ class SessionTests(unittest.TestCase):
         self.assertIn(t, iface._aborts)            # aborted after close_timeout unless it reads
         t.room = 10 ** 9                # it reads again
         t.flush()
-        got = frames_of(t.sent)
+        got = stomp_frames(t.sent)
         self.assertEqual([(f.command, f.get("msgd-offset")) for f in got],
                          [("CONNECTED", None), ("MESSAGE", "1"), ("MESSAGE", "2"), ("MESSAGE", "3"),
                           ("ERROR", None)])
@@ -441,7 +431,7 @@ class SessionTests(unittest.TestCase):
             self.node.pubsub.publish("c", i)
         self.assertEqual(len(self.out), written)
         s.writer.resume()
-        got = frames_of(b"".join(self.out[written:]))
+        got = stomp_frames(b"".join(self.out[written:]))
         self.assertEqual([json.loads(f.body) for f in got], [0, 1, 2, 3, 4])
 
     def test_pattern_resume_replays_every_matched_channel_or_says_not_recovered(self):
@@ -455,7 +445,7 @@ class SessionTests(unittest.TestCase):
             s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
             s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/a.*"), ("id", "1"),
                                                        ("receipt", "r")] + list(headers.items()))))
-            got = frames_of(b"".join(out))[1:]
+            got = stomp_frames(b"".join(out))[1:]
             return [(f.get("msgd-channel"), f.get("msgd-offset")) for f in got[:-1]], got[-1]
 
         node.pubsub.publish("a.x", 1)
@@ -486,7 +476,7 @@ class SessionTests(unittest.TestCase):
         s.data_received(encode(Frame("CONNECT", [("accept-version", "1.2")])))
         s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/c"), ("id", "1"), ("receipt", "r"),
                                                    ("msgd-since", "0"), ("msgd-epoch", "lost")])))
-        receipt = frames_of(b"".join(self.out))[-1]
+        receipt = stomp_frames(b"".join(self.out))[-1]
         self.assertEqual((receipt.command, receipt.get("msgd-recovered"), receipt.get("msgd-offset")),
                          ("RECEIPT", "false", "1"))
 
@@ -495,7 +485,7 @@ class SessionTests(unittest.TestCase):
         s.data_received(encode(Frame("SUBSCRIBE", [("destination", "/topic/news.*"), ("id", "2")])))
         written = len(self.out)
         self.node.pubsub.publish("news.sport", 1)
-        f = frames_of(b"".join(self.out[written:]))[0]
+        f = stomp_frames(b"".join(self.out[written:]))[0]
         self.assertEqual((f.get("destination"), f.get("subscription")), ("/topic/news.sport", "2"))
 
     def test_a_gap_is_a_message_saying_so(self):
@@ -504,7 +494,7 @@ class SessionTests(unittest.TestCase):
         written = len(self.out)
         ch = self.node.pubsub.channels["c"]
         self.node.pubsub.deliver(Event("c", 7, "E2", None, 0.0, gap=True), ch)
-        f = frames_of(b"".join(self.out[written:]))[0]
+        f = stomp_frames(b"".join(self.out[written:]))[0]
         self.assertEqual((f.command, f.get("msgd-gap"), f.get("msgd-offset"), f.get("msgd-epoch"), f.body),
                          ("MESSAGE", "true", "7", "E2", b""))
 
@@ -531,7 +521,7 @@ class ClientTests(unittest.TestCase):
     def sent(self) -> list[Frame]:
         data = self.transport.value()
         self.transport.clear()
-        return frames_of(data)
+        return stomp_frames(data)
 
     def connected(self, heartbeat="1000,1000"):
         connect = self.sent()[0]

@@ -18,19 +18,11 @@ from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.interfaces.writer import Turn
 from msgd.security import Access
 from msgd.security.principal import Principal
-from msgd.stomp.codec import Decoder, Frame, encode
+from msgd.stomp.codec import Frame, encode
 from msgd.testing import AppHarness
+from tests.helpers import stomp_frames
 
 
-def frames_of(data: bytes) -> list[Frame]:
-    d = Decoder()
-    out = d.feed(data)
-    while d.pending():
-        more = d.feed(b"")
-        if not more:
-            break
-        out += more
-    return out
 
 
 class Interface:
@@ -64,7 +56,7 @@ class StompSessionTests(unittest.TestCase):
         s.data_received(encode(Frame(command, list(headers.items()), body)))
 
     def got(self) -> list[Frame]:
-        return frames_of(b"".join(self.writes))
+        return stomp_frames(b"".join(self.writes))
 
     def subscribers(self, channel: str) -> int:
         ch = self.broker.channels.get(channel)
@@ -158,14 +150,14 @@ class StompSessionTests(unittest.TestCase):
         self.frame(s, "SUBSCRIBE", destination="/topic/c", id="1", receipt="r")
         self.assertEqual(self.writes, [])
         self.harness.clock.advance(0)       # the end of the reactor turn
-        self.assertEqual([[f.command for f in frames_of(w)] for w in self.writes], [["CONNECTED", "RECEIPT"]])
+        self.assertEqual([[f.command for f in stomp_frames(w)] for w in self.writes], [["CONNECTED", "RECEIPT"]])
         del self.writes[:]
         for i in range(5):
             self.broker.publish("c", i)
         self.assertEqual(self.writes, [])
         self.harness.clock.advance(0)
         self.assertEqual(len(self.writes), 1)
-        self.assertEqual([json.loads(f.body) for f in frames_of(self.writes[0])], [0, 1, 2, 3, 4])
+        self.assertEqual([json.loads(f.body) for f in stomp_frames(self.writes[0])], [0, 1, 2, 3, 4])
 
     def test_an_error_comes_after_the_turns_messages(self):
         turn = Turn(self.harness.clock)
