@@ -272,13 +272,13 @@ def stomp_connect(port: int, source: str, header: bytes = b"", login: bytes = b"
     s = socket.socket()
     s.settimeout(10)
     s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
     creds = b"login:%s\npasscode:wrong\n" % login if login else b""
     data = b""
     try:
+        s.connect(("127.0.0.1", port))
         s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n" + creds + b"\n\x00")
     except (ConnectionResetError, BrokenPipeError):
-        # refused (and reset) after the PROXY header, before the rest was written
+        # refused (and reset) at once: before connect() returned, or before all was written
         return b"", s
     while b"\x00" not in data:
         try:
