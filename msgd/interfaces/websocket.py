@@ -230,8 +230,7 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
         if self._refusal is not None:
             self.sendClose(4001, self._refusal[:120])
             return
-        iface = self.factory.interface
-        iface.connection_opened(self.transport)
+        iface = self.factory.interface       # the HTTP connection was admitted: among its connections
         iface.goodbyes[self.transport] = self.going_away
         self.factory.counters.connections.inc()
         self._opened = True
@@ -358,13 +357,14 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
             self.stomp = None
 
     def connectionLost(self, reason):
-        self.factory.interface.guard.release(self.transport)    # the HTTP connection this one took over
+        # The HTTP connection this one took over was admitted (TrackedChannel), and its channel is
+        # told nothing more: closed here, whether the handshake was accepted or refused.
+        self.factory.interface.closed(self.transport)
         if getattr(self, "closeHandshakeTimeoutCall", None) is not None:
             self.closeHandshakeTimeoutCall.cancel()     # Autobahn leaves it pending (close_timeout)
             self.closeHandshakeTimeoutCall = None
         if self._opened:
             self._opened = False
-            self.factory.interface.connection_closed(self.transport)
             self.factory.counters.connections.dec()
         super().connectionLost(reason)
 
