@@ -54,7 +54,7 @@ class Clients:
 
     def __init__(self, interface, max_batch: int, max_subscriptions: int, methods=CONNECTED):
         self.interface = interface
-        self.services = s = interface.services
+        s = interface.services
         self.guard = getattr(interface, "guard", None)
         self.jsonrpc = JSONRPC(s.dispatcher, max_batch=max_batch)
         self.max_subscriptions = max_subscriptions
