@@ -57,7 +57,6 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from msgd.core import errors
-from msgd.core.jsonrpc import JSONRPC
 from msgd.core.pubsub import Broker
 from msgd.interfaces.appstatic import Folder, WebFile
 from msgd.interfaces.base import StartupError
@@ -257,13 +256,13 @@ class StatusWebSocket(MsgdWebSocket):
 class StatusRoot(Folder):
     def __init__(self, interface):
         super().__init__(WebFile("status.html", b"text/html; charset=utf-8"))
-        factory = MsgdWebSocketFactory(interface, protocol=StatusWebSocket)
-        feed = factory.feed = StatusFeed(interface.services, interface.control, interface.options.status_interval)
+        feed = StatusFeed(interface.services, interface.control, interface.options.status_interval)
         # its own broker, the one channel, rpc.status, no app functions
-        clients = factory.clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"))
-        clients.jsonrpc = JSONRPC(_NoApps(), max_batch=10)
-        clients.broker, clients.authorize = feed.broker, _status_channel
-        clients.table["rpc.status"] = lambda connection, request, params: feed.snapshot()
+        clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"), dispatcher=_NoApps(),
+                          broker=feed.broker, authorize=_status_channel,
+                          extra={"rpc.status": lambda connection, request, params: feed.snapshot()})
+        factory = MsgdWebSocketFactory(interface, protocol=StatusWebSocket, clients=clients)
+        factory.feed = feed
         self.putChild(b"ws", WebSocketResource(factory))
 
 

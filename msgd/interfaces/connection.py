@@ -50,17 +50,21 @@ class Clients:
     ``methods`` are the ``rpc.*`` builtins they offer, names of
     :data:`BUILTINS`; ``broker`` and ``authorize`` (the channel check) are
     the node's pub/sub and access rules unless a special socket (the status
-    page's) replaces them."""
+    page's) gives its own; so are the ``dispatcher`` of app functions and
+    the builtins; ``extra`` adds builtins of its own (name -> function of
+    connection, request, params)."""
 
-    def __init__(self, interface, max_batch: int, max_subscriptions: int, methods=CONNECTED):
+    def __init__(self, interface, max_batch: int, max_subscriptions: int, methods=CONNECTED, *,
+                 dispatcher=None, broker=None, authorize=None, extra: dict | None = None):
         self.interface = interface
         s = interface.services
         self.guard = getattr(interface, "guard", None)
-        self.jsonrpc = JSONRPC(s.dispatcher, max_batch=max_batch)
+        self.jsonrpc = JSONRPC(dispatcher if dispatcher is not None else s.dispatcher, max_batch=max_batch)
         self.max_subscriptions = max_subscriptions
-        self.broker = s.pubsub
-        self.authorize = s.access.authorize_channel
+        self.broker = broker if broker is not None else s.pubsub
+        self.authorize = authorize if authorize is not None else s.access.authorize_channel
         self.table = {m: BUILTINS[m] for m in methods}    # method -> function(connection, request, params)
+        self.table.update(extra or {})
 
     def connect(self, deliver: Callable, principal=None, address: str = "") -> Connection:
         """A new client; ``deliver(event)`` writes a pub/sub event to it."""

@@ -375,15 +375,17 @@ for _name, _value in _AT_REST.items():
 
 class MsgdWebSocketFactory(WebSocketServerFactory):
     """Connections are of a subclass of ``protocol`` (MsgdWebSocket or one of
-    its subclasses) made for this factory, which holds its options."""
+    its subclasses) made for this factory, which holds its options.  Its
+    JSON-RPC ``clients`` are the interface's usual ones unless given."""
 
     protocol = MsgdWebSocket
 
-    def __init__(self, interface, protocol: type = MsgdWebSocket):
+    def __init__(self, interface, protocol: type = MsgdWebSocket, clients: Clients | None = None):
         super().__init__(url=None, server="msgd")
         self.interface = interface
         self.counters = interface.shared.websocket
-        self.clients = Clients(interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
+        self.clients = clients if clients is not None else Clients(
+            interface, interface.options.max_batch, interface.options.ws_max_subscriptions)
         o = interface.options
         self.setProtocolOptions(
             maxMessagePayloadSize=o.ws_max_message, maxFramePayloadSize=o.ws_max_message,
