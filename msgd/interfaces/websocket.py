@@ -242,10 +242,11 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
             # login is not believed
             options = SessionOptions.within(o.ws_max_message, o.ws_max_pending, iface.timeout(),
                                             authenticate=lambda login, passcode: self.principal)
+            transport = self.transport
             self.stomp = StompSession(
                 iface.services, iface.name, write=lambda data: self.sendMessage(data, False),
-                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version, options=options)
-            self.stomp.writer.discard = lambda: discard_unsent(self.transport)
+                close=self._stomp_close, peer=self.peer, version_hint=self.stomp_version, options=options,
+                discard=lambda: discard_unsent(transport))
         else:
             self.connection = self.factory.clients.connect(self.deliver, self.principal)
             transport = self.transport

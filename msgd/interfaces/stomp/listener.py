@@ -82,9 +82,8 @@ class StompProtocol(Producer, Protocol):
         transport = self.transport
         self.session = StompSession(iface.services, iface.name, lambda data: write_now(transport, data), self._close,
                                     peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-                                    options=options, turn=iface.turn)
+                                    options=options, turn=iface.turn, discard=lambda: discard_unsent(transport))
         self.transport.registerProducer(self, True)
-        self.session.writer.discard = lambda: discard_unsent(self.transport)
 
     def dataReceived(self, data):
         self.session.data_received(data)

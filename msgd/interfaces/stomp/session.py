@@ -3,10 +3,10 @@
 The TCP listener (:mod:`.listener`) and the WebSocket subprotocols
 ``v12.stomp``/``v11.stomp``/``v10.stomp`` (:mod:`msgd.interfaces.websocket`)
 both build a :class:`StompSession` with a ``write(bytes)`` and a
-``close(reason)`` callable and its :class:`SessionOptions` (and set its
-writer's ``discard``, which drops what the transport has not begun to send;
-see :mod:`msgd.interfaces.writer`) and feed it what arrives, so every rule
-below is written once.  Given the listener's ``turn``, what a session writes
+``close(reason)`` callable, its :class:`SessionOptions` and a ``discard``
+callable (which drops what the transport has not begun to send; its
+writer's, see :mod:`msgd.interfaces.writer`) and feed it what arrives, so
+every rule below is written once.  Given the listener's ``turn``, what a session writes
 during a reactor turn (the MESSAGE frames of a burst of events, receipts,
 an ERROR after them) reaches the transport in one write at its end.
 
@@ -151,7 +151,7 @@ class StompSession:
 
     def __init__(self, services, interface_name: str, write: Callable[[bytes], Any], close: Callable[[str], Any],
                  peer: str = "", version_hint: str | None = None, options: SessionOptions | None = None,
-                 turn: Turn | None = None):
+                 turn: Turn | None = None, discard: Callable[[], Any] | None = None):
         self.services = services        # msgd.services.Services
         self.interface = interface_name
         self._write_out = write
@@ -176,7 +176,7 @@ class StompSession:
         self.in_flight: set = set()
         # the transport's pauseProducing/resumeProducing pause and resume it; with a turn, what is
         # written during a reactor turn goes out at its end in one write
-        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow, turn=turn)
+        self.writer = BoundedWriter(self._out, self.options.max_pending, self._slow, discard, turn)
         self.last_read = self.last_write = self.clock.seconds()
         self._ids = itertools.count(1)
         self._loops: list[LoopingCall] = []
