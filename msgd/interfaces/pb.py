@@ -127,7 +127,7 @@ class Perspective(pb.Avatar):
         return self._guard(self._publish, channel, data)
 
     def _publish(self, channel, data):
-        req = self.services.new_request(self.interface.name, principal=self.user)
+        req = self.interface.new_request(self.user)
         return self.pubsub.publish(req, check_channel(channel), data)
 
     def perspective_send(self, target, args=(), kwargs=None, message_id=None, expires=None):
