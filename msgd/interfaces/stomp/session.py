@@ -410,8 +410,9 @@ class StompSession:
         """The node's ``[access:*]`` rules for a channel (msgd.security)."""
         self.pubsub.check(self._request(), action, channel)
 
-    def _request(self):
-        return self.services.new_request(self.interface, principal=self.principal)
+    def _request(self, timeout: float | None = None):
+        """A request of this session's principal; ``timeout``, else the node's deadline."""
+        return self.services.new_request(self.interface, timeout=timeout, principal=self.principal)
 
     def _call(self, frame: Frame, target: str) -> None:
         if len(self.in_flight) >= self.options.max_in_flight:
@@ -430,9 +431,7 @@ class StompSession:
             args, kwargs = (), data
         else:
             args, kwargs = (data,), {}
-        request = self.services.new_request(self.interface, timeout=self.options.request_timeout,
-                                        principal=self.principal)
-        d = self.services.dispatcher.call(request, target, args, kwargs)
+        d = self.services.dispatcher.call(self._request(self.options.request_timeout), target, args, kwargs)
         self.in_flight.add(d)
         d.addBoth(self._called, d, frame)
 
