@@ -255,7 +255,7 @@ class StatusWebSocket(MsgdWebSocket):
 
 class StatusRoot(Folder):
     def __init__(self, interface):
-        super().__init__(WebFile("status.html", b"text/html; charset=utf-8"))
+        super().__init__(WebFile("status.html"))
         feed = StatusFeed(interface.services, interface.control, interface.options.status_interval)
         # its own broker, the one channel, rpc.status, no app functions
         clients = Clients(interface, 10, 1, ("rpc.subscribe", "rpc.unsubscribe"), dispatcher=_NoApps(),

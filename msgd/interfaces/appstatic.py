@@ -150,14 +150,15 @@ class Folder(resource.Resource):
 
 
 class WebFile(resource.Resource):
-    """A file shipped in msgd/web, read once."""
+    """A file shipped in msgd/web, read once; its content type is its
+    extension's (``CONTENT_TYPES``)."""
 
     isLeaf = True
 
-    def __init__(self, name: str, content_type: bytes):
+    def __init__(self, name: str):
         super().__init__()
         self.body = importlib.resources.files("msgd.web").joinpath(name).read_bytes()
-        self.content_type = content_type
+        self.content_type = CONTENT_TYPES[os.path.splitext(name)[1]].encode()
 
     def render_GET(self, request):
         if request.postpath not in ([], [b""]):

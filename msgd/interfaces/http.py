@@ -359,10 +359,10 @@ class HTTPInterface(Listener):
 
         def put(segment, res, guarded=False):
             self.root.putChild(segment, self.guard.protect(res, self.refusals) if guarded else res)
-        self.root = Folder(WebFile("index.html", b"text/html; charset=utf-8"))
+        self.root = Folder(WebFile("index.html"))
         put(b"targets", targets_page(services), guarded=True)
-        put(b"msgd.js", WebFile("msgd.js", b"text/javascript; charset=utf-8"))
-        put(b"msgd.mjs", WebFile("msgd.mjs", b"text/javascript; charset=utf-8"))
+        put(b"msgd.js", WebFile("msgd.js"))
+        put(b"msgd.mjs", WebFile("msgd.mjs"))
         if options.jsonrpc:
             put(b"rpc", JSONRPCResource(self), guarded=True)
         if options.health:
