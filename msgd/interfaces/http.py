@@ -350,7 +350,6 @@ class HTTPInterface(Listener):
 
     def __init__(self, name, options, services):
         super().__init__(name, options, services)
-        services = self.services
         self.control: Control | None = services if isinstance(services, Control) else None
         self.guard = Guard(self)
         self.shared = Shared(self)
