@@ -24,7 +24,7 @@ class HandshakeAccountingTests(unittest.TestCase):
         self.node = make_node(self, INI)
         self.iface = self.node.interfaces["web"]
 
-    def handshake(self, origin: bytes):
+    def handshake(self, origin: bytes, extra: bytes = b""):
         """An HTTP connection through the interface's Site asking for /ws;
         the transport and what it was answered."""
         channel = self.iface.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -32,7 +32,7 @@ class HandshakeAccountingTests(unittest.TestCase):
         t.protocol = channel        # as a TCP transport has it: the WebSocket resource takes it over
         channel.makeConnection(t)
         channel.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             + KEY + b"Origin: " + origin + b"\r\n\r\n")
+                             + KEY + extra + b"Origin: " + origin + b"\r\n\r\n")
         return t, t.value().split(b"\r\n", 1)[0]
 
     def lose(self, t):
@@ -49,6 +49,12 @@ class HandshakeAccountingTests(unittest.TestCase):
         t, status = self.handshake(b"http://evil.example")
         self.assertIn(b" 403 ", status)
         self.assertEqual(len(self.iface.connections), 1)     # admitted as an HTTP connection
+        self.lose(t)
+        self.assertNothingOpen()
+
+    def test_unknown_subprotocol_refused_then_closed(self):
+        t, status = self.handshake(b"http://good.example", b"Sec-WebSocket-Protocol: mqtt\r\n")
+        self.assertIn(b" 400 ", status)
         self.lose(t)
         self.assertNothingOpen()
 
