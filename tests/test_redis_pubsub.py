@@ -6,6 +6,7 @@ two nodes)."""
 from __future__ import annotations
 
 import fnmatch
+import json
 
 import txredisapi
 from twisted.internet import defer, reactor, task
@@ -368,6 +369,7 @@ class BridgeTests(unittest.TestCase):
         self.assertIs(script, PUBLISH)
         self.assertEqual(keys, ["p:{quiet}:epoch", "p:{quiet}:offset", "p:{quiet}:history"])
         self.assertEqual(args[6], "p:{quiet}:ev")
+        self.assertEqual(json.loads(args[2]), {"x": 1})         # the bytes the broker encoded
         run.callback(9)
         self.assertEqual(self.successResultOf(d), 9)
         self.assertEqual(self.broker.channels, {})

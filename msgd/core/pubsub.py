@@ -648,19 +648,19 @@ class Broker:
             raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
         if self.backend is not None and self.backend.available(name):
             # offset from the shared channel; delivered here when it comes back through receive()
-            return self.backend.publish(name, data).addErrback(self._shared_publish_failed, name, data)
+            return self.backend.publish(name, data_json).addErrback(self._shared_publish_failed, name, data, data_json)
         return self._publish_alone(name, data, data_json)
 
-    def _shared_publish_failed(self, failure, name: str, data: Any) -> Any:
+    def _shared_publish_failed(self, failure, name: str, data: Any, data_json: bytes) -> Any:
         if failure.check(defer.CancelledError):
             # the caller gave up (its deadline): the script sent still runs and its event comes
             # back through receive(); nothing is published here, the channel stays shared
             return failure
         self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
                       channel=name, error=failure.getErrorMessage())
-        return self._publish_alone(name, data)
+        return self._publish_alone(name, data, data_json)
 
-    def _publish_alone(self, name: str, data: Any, data_json: bytes | None = None) -> int:
+    def _publish_alone(self, name: str, data: Any, data_json: bytes) -> int:
         """Publish on this node only (memory backend, or the shared one is away)."""
         ch = self.channel(name)
         now = self.clock.seconds()
