@@ -314,7 +314,6 @@ class Broker:
         self._resuming: dict[tuple, _Holder] = {}   # (pattern, subscriber) -> its stand-in while reading
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
-        self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
         self.backend = None    # shares channels between nodes when set (msgd.cluster.redis_pubsub)
         self._waiting: dict[str, set] = {}     # subscribers waiting for the backend to join a channel
         self._m = None
@@ -676,8 +675,6 @@ class Broker:
         ev = Event(ch.name, ch.offset, ch.epoch, data, now, data_json)
         ch.last_used = now
         self._deliver_and_keep(ev, ch, now)
-        for listener in self.listeners:
-            listener(ev)
         return ev.offset
 
     def _deliver_and_keep(self, ev: Event, ch: Channel, now: float) -> None:
