@@ -484,12 +484,13 @@ class Broker:
         if since is not None:
             now = self.clock.seconds()
             states = {}
-            for n in self._matching(name, since):
+            names = self._matching(name, since)
+            for n in names:
                 ch = self.channels.get(n)
                 if ch is not None:
                     ch.trim(now)
                     states[n] = (ch.epoch, ch.offset, ch.history)
-            recovered, _ = self._replay_pattern(subscriber, self._matching(name, since), states, since, epoch)
+            recovered, _ = self._replay_pattern(subscriber, names, states, since, epoch)
         return self._pattern_answer(name, recovered)
 
     def _read_pattern(self, name: str, since: dict) -> defer.Deferred:
