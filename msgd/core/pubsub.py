@@ -957,9 +957,11 @@ class Session:
     A JSON-RPC connection is its one ``subscriber``.  A connection with a
     subscriber per subscription (STOMP: one per SUBSCRIBE id) passes each
     to ``subscribe`` and ``unsubscribe``; they count against the same bound
-    and end with ``close`` too."""
+    and end with ``close`` too.  Slots that are no broker subscription (a
+    STOMP ``/temp-queue/`` reply destination) are held with ``reserve`` and
+    given back with ``release``: the one bound covers them too."""
 
-    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others")
+    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others", "reserved")
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -969,6 +971,7 @@ class Session:
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
         self.others: set[tuple[str, Any]] | None = None     # (name, subscriber) of other subscribers
+        self.reserved = 0      # slots held that are not broker subscriptions (reserve())
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
@@ -985,8 +988,19 @@ class Session:
             self.authorize(request, action, channel)
 
     def count(self) -> int:
-        """The subscriptions held (bounded by ``max_subscriptions``)."""
-        return len(self.names) + (len(self.others) if self.others else 0)
+        """The subscriptions and reserved slots held (bounded by ``max_subscriptions``)."""
+        return len(self.names) + (len(self.others) if self.others else 0) + self.reserved
+
+    def reserve(self) -> None:
+        """Hold one slot that is not a broker subscription, within
+        ``max_subscriptions`` (raises ``TooLarge`` when there is no room)."""
+        self._room()
+        self.reserved += 1
+
+    def release(self) -> None:
+        """Give back a slot of :meth:`reserve`."""
+        if self.reserved:
+            self.reserved -= 1
 
     def subscribe(self, name: str, since=None, epoch=None, subscriber=None) -> defer.Deferred:
         """Subscribe ``subscriber`` (default: the connection's own) to
@@ -1048,3 +1062,4 @@ class Session:
         others, self.others = self.others, None
         for name, subscriber in others or ():
             self.broker.unsubscribe(name, subscriber)
+        self.reserved = 0
