@@ -632,12 +632,12 @@ class Broker:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(self, name: str, data: Any, principal=None) -> defer.Deferred:
+    def publish(self, name: str, data: Any) -> defer.Deferred:
         """Publish ``data``; fires with the event's offset."""
-        offset = self.publish_now(name, data, principal)
+        offset = self.publish_now(name, data)
         return offset if isinstance(offset, defer.Deferred) else defer.succeed(offset)
 
-    def publish_now(self, name: str, data: Any, principal=None) -> int | defer.Deferred:
+    def publish_now(self, name: str, data: Any) -> int | defer.Deferred:
         """Like :meth:`publish`, but the offset of an event published on this
         node alone is returned as it is, not in a Deferred (the fast path of
         ``rpc.publish``); a shared backend's is still a Deferred."""
@@ -1039,15 +1039,15 @@ class Session:
         channel = check_channel(param(params, "channel", 0, str))
         data = param(params, "data", 1, required=False)
         self.check(request, "publish", channel)
-        offset = self.broker.publish_now(channel, data, principal=request.principal)
+        offset = self.broker.publish_now(channel, data)
         if isinstance(offset, defer.Deferred):
             return offset.addCallback(lambda offset: {"channel": channel, "offset": offset})
         return {"channel": channel, "offset": offset}
 
     def publish(self, request, channel: str, data) -> defer.Deferred:
-        """Publish as ``request``'s principal, once the channel check allows it."""
+        """Publish, once the channel check allows ``request``'s principal to."""
         self.check(request, "publish", channel)
-        return self.broker.publish(channel, data, principal=request.principal)
+        return self.broker.publish(channel, data)
 
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))

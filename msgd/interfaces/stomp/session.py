@@ -447,7 +447,7 @@ class StompSession:
         if reply_to:
             if reply_to.startswith(TOPIC):
                 try:
-                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
+                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result)
                 except errors.MsgdError as e:
                     self.error(e.message, receipt=frame.get("receipt"), err=e, kind="app")
                     return None
