@@ -100,8 +100,7 @@ def publish(channel: str, data: Any) -> Deferred:
     node = services()
     if node.pubsub is None:
         raise errors.Unavailable("this node has no pub/sub broker")
-    req = current.get()
-    return node.pubsub.publish(channel, data, principal=req.principal if req else None)
+    return node.pubsub.publish(channel, data)
 
 
 def call(target: str, *args, **kwargs) -> Deferred:

@@ -49,7 +49,7 @@ class Services(Protocol):
         The :class:`~msgd.core.dispatch.Dispatcher`: ``run``/``call`` an app
         target for a request.
     ``pubsub``
-        The broker: ``publish(channel, data, principal)``, and on a node the
+        The broker: ``publish(channel, data)``, and on a node the
         :class:`~msgd.core.pubsub.Broker` that Sessions subscribe through.
     ``access``
         The ``[access:*]`` rules: ``authorize``, ``authorize_channel``,

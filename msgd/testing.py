@@ -51,7 +51,7 @@ class RecordingPubSub:
     def __init__(self):
         self.published: list[tuple[str, Any]] = []
 
-    def publish(self, channel: str, data: Any, principal=None) -> defer.Deferred:
+    def publish(self, channel: str, data: Any) -> defer.Deferred:
         self.published.append((channel, data))
         return defer.succeed(len(self.published))
 

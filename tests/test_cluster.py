@@ -182,9 +182,9 @@ class FakeBackend:
     def available(self, name):
         return self.connected
 
-    def publish(self, name, data):
+    def publish(self, name, data_json):
         d = defer.Deferred()
-        self.published.append((name, data, d))
+        self.published.append((name, data_json, d))
         return d
 
     def follow(self, name):

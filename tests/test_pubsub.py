@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from msgd import config
 from msgd.core.jsonrpc import dumps, kept, loads
 from msgd.core.metrics import Metrics
-from msgd.core.pubsub import EVENT_OVERHEAD, Broker, Event, framed
+from msgd.core import errors
+from msgd.core.pubsub import EVENT_OVERHEAD, Broker, Event, Session, framed
 
 
 class Framer:
@@ -180,3 +181,51 @@ class HistoryMemoryTests(unittest.TestCase):
         with self.assertRaises(config.ConfigError) as e:
             config.parse_text("[pubsub]\nhistory_memory = lots\n", "node.ini")
         self.assertIn("history_memory", str(e.exception))
+
+
+class Recorder:
+    principal = None
+
+    def __init__(self):
+        self.got: list = []
+
+    def deliver(self, ev):
+        self.got.append((ev.channel, ev.data))
+
+
+class SessionTests(unittest.TestCase):
+    """A Session holding several subscribers (STOMP: one per SUBSCRIBE id)
+    and reserved slots, under one ``max_subscriptions``."""
+
+    def setUp(self):
+        self.broker = Broker(task.Clock(), gc_interval=0)
+        self.session = Session(self.broker, Recorder(), max_subscriptions=4)
+
+    def test_subscribers_and_reserved_slots_share_the_bound(self):
+        a, b = Recorder(), Recorder()
+        self.session.subscribe("c", subscriber=a)
+        self.session.subscribe("c", subscriber=b)
+        self.session.subscribe("d")                        # the connection's own subscriber
+        self.session.reserve()
+        self.assertEqual(self.session.count(), 4)
+        self.assertRaises(errors.TooLarge, self.session.subscribe, "e", subscriber=Recorder())
+        self.assertRaises(errors.TooLarge, self.session.reserve)
+        self.session.subscribe("c", subscriber=a)          # held already: no new slot
+        self.session.release()
+        self.session.reserve()                             # the slot given back is free again
+        self.assertEqual(self.session.count(), 4)
+
+    def test_unsubscribe_one_then_close_ends_the_rest(self):
+        a, b = Recorder(), Recorder()
+        self.session.subscribe("c", subscriber=a)
+        self.session.subscribe("c", subscriber=b)
+        self.session.reserve()
+        self.assertTrue(self.session.unsubscribe("c", a))
+        self.broker.publish("c", 1)
+        self.assertEqual((a.got, b.got, self.session.count()), ([], [("c", 1)], 2))
+        self.session.close()
+        self.broker.publish("c", 2)
+        self.assertEqual((b.got, self.session.count()), ([("c", 1)], 0))
+        self.assertNotIn(b, self.broker.channels["c"].subscribers)
+        self.session.reserve()                             # a closed session's slots are all free
+        self.assertEqual(self.session.count(), 1)

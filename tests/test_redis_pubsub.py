@@ -6,6 +6,7 @@ two nodes)."""
 from __future__ import annotations
 
 import fnmatch
+import json
 
 import txredisapi
 from twisted.internet import defer, reactor, task
@@ -345,12 +346,30 @@ class BridgeTests(unittest.TestCase):
         self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 4, "four"))
         self.assertEqual(s.got[-1], ("a", 4, "four"))
 
+    def test_a_cancelled_publish_stays_on_the_shared_stream(self):
+        # the caller gave up (its deadline passed): the script sent still runs, nothing is forked
+        s = Sub()
+        self.broker.subscribe("a", s)
+        self.join(offset=2)
+        runs = len(self.shard.runs)
+        d = self.broker.publish("a", "x")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(self.shard.runs), runs + 1)         # the publish, and no gap marker
+        self.assertEqual(s.got, [])
+        self.assertIsNone(self.broker.channels["a"].shared_at)   # no local epoch
+        self.assertEqual(self.broker.channels["a"].epoch, "E1")
+        self.assertNotIn("a", self.bridge._forked)
+        self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 3, "x"))
+        self.assertEqual(s.got, [("a", 3, "x")])                 # delivered once, as Redis has it
+
     def test_no_state_for_a_channel_only_published_on(self):
         d = self.broker.publish("quiet", {"x": 1})
         [(script, keys, args, run)] = self.shard.runs
         self.assertIs(script, PUBLISH)
         self.assertEqual(keys, ["p:{quiet}:epoch", "p:{quiet}:offset", "p:{quiet}:history"])
         self.assertEqual(args[6], "p:{quiet}:ev")
+        self.assertEqual(json.loads(args[2]), {"x": 1})         # the bytes the broker encoded
         run.callback(9)
         self.assertEqual(self.successResultOf(d), 9)
         self.assertEqual(self.broker.channels, {})

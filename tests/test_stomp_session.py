@@ -108,7 +108,7 @@ class StompSessionTests(unittest.TestCase):
                          (1, 1, 1))
         self.frame(s, "UNSUBSCRIBE", id="1", receipt="r")
         self.assertEqual(self.got()[-1].get("receipt-id"), "r")
-        self.assertEqual((self.subscribers("a"), s.pubsub.count()), (0, 2))
+        self.assertEqual((self.subscribers("a"), s.pubsub.count()), (0, 3))     # b, news.*, the reply slot
         self.frame(s, "DISCONNECT", receipt="bye")
         self.assertEqual(self.got()[-1].get("receipt-id"), "bye")
         self.assertEqual(self.closed, ["disconnected"])

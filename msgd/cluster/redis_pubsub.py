@@ -108,7 +108,6 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from msgd.core.jsonrpc import dumps
 from msgd.cluster.endpoints import endpoint_name
 from msgd.cluster.hashing import Rendezvous
 from msgd.core.pubsub import Event, new_epoch, presence_notice
@@ -776,9 +775,10 @@ class RedisBridge(MultiService):
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def publish(self, name: str, data) -> defer.Deferred:
-        """Fires with the shared offset; delivery comes back through Redis."""
-        return self._publish(self.shard_for(name), name, dumps(data), "")
+    def publish(self, name: str, data_json: bytes) -> defer.Deferred:
+        """Publish the event whose data is ``data_json`` (encoded once, by the
+        broker); fires with the shared offset; delivery comes back through Redis."""
+        return self._publish(self.shard_for(name), name, data_json, "")
 
     def _publish(self, shard: Shard, name: str, data_json, extra: str) -> defer.Deferred:
         size, _ = self.broker._limits(name)

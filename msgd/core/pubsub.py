@@ -314,7 +314,6 @@ class Broker:
         self._resuming: dict[tuple, _Holder] = {}   # (pattern, subscriber) -> its stand-in while reading
         self.gc_interval = gc_interval
         self._gc: LoopingCall | None = None
-        self.listeners: list[Callable[[Event], None]] = []   # e.g. a cluster bridge
         self.backend = None    # shares channels between nodes when set (msgd.cluster.redis_pubsub)
         self._waiting: dict[str, set] = {}     # subscribers waiting for the backend to join a channel
         self._m = None
@@ -485,12 +484,13 @@ class Broker:
         if since is not None:
             now = self.clock.seconds()
             states = {}
-            for n in self._matching(name, since):
+            names = self._matching(name, since)
+            for n in names:
                 ch = self.channels.get(n)
                 if ch is not None:
                     ch.trim(now)
                     states[n] = (ch.epoch, ch.offset, ch.history)
-            recovered, _ = self._replay_pattern(subscriber, self._matching(name, since), states, since, epoch)
+            recovered, _ = self._replay_pattern(subscriber, names, states, since, epoch)
         return self._pattern_answer(name, recovered)
 
     def _read_pattern(self, name: str, since: dict) -> defer.Deferred:
@@ -632,12 +632,12 @@ class Broker:
 
     # -- publishing --------------------------------------------------------------------
 
-    def publish(self, name: str, data: Any, principal=None) -> defer.Deferred:
+    def publish(self, name: str, data: Any) -> defer.Deferred:
         """Publish ``data``; fires with the event's offset."""
-        offset = self.publish_now(name, data, principal)
+        offset = self.publish_now(name, data)
         return offset if isinstance(offset, defer.Deferred) else defer.succeed(offset)
 
-    def publish_now(self, name: str, data: Any, principal=None) -> int | defer.Deferred:
+    def publish_now(self, name: str, data: Any) -> int | defer.Deferred:
         """Like :meth:`publish`, but the offset of an event published on this
         node alone is returned as it is, not in a Deferred (the fast path of
         ``rpc.publish``); a shared backend's is still a Deferred."""
@@ -648,14 +648,20 @@ class Broker:
             raise errors.InvalidParams(f"data is not JSON serializable: {e}") from None
         if self.backend is not None and self.backend.available(name):
             # offset from the shared channel; delivered here when it comes back through receive()
-            return self.backend.publish(name, data).addErrback(self._publish_alone, name, data)
-        return self._publish_alone(None, name, data, data_json)
+            return self.backend.publish(name, data_json).addErrback(self._shared_publish_failed, name, data, data_json)
+        return self._publish_alone(name, data, data_json)
 
-    def _publish_alone(self, failure, name: str, data: Any, data_json: bytes | None = None) -> int:
+    def _shared_publish_failed(self, failure, name: str, data: Any, data_json: bytes) -> Any:
+        if failure.check(defer.CancelledError):
+            # the caller gave up (its deadline): the script sent still runs and its event comes
+            # back through receive(); nothing is published here, the channel stays shared
+            return failure
+        self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
+                      channel=name, error=failure.getErrorMessage())
+        return self._publish_alone(name, data, data_json)
+
+    def _publish_alone(self, name: str, data: Any, data_json: bytes) -> int:
         """Publish on this node only (memory backend, or the shared one is away)."""
-        if failure is not None:
-            self.log.warn("shared publish on {channel} failed ({error}); delivering on this node only",
-                          channel=name, error=failure.getErrorMessage())
         ch = self.channel(name)
         now = self.clock.seconds()
         if self.backend is not None:
@@ -670,8 +676,6 @@ class Broker:
         ev = Event(ch.name, ch.offset, ch.epoch, data, now, data_json)
         ch.last_used = now
         self._deliver_and_keep(ev, ch, now)
-        for listener in self.listeners:
-            listener(ev)
         return ev.offset
 
     def _deliver_and_keep(self, ev: Event, ch: Channel, now: float) -> None:
@@ -953,9 +957,11 @@ class Session:
     A JSON-RPC connection is its one ``subscriber``.  A connection with a
     subscriber per subscription (STOMP: one per SUBSCRIBE id) passes each
     to ``subscribe`` and ``unsubscribe``; they count against the same bound
-    and end with ``close`` too."""
+    and end with ``close`` too.  Slots that are no broker subscription (a
+    STOMP ``/temp-queue/`` reply destination) are held with ``reserve`` and
+    given back with ``release``: the one bound covers them too."""
 
-    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others")
+    __slots__ = ("broker", "subscriber", "names", "max_subscriptions", "authorize", "others", "reserved")
 
     def __init__(self, broker: Broker, subscriber, max_subscriptions: int = 1000,
                  authorize: Callable | None = None):
@@ -965,6 +971,7 @@ class Session:
         self.max_subscriptions = max_subscriptions
         self.authorize = authorize     # authorize(request, action, channel) raises Unauthorized
         self.others: set[tuple[str, Any]] | None = None     # (name, subscriber) of other subscribers
+        self.reserved = 0      # slots held that are not broker subscriptions (reserve())
 
     def rpc_subscribe(self, request, params):
         name = check_channel(param(params, "channel", 0, str), pattern_ok=True)
@@ -981,8 +988,19 @@ class Session:
             self.authorize(request, action, channel)
 
     def count(self) -> int:
-        """The subscriptions held (bounded by ``max_subscriptions``)."""
-        return len(self.names) + (len(self.others) if self.others else 0)
+        """The subscriptions and reserved slots held (bounded by ``max_subscriptions``)."""
+        return len(self.names) + (len(self.others) if self.others else 0) + self.reserved
+
+    def reserve(self) -> None:
+        """Hold one slot that is not a broker subscription, within
+        ``max_subscriptions`` (raises ``TooLarge`` when there is no room)."""
+        self._room()
+        self.reserved += 1
+
+    def release(self) -> None:
+        """Give back a slot of :meth:`reserve`."""
+        if self.reserved:
+            self.reserved -= 1
 
     def subscribe(self, name: str, since=None, epoch=None, subscriber=None) -> defer.Deferred:
         """Subscribe ``subscriber`` (default: the connection's own) to
@@ -1021,15 +1039,15 @@ class Session:
         channel = check_channel(param(params, "channel", 0, str))
         data = param(params, "data", 1, required=False)
         self.check(request, "publish", channel)
-        offset = self.broker.publish_now(channel, data, principal=request.principal)
+        offset = self.broker.publish_now(channel, data)
         if isinstance(offset, defer.Deferred):
             return offset.addCallback(lambda offset: {"channel": channel, "offset": offset})
         return {"channel": channel, "offset": offset}
 
     def publish(self, request, channel: str, data) -> defer.Deferred:
-        """Publish as ``request``'s principal, once the channel check allows it."""
+        """Publish, once the channel check allows ``request``'s principal to."""
         self.check(request, "publish", channel)
-        return self.broker.publish(channel, data, principal=request.principal)
+        return self.broker.publish(channel, data)
 
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
@@ -1044,3 +1062,4 @@ class Session:
         others, self.others = self.others, None
         for name, subscriber in others or ():
             self.broker.unsubscribe(name, subscriber)
+        self.reserved = 0

@@ -300,10 +300,8 @@ class StompSession:
             raise errors.NotFound(f"cannot subscribe to {dest!r}: use /topic/CHANNEL or /temp-queue/NAME")
         if sid in self.subscriptions or sid in self.temp.values():
             raise errors.InvalidRequest(f"subscription id {sid!r} is already in use")
-        # reply destinations count with the topics (the Session bounds the topics alone)
-        if self.pubsub.count() + len(self.temp) >= self.options.max_subscriptions:
-            raise errors.TooLarge(f"at most {self.options.max_subscriptions} subscriptions per connection")
         if dest.startswith(TEMP):     # replies of this connection's /app calls: not the broker's
+            self.pubsub.reserve()     # but they count with the topics, bounded by the Session
             self.temp[dest] = sid
             self.receipt(frame)
             return
@@ -335,6 +333,7 @@ class StompSession:
         for dest, temp_id in list(self.temp.items()):
             if temp_id == sid:
                 del self.temp[dest]
+                self.pubsub.release()
                 self.receipt(frame)
                 return
         if sub is None:
@@ -447,7 +446,7 @@ class StompSession:
         if reply_to:
             if reply_to.startswith(TOPIC):
                 try:
-                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result, principal=self.principal)
+                    self.services.pubsub.publish(check_channel(reply_to[len(TOPIC):]), result)
                 except errors.MsgdError as e:
                     self.error(e.message, receipt=frame.get("receipt"), err=e, kind="app")
                     return None
