@@ -68,9 +68,9 @@ Wire protocol
 
 Bad input (a malformed frame, a frame before CONNECT, an unknown command
 or destination) gets one ``ERROR`` frame and the connection is closed.
-Bounds: the codec's :class:`~msgd.stomp.codec.Limits`, subscriptions (and as
-many ``/temp-queue/`` destinations), unacked
-messages, calls in flight, transactions, and ``max_pending`` bytes queued
+Bounds: the codec's :class:`~msgd.stomp.codec.Limits`, subscriptions
+(topics and ``/temp-queue/`` destinations together, bounded by the pub/sub
+Session), unacked messages, calls in flight, transactions, and ``max_pending`` bytes queued
 for a client whose socket does not drain (then what was not yet handed to
 the socket is dropped and the client gets an ERROR frame, reason ``slow
 consumer``, before the connection is closed).
