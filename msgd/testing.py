@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from msgd import services
 from msgd.cluster.outbox import Received
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
@@ -106,10 +107,7 @@ class AppHarness:
     # what msgd.api reaches through request().services
     def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
         """A login token of the interface named ``interface`` (its guard signs it)."""
-        guard = getattr(self.interfaces.get(interface), "guard", None)
-        if guard is None:
-            raise NotFound(f"interface {interface!r} accepts no tokens")
-        return guard.issue_token(name, roles, ttl)
+        return services.issue_token(self.interfaces, interface, name, roles, ttl)
 
     def adapter(self, name: str):
         try:
