@@ -97,12 +97,15 @@ class AppHarness:
     def new_request(self, interface: str | None = None, timeout: float | None = None, principal: Any = None,
                     **kw) -> Request:
         """A request as the node makes them for an interface (defaults: the
-        harness's interface name, timeout and principal)."""
+        harness's interface name, timeout and principal: a None ``principal``
+        is the harness's; ``request(principal=None)`` is anonymous)."""
         if timeout is None:
             timeout = self.timeout
-        return Request(interface=interface or self.interface, clock=self.clock,
-                       deadline=None if timeout is None else self.clock.seconds() + timeout,
-                       principal=self.principal if principal is None else principal, services=self, **kw)
+        values = dict(interface=interface or self.interface,
+                      deadline=None if timeout is None else self.clock.seconds() + timeout, **kw)
+        if principal is not None:
+            values["principal"] = principal
+        return self.request(**values)
 
     # what msgd.api reaches through request().services
     def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
@@ -122,7 +125,8 @@ class AppHarness:
             raise NotFound(f"no peer named {name!r}") from None
 
     def request(self, **kw) -> Request:
-        """A request of the harness; ``kw`` sets any of its fields."""
+        """A request of the harness (its interface, clock, principal and a
+        deadline its timeout away); ``kw`` sets any of its fields."""
         deadline = None if self.timeout is None else self.clock.seconds() + self.timeout
         values = dict(interface=self.interface, clock=self.clock, deadline=deadline,
                       principal=self.principal, services=self)
