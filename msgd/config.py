@@ -114,6 +114,19 @@ class PubSubConfig:
                                  doc="backend=redis: a node's presence entries are refreshed every third of this, "
                                      "and gone this long after the node stopped refreshing them (died)")
 
+    def check(self):
+        if "{" in self.prefix or "}" in self.prefix:
+            raise Invalid("must not contain { or } (they make Redis Cluster hash tags)", "prefix")
+        if self.cluster and self.redis_db:
+            raise Invalid("a Redis Cluster has only database 0", "redis_db")
+        from msgd.cluster.endpoints import endpoint_name
+        seen: dict[str, str] = {}
+        for ep in self.redis:
+            addr = endpoint_name(ep)
+            if addr in seen:
+                raise Invalid(f"{seen[addr]!r} and {ep!r} are the same Redis ({addr})", "redis")
+            seen[addr] = ep
+
 
 @dataclass(frozen=True)
 class ChannelConfig:
@@ -188,14 +201,7 @@ def _component(kind: str, table: dict, section: str, name: str, items: dict, ctx
         raise ConfigError(ctx.path, section, "type", f"unknown {kind} type {typ!r}" + _hint(typ, table)
                           + f"; known: {', '.join(sorted(table))}")
     cls = registry.load(table, typ)
-    options = parse_section(cls.Options, items, ctx, section)
-    check = getattr(options, "check", None)
-    if check is not None:
-        try:
-            check()
-        except Invalid as e:
-            raise ConfigError(ctx.path, section, e.args[1] if len(e.args) > 1 else None, e.args[0]) from None
-    return Component(name=name, type=typ, options=options)
+    return Component(name=name, type=typ, options=parse_section(cls.Options, items, ctx, section))
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -258,25 +264,10 @@ def parse_text(text: str, path: str = "<string>") -> Config:
     if node is None:
         node = parse_section(NodeConfig, {}, ctx, "node", skip=())
     if pubsub is None:
-        pubsub = PubSubConfig()
-    _check_pubsub(pubsub, path)
+        pubsub = parse_section(PubSubConfig, {}, ctx, "pubsub", skip=())
     return Config(path=path, node=node, pubsub=pubsub, channels=tuple(channels),
                   interfaces=tuple(interfaces), adapters=tuple(adapters), peers=tuple(peers),
                   targets=tuple(ctx.targets), access=tuple(access))
-
-
-def _check_pubsub(pubsub: PubSubConfig, path: str) -> None:
-    if "{" in pubsub.prefix or "}" in pubsub.prefix:
-        raise ConfigError(path, "pubsub", "prefix", "must not contain { or } (they make Redis Cluster hash tags)")
-    if pubsub.cluster and pubsub.redis_db:
-        raise ConfigError(path, "pubsub", "redis_db", "a Redis Cluster has only database 0")
-    from msgd.cluster.endpoints import endpoint_name
-    seen: dict[str, str] = {}
-    for ep in pubsub.redis:
-        addr = endpoint_name(ep)
-        if addr in seen:
-            raise ConfigError(path, "pubsub", "redis", f"{seen[addr]!r} and {ep!r} are the same Redis ({addr})")
-        seen[addr] = ep
 
 
 def load(path: str) -> Config:

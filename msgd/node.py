@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from msgd import registry
+from msgd import registry, services
 from msgd.config import Config, ConfigError, load
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
@@ -384,10 +384,7 @@ class NodeService(MultiService):
 
     def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
         """A login token of the interface named ``interface`` (its guard signs it)."""
-        guard = getattr(self.interfaces.get(interface), "guard", None)
-        if guard is None:
-            raise NotFound(f"interface {interface!r} accepts no tokens")
-        return guard.issue_token(name, roles, ttl)
+        return services.issue_token(self.interfaces, interface, name, roles, ttl)
 
     def health(self) -> dict:
         up = self.reactor.seconds() - self.started_at if self.started_at is not None else 0.0

@@ -6,7 +6,9 @@ A section is a frozen dataclass whose fields are declared with
 :func:`parse_section` builds it from an ini section's items, and every
 problem is a :class:`ConfigError` naming the file, section and key.  A
 parser takes ``(text, ctx)`` and returns the value or raises
-:class:`Invalid`.
+:class:`Invalid`.  A check across keys is the dataclass's ``check()``
+method, which raises ``Invalid(problem, key)``; ``parse_section`` calls it
+once the keys are parsed.
 
 This module imports nothing of msgd at import time, so anything may declare
 options (interfaces, adapters, the access rules) without importing the
@@ -270,7 +272,14 @@ def parse_section(cls, items: dict[str, str], ctx: Context, section: str, skip=(
             raise ConfigError(ctx.path, section, name, "missing required key")
         elif isinstance(f.default, str) and f.metadata.get("parse") in (path, optional_path):
             values[name] = f.metadata["parse"](f.default, ctx)   # defaults are relative to the file too
-    return cls(**values)
+    options = cls(**values)
+    check = getattr(options, "check", None)
+    if check is not None:
+        try:
+            check()
+        except Invalid as e:
+            raise ConfigError(ctx.path, section, e.args[1] if len(e.args) > 1 else None, e.args[0]) from None
+    return options
 
 
 def describe(cls) -> list[tuple[str, Any, str]]:

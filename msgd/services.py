@@ -29,10 +29,12 @@ node has and this interface lacks gets it added here (and to the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
+from msgd.core.errors import NotFound
 from msgd.core.request import Request
 
 
@@ -104,6 +106,17 @@ class Services(Protocol):
     def health(self) -> dict: ...
 
     def issue_token(self, interface: str, name: str, roles: Any = (), ttl: float | None = None) -> dict: ...
+
+
+def issue_token(interfaces: Mapping[str, Any], interface: str, name: str, roles: Any = (),
+                ttl: float | None = None) -> dict:
+    """``Services.issue_token`` of a node or harness whose interfaces by name
+    are ``interfaces``: a login token that the guard of the interface named
+    ``interface`` signs (``NotFound`` when there is no such guard)."""
+    guard = getattr(interfaces.get(interface), "guard", None)
+    if guard is None:
+        raise NotFound(f"interface {interface!r} accepts no tokens")
+    return guard.issue_token(name, roles, ttl)
 
 
 @runtime_checkable

@@ -72,19 +72,44 @@ class Root(MultiService):
             raise
 
 
+_exit_status: int | None = None      # set by a node that could not start; _leave ends the process with it
+_leave_registered = False
+
+
 def _exit_status_after_twistd(status: int) -> None:
     """End the process with ``status`` once twistd is done (it has stopped
     the services and removed its pid file by then).  twistd itself always
     exits 0 after its reactor stops; a node that could not start must not
-    look like a clean stop to systemd (Restart=on-failure) or a supervisor."""
-    def leave():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(status)
-    atexit.register(leave)
+    look like a clean stop to systemd (Restart=on-failure) or a supervisor.
+    :func:`_leave` (registered by makeService) does it."""
+    global _exit_status
+    _exit_status = status
+
+
+def _leave() -> None:
+    """The atexit handler makeService registers: with an exit status set,
+    flush stdout/stderr and ``os._exit`` with it.  atexit runs handlers last
+    registered first, and ``os._exit`` skips those not run yet, so this one
+    is registered as early as a twistd plugin can: at makeService, before
+    the apps, the node's parts and their libraries register theirs.  Only
+    handlers registered before the plugin loaded are skipped (the standard
+    ``logging.shutdown``: msgd logs through ``twisted.logger``, whose lines
+    are in the streams flushed here).  Without a status it does nothing."""
+    if _exit_status is None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_exit_status)
+
+
+def _register_leave() -> None:
+    global _leave_registered
+    if not _leave_registered:
+        atexit.register(_leave)
+        _leave_registered = True
 
 
 def _without_traceback(error: BaseException) -> None:
@@ -109,6 +134,7 @@ def log_stream(options):
 
 
 def makeService(options):
+    _register_leave()      # first, so that it runs last (see _leave)
     from twisted.internet import reactor
 
     from msgd.logging import LogSetup

@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from msgd import services
 from msgd.cluster.outbox import Received
 from msgd.core.apps import AppRegistry
 from msgd.core.dispatch import Dispatcher
@@ -96,20 +97,20 @@ class AppHarness:
     def new_request(self, interface: str | None = None, timeout: float | None = None, principal: Any = None,
                     **kw) -> Request:
         """A request as the node makes them for an interface (defaults: the
-        harness's interface name, timeout and principal)."""
+        harness's interface name, timeout and principal: a None ``principal``
+        is the harness's; ``request(principal=None)`` is anonymous)."""
         if timeout is None:
             timeout = self.timeout
-        return Request(interface=interface or self.interface, clock=self.clock,
-                       deadline=None if timeout is None else self.clock.seconds() + timeout,
-                       principal=self.principal if principal is None else principal, services=self, **kw)
+        values = dict(interface=interface or self.interface,
+                      deadline=None if timeout is None else self.clock.seconds() + timeout, **kw)
+        if principal is not None:
+            values["principal"] = principal
+        return self.request(**values)
 
     # what msgd.api reaches through request().services
     def issue_token(self, interface: str, name: str, roles=(), ttl: float | None = None) -> dict:
         """A login token of the interface named ``interface`` (its guard signs it)."""
-        guard = getattr(self.interfaces.get(interface), "guard", None)
-        if guard is None:
-            raise NotFound(f"interface {interface!r} accepts no tokens")
-        return guard.issue_token(name, roles, ttl)
+        return services.issue_token(self.interfaces, interface, name, roles, ttl)
 
     def adapter(self, name: str):
         try:
@@ -124,7 +125,8 @@ class AppHarness:
             raise NotFound(f"no peer named {name!r}") from None
 
     def request(self, **kw) -> Request:
-        """A request of the harness; ``kw`` sets any of its fields."""
+        """A request of the harness (its interface, clock, principal and a
+        deadline its timeout away); ``kw`` sets any of its fields."""
         deadline = None if self.timeout is None else self.clock.seconds() + self.timeout
         values = dict(interface=self.interface, clock=self.clock, deadline=deadline,
                       principal=self.principal, services=self)

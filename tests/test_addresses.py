@@ -2,10 +2,12 @@
 free: forwarding headers, the PROXY protocol wrapper on a StringTransport,
 and connection limits per client through a trusted proxy's connections."""
 
+import importlib
 import os
 import socket
 import struct
 
+import twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -15,6 +17,46 @@ from twisted.trial import unittest
 from msgd.core.metrics import Metrics
 from msgd.security.addresses import HEADER_TIMEOUT, ClientAddresses, ProxyProtocolFactory, ip
 from msgd.security.limits import ConnectionLimits
+
+
+PRIVATE_PARSERS = {   # what msgd.security.addresses takes from Twisted's private haproxy modules
+    "twisted.protocols.haproxy._v1parser": ("V1Parser",),
+    "twisted.protocols.haproxy._v2parser": ("V2Parser",),
+    "twisted.protocols.haproxy._exceptions": ("InvalidProxyHeader",),
+}
+
+
+class TwistedPrivateParsersTests(unittest.TestCase):
+    """msgd.security.addresses parses PROXY headers with Twisted's private
+    modules (setup.py sets no upper bound on Twisted): a release that moves
+    or changes them must fail here, naming them."""
+
+    def test_private_modules_still_there(self):
+        for module, names in PRIVATE_PARSERS.items():
+            try:
+                loaded = importlib.import_module(module)
+            except ImportError as e:
+                self.fail(f"Twisted {twisted.__version__} has no {module} ({e}): msgd.security.addresses "
+                          f"imports {', '.join(names)} from Twisted's private modules {', '.join(PRIVATE_PARSERS)}")
+            for name in names:
+                self.assertTrue(hasattr(loaded, name),
+                                f"Twisted {twisted.__version__}: {module} has no {name}, which "
+                                "msgd.security.addresses imports from it (a private Twisted module)")
+
+    def test_what_is_used_of_them(self):
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from twisted.protocols.haproxy._v1parser import V1Parser
+        from twisted.protocols.haproxy._v2parser import V2Parser
+        where = f"Twisted {twisted.__version__}'s private {', '.join(PRIVATE_PARSERS)} changed"
+        info, rest = V1Parser().feed(b"PROXY TCP4 192.0.2.7 10.0.0.1 5678 80\r\nrest")
+        self.assertEqual((info.source, rest), (IPv4Address("TCP", "192.0.2.7", 5678), b"rest"), where)
+        self.assertIsNone(V1Parser().feed(b"PROXY TCP4 192.0.2.7")[0], where)   # not complete yet
+        self.assertEqual(V2Parser.PREFIX, b"\r\n\r\n\x00\r\nQUIT\n", where)
+        info, rest = V2Parser().feed(V2Parser.PREFIX + b"\x21\x11\x00\x0c" + socket.inet_aton("192.0.2.7")
+                                     + socket.inet_aton("10.0.0.1") + struct.pack("!HH", 5678, 80) + b"rest")
+        self.assertEqual((info.source, rest), (IPv4Address("TCP", "192.0.2.7", 5678), b"rest"), where)
+        with self.assertRaises(InvalidProxyHeader, msg=where):
+            V1Parser().feed(b"PROXY bogus\r\n")
 
 
 class ResolveTests(unittest.TestCase):

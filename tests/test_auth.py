@@ -13,11 +13,12 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from msgd.config import AccessConfig, ConfigError, parse_text
 from msgd.core import errors
-from msgd.security import Guard, SecurityOptions
+from msgd.security import Access, Guard, SecurityOptions
 from msgd.security.credentials import (LDAPChecker, PasswordFileChecker, passwd_main, read_password_file,
                                        set_password)
 from msgd.security.limits import ConnectionLimits, LoginThrottle, RateLimit
@@ -182,6 +183,24 @@ class GuardOnAHarnessTests(unittest.TestCase):
         self.assertNoResult(d)                              # the changed file is not re-read here
         self.assertEqual(pool.run(), 1)
         self.assertEqual(self.successResultOf(d).roles, frozenset({"dev"}))
+
+    def test_access_refuses_anonymous_through_the_guard(self):
+        """A call with no principal on an interface without ``anonymous``
+        (a stream before ``rpc.login``) is refused by the guard's
+        ``anonymous()``: counted and logged once, as at a handshake."""
+        guard = self.guard(anonymous=False)
+        access = Access(self.harness.metrics, guard_of={"web": guard}.get)
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        with self.assertRaises(errors.Unauthorized):
+            access.authorize(self.harness.request(interface="web"), "orders.place")
+        self.assertIn('msgd_auth_denied_total{interface="web",reason="anonymous"} 1.0',
+                      self.harness.metrics.render().decode())
+        self.assertEqual([(e["interface"], e["reason"]) for e in events if e.get("reason") == "anonymous"],
+                         [("web", "anonymous")])
+        access.authorize(self.harness.request(interface="web", principal=Principal("ann", frozenset(), "test")),
+                         "orders.place")
 
 
 class TokenTests(unittest.TestCase):

@@ -82,6 +82,18 @@ class PluginTests(unittest.TestCase):
         self.assertEqual(out.returncode, 1)
         self.assertIn("[interface:web] max_body:", out.stderr)
 
+    def test_exit_status_handler_runs_after_later_atexit_handlers(self):
+        # the status of a node that could not start is set late, but the
+        # handler that exits with it was registered at makeService: handlers
+        # registered after that (apps, libraries) still run before it
+        script = ("import atexit, sys\n"
+                  "from msgd import tap\n"
+                  "tap._register_leave()\n"
+                  "atexit.register(lambda: print('later handler ran', flush=True))\n"
+                  "tap._exit_status_after_twistd(3)\n")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        self.assertEqual((out.returncode, out.stdout), (3, "later handler ran\n"), out.stderr)
+
     def test_command_help_and_version(self):
         import msgd
 

@@ -43,10 +43,10 @@ class Access:
             return
         guard = self.guard_of(request.interface)
         if guard is not None:
-            if request.principal is None and not guard.options.anonymous:
-                # where no handshake could refuse it first (a stream before rpc.login)
-                self._denied.labels(request.interface, "anonymous").inc()
-                raise errors.Unauthorized("authentication required")
+            if request.principal is None:
+                # where no handshake could refuse it first (a stream before rpc.login):
+                # the guard refuses, counts and logs, as at a handshake
+                guard.anonymous()
             guard.check_rate(request)
         if not self.rules.allows(request.interface, request.principal, action, name):
             self._denied.labels(request.interface, "rule").inc()
