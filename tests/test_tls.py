@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from msgd.core import errors
 from msgd.security.tls import make_ca, make_cert
 from tests.helpers import http_port, make_node
+from tests.servers import unavailable
 
 APPS = {"m.py": '''
 from msgd import api
@@ -119,7 +120,7 @@ class ShellCATests(unittest.TestCase):
         from twisted.internet.utils import getProcessOutputAndValue
         from tests.helpers import ROOT
         if shutil.which("openssl") is None:
-            raise unittest.SkipTest("openssl is not installed")
+            unavailable("openssl is not installed")
         d = os.path.abspath(self.mktemp())
         out, err, code = yield getProcessOutputAndValue(
             "/bin/sh", [os.path.join(ROOT, "docs", "examples", "make-test-ca.sh"), d, "node-x"], env=os.environ)
