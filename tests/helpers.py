@@ -213,6 +213,24 @@ class SocketTransport(FileDescriptor):
             self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+def open_websocket(testcase, interface, transport):
+    """A WebSocket connection of ``interface`` on ``transport`` (a
+    :class:`SocketTransport`), past its opening handshake; ``transport.sent``
+    is emptied."""
+    from msgd.interfaces.websocket import MsgdWebSocketFactory
+    proto = MsgdWebSocketFactory(interface).buildProtocol(None)
+    transport.protocol = proto
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    transport.flush()
+    head, _, rest = transport.sent.partition(b"\r\n\r\n")
+    testcase.assertIn(b" 101 ", head.split(b"\r\n")[0])
+    testcase.assertEqual(rest, b"")
+    transport.sent = b""
+    return proto
+
+
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     """(opcode, payload) of the unmasked frames in ``data``; they must be whole."""
     out = []
