@@ -169,6 +169,34 @@ def breaker_opens(testcase, attempt, attempts: int = 5):
     testcase.fail("the circuit breaker did not open")
 
 
+def recv_until(sock: socket.socket, marker: bytes | None = None, reset_ends: bool = False) -> bytes:
+    """Read a blocking ``sock`` (in a thread) until ``marker`` has come, or
+    (``None``, or first) until the peer closes; a reset is raised, or with
+    ``reset_ends`` taken as the close."""
+    data = b""
+    while marker is None or marker not in data:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            if not reset_ends:
+                raise
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_exchange(port: int, *parts: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``parts`` one after the other on a plain blocking socket (run it
+    in a thread) and return the answer, read until the server closes; a
+    reset is raised."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for part in parts:
+            s.sendall(part)
+        return recv_until(s)
+
+
 class SocketTransport(FileDescriptor):
     """Twisted's own write buffering (``FileDescriptor``) over a pretend
     socket that takes ``room`` bytes and then nothing, as a client that

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.security.tls import make_ca, make_cert
-from tests.helpers import http_port, make_node
+from tests.helpers import http_port, make_node, recv_until
 from tests.servers import unavailable
 
 APPS = {"m.py": '''
@@ -183,13 +183,7 @@ class StompAndPBTLSTests(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", self.port(name)), timeout=10) as raw:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     s.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\x00")
-                    data = b""
-                    while b"\x00" not in data:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    return data.split(b"\n")[0]
+                    return recv_until(s, b"\x00").split(b"\n")[0]
         return deferToThread(go)
 
     def stream_call(self, cert):
@@ -201,13 +195,7 @@ class StompAndPBTLSTests(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", self.port("mstream")), timeout=10) as raw:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"m.whoami"}\n')
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    return json.loads(data)
+                    return json.loads(recv_until(s, b"\n"))
         return deferToThread(go)
 
     @defer.inlineCallbacks
