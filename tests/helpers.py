@@ -21,6 +21,7 @@ from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from msgd.config import parse_text
+from msgd.core.pubsub import Event
 from msgd.node import NodeService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -288,3 +289,72 @@ def stomp_frames(data: bytes | str, version: str = "1.2", chunk: int = 0) -> lis
                 break
             out += more
     return out
+
+
+class FakeBackend:
+    """Stands in for the Redis bridge: publishes and joins are answered by the test."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        broker.backend = self
+        self.connected = True
+        self.published: list = []
+        self.joins: list = []
+        self.following: set = set()
+        self.live: set = set()
+        self.watching: set = set()
+        self.forks: set = set()
+        self.listings: list = []      # (pattern, Deferred) of channels(pattern)
+        self.reads: list = []         # (name, Deferred) of read(name)
+
+    def available(self, name):
+        return self.connected
+
+    def publish(self, name, data):
+        d = defer.Deferred()
+        self.published.append((name, data, d))
+        return d
+
+    def follow(self, name):
+        self.following.add(name)
+        if name in self.live or not self.connected:
+            return None
+        d = defer.Deferred()
+        self.joins.append((name, d))
+        return d
+
+    def join(self, name, epoch, offset, events):
+        """The shared state arrives (what the bridge does after SUBSCRIBE + read)."""
+        if name in self.following:
+            self.broker.resync(name, epoch, offset, events)
+        self.live.add(name)
+        for n, d in [j for j in self.joins if j[0] == name]:
+            self.joins.remove((n, d))
+            d.callback(None)
+
+    def unfollow(self, name):
+        self.following.discard(name)
+        self.live.discard(name)
+
+    def watch(self, pattern):
+        self.watching.add(pattern)
+
+    def unwatch(self, pattern):
+        self.watching.discard(pattern)
+
+    def forked(self, name):
+        self.forks.add(name)
+
+    def channels(self, pattern):
+        d = defer.Deferred()
+        self.listings.append((pattern, d))
+        return d
+
+    def read(self, name):
+        d = defer.Deferred()
+        self.reads.append((name, d))
+        return d
+
+
+def shared(offset, data, epoch="E1", channel="c"):
+    return Event(channel, offset, epoch, data, 0.0)

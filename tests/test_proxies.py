@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from tests import servers
 from tests.browser import WITH_MSGD_JS
 from tests.helpers import ROOT, eventually, http_port, make_node, recv_until
+from tests.process import pubsub_connected
 from tests.servers import free_port
 
 ALICE, BOB = "127.0.0.2", "127.0.0.3"       # two clients of the proxy
@@ -385,8 +386,7 @@ class LongPollBehindBalancer(unittest.TestCase):
                                CLUSTER_INI.replace("{name}", name).replace("{redis}", str(redis.port)))
             self.addCleanup(node.stop)
             nodes.append(node.start())
-        for node in nodes:                    # both nodes share pub/sub before anything is published
-            assert wait_for_health(node)
+        pubsub_connected(*nodes, timeout=20)  # both nodes share pub/sub before anything is published
         srv = start_proxy(kind, [n.port for n in nodes])
         self.addCleanup(srv.cleanup)
         # requests without an affinity key go round robin
@@ -428,16 +428,3 @@ class LongPollBehindBalancer(unittest.TestCase):
 
     def test_haproxy(self):
         self.run_through("haproxy")
-
-
-def wait_for_health(node, timeout: float = 20.0) -> bool:
-    """Until the node's pub/sub bridge is connected to Redis (bounded)."""
-    import time
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
-            if json.loads(r.read())["pubsub"].get("connected"):
-                return True
-        time.sleep(0.05)
-    return False
