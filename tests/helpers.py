@@ -21,6 +21,7 @@ from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
 from msgd.config import parse_text
+from msgd.core.pubsub import Event
 from msgd.node import NodeService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,6 +170,34 @@ def breaker_opens(testcase, attempt, attempts: int = 5):
     testcase.fail("the circuit breaker did not open")
 
 
+def recv_until(sock: socket.socket, marker: bytes | None = None, reset_ends: bool = False) -> bytes:
+    """Read a blocking ``sock`` (in a thread) until ``marker`` has come, or
+    (``None``, or first) until the peer closes; a reset is raised, or with
+    ``reset_ends`` taken as the close."""
+    data = b""
+    while marker is None or marker not in data:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            if not reset_ends:
+                raise
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_exchange(port: int, *parts: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``parts`` one after the other on a plain blocking socket (run it
+    in a thread) and return the answer, read until the server closes; a
+    reset is raised."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for part in parts:
+            s.sendall(part)
+        return recv_until(s)
+
+
 class SocketTransport(FileDescriptor):
     """Twisted's own write buffering (``FileDescriptor``) over a pretend
     socket that takes ``room`` bytes and then nothing, as a client that
@@ -213,6 +242,24 @@ class SocketTransport(FileDescriptor):
             self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+def open_websocket(testcase, interface, transport):
+    """A WebSocket connection of ``interface`` on ``transport`` (a
+    :class:`SocketTransport`), past its opening handshake; ``transport.sent``
+    is emptied."""
+    from msgd.interfaces.websocket import MsgdWebSocketFactory
+    proto = MsgdWebSocketFactory(interface).buildProtocol(None)
+    transport.protocol = proto
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    transport.flush()
+    head, _, rest = transport.sent.partition(b"\r\n\r\n")
+    testcase.assertIn(b" 101 ", head.split(b"\r\n")[0])
+    testcase.assertEqual(rest, b"")
+    transport.sent = b""
+    return proto
+
+
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     """(opcode, payload) of the unmasked frames in ``data``; they must be whole."""
     out = []
@@ -242,3 +289,72 @@ def stomp_frames(data: bytes | str, version: str = "1.2", chunk: int = 0) -> lis
                 break
             out += more
     return out
+
+
+class FakeBackend:
+    """Stands in for the Redis bridge: publishes and joins are answered by the test."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        broker.backend = self
+        self.connected = True
+        self.published: list = []
+        self.joins: list = []
+        self.following: set = set()
+        self.live: set = set()
+        self.watching: set = set()
+        self.forks: set = set()
+        self.listings: list = []      # (pattern, Deferred) of channels(pattern)
+        self.reads: list = []         # (name, Deferred) of read(name)
+
+    def available(self, name):
+        return self.connected
+
+    def publish(self, name, data_json):
+        d = defer.Deferred()
+        self.published.append((name, data_json, d))
+        return d
+
+    def follow(self, name):
+        self.following.add(name)
+        if name in self.live or not self.connected:
+            return None
+        d = defer.Deferred()
+        self.joins.append((name, d))
+        return d
+
+    def join(self, name, epoch, offset, events):
+        """The shared state arrives (what the bridge does after SUBSCRIBE + read)."""
+        if name in self.following:
+            self.broker.resync(name, epoch, offset, events)
+        self.live.add(name)
+        for n, d in [j for j in self.joins if j[0] == name]:
+            self.joins.remove((n, d))
+            d.callback(None)
+
+    def unfollow(self, name):
+        self.following.discard(name)
+        self.live.discard(name)
+
+    def watch(self, pattern):
+        self.watching.add(pattern)
+
+    def unwatch(self, pattern):
+        self.watching.discard(pattern)
+
+    def forked(self, name):
+        self.forks.add(name)
+
+    def channels(self, pattern):
+        d = defer.Deferred()
+        self.listings.append((pattern, d))
+        return d
+
+    def read(self, name):
+        d = defer.Deferred()
+        self.reads.append((name, d))
+        return d
+
+
+def shared(offset, data, epoch="E1", channel="c"):
+    return Event(channel, offset, epoch, data, 0.0)

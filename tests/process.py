@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+import websocket
+
 from tests.helpers import ROOT
 from tests.servers import free_port
 
@@ -99,3 +101,65 @@ class NodeProcess:
             for s in (self.proc.stdout, self.proc.stderr):
                 if s:
                     s.close()
+
+
+def wait_for(condition, timeout=30.0, what="condition"):
+    """Poll ``condition()`` (blocking; runs in a test thread) until true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def health(node: NodeProcess) -> dict:
+    """The node's ``/health`` answer."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def pubsub_connected(*nodes: NodeProcess, timeout: float = 30.0, what: str = "pub/sub connected") -> None:
+    """Until every node's ``/health`` says its pub/sub backend is connected."""
+    for node in nodes:
+        wait_for(lambda: health(node)["pubsub"]["connected"], timeout, f"{node.base}: {what}")
+
+
+def publish(node: NodeProcess, channel: str, data):
+    """``rpc.publish`` on the node; the event's offset."""
+    r = call(node.port, "rpc.publish", channel, data)
+    assert "result" in r, r
+    return r["result"]["offset"]
+
+
+class Client:
+    """A blocking websocket-client connection speaking the JSON-RPC protocol."""
+
+    def __init__(self, node: NodeProcess):
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{node.port}/ws", timeout=10,
+                                              subprotocols=["jsonrpc"])
+        self.events: list = []
+        self.ids = 0
+
+    def call(self, method, params):
+        self.ids += 1
+        self.ws.send(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}))
+        while True:
+            m = json.loads(self.ws.recv())
+            if m.get("id") == self.ids:
+                return m
+            self.events.append(self._params(m))
+
+    @staticmethod
+    def _params(m):
+        """An event's params; a gap notification's with ``"gap": True``."""
+        return dict(m["params"], gap=True) if m["method"] == "rpc.gap" else m["params"]
+
+    def event(self):
+        if self.events:
+            return self.events.pop(0)
+        return self._params(json.loads(self.ws.recv()))
+
+    def close(self):
+        self.ws.close()

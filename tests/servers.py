@@ -118,7 +118,7 @@ class Server:
             wait_port(self.host, self.port, timeout, self.proc if not self.pidfile else None)
         except RuntimeError:
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
-            self.stop()
+            self.cleanup()
             raise RuntimeError(f"{self.name} did not start: {err.strip()[-500:]}") from None
         return self
 

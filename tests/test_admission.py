@@ -59,8 +59,8 @@ class AdmissionTests(unittest.TestCase):
         self.assertNotIn(late, self.listener.connections)
         self.listener.closed(late)              # its end changes nothing
         self.assertEqual((len(self.listener.connections), self.listener.gauge.value), (1, 1))
-        self.assertFalse(self.listener.admit(transport("10.0.0.2"), self.refused.append) and
-                         self.listener.admit(transport("10.0.0.4"), self.refused.append))
+        self.assertTrue(self.listener.admit(transport("10.0.0.2"), self.refused.append))
+        self.assertFalse(self.listener.admit(transport("10.0.0.4"), self.refused.append))
         self.assertEqual(self.refused[-1], "connections")
 
 

@@ -6,19 +6,17 @@ in a thread with deferToThread, so the trial reactor never blocks."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 
-import websocket
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from msgd.core.pubsub import Broker, Event
+from msgd.core.pubsub import Broker
 from tests import servers
-from tests.process import NodeProcess, call, post
+from tests.helpers import FakeBackend, shared
+from tests.process import Client, NodeProcess, call, health, post, publish, pubsub_connected, wait_for
 from tests.servers import free_port
 
 USERS = "peer:s3cret"
@@ -99,23 +97,6 @@ def take_slowly(i):
 }
 
 
-def wait_for(condition, timeout=30.0, what="condition"):
-    """Poll ``condition()`` (blocking; runs in a test thread) until true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
-
-
-def health(node: NodeProcess) -> dict:
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
 def handled(node: NodeProcess) -> list[str]:
     """What ``work.take`` wrote down on ``node``, one line per message."""
     path = os.path.join(node.base, "handled.txt")
@@ -123,109 +104,6 @@ def handled(node: NodeProcess) -> list[str]:
         return []
     with open(path) as f:
         return f.read().split()
-
-
-def publish(node: NodeProcess, channel: str, data):
-    r = call(node.port, "rpc.publish", channel, data)
-    assert "result" in r, r
-    return r["result"]["offset"]
-
-
-class Client:
-    """A blocking websocket-client connection speaking the JSON-RPC protocol."""
-
-    def __init__(self, node: NodeProcess):
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{node.port}/ws", timeout=10,
-                                              subprotocols=["jsonrpc"])
-        self.events: list = []
-        self.ids = 0
-
-    def call(self, method, params):
-        self.ids += 1
-        self.ws.send(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}))
-        while True:
-            m = json.loads(self.ws.recv())
-            if m.get("id") == self.ids:
-                return m
-            self.events.append(self._params(m))
-
-    @staticmethod
-    def _params(m):
-        """An event's params; a gap notification's with ``"gap": True``."""
-        return dict(m["params"], gap=True) if m["method"] == "rpc.gap" else m["params"]
-
-    def event(self):
-        if self.events:
-            return self.events.pop(0)
-        return self._params(json.loads(self.ws.recv()))
-
-    def close(self):
-        self.ws.close()
-
-
-class FakeBackend:
-    """Stands in for the Redis bridge: publishes and joins are answered by the test."""
-
-    def __init__(self, broker):
-        self.broker = broker
-        broker.backend = self
-        self.connected = True
-        self.published: list = []
-        self.joins: list = []
-        self.following: set = set()
-        self.live: set = set()
-        self.watching: set = set()
-        self.forks: set = set()
-        self.listings: list = []      # (pattern, Deferred) of channels(pattern)
-        self.reads: list = []         # (name, Deferred) of read(name)
-
-    def available(self, name):
-        return self.connected
-
-    def publish(self, name, data_json):
-        d = defer.Deferred()
-        self.published.append((name, data_json, d))
-        return d
-
-    def follow(self, name):
-        self.following.add(name)
-        if name in self.live or not self.connected:
-            return None
-        d = defer.Deferred()
-        self.joins.append((name, d))
-        return d
-
-    def join(self, name, epoch, offset, events):
-        """The shared state arrives (what the bridge does after SUBSCRIBE + read)."""
-        if name in self.following:
-            self.broker.resync(name, epoch, offset, events)
-        self.live.add(name)
-        for n, d in [j for j in self.joins if j[0] == name]:
-            self.joins.remove((n, d))
-            d.callback(None)
-
-    def unfollow(self, name):
-        self.following.discard(name)
-        self.live.discard(name)
-
-    def watch(self, pattern):
-        self.watching.add(pattern)
-
-    def unwatch(self, pattern):
-        self.watching.discard(pattern)
-
-    def forked(self, name):
-        self.forks.add(name)
-
-    def channels(self, pattern):
-        d = defer.Deferred()
-        self.listings.append((pattern, d))
-        return d
-
-    def read(self, name):
-        d = defer.Deferred()
-        self.reads.append((name, d))
-        return d
 
 
 class Sub:
@@ -236,10 +114,6 @@ class Sub:
 
     def deliver(self, ev):
         self.got.append(("gap", ev.offset) if ev.gap else (ev.offset, ev.data))
-
-
-def shared(offset, data, epoch="E1", channel="c"):
-    return Event(channel, offset, epoch, data, 0.0)
 
 
 class BrokerSharingTests(unittest.TestCase):
@@ -399,8 +273,7 @@ class ClusterTests(NodesCase):
         c = self.node("c", pc, self.redis)
         for n in (b, c, a):
             n.start()
-        for n in (a, b, c):
-            wait_for(lambda: health(n)["pubsub"]["connected"], what=f"{n.base} connected to Redis")
+        pubsub_connected(a, b, c, what="connected to Redis")
 
         # a WebSocket client on A gets what B and C publish, each event once
         client = Client(a)
@@ -502,8 +375,7 @@ class ClusterTests(NodesCase):
         b = self.node("b", free_port(), self.redis)
         a.start()
         b.start()
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        pubsub_connected(a, b, what="connected to Redis")
         client = Client(a)
         client.call("rpc.subscribe", {"channel": "news"})
         publish(b, "news", "before")
@@ -522,8 +394,7 @@ class ClusterTests(NodesCase):
         self.assertEqual([client.event()["data"] for _ in range(20)], [f"local-{i}" for i in range(20)])
 
         self.redis.start()
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="reconnected to Redis")
+        pubsub_connected(a, b, what="reconnected to Redis")
         publish(b, "news", "after")
         # Redis came back empty: the channel goes on under a new epoch, announced by gap
         # notifications (A's resync, and the gap markers A and B publish for their lone events)

@@ -26,7 +26,8 @@ from twisted.trial import unittest
 from tests import servers
 from tests.process import NodeProcess
 from tests.servers import free_port
-from tests.test_cluster import NodesCase, health, wait_for
+from tests.process import pubsub_connected
+from tests.test_cluster import NodesCase
 
 EVENTS = 5000
 KILL_NODE, RESTART_NODE, KILL_REDIS = 1200, 1800, 2600
@@ -166,8 +167,7 @@ class NoSilentGapTests(NodesCase):
         a, b, c = (self.node(n, free_port(), self.redis) for n in "abc")
         for n in self.nodes:
             n.start()
-        for n in self.nodes:
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        pubsub_connected(*self.nodes, what="connected to Redis")
 
         homes = {"a": [a, b, c], "b": [b, c, a], "c": [c, a, b]}
         subs = {}
@@ -227,8 +227,7 @@ class NoSilentGapTests(NodesCase):
             self.redis.start()
         published = time.monotonic() - t0
 
-        for n in self.nodes:
-            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="reconnected to Redis")
+        pubsub_connected(*self.nodes, what="reconnected to Redis")
         # a last event through Redis that every subscriber must get: it is live again
         for k in range(50):
             publish(k, {"end": k})

@@ -4,8 +4,8 @@ its clock, bytes in and out as lists."""
 
 import json
 import os
+from types import SimpleNamespace
 
-from twisted.logger import Logger
 from twisted.trial import unittest
 
 from msgd.core import errors
@@ -37,26 +37,14 @@ class Guard:
         return {"token": f"T-{name}"}
 
 
-class Interface:
-    log = Logger()
-    new_request = base.Interface.new_request
-
-    def __init__(self, services):
-        self.name = "web"
-        self.services = services
-        self.guard = Guard()
-
-    def timeout(self) -> float:
-        return 7.0
-
-
 class ConnectionTests(unittest.TestCase):
     def setUp(self):
         apps = os.path.abspath(self.mktemp())
         write(os.path.join(apps, "m.py"), APP)
         self.harness = AppHarness(apps, interface="web")
         self.harness.pubsub = Broker(self.harness.clock)
-        self.iface = Interface(self.harness)
+        self.iface = base.Interface("web", SimpleNamespace(request_timeout=7.0), self.harness)
+        self.iface.guard = Guard()
         self.events, self.answers = [], []
 
     def connect(self, methods=CONNECTED, principal=None):

@@ -3,7 +3,7 @@ import json
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.helpers import disconnect_cancels, http, http_port, make_node, rpc
+from tests.helpers import disconnect_cancels, http, http_port, make_node, raw_exchange, rpc
 
 INI = """
 [node]
@@ -142,22 +142,6 @@ class HTTPTests(unittest.TestCase):
                                  self.node.apps.modules["m"].module.calls)
 
 
-def _raw_exchange(port: int, head: bytes, body: bytes = b"") -> bytes:
-    """Send ``head`` then ``body`` through a blocking socket (run it in a
-    thread) and read the answer until the server closes; a reset is raised."""
-    import socket
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(head)
-        if body:
-            s.sendall(body)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
-
-
 class RefusalTests(unittest.TestCase):
     """A refused request (413 past ``max_body``) through a real socket: the
     client reads the whole answer, whether it waits for ``100 Continue`` or
@@ -172,7 +156,7 @@ class RefusalTests(unittest.TestCase):
         from twisted.internet.threads import deferToThread
         head = (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Expect: 100-continue\r\nContent-Length: 10000000\r\n\r\n")
-        answer = yield deferToThread(_raw_exchange, self.port, head)
+        answer = yield deferToThread(raw_exchange, self.port, head)
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
         self.assertNotIn(b"100 Continue", answer)
         self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"], -32004)
@@ -183,7 +167,7 @@ class RefusalTests(unittest.TestCase):
         body = b"[" + b" " * (8 * 1024 * 1024) + b"]"       # far more than the sockets' buffers
         head = (b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(body))
-        answer = yield deferToThread(_raw_exchange, self.port, head, body)
+        answer = yield deferToThread(raw_exchange, self.port, head, body)
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:200])
         self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"], -32004)
         out = yield rpc(self.port, {"jsonrpc": "2.0", "id": 1, "method": "m.add", "params": [2, 3]})

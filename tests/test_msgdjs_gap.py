@@ -12,6 +12,7 @@ import subprocess
 from twisted.trial import unittest
 
 from tests.helpers import ROOT
+from tests.servers import unavailable
 
 SCRIPT = r"""
 const path = process.argv[1];
@@ -58,7 +59,7 @@ class MsgdJsGapTests(unittest.TestCase):
     def test_gap_raises_gap_and_moves_the_position_on(self):
         node = shutil.which("node")
         if node is None:
-            raise unittest.SkipTest("Node.js is not installed")
+            unavailable("Node.js is not installed")
         run = subprocess.run([node, "-e", SCRIPT, os.path.join(ROOT, "msgd", "web", "msgd.js")],
                              capture_output=True, text=True, timeout=30)
         self.assertEqual(run.returncode, 0, run.stderr)

@@ -22,7 +22,7 @@ from msgd.core.pubsub import Broker, Session, presence_notice
 from tests import servers
 from tests.helpers import eventually
 from tests.process import NodeProcess, call
-from tests.test_cluster import Client, health, wait_for
+from tests.process import Client, pubsub_connected, wait_for
 from tests.test_sharding import ini
 
 
@@ -343,8 +343,7 @@ class TwoNodesTests(unittest.TestCase):
             self.addCleanup(n.stop)
             n.start()
         a, b = nodes
-        for n in nodes:
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        pubsub_connected(*nodes, what="connected to Redis")
         on_a = Client(a)
         on_a.call("rpc.subscribe", {"channel": "room.1"})
         on_b = [Client(b) for _ in range(3)]
@@ -410,8 +409,7 @@ class BrowserTests(unittest.TestCase):
             n = NodeProcess(os.path.join(os.path.abspath(self.mktemp()), name), presence_ini(name, redis.port))
             self.addCleanup(n.stop)
             nodes.append(n.start())
-        for n in nodes:
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        pubsub_connected(*nodes, what="connected to Redis")
         a, b = nodes
         driver = chromium(self)
         driver.get(f"http://127.0.0.1:{a.port}/msgd.js")

@@ -21,7 +21,8 @@ from twisted.trial import unittest
 
 from tests import servers
 from tests.browser import WITH_MSGD_JS
-from tests.helpers import ROOT, eventually, http_port, make_node
+from tests.helpers import ROOT, eventually, http_port, make_node, recv_until
+from tests.process import pubsub_connected
 from tests.servers import free_port
 
 ALICE, BOB = "127.0.0.2", "127.0.0.3"       # two clients of the proxy
@@ -99,12 +100,7 @@ def ws_handshake(port: int, source: str) -> tuple[int, socket.socket]:
     s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
               b"Sec-WebSocket-Protocol: jsonrpc\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = s.recv(4096)
-        if not data:
-            break
-        head += data
+    head = recv_until(s, b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), s
 
 
@@ -273,21 +269,13 @@ def stomp_connect(port: int, source: str, header: bytes = b"", login: bytes = b"
     s.settimeout(10)
     s.bind((source, 0))
     creds = b"login:%s\npasscode:wrong\n" % login if login else b""
-    data = b""
     try:
         s.connect(("127.0.0.1", port))
         s.sendall(header + b"CONNECT\naccept-version:1.2\nhost:/\n" + creds + b"\n\x00")
     except (ConnectionResetError, BrokenPipeError):
         # refused (and reset) at once: before connect() returned, or before all was written
         return b"", s
-    while b"\x00" not in data:
-        try:
-            chunk = s.recv(4096)
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            break
-        data += chunk
+    data = recv_until(s, b"\x00", reset_ends=True)
     return data.partition(b"\n\n")[0] if b"\x00" in data else b"", s
 
 
@@ -398,8 +386,7 @@ class LongPollBehindBalancer(unittest.TestCase):
                                CLUSTER_INI.replace("{name}", name).replace("{redis}", str(redis.port)))
             self.addCleanup(node.stop)
             nodes.append(node.start())
-        for node in nodes:                    # both nodes share pub/sub before anything is published
-            assert wait_for_health(node)
+        pubsub_connected(*nodes, timeout=20)  # both nodes share pub/sub before anything is published
         srv = start_proxy(kind, [n.port for n in nodes])
         self.addCleanup(srv.cleanup)
         # requests without an affinity key go round robin
@@ -441,16 +428,3 @@ class LongPollBehindBalancer(unittest.TestCase):
 
     def test_haproxy(self):
         self.run_through("haproxy")
-
-
-def wait_for_health(node, timeout: float = 20.0) -> bool:
-    """Until the node's pub/sub bridge is connected to Redis (bounded)."""
-    import time
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health", timeout=5) as r:
-            if json.loads(r.read())["pubsub"].get("connected"):
-                return True
-        time.sleep(0.05)
-    return False

@@ -10,7 +10,7 @@ from msgd.core import errors
 from msgd.core.pubsub import Broker, Session
 from msgd.core.request import Request
 from tests import test_cluster
-from tests.test_cluster import FakeBackend, shared
+from tests.helpers import FakeBackend, shared
 
 
 class Sub(test_cluster.Sub):
@@ -244,14 +244,13 @@ class RedisPatternResumeTests(test_cluster.NodesCase):
     def _resumed_on_another_node(self):
         from tests import servers
         from tests.servers import free_port
-        from tests.test_cluster import Client, health, publish, wait_for
+        from tests.process import Client, publish, pubsub_connected
         self.redis = servers.redis()
         a = self.node("a", free_port(), self.redis)
         b = self.node("b", free_port(), self.redis)
         for n in (a, b):
             n.start()
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], what=f"{n.base} connected to Redis")
+        pubsub_connected(a, b, what="connected to Redis")
         publish(b, "a.x", "x1")
         client = Client(a)
         answer = client.call("rpc.subscribe", {"channel": "a.*"})["result"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import txredisapi
 from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
@@ -457,8 +458,16 @@ class RealClusterTests(unittest.TestCase):
         yield eventually(lambda: sub.connected and pub.connected)
         yield sub.subscribe(channels)
         self.assertEqual(len({sub.node_for_key(ch) for ch in channels}), 3)    # spread over all three
-        yield eventually(lambda: all(self.servers.cli(self.owner(rc.key_slot(ch)), "pubsub", "shardnumsub", ch)
-                                     .split()[-1] == "1" for ch in channels))
+        owners = [self.owner(rc.key_slot(ch)) for ch in channels]     # looked up once, not on every poll
+        by_owner = [(s, [ch for ch, o in zip(channels, owners) if o is s]) for s in self.servers.nodes]
+
+        @defer.inlineCallbacks
+        def subscribed_everywhere():
+            """One redis-cli per master (in a thread, off the reactor): ``channel count`` pairs."""
+            outs = yield defer.gatherResults([deferToThread(self.servers.cli, owner, "pubsub", "shardnumsub", *chs)
+                                              for owner, chs in by_owner if chs])
+            return all(count == "1" for out in outs for count in out.split()[1::2])
+        yield eventually(subscribed_everywhere)
         for ch in channels:
             self.assertEqual((yield self.spublish(pub, ch, f"hello {ch}")), 1)
         yield eventually(lambda: len(sub.bridge.messages) == len(channels))
@@ -492,7 +501,8 @@ class RealClusterTests(unittest.TestCase):
         # the shard channel followed its slot: subscribed on the target again
         yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot)
                          and c.bridge.resubscribed_ == [[channel]])
-        yield eventually(lambda: self.servers.cli(target, "pubsub", "shardnumsub", channel).split()[-1] == "1")
+        yield eventually(lambda: deferToThread(self.servers.cli, target, "pubsub", "shardnumsub", channel)
+                         .addCallback(lambda out: out.split()[-1] == "1"))
         self.assertEqual((yield self.spublish(pub, channel, "after")), 1)
         yield eventually(lambda: c.bridge.messages == [(channel, "after")])
         self.assertEqual(pub.redirections["MOVED"], 1)      # the publisher's map was stale too
@@ -513,7 +523,8 @@ class RealClusterTests(unittest.TestCase):
         victim.start()
         yield eventually(lambda: c.bridge.resubscribed_ == [[channel]], timeout=30)
         yield eventually(lambda: c.bridge.calls == ["up", "down", "up"])
-        yield eventually(lambda: "cluster_state:ok" in self.servers.cli(victim, "cluster", "info"), timeout=30)
+        yield eventually(lambda: deferToThread(self.servers.cli, victim, "cluster", "info")
+                         .addCallback(lambda out: "cluster_state:ok" in out), timeout=30)
         pub = self.client()
         yield eventually(lambda: pub.connected)
         self.assertEqual((yield self.spublish(pub, channel, "back")), 1)

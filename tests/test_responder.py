@@ -128,22 +128,6 @@ class RespondTests(unittest.TestCase):
         self.assertEqual((self.request.written, self.request.finished), ([], 1))
 
 
-class Mount:
-    """What an HTTP mount uses of its interface: ``name``, ``options``,
-    ``timeout()``, ``new_request()``, ``log``, ``services`` (here an AppHarness)."""
-
-    log = Logger()
-    new_request = base.Interface.new_request
-
-    def __init__(self, services, **options):
-        self.name = "web"
-        self.services = services
-        self.options = http.Options(endpoint="tcp:0", **options)
-
-    def timeout(self) -> float:
-        return 30.0
-
-
 class MountTests(unittest.TestCase):
     """/rpc, /RPC2 and /soap/ on an AppHarness, over in-memory HTTP."""
 
@@ -151,7 +135,7 @@ class MountTests(unittest.TestCase):
         apps = os.path.abspath(self.mktemp())
         write(os.path.join(apps, "m.py"), APP)
         self.harness = AppHarness(apps, interface="web")
-        self.mount = Mount(self.harness)
+        self.mount = base.Interface("web", http.Options(endpoint="tcp:0", request_timeout=30.0), self.harness)
         self.app = self.harness.apps.modules["m"].module
 
     def connect(self, segment: bytes, res):

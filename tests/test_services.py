@@ -6,6 +6,7 @@ MemoryReactorClock), a peer (which takes a reactor and an outbox)."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -78,14 +79,7 @@ class ServicesTests(unittest.TestCase):
         self.assertRaises(errors.NotFound, self.harness.issue_token, "nope", "carol")
 
     def test_pb_perspective_on_a_harness(self):
-        class Interface:
-            name = "pb"
-            services = self.harness
-            new_request = base.Interface.new_request
-
-            def timeout(self):
-                return 5.0
-        p = Perspective(Interface(), "alice")
+        p = Perspective(base.Interface("pb", SimpleNamespace(request_timeout=5.0), self.harness), "alice")
         self.assertEqual(p.perspective_call("m.add", [2, 3]), 5)
         d = p.perspective_call("m.whoami")
         self.assertNoResult(d)

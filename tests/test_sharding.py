@@ -25,7 +25,7 @@ from tests import servers
 from tests.helpers import ROOT
 from tests.process import NodeProcess, call
 from tests.test_redis_pubsub import FakeShard as BaseFakeShard
-from tests.test_cluster import Client, health, publish, wait_for
+from tests.process import Client, health, publish, pubsub_connected, wait_for
 
 
 def ini(name: str, endpoints: list[str], cluster: bool = False, extra: str = "") -> str:
@@ -205,8 +205,7 @@ class ShardingTests(unittest.TestCase):
         eps = [endpoint(s1), endpoint(s2)]
         a = self.node("a", ini("a", eps))
         b = self.node("b", ini("b", list(reversed(eps))))      # the order does not matter
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to both shards")
+        pubsub_connected(a, b, what="connected to both shards")
         ring = Rendezvous([s1.address, s2.address])
         ch1 = next(f"room{i}" for i in range(100) if ring.name(f"room{i}") == s1.address)
         ch2 = next(f"room{i}" for i in range(100) if ring.name(f"room{i}") == s2.address)
@@ -250,8 +249,7 @@ class ShardingTests(unittest.TestCase):
 
         # shard 1 is back: its channels are shared again
         s1.start()
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="shard 1 back")
+        pubsub_connected(a, b, what="shard 1 back")
         wait_for(lambda: health(a)["status"] == "ok", what="A healthy again")
 
         def arrives(data):
@@ -271,8 +269,7 @@ class ShardingTests(unittest.TestCase):
         self.cleanups.append(cluster.cleanup)
         a = self.node("a", ini("a", [endpoint(cluster.nodes[0])], cluster=True))
         b = self.node("b", ini("b", [endpoint(cluster.nodes[1]), endpoint(cluster.nodes[2])], cluster=True))
-        for n in (a, b):
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to the Redis Cluster")
+        pubsub_connected(a, b, what="connected to the Redis Cluster")
         nodes = health(a)["pubsub"]["shards"]["cluster"]["nodes"]
         self.assertEqual(sorted(nodes), sorted(s.address for s in cluster.nodes))
         self.assertTrue(all(n["master"] and n["connected"] for n in nodes.values()))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 
 import bcrypt
 import stomp
@@ -17,7 +16,7 @@ from twisted.trial import unittest
 
 from msgd.stomp.codec import Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from tests.helpers import SocketTransport, http_port, make_node, stomp_frames
+from tests.helpers import SocketTransport, http_port, make_node, raw_exchange, stomp_frames
 from tests.wsclient import WS
 
 APPS = {"calc.py": """
@@ -109,21 +108,6 @@ class Client:
             return deferToThread(self.conn.disconnect).addErrback(
                 lambda f: f.trap(OSError, stomp.exception.StompException))
         return defer.succeed(None)
-
-
-def raw_exchange(port: int, data: bytes, read_until_close=True) -> bytes:
-    """Send ``data`` on a plain socket and return what came back until the
-    server closed (bounded by WAIT)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
-        s.sendall(data)
-        out = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
-
-
 
 
 class ListenerTests(unittest.TestCase):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 from twisted.trial import unittest
 
 from msgd.config import AccessConfig
 from msgd.core.pubsub import Broker
+from msgd.interfaces.base import Interface
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
 from msgd.interfaces.writer import Turn
@@ -23,16 +25,6 @@ from msgd.testing import AppHarness
 from tests.helpers import stomp_frames
 
 
-
-
-class Interface:
-    """What a JSON-RPC ``Clients`` uses of its interface."""
-
-    def __init__(self, services):
-        self.name, self.services, self.guard = "stomp", services, None
-
-    def timeout(self) -> float:
-        return 30.0
 
 
 class StompSessionTests(unittest.TestCase):
@@ -126,7 +118,8 @@ class StompSessionTests(unittest.TestCase):
     def test_presence_counts_stomp_subscribers_as_json_rpc_ones(self):
         s = self.session(login="alice")
         self.frame(s, "SUBSCRIBE", destination="/topic/room", id="1")
-        rpc = Clients(Interface(self.harness), max_batch=10, max_subscriptions=10).connect(
+        iface = Interface("stomp", SimpleNamespace(request_timeout=30.0), self.harness)
+        rpc = Clients(iface, max_batch=10, max_subscriptions=10).connect(
             lambda event: None, Principal("bob"))
         rpc.session.subscribe("room")
         expected = {"channel": "room", "count": 2, "principals": ["alice", "bob"]}

@@ -18,7 +18,8 @@ from twisted.trial import unittest
 
 from msgd.core import errors
 from msgd.security.tls import make_ca, make_cert
-from tests.helpers import http_port, make_node
+from tests.helpers import http_port, make_node, recv_until
+from tests.servers import unavailable
 
 APPS = {"m.py": '''
 from msgd import api
@@ -119,7 +120,7 @@ class ShellCATests(unittest.TestCase):
         from twisted.internet.utils import getProcessOutputAndValue
         from tests.helpers import ROOT
         if shutil.which("openssl") is None:
-            raise unittest.SkipTest("openssl is not installed")
+            unavailable("openssl is not installed")
         d = os.path.abspath(self.mktemp())
         out, err, code = yield getProcessOutputAndValue(
             "/bin/sh", [os.path.join(ROOT, "docs", "examples", "make-test-ca.sh"), d, "node-x"], env=os.environ)
@@ -182,13 +183,7 @@ class StompAndPBTLSTests(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", self.port(name)), timeout=10) as raw:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     s.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\x00")
-                    data = b""
-                    while b"\x00" not in data:
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    return data.split(b"\n")[0]
+                    return recv_until(s, b"\x00").split(b"\n")[0]
         return deferToThread(go)
 
     def stream_call(self, cert):
@@ -200,13 +195,7 @@ class StompAndPBTLSTests(unittest.TestCase):
             with socket.create_connection(("127.0.0.1", self.port("mstream")), timeout=10) as raw:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                     s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"m.whoami"}\n')
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    return json.loads(data)
+                    return json.loads(recv_until(s, b"\n"))
         return deferToThread(go)
 
     @defer.inlineCallbacks

@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from msgd.interfaces.websocket import unmask
-from tests.helpers import http, http_port, make_node
+from tests.helpers import SocketTransport, http, http_port, make_node, open_websocket, server_frames
 from tests.wsclient import WS
 
 INI = """
@@ -55,15 +55,21 @@ class WebSocketTests(unittest.TestCase):
         self.addCleanup(c.close)
         return c
 
-    @defer.inlineCallbacks
-    def closed_with(self, c, code):
-        try:
-            frame = yield deferToThread(c.ws.recv_data_frame, True)
-        except (ConnectionResetError, websocket.WebSocketConnectionClosedException):
-            pass    # the node closed while our unread bytes were in flight: TCP says reset
-        else:
-            self.assertEqual(frame[0], websocket.ABNF.OPCODE_CLOSE)
-            self.assertEqual(int.from_bytes(frame[1].data[:2], "big"), code)
+    def closed_with(self, frame: websocket.ABNF, code: int):
+        """The node answers a client's ``frame`` with a close frame of ``code``
+        (read in memory: on a real socket the close may come as a reset, our
+        unread bytes still in flight), then closes on the client's answer."""
+        t = SocketTransport(room=10 ** 9)
+        proto = open_websocket(self, self.node.interfaces["web"], t)
+        proto.dataReceived(frame.format())
+        t.flush()
+        frames = server_frames(t.sent)
+        self.assertTrue(frames, "no frame: the connection was dropped" if t.disconnected else "no frame")
+        opcode, payload = frames[-1]
+        self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (8, code))
+        proto.dataReceived(websocket.ABNF.create_frame(payload[:2], websocket.ABNF.OPCODE_CLOSE).format())
+        t.flush()
+        self.assertTrue(t.disconnected)
 
     @defer.inlineCallbacks
     def test_call_and_batch(self):
@@ -112,11 +118,19 @@ class WebSocketTests(unittest.TestCase):
         r = yield c.call("m.add", [1, 2])   # still alive
         self.assertEqual(r["result"], 3)
 
+    # Autobahn's failByDrop (True unless the factory's options say otherwise)
+    # drops the TCP connection where docs/websocket.rst promises a close frame.
+    FAIL_BY_DROP = "the node drops the connection without a close frame: failByDrop=False is not set"
+
+    def test_too_big_message_closes_with_1009(self):
+        self.closed_with(websocket.ABNF.create_frame(json.dumps({"x": "a" * 70000}), websocket.ABNF.OPCODE_TEXT), 1009)
+
+    test_too_big_message_closes_with_1009.todo = FAIL_BY_DROP
+
     @defer.inlineCallbacks
-    def test_too_big_message_closes(self):
+    def test_other_clients_go_on_after_a_too_big_message(self):
         c = yield self.client()
         yield c.send(json.dumps({"x": "a" * 70000}))
-        yield self.closed_with(c, 1009)
         other = yield self.client()
         r = yield other.call("m.add", [1, 2])
         self.assertEqual(r["result"], 3)
@@ -144,12 +158,17 @@ class WebSocketTests(unittest.TestCase):
         yield sub.call("rpc.subscribe", {"channel": "big", "since": 0})
         self.assertEqual(sub.pending()[0]["params"]["data"], big)
 
-    @defer.inlineCallbacks
     def test_text_that_is_not_utf8_closes_with_1007(self):
+        bad = b'{"jsonrpc":"2.0","id":1,"method":"m.add","params":["\xff"]}'
+        self.closed_with(websocket.ABNF.create_frame(bad, websocket.ABNF.OPCODE_TEXT), 1007)
+
+    test_text_that_is_not_utf8_closes_with_1007.todo = FAIL_BY_DROP
+
+    @defer.inlineCallbacks
+    def test_other_clients_go_on_after_text_that_is_not_utf8(self):
         c = yield self.client()
         bad = b'{"jsonrpc":"2.0","id":1,"method":"m.add","params":["\xff"]}'
         yield deferToThread(c.ws.send_frame, websocket.ABNF.create_frame(bad, websocket.ABNF.OPCODE_TEXT))
-        yield self.closed_with(c, 1007)
         other = yield self.client()
         r = yield other.call("m.add", [1, 2])
         self.assertEqual(r["result"], 3)

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from tests.helpers import SocketTransport, eventually, http_port, make_node, server_frames
+from tests.helpers import SocketTransport, eventually, http_port, make_node, open_websocket, server_frames
 from tests.wsclient import WS
 
 INI = """
@@ -169,17 +169,7 @@ class DropTests(unittest.TestCase):
         self.iface = self.node.interfaces["web"]
 
     def open(self, transport):
-        from msgd.interfaces.websocket import MsgdWebSocketFactory
-        proto = MsgdWebSocketFactory(self.iface).buildProtocol(None)
-        transport.protocol = proto
-        proto.makeConnection(transport)
-        proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        transport.flush()
-        head, _, rest = transport.sent.partition(b"\r\n\r\n")
-        self.assertIn(b" 101 ", head.split(b"\r\n")[0])
-        self.assertEqual(rest, b"")
-        transport.sent = b""
+        proto = open_websocket(self, self.iface, transport)
         proto.connection.session.subscribe("c")
         return proto
 
