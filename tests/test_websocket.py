@@ -120,12 +120,8 @@ class WebSocketTests(unittest.TestCase):
 
     # Autobahn's failByDrop (True unless the factory's options say otherwise)
     # drops the TCP connection where docs/websocket.rst promises a close frame.
-    FAIL_BY_DROP = "the node drops the connection without a close frame: failByDrop=False is not set"
-
     def test_too_big_message_closes_with_1009(self):
         self.closed_with(websocket.ABNF.create_frame(json.dumps({"x": "a" * 70000}), websocket.ABNF.OPCODE_TEXT), 1009)
-
-    test_too_big_message_closes_with_1009.todo = FAIL_BY_DROP
 
     @defer.inlineCallbacks
     def test_other_clients_go_on_after_a_too_big_message(self):
@@ -161,8 +157,6 @@ class WebSocketTests(unittest.TestCase):
     def test_text_that_is_not_utf8_closes_with_1007(self):
         bad = b'{"jsonrpc":"2.0","id":1,"method":"m.add","params":["\xff"]}'
         self.closed_with(websocket.ABNF.create_frame(bad, websocket.ABNF.OPCODE_TEXT), 1007)
-
-    test_text_that_is_not_utf8_closes_with_1007.todo = FAIL_BY_DROP
 
     @defer.inlineCallbacks
     def test_other_clients_go_on_after_text_that_is_not_utf8(self):

@@ -394,6 +394,9 @@ class MsgdWebSocketFactory(WebSocketServerFactory):
             allowedOrigins=["*"],   # checked in onConnect: Autobahn's check also requires our port
             allowNullOrigin=True,
             openHandshakeTimeout=10, closeHandshakeTimeout=o.close_timeout,
+            # a protocol error (too big, invalid UTF-8) is answered with its close code (1009,
+            # 1007), then the connection closes within close_timeout; not a bare TCP drop
+            failByDrop=False,
             tcpNoDelay=True,
             applyMask=False, utf8validateIncoming=False,    # MsgdWebSocket unmasks and checks UTF-8
         )
