@@ -415,12 +415,12 @@ class RealClusterTests(unittest.TestCase):
         return c.execute(channel, "SPUBLISH", channel, message)
 
     def node_id(self, server) -> str:
-        return self.servers.cli(server, "cluster", "myid")
+        return servers.cli(server, "cluster", "myid")
 
     def owner(self, slot: int):
         """The Server that the cluster (asked directly, CLUSTER NODES) says
         owns ``slot``."""
-        for line in self.servers.cli(self.servers.nodes[0], "cluster", "nodes").splitlines():
+        for line in servers.cli(self.servers.nodes[0], "cluster", "nodes").splitlines():
             fields = line.split()
             port = int(fields[1].split("@")[0].rpartition(":")[2])
             for r in fields[8:]:
@@ -440,14 +440,14 @@ class RealClusterTests(unittest.TestCase):
         for k in keys:
             self.assertEqual((yield c.execute(k, "GET", k)), k.upper().encode())
             owner = self.owner(rc.key_slot(k))
-            self.assertEqual(self.servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
+            self.assertEqual(servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
         # one script touching two keys under one hash tag
         script = Script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
         owner = self.owner(rc.key_slot("{tag}"))
-        self.servers.cli(owner, "script", "flush")
+        servers.cli(owner, "script", "flush")
         self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 1)
         self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 2)
-        self.assertEqual(self.servers.cli(owner, "script", "exists", script.sha), "1")
+        self.assertEqual(servers.cli(owner, "script", "exists", script.sha), "1")
 
     @defer.inlineCallbacks
     def test_sharded_pubsub_across_masters(self):
@@ -457,7 +457,7 @@ class RealClusterTests(unittest.TestCase):
         yield eventually(lambda: sub.connected and pub.connected)
         yield sub.subscribe(channels)
         self.assertEqual(len({sub.node_for_key(ch) for ch in channels}), 3)    # spread over all three
-        yield eventually(lambda: all(self.servers.cli(self.owner(rc.key_slot(ch)), "pubsub", "shardnumsub", ch)
+        yield eventually(lambda: all(servers.cli(self.owner(rc.key_slot(ch)), "pubsub", "shardnumsub", ch)
                                      .split()[-1] == "1" for ch in channels))
         for ch in channels:
             self.assertEqual((yield self.spublish(pub, ch, f"hello {ch}")), 1)
@@ -477,22 +477,22 @@ class RealClusterTests(unittest.TestCase):
         yield c.subscribe([channel])
         src_id, dst_id = self.node_id(source), self.node_id(target)
         # migration under way, the key already moved: the source answers ASK
-        self.servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
-        self.servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
-        self.servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
+        servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
+        servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
+        servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
         self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, source.port)        # ASK does not change the map
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 0})
         # the migration ends: the source answers MOVED
         for s in self.servers.nodes:
-            self.servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
+            servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
         self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, target.port)
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 1})
         # the shard channel followed its slot: subscribed on the target again
         yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot)
                          and c.bridge.resubscribed_ == [[channel]])
-        yield eventually(lambda: self.servers.cli(target, "pubsub", "shardnumsub", channel).split()[-1] == "1")
+        yield eventually(lambda: servers.cli(target, "pubsub", "shardnumsub", channel).split()[-1] == "1")
         self.assertEqual((yield self.spublish(pub, channel, "after")), 1)
         yield eventually(lambda: c.bridge.messages == [(channel, "after")])
         self.assertEqual(pub.redirections["MOVED"], 1)      # the publisher's map was stale too
@@ -513,7 +513,7 @@ class RealClusterTests(unittest.TestCase):
         victim.start()
         yield eventually(lambda: c.bridge.resubscribed_ == [[channel]], timeout=30)
         yield eventually(lambda: c.bridge.calls == ["up", "down", "up"])
-        yield eventually(lambda: "cluster_state:ok" in self.servers.cli(victim, "cluster", "info"), timeout=30)
+        yield eventually(lambda: "cluster_state:ok" in servers.cli(victim, "cluster", "info"), timeout=30)
         pub = self.client()
         yield eventually(lambda: pub.connected)
         self.assertEqual((yield self.spublish(pub, channel, "back")), 1)

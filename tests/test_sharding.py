@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
@@ -49,11 +48,6 @@ prefix = test
 
 def endpoint(srv) -> str:
     return f"tcp:host={srv.host}:port={srv.port}"
-
-
-def redis_cli(srv, *args) -> str:
-    return subprocess.run([servers.which("redis-cli"), "-h", srv.host, "-p", str(srv.port), *args],
-                          check=True, capture_output=True, text=True, timeout=30).stdout.strip()
 
 
 def events(client, channel, n):
@@ -221,9 +215,9 @@ class ShardingTests(unittest.TestCase):
             self.assertEqual([(e["offset"], e["data"]) for e in events(client, ch, 5)],
                              [(i + 1, i) for i in range(5)])
         # every key of a channel on its own shard
-        self.assertEqual(redis_cli(s1, "get", f"test:{{{ch1}}}:offset"), "5")
-        self.assertEqual(redis_cli(s2, "exists", f"test:{{{ch1}}}:offset"), "0")
-        self.assertEqual(redis_cli(s2, "get", f"test:{{{ch2}}}:offset"), "5")
+        self.assertEqual(servers.cli(s1, "get", f"test:{{{ch1}}}:offset"), "5")
+        self.assertEqual(servers.cli(s2, "exists", f"test:{{{ch1}}}:offset"), "0")
+        self.assertEqual(servers.cli(s2, "get", f"test:{{{ch2}}}:offset"), "5")
         shards = health(a)["pubsub"]["shards"]
         self.assertEqual(set(shards), {s1.address, s2.address})
         import urllib.request
@@ -285,10 +279,10 @@ class ShardingTests(unittest.TestCase):
         placed = health(a)["pubsub"]["shards"]["cluster"]["nodes"]
         self.assertTrue(all(n["channels"] > 0 for n in placed.values()), placed)    # on all three masters
         # sharded pub/sub: every channel's Redis channel is a shard channel on its master, none classic
-        held = [redis_cli(srv, "pubsub", "shardchannels").split() for srv in cluster.nodes]
+        held = [servers.cli(srv, "pubsub", "shardchannels").split() for srv in cluster.nodes]
         self.assertEqual(sorted(sum(held, [])), sorted(f"test:{{{ch}}}:ev" for ch in channels))
         self.assertTrue(all(len(h) for h in held))
-        self.assertEqual([redis_cli(srv, "pubsub", "channels") for srv in cluster.nodes], ["", "", ""])
+        self.assertEqual([servers.cli(srv, "pubsub", "channels") for srv in cluster.nodes], ["", "", ""])
         for i in range(40):
             for ch in channels:
                 publish(b, ch, i)
