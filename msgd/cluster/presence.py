@@ -123,6 +123,7 @@ class RedisPresence(Service):
         self._written: set[str] = set()       # channels this node has an entry for in Redis
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
+        self._leaving: list | bool | None = None     # leave(): its waiters, then True once done
         broker.presence_store = self
 
     # -- lifecycle ------------------------------------------------------------------
@@ -132,9 +133,26 @@ class RedisPresence(Service):
         self._refresher.start(self.ttl / 3, now=False)
 
     def stopService(self):
-        """Say ``rpc.leave`` for this node's subscribers of announcing
-        channels and remove its entries (waiting at most ``stop_timeout``)."""
         super().stopService()
+        return self.leave()
+
+    def leave(self) -> defer.Deferred:
+        """Say ``rpc.leave`` for this node's subscribers of announcing
+        channels and remove its entries; fires once they are written (or
+        after ``stop_timeout``), never with an error.  Done once: the bridge
+        calls it too, and stops its shards only once it fired, so that the
+        removals' replies arrive before the connections close."""
+        d: defer.Deferred = defer.Deferred()
+        if self._leaving is None:
+            self._leaving = [d]
+            self._remove_all().addBoth(self._left)
+        elif isinstance(self._leaving, list):
+            self._leaving.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _remove_all(self) -> defer.Deferred:
         if self._refresher.running:
             self._refresher.stop()
         if self._flush is not None and self._flush.active():
@@ -148,14 +166,20 @@ class RedisPresence(Service):
             writes.append(self._write(name, remove=True))
         d = defer.DeferredList(writes)
         d.addTimeout(self.stop_timeout, self.clock)
-        return d.addErrback(lambda f: None)
+        return d
+
+    def _left(self, _) -> None:
+        waiting, self._leaving = self._leaving, True
+        if isinstance(waiting, list):
+            for d in waiting:
+                d.callback(None)
 
     # -- writing ------------------------------------------------------------------
 
     def changed(self, name: str) -> None:
         """The broker's subscribers of ``name`` changed: write on the next turn."""
         self._dirty.add(name)
-        if self._flush is None and self.running:
+        if self._flush is None and self.running and self._leaving is None:
             self._flush = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:

@@ -708,6 +708,15 @@ class RedisBridge(MultiService):
                             "(Redis Cluster has no sharded PSUBSCRIBE)") if config.cluster else None
         broker.backend = self
 
+    def stopService(self):
+        """Stop the shards once the cluster-wide presence store (when there
+        is one) has removed this node's entries through them: its removals'
+        replies must arrive before the connections close (it waits at most
+        its ``stop_timeout``)."""
+        store = self.broker.presence_store
+        leaving = store.leave() if store is not None else defer.succeed(None)
+        return leaving.addCallback(lambda _: MultiService.stopService(self))
+
     def shard_for(self, name: str) -> Shard:
         """The shard holding channel ``name``: with several, the one the
         rendezvous hash of :mod:`msgd.cluster.hashing` picks."""
