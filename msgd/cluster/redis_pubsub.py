@@ -467,15 +467,12 @@ class _Factory(Factory):
 
 # -- shards ----------------------------------------------------------------------------------
 
-def timed(d: defer.Deferred, latency, clock, start: float) -> defer.Deferred:
-    """Observe the round trip of ``d`` (started at ``start``) in the
-    ``latency`` histogram, when there is one."""
+def observed(result, latency, clock, start: float):
+    """A callback: observe the round trip started at ``start`` in the
+    ``latency`` histogram, when there is one; passes ``result`` on."""
     if latency is not None:
-        def observe(result):
-            latency.observe(clock.seconds() - start)
-            return result
-        d.addCallback(observe)
-    return d
+        latency.observe(clock.seconds() - start)
+    return result
 
 
 class Shard(MultiService):
@@ -587,13 +584,9 @@ class Shard(MultiService):
         if self.command is None:
             return defer.fail(ConnectionError("Redis is not connected"))
         d = self.command.evalsha(script.sha, keys, args)
-        return d.addCallbacks(self._ran, self._noscript, callbackArgs=(self.reactor.seconds(),),
+        return d.addCallbacks(observed, self._noscript,
+                              callbackArgs=(self._latency, self.reactor, self.reactor.seconds()),
                               errbackArgs=(script, keys, args))
-
-    def _ran(self, result, start: float):
-        if self._latency is not None:
-            self._latency.observe(self.reactor.seconds() - start)
-        return result
 
     def _noscript(self, f, script, keys, args):
         f.trap(txredisapi.ResponseError)

@@ -56,7 +56,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from msgd.cluster.endpoints import address_of, endpoint_for, endpoint_name  # noqa: F401  (endpoint_name: re-exported)
-from msgd.cluster.redis_pubsub import Shard, timed
+from msgd.cluster.redis_pubsub import Shard, observed
 
 SLOTS = 16384
 
@@ -397,7 +397,7 @@ class RedisCluster(MultiService):
         SHA1, loading it where missing) on the master of its first key's slot."""
         start = self.reactor.seconds()
         d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
-        return timed(d, self._latency, self.reactor, start)
+        return d.addCallback(observed, self._latency, self.reactor, start)
 
     @defer.inlineCallbacks
     def _run(self, slot: int, args: tuple, script=None):
