@@ -294,11 +294,21 @@ class RedisCluster(MultiService):
 
     def dropped(self, node: Node, channel: str) -> None:
         """The server unsubscribed ``channel`` by itself: its slot moved."""
-        if self.channels.get(channel) is node:
-            node.placed.discard(channel)
-            self.channels[channel] = None
-            self.confirmed.discard(channel)
-            self.refresh().addCallback(lambda _: self._place([channel]))
+        self._unplace(node, [channel])
+
+    def _unplace(self, node: Node, channels: list) -> None:
+        """Take those of ``channels`` that are placed on ``node`` off it
+        (their slot moved, or the node refused them) and place them again
+        once the slot map is fresh."""
+        mine = [c for c in channels if self.channels.get(c) is node]
+        if not mine:
+            return
+        for c in mine:
+            node.placed.discard(c)
+            node.channels.discard(c)
+            self.channels[c] = None
+            self.confirmed.discard(c)
+        self.refresh().addCallback(lambda _: self._place(mine))
 
     def _state(self) -> None:
         now = self.connected
@@ -532,14 +542,7 @@ class RedisCluster(MultiService):
     def _refused(self, node: Node, channels: list, failure) -> None:
         if failure.check(txredisapi.ResponseError) and error_kind(failure.value) in ("MOVED", "ASK", "TRYAGAIN",
                                                                                      "CLUSTERDOWN"):
-            # not (or no longer) this node's slot: place them again once the map is fresh
-            for c in channels:
-                if self.channels.get(c) is node:
-                    node.placed.discard(c)
-                    node.channels.discard(c)
-                    self.channels[c] = None
-                    self.confirmed.discard(c)
-            self.refresh().addCallback(lambda _: self._place(channels))
+            self._unplace(node, channels)       # not (or no longer) this node's slot
         elif not failure.check(txredisapi.ConnectionError, ConnectionError):
             self.log.warn("SSUBSCRIBE on {node} failed: {error}", node=node.address, error=failure.getErrorMessage())
 
