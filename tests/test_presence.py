@@ -111,6 +111,9 @@ class FakeBackend:
     def presence_keys(self, name):
         return [f"p:{name}", f"p:{name}:exp"]
 
+    def preload(self, *scripts):
+        pass
+
     def available(self, name):
         return self.connected
 
@@ -254,6 +257,9 @@ class Shim:
 
     def presence_keys(self, name):
         return [f"t:{{{name}}}:presence", f"t:{{{name}}}:presence:exp"]
+
+    def preload(self, *scripts):
+        pass                # run() sends the text (EVAL)
 
     def available(self, name):
         return True

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from msgd.cluster import rediscluster as rc
-from msgd.cluster.redis_pubsub import Script, SubscriberProtocol, _Factory
+from msgd.cluster.redis_pubsub import SCRIPTS, Script, SubscriberProtocol, _Factory
 
 from tests import servers
 from tests.helpers import eventually
@@ -100,6 +100,8 @@ def moved(slot, port):
 
 class FakeBridge:
     """What the cluster calls on the pub/sub bridge, recorded."""
+
+    scripts = list(SCRIPTS)
 
     def __init__(self):
         self.calls = []

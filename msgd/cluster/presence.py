@@ -36,7 +36,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.cluster.redis_pubsub import SCRIPTS, Script
+from msgd.cluster.redis_pubsub import Script
 from msgd.core.pubsub import new_epoch
 
 # KEYS: presence hash, expiry zset; ARGV: node id, summary JSON ('' removes it), ttl ms.
@@ -76,9 +76,6 @@ return {live, redis.call('HMGET', KEYS[1], unpack(live))}
 """)
 
 
-SCRIPTS.extend((UPDATE, QUERY))
-
-
 def summary(local: dict) -> str:
     """A node's entry: ``[[principal|null, subscriptions], ...]``."""
     return json.dumps(sorted(local.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")),
@@ -105,8 +102,9 @@ class RedisPresence(Service):
     ``rpc.presence`` for the cluster (see the module docstring).
 
     ``backend`` (the bridge) offers ``presence_keys(channel)`` (the two
-    keys), ``available(channel)`` (is the channel's shard reachable) and
-    ``run(channel, script, keys, args)`` (run a script on its shard)."""
+    keys), ``available(channel)`` (is the channel's shard reachable),
+    ``run(channel, script, keys, args)`` (run a script on its shard) and
+    ``preload(*scripts)`` (load them on every connection)."""
 
     log = Logger()
 
@@ -124,6 +122,7 @@ class RedisPresence(Service):
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
         self._leaving: list | bool | None = None     # leave(): its waiters, then True once done
+        backend.preload(UPDATE, QUERY)
         broker.presence_store = self
 
     # -- lifecycle ------------------------------------------------------------------

@@ -170,7 +170,7 @@ SCAN = Script("""
 return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 """)
 
-SCRIPTS = [PUBLISH, SYNC, ANNOUNCE, SCAN]      # loaded on every connection (presence adds its own)
+SCRIPTS = (PUBLISH, SYNC, ANNOUNCE, SCAN)      # loaded on every connection (RedisBridge.preload adds more)
 
 # A publish moves its channel's keys' expiry to ttl from now only if this node has not done so in
 # the last REFRESH seconds (ttl is history_age plus a day: the keys outlive the last publish by that,
@@ -506,6 +506,8 @@ class Shard(MultiService):
 
     What it calls on the bridge:
 
+    ``bridge.scripts``
+        The scripts to load (``SCRIPT LOAD``) on every command connection.
     ``bridge.shard_up(shard)``
         Both connections ready (the first time and after every outage):
         the bridge subscribes again to what it needs and resynchronises.
@@ -550,7 +552,7 @@ class Shard(MultiService):
     def _ready(self, kind: str, proto):
         yield proto.whenConnected()
         if kind == "command":
-            for script in SCRIPTS:
+            for script in self.bridge.scripts:
                 yield proto.execute_command("SCRIPT", "LOAD", script.text)
         if not proto.connected:
             return
@@ -670,6 +672,7 @@ class RedisBridge(MultiService):
         self._flush_call = None
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
+        self.scripts: list[Script] = list(SCRIPTS)      # loaded on every connection of the shards
         self._refreshed: dict[str, float] = {}      # channel -> when this node last moved its keys' expiry
         self._m = None
         latency = None
@@ -700,6 +703,12 @@ class RedisBridge(MultiService):
         self.no_patterns = ("pattern subscriptions are not available with [pubsub] cluster = yes "
                             "(Redis Cluster has no sharded PSUBSCRIBE)") if config.cluster else None
         broker.backend = self
+
+    def preload(self, *scripts: Script) -> None:
+        """Load ``scripts`` too on every connection of the shards (before
+        they connect; a script missing from Redis is loaded on ``NOSCRIPT``
+        all the same)."""
+        self.scripts.extend(s for s in scripts if s not in self.scripts)
 
     def stopService(self):
         """Stop the shards once the cluster-wide presence store (when there

@@ -333,6 +333,11 @@ class RedisCluster(MultiService):
         return self.discovered and all(n.connected for n in self.masters)
 
     @property
+    def scripts(self) -> list:
+        """What its nodes load on connecting: what the bridge preloads."""
+        return self.bridge.scripts
+
+    @property
     def error(self) -> str | None:
         if not self.discovered:
             return "the cluster's slot map is not known yet"
