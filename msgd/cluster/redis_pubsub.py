@@ -85,9 +85,12 @@ never got (and resuming clients meet it in the history).
 Shards
 ------
 
-Everything per channel goes through the :class:`Shard` that
-:meth:`RedisBridge.shard_for` picks for its name (today there is one).  See
-:class:`Shard` for what the bridge needs of one.
+Everything per channel goes through the shard that
+:meth:`RedisBridge.shard_for` picks for its name: the one :class:`Shard`
+of a single ``redis`` endpoint, one of several standalone shards by
+rendezvous hashing (:mod:`msgd.cluster.hashing`), or with ``cluster = yes``
+a Redis Cluster acting as one shard (:mod:`msgd.cluster.rediscluster`).
+See :class:`Shard` for what the bridge needs of one.
 """
 
 from __future__ import annotations
@@ -721,7 +724,8 @@ class RedisBridge(MultiService):
 
     def shard_for(self, name: str) -> Shard:
         """The shard holding channel ``name``: with several, the one the
-        rendezvous hash of :mod:`msgd.cluster.hashing` picks."""
+        rendezvous hash of :mod:`msgd.cluster.hashing` picks (with one, no
+        hashing)."""
         shards = self.shards
         return shards[self.ring.index(name)] if len(shards) > 1 else shards[0]
 

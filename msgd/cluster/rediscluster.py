@@ -55,7 +55,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.cluster.endpoints import address_of, endpoint_for, endpoint_name  # noqa: F401  (endpoint_name: re-exported)
+from msgd.cluster.endpoints import address_of, endpoint_for
 from msgd.cluster.redis_pubsub import Shard, observed
 
 SLOTS = 16384
