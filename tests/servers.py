@@ -156,7 +156,16 @@ class Server:
             self.proc.stderr.close()
         self.proc = None
 
+    def signal(self, sig) -> None:
+        """Send ``sig`` to an own server's process: ``SIGSTOP`` freezes it
+        with its connections open (a hung server), ``SIGCONT`` resumes it."""
+        if not self.own or self.proc is None:
+            raise RuntimeError(f"{self.name} at {self.address} is not ours to signal")
+        os.kill(self.proc.pid, sig)
+
     def cleanup(self) -> None:
+        if self.own and self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)      # a frozen one must hear the SIGTERM
         self.stop()
         if self.own and self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)

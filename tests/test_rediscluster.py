@@ -102,6 +102,7 @@ class FakeBridge:
     """What the cluster calls on the pub/sub bridge, recorded."""
 
     scripts = list(SCRIPTS)
+    keepalive = 0
 
     def __init__(self):
         self.calls = []

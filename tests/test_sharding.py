@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
@@ -256,6 +258,48 @@ class ShardingTests(unittest.TestCase):
                     return True
         self.assertTrue(arrives("shared again"))
         client.close()
+
+    def test_a_frozen_redis_is_noticed_by_the_keepalive(self):
+        return deferToThread(self._frozen)
+
+    def _frozen(self):
+        # SIGSTOP: the connections stay open but nothing answers; only the keepalive can tell
+        srv = servers.redis()
+        self.cleanups.append(srv.cleanup)
+        a = self.node("a", ini("a", [endpoint(srv)], extra="keepalive = 0.5s\n"))
+        b = self.node("b", ini("b", [endpoint(srv)], extra="keepalive = 0.5s\n"))
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        client = Client(a)
+        client.call("rpc.subscribe", {"channel": "news"})
+        publish(b, "news", "shared")
+        self.assertEqual(events(client, "news", 1)[0]["data"], "shared")
+
+        srv.signal(signal.SIGSTOP)
+        self.cleanups.append(lambda: srv.signal(signal.SIGCONT))
+        started = time.monotonic()
+        wait_for(lambda: health(a)["status"] == "degraded", timeout=5, what="the frozen Redis noticed")
+        self.assertLess(time.monotonic() - started, 2 * 0.5 + 1.0)     # two keepalives, and some slack
+        self.assertFalse(health(a)["pubsub"]["connected"])
+        publish(a, "news", "alone")          # answered, and delivered on A: after a gap notification
+        got = events(client, "news", 2)
+        self.assertTrue(got[0].get("gap"))
+        self.assertEqual(got[1]["data"], "alone")
+
+        srv.signal(signal.SIGCONT)
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="Redis back")
+
+        def arrives(data):
+            publish(b, "news", data)
+            while True:
+                ev = events(client, "news", 1)[0]
+                if ev.get("data") == data:
+                    return True
+        self.assertTrue(arrives("shared again"))
+        client.close()
+        with open(a.log, errors="replace") as f:
+            self.assertIn("left a PING unanswered", f.read())
 
     def test_redis_cluster(self):
         return deferToThread(self._cluster)

@@ -69,8 +69,10 @@ events from the history, or a gap notification (:mod:`msgd.core.pubsub`).
 Outage
 ------
 
-When a shard's connection is lost, the node goes on alone for the channels
-on that shard: publishes are delivered locally, under a fresh local epoch
+When a shard's connection is lost — closed, reset, or dropped by the node
+because a ``PING`` sent every ``[pubsub] keepalive`` was still unanswered
+when the next was due (a frozen Redis, a partition without a reset) — the
+node goes on alone for the channels on that shard: publishes are delivered locally, under a fresh local epoch
 announced to the channel's subscribers by a gap notification first (events
 published elsewhere no longer reach them).  ``/health`` says ``degraded``
 with ``pubsub.connected: false``; the ClientServices reconnect with back-off.
@@ -109,6 +111,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from msgd.core.jsonrpc import dumps
@@ -293,6 +296,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         self._buf = b""
         self._replies: deque = deque()
         self._heads: dict[tuple, bytes] = {}
+        self._keepalive: LoopingCall | None = None
+        self._pinged = False        # a PING is waiting for its reply
 
     def connectionMade(self):
         # Twisted leaves Nagle on for client connections: a command written while the
@@ -300,7 +305,30 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        shard = self.factory.shard
+        if shard.keepalive:
+            self._keepalive = LoopingCall(self._ping)
+            self._keepalive.clock = shard.reactor
+            self._keepalive.start(shard.keepalive, now=False)
         return super().connectionMade()
+
+    def _ping(self) -> None:
+        """Every ``[pubsub] keepalive``: a Redis that left the last PING
+        unanswered (frozen, or cut off without a reset) is taken as gone —
+        the connection is aborted, and its loss handled as any other."""
+        if not self.connected:
+            return
+        if self._pinged:
+            self.factory.shard.log.error(
+                "pub/sub: Redis at {endpoint} left a PING unanswered for {seconds}s; dropping the connection",
+                endpoint=self.factory.shard.endpoint, seconds=self._keepalive.interval if self._keepalive else 0)
+            self.transport.abortConnection()
+            return
+        self._pinged = True
+        self.execute_command("PING").addBoth(self._pong)
+
+    def _pong(self, _) -> None:
+        self._pinged = False
 
     def execute_command(self, *args, **kwargs) -> defer.Deferred:
         if not self.connected:
@@ -365,6 +393,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         self._buf = buf[pos:] if pos < n else b""
 
     def connectionLost(self, why):
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
         # the shard hears of it before the pending commands fail, so that a publish
         # falling back to local delivery finds the shard down
         self.factory.shard.lost(self.factory.kind, why)
@@ -511,6 +541,9 @@ class Shard(MultiService):
 
     ``bridge.scripts``
         The scripts to load (``SCRIPT LOAD``) on every command connection.
+    ``bridge.keepalive``
+        Seconds between PINGs on each connection (0: none): a PING still
+        unanswered when the next is due aborts the connection.
     ``bridge.shard_up(shard)``
         Both connections ready (the first time and after every outage):
         the bridge subscribes again to what it needs and resynchronises.
@@ -548,6 +581,10 @@ class Shard(MultiService):
     @property
     def subscriptions(self) -> int:
         return len(self.channels) + len(self.patterns)
+
+    @property
+    def keepalive(self) -> float:
+        return self.bridge.keepalive
 
     # -- connections -------------------------------------------------------------------
 
@@ -676,6 +713,7 @@ class RedisBridge(MultiService):
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
         self.scripts: list[Script] = list(SCRIPTS)      # loaded on every connection of the shards
+        self.keepalive = config.keepalive               # seconds between PINGs on each connection
         self._refreshed: dict[str, float] = {}      # channel -> when this node last moved its keys' expiry
         self._m = None
         latency = None

@@ -338,6 +338,11 @@ class RedisCluster(MultiService):
         return self.bridge.scripts
 
     @property
+    def keepalive(self) -> float:
+        """Its nodes' connections PING as the bridge's shards do."""
+        return self.bridge.keepalive
+
+    @property
     def error(self) -> str | None:
         if not self.discovered:
             return "the cluster's slot map is not known yet"
