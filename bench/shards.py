@@ -18,12 +18,12 @@ is about what one Redis core can carry, the figure to size shards with
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 from twisted.internet import defer, reactor, task
 
 from bench.common import machine, node_in_process
+from tests import servers
 
 
 class Sink:
@@ -37,9 +37,7 @@ class Sink:
 
 
 def commandstats(srv) -> dict:
-    from tests.servers import which
-    out = subprocess.run([which("redis-cli"), "-p", str(srv.port), "info", "commandstats"], check=True,
-                         capture_output=True, text=True, timeout=30).stdout
+    out = servers.cli(srv, "info", "commandstats")
     stats = {}
     for line in out.splitlines():
         if line.startswith("cmdstat_"):
@@ -50,9 +48,7 @@ def commandstats(srv) -> dict:
 
 
 def reset(srv) -> None:
-    from tests.servers import which
-    subprocess.run([which("redis-cli"), "-p", str(srv.port), "config", "resetstat"], check=True,
-                   capture_output=True, timeout=30)
+    servers.cli(srv, "config", "resetstat")
 
 
 @defer.inlineCallbacks
@@ -94,7 +90,6 @@ def run(label: str, ini: str, redises: list, events: int, channels: int):
 
 @defer.inlineCallbacks
 def main_async(args):
-    from tests import servers
     print(machine())
     base = "[pubsub]\nbackend = redis\nprefix = bench\nhistory_size = 100\n"
     one = servers.redis()

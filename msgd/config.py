@@ -110,6 +110,9 @@ class PubSubConfig:
     redis_password: str = option("", doc="Redis password when backend=redis")
     redis_db: int = option(0, parse=integer(0), doc="Redis database number when backend=redis")
     prefix: str = option("msgd", parse=nonempty, doc="prefix of the Redis keys and channels used")
+    keepalive: float = option(5.0, parse=duration,
+                              doc="backend=redis: a PING on every Redis connection this often; a connection whose "
+                                  "PING is still unanswered when the next is due is dropped (Redis away) (0: none)")
     presence_ttl: float = option(30.0, parse=duration,
                                  doc="backend=redis: a node's presence entries are refreshed every third of this, "
                                      "and gone this long after the node stopped refreshing them (died)")

@@ -156,7 +156,16 @@ class Server:
             self.proc.stderr.close()
         self.proc = None
 
+    def signal(self, sig) -> None:
+        """Send ``sig`` to an own server's process: ``SIGSTOP`` freezes it
+        with its connections open (a hung server), ``SIGCONT`` resumes it."""
+        if not self.own or self.proc is None:
+            raise RuntimeError(f"{self.name} at {self.address} is not ours to signal")
+        os.kill(self.proc.pid, sig)
+
     def cleanup(self) -> None:
+        if self.own and self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)      # a frozen one must hear the SIGTERM
         self.stop()
         if self.own and self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -193,6 +202,14 @@ def redis(own: bool = True, tls: tuple = ()) -> Server:
     return srv.start()
 
 
+def cli(server: Server, *args: str) -> str:
+    """Run ``redis-cli`` against ``server`` (a Redis, or a node of a
+    :class:`RedisCluster`); returns its output, stripped."""
+    out = subprocess.run([which("redis-cli"), "-h", server.host, "-p", str(server.port), *args],
+                         check=True, capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
 def free_bus_port() -> int:
     """A free port P whose cluster bus port P + 10000 is free too."""
     for _ in range(100):
@@ -219,12 +236,6 @@ class RedisCluster:
     def seeds(self) -> list[str]:
         return [n.address for n in self.nodes]
 
-    def cli(self, node: "Server", *args: str) -> str:
-        """Run ``redis-cli`` against one node; returns its output."""
-        out = subprocess.run([which("redis-cli"), "-h", node.host, "-p", str(node.port), *args],
-                             check=True, capture_output=True, timeout=30)
-        return out.stdout.decode().strip()
-
     def cleanup(self) -> None:
         for n in self.nodes:
             n.stop()
@@ -235,8 +246,8 @@ def redis_cluster(masters: int = 3, timeout: float = 20.0) -> RedisCluster:
     """A throwaway Redis Cluster of ``masters`` masters and no replicas, on
     loopback ports, created with ``redis-cli --cluster create``; returns once
     every node says ``cluster_state:ok``."""
-    binary, cli = which("redis-server"), which("redis-cli")
-    if binary is None or cli is None:
+    binary, cli_binary = which("redis-server"), which("redis-cli")
+    if binary is None or cli_binary is None:
         unavailable("redis-server/redis-cli are not installed (Debian package redis-server)")
     d = tempfile.mkdtemp(prefix="msgd-redis-cluster-")
     nodes = []
@@ -251,10 +262,10 @@ def redis_cluster(masters: int = 3, timeout: float = 20.0) -> RedisCluster:
                     "--save", "", "--appendonly", "no", "--dir", nd, "--daemonize", "no",
                     "--logfile", os.path.join(nd, "redis.log")]
             nodes.append(Server("redis-cluster", "127.0.0.1", port, dir=nd, own=True, argv=argv).start())
-        subprocess.run([cli, "--cluster", "create", *cluster.seeds, "--cluster-yes"], check=True,
+        subprocess.run([cli_binary, "--cluster", "create", *cluster.seeds, "--cluster-yes"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
         deadline = time.monotonic() + timeout
-        while not all("cluster_state:ok" in cluster.cli(n, "cluster", "info") for n in nodes):
+        while not all("cluster_state:ok" in cli(n, "cluster", "info") for n in nodes):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Redis Cluster not ok after {timeout}s")
             time.sleep(0.05)

@@ -111,6 +111,9 @@ class FakeBackend:
     def presence_keys(self, name):
         return [f"p:{name}", f"p:{name}:exp"]
 
+    def preload(self, *scripts):
+        pass
+
     def available(self, name):
         return self.connected
 
@@ -255,6 +258,9 @@ class Shim:
     def presence_keys(self, name):
         return [f"t:{{{name}}}:presence", f"t:{{{name}}}:presence:exp"]
 
+    def preload(self, *scripts):
+        pass                # run() sends the text (EVAL)
+
     def available(self, name):
         return True
 
@@ -324,8 +330,9 @@ def presence_ini(name: str, redis_port: int) -> str:
 
 class TwoNodesTests(unittest.TestCase):
     """Two node processes on one Redis: rpc.presence answers for both from
-    either, joins and leaves cross nodes, and a SIGKILLed node's
-    subscribers are gone (and said to have left) within presence_ttl."""
+    either, joins and leaves cross nodes, a SIGKILLed node's subscribers
+    are gone (and said to have left) within presence_ttl, a SIGTERMed
+    node's at once."""
 
     timeout = 90
 
@@ -369,6 +376,43 @@ class TwoNodesTests(unittest.TestCase):
         wait_for(lambda: presence(a)["count"] == 1, timeout=1.5 + 2.0, what="B's entry expired")
         leave = on_a.event()
         self.assertEqual(leave, {"channel": "room.1", "principal": None, "count": 2})
+
+    def test_a_stopped_node_removes_its_entries_at_once(self):
+        self.base = os.path.abspath(self.mktemp())
+        return deferToThread(self._stopped)
+
+    def _stopped(self):
+        # SIGTERM: the node removes its entries before its Redis connections close (the bridge
+        # waits for the presence store), so they are gone at once, not presence_ttl later
+        redis = servers.redis()
+        self.addCleanup(redis.cleanup)
+        ttl = "presence_ttl = 60s\n\n[channel:room.*]\npresence_events = yes\n"
+        a, b = (NodeProcess(os.path.join(self.base, name),
+                            ini(name, [f"tcp:host=127.0.0.1:port={redis.port}"], extra=ttl)) for name in "ab")
+        for n in (a, b):
+            self.addCleanup(n.stop)
+            n.start()
+            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        on_a = Client(a)
+        self.addCleanup(on_a.close)
+        on_a.call("rpc.subscribe", {"channel": "room.1"})
+        on_b = [Client(b) for _ in range(2)]
+        on_b[0].call("rpc.subscribe", {"channel": "room.1"})
+        on_b[1].call("rpc.subscribe", {"channel": "room.2"})
+
+        def entries(channel):
+            return int(servers.cli(redis, "hlen", f"test:{{{channel}}}:presence"))
+        wait_for(lambda: entries("room.1") == 2 and entries("room.2") == 1, what="both nodes' entries written")
+        self.assertEqual([on_a.event()["count"] for _ in range(2)], [1, 1])     # A's join, then B's
+        b.signal(signal.SIGTERM)
+        self.assertEqual(b.wait(15), 0)
+        self.assertEqual((entries("room.1"), entries("room.2")), (1, 0))
+        self.assertEqual(call(a.port, "rpc.presence", "room.1")["result"]["count"], 1)
+        self.assertEqual(on_a.event(), {"channel": "room.1", "principal": None, "count": 1})   # B's leave
+        with open(b.log, errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("not written to Redis", log)
+        self.assertNotIn("Redis connection lost", log)
 
 
 BROWSER = """

@@ -58,23 +58,31 @@ class NameTests(unittest.TestCase):
 # -- the Redis protocol ------------------------------------------------------------------------
 
 class _Shard:
-    def __init__(self):
+    endpoint = "tcp:host=127.0.0.1:port=6379"
+
+    def __init__(self, keepalive=0.0):
         self.pushes = []
         self.log = redis_pubsub.Shard.log
+        self.keepalive = keepalive
+        self.reactor = task.Clock()
+        self.lost_ = []
+
+    def lost(self, kind, why):
+        self.lost_.append(kind)
 
     def pushed(self, channel, payload):
         self.pushes.append((channel, payload))
 
 
 class _Factory:
-    def __init__(self):
-        self.shard = _Shard()
+    def __init__(self, keepalive=0.0):
+        self.shard = _Shard(keepalive)
         self.kind = "subscriber"
 
 
-def subscriber() -> SubscriberProtocol:
+def subscriber(keepalive=0.0) -> SubscriberProtocol:
     p = SubscriberProtocol()
-    p.factory = _Factory()
+    p.factory = _Factory(keepalive)
     p.makeConnection(StringTransport())
     return p
 
@@ -87,6 +95,35 @@ def push(kind, *parts) -> bytes:
 
 
 class ProtocolTests(unittest.TestCase):
+    def test_keepalive_drops_a_connection_whose_ping_goes_unanswered(self):
+        for proto, pong in ((SubscriberProtocol, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),   # subscribed
+                            (redis_pubsub.RedisProtocol, b"+PONG\r\n")):
+            p = proto()
+            p.factory = _Factory(keepalive=5.0)
+            p.makeConnection(StringTransport())
+            clock, shard = p.factory.shard.reactor, p.factory.shard
+            clock.advance(4.9)
+            self.assertEqual(p.transport.value(), b"")
+            clock.advance(0.1)
+            self.assertEqual(p.transport.value(), b"*1\r\n$4\r\nPING\r\n")
+            p.dataReceived(pong)
+            p.transport.clear()
+            clock.advance(5)                    # answered: another one
+            self.assertEqual(p.transport.value(), b"*1\r\n$4\r\nPING\r\n")
+            self.assertFalse(p.transport.disconnecting)
+            clock.advance(5)                    # not answered when the next is due: dropped
+            self.assertTrue(p.transport.disconnecting)
+            p.connectionLost(ConnectionError("aborted"))
+            self.assertEqual(shard.lost_, ["subscriber"])      # the lost-connection path, as any loss
+            p.transport.clear()
+            clock.advance(60)
+            self.assertEqual(p.transport.value(), b"")         # no PING after the loss
+
+    def test_no_keepalive_when_zero(self):
+        p = subscriber()
+        p.factory.shard.reactor.advance(3600)
+        self.assertEqual(p.transport.value(), b"")
+
     def test_every_reply_of_a_read_at_once_whatever_the_split(self):
         data = (push(b"message", b"p:{a}:ev", b"one") + push(b"pmessage", b"p:{*}:ev", b"p:{b}:ev", b"two")
                 + b"*2\r\n*1\r\n:5\r\n$-1\r\n" + push(b"message", b"p:{a}:ev", b"three\r\nfour"))

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from msgd.cluster import rediscluster as rc
-from msgd.cluster.redis_pubsub import Script, SubscriberProtocol, _Factory
+from msgd.cluster.redis_pubsub import SCRIPTS, Script, SubscriberProtocol, _Factory
 
 from tests import servers
 from tests.helpers import eventually
@@ -101,6 +101,9 @@ def moved(slot, port):
 
 class FakeBridge:
     """What the cluster calls on the pub/sub bridge, recorded."""
+
+    scripts = list(SCRIPTS)
+    keepalive = 0
 
     def __init__(self):
         self.calls = []
@@ -416,12 +419,12 @@ class RealClusterTests(unittest.TestCase):
         return c.execute(channel, "SPUBLISH", channel, message)
 
     def node_id(self, server) -> str:
-        return self.servers.cli(server, "cluster", "myid")
+        return servers.cli(server, "cluster", "myid")
 
     def owner(self, slot: int):
         """The Server that the cluster (asked directly, CLUSTER NODES) says
         owns ``slot``."""
-        for line in self.servers.cli(self.servers.nodes[0], "cluster", "nodes").splitlines():
+        for line in servers.cli(self.servers.nodes[0], "cluster", "nodes").splitlines():
             fields = line.split()
             port = int(fields[1].split("@")[0].rpartition(":")[2])
             for r in fields[8:]:
@@ -441,14 +444,14 @@ class RealClusterTests(unittest.TestCase):
         for k in keys:
             self.assertEqual((yield c.execute(k, "GET", k)), k.upper().encode())
             owner = self.owner(rc.key_slot(k))
-            self.assertEqual(self.servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
+            self.assertEqual(servers.cli(owner, "get", k), k.upper())   # it lives where the slot is
         # one script touching two keys under one hash tag
         script = Script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
         owner = self.owner(rc.key_slot("{tag}"))
-        self.servers.cli(owner, "script", "flush")
+        servers.cli(owner, "script", "flush")
         self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 1)
         self.assertEqual((yield c.run(script, ["{tag}:a", "{tag}:b"], ["x"])), 2)
-        self.assertEqual(self.servers.cli(owner, "script", "exists", script.sha), "1")
+        self.assertEqual(servers.cli(owner, "script", "exists", script.sha), "1")
 
     @defer.inlineCallbacks
     def test_sharded_pubsub_across_masters(self):
@@ -464,7 +467,7 @@ class RealClusterTests(unittest.TestCase):
         @defer.inlineCallbacks
         def subscribed_everywhere():
             """One redis-cli per master (in a thread, off the reactor): ``channel count`` pairs."""
-            outs = yield defer.gatherResults([deferToThread(self.servers.cli, owner, "pubsub", "shardnumsub", *chs)
+            outs = yield defer.gatherResults([deferToThread(servers.cli, owner, "pubsub", "shardnumsub", *chs)
                                               for owner, chs in by_owner if chs])
             return all(count == "1" for out in outs for count in out.split()[1::2])
         yield eventually(subscribed_everywhere)
@@ -486,22 +489,22 @@ class RealClusterTests(unittest.TestCase):
         yield c.subscribe([channel])
         src_id, dst_id = self.node_id(source), self.node_id(target)
         # migration under way, the key already moved: the source answers ASK
-        self.servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
-        self.servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
-        self.servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
+        servers.cli(target, "cluster", "setslot", str(slot), "importing", src_id)
+        servers.cli(source, "cluster", "setslot", str(slot), "migrating", dst_id)
+        servers.cli(source, "migrate", target.host, str(target.port), "", "0", "5000", "keys", key)
         self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, source.port)        # ASK does not change the map
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 0})
         # the migration ends: the source answers MOVED
         for s in self.servers.nodes:
-            self.servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
+            servers.cli(s, "cluster", "setslot", str(slot), "node", dst_id)
         self.assertEqual((yield c.execute(key, "GET", key)), b"v1")
         self.assertEqual(c.node_for_slot(slot).port, target.port)
         self.assertEqual(c.redirections, {"ASK": 1, "MOVED": 1})
         # the shard channel followed its slot: subscribed on the target again
         yield eventually(lambda: c.channels[channel] is c.node_for_slot(slot)
                          and c.bridge.resubscribed_ == [[channel]])
-        yield eventually(lambda: deferToThread(self.servers.cli, target, "pubsub", "shardnumsub", channel)
+        yield eventually(lambda: deferToThread(servers.cli, target, "pubsub", "shardnumsub", channel)
                          .addCallback(lambda out: out.split()[-1] == "1"))
         self.assertEqual((yield self.spublish(pub, channel, "after")), 1)
         yield eventually(lambda: c.bridge.messages == [(channel, "after")])
@@ -523,7 +526,7 @@ class RealClusterTests(unittest.TestCase):
         victim.start()
         yield eventually(lambda: c.bridge.resubscribed_ == [[channel]], timeout=30)
         yield eventually(lambda: c.bridge.calls == ["up", "down", "up"])
-        yield eventually(lambda: deferToThread(self.servers.cli, victim, "cluster", "info")
+        yield eventually(lambda: deferToThread(servers.cli, victim, "cluster", "info")
                          .addCallback(lambda out: "cluster_state:ok" in out), timeout=30)
         pub = self.client()
         yield eventually(lambda: pub.connected)

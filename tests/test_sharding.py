@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import signal
+import time
 
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
@@ -49,11 +50,6 @@ prefix = test
 
 def endpoint(srv) -> str:
     return f"tcp:host={srv.host}:port={srv.port}"
-
-
-def redis_cli(srv, *args) -> str:
-    return subprocess.run([servers.which("redis-cli"), "-h", srv.host, "-p", str(srv.port), *args],
-                          check=True, capture_output=True, text=True, timeout=30).stdout.strip()
 
 
 def events(client, channel, n):
@@ -220,9 +216,9 @@ class ShardingTests(unittest.TestCase):
             self.assertEqual([(e["offset"], e["data"]) for e in events(client, ch, 5)],
                              [(i + 1, i) for i in range(5)])
         # every key of a channel on its own shard
-        self.assertEqual(redis_cli(s1, "get", f"test:{{{ch1}}}:offset"), "5")
-        self.assertEqual(redis_cli(s2, "exists", f"test:{{{ch1}}}:offset"), "0")
-        self.assertEqual(redis_cli(s2, "get", f"test:{{{ch2}}}:offset"), "5")
+        self.assertEqual(servers.cli(s1, "get", f"test:{{{ch1}}}:offset"), "5")
+        self.assertEqual(servers.cli(s2, "exists", f"test:{{{ch1}}}:offset"), "0")
+        self.assertEqual(servers.cli(s2, "get", f"test:{{{ch2}}}:offset"), "5")
         shards = health(a)["pubsub"]["shards"]
         self.assertEqual(set(shards), {s1.address, s2.address})
         import urllib.request
@@ -261,6 +257,48 @@ class ShardingTests(unittest.TestCase):
         self.assertTrue(arrives("shared again"))
         client.close()
 
+    def test_a_frozen_redis_is_noticed_by_the_keepalive(self):
+        return deferToThread(self._frozen)
+
+    def _frozen(self):
+        # SIGSTOP: the connections stay open but nothing answers; only the keepalive can tell
+        srv = servers.redis()
+        self.cleanups.append(srv.cleanup)
+        a = self.node("a", ini("a", [endpoint(srv)], extra="keepalive = 0.5s\n"))
+        b = self.node("b", ini("b", [endpoint(srv)], extra="keepalive = 0.5s\n"))
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+        client = Client(a)
+        client.call("rpc.subscribe", {"channel": "news"})
+        publish(b, "news", "shared")
+        self.assertEqual(events(client, "news", 1)[0]["data"], "shared")
+
+        srv.signal(signal.SIGSTOP)
+        self.cleanups.append(lambda: srv.signal(signal.SIGCONT))
+        started = time.monotonic()
+        wait_for(lambda: health(a)["status"] == "degraded", timeout=5, what="the frozen Redis noticed")
+        self.assertLess(time.monotonic() - started, 2 * 0.5 + 1.0)     # two keepalives, and some slack
+        self.assertFalse(health(a)["pubsub"]["connected"])
+        publish(a, "news", "alone")          # answered, and delivered on A: after a gap notification
+        got = events(client, "news", 2)
+        self.assertTrue(got[0].get("gap"))
+        self.assertEqual(got[1]["data"], "alone")
+
+        srv.signal(signal.SIGCONT)
+        for n in (a, b):
+            wait_for(lambda: health(n)["pubsub"]["connected"], timeout=30, what="Redis back")
+
+        def arrives(data):
+            publish(b, "news", data)
+            while True:
+                ev = events(client, "news", 1)[0]
+                if ev.get("data") == data:
+                    return True
+        self.assertTrue(arrives("shared again"))
+        client.close()
+        with open(a.log, errors="replace") as f:
+            self.assertIn("left a PING unanswered", f.read())
+
     def test_redis_cluster(self):
         return deferToThread(self._cluster)
 
@@ -282,10 +320,10 @@ class ShardingTests(unittest.TestCase):
         placed = health(a)["pubsub"]["shards"]["cluster"]["nodes"]
         self.assertTrue(all(n["channels"] > 0 for n in placed.values()), placed)    # on all three masters
         # sharded pub/sub: every channel's Redis channel is a shard channel on its master, none classic
-        held = [redis_cli(srv, "pubsub", "shardchannels").split() for srv in cluster.nodes]
+        held = [servers.cli(srv, "pubsub", "shardchannels").split() for srv in cluster.nodes]
         self.assertEqual(sorted(sum(held, [])), sorted(f"test:{{{ch}}}:ev" for ch in channels))
         self.assertTrue(all(len(h) for h in held))
-        self.assertEqual([redis_cli(srv, "pubsub", "channels") for srv in cluster.nodes], ["", "", ""])
+        self.assertEqual([servers.cli(srv, "pubsub", "channels") for srv in cluster.nodes], ["", "", ""])
         for i in range(40):
             for ch in channels:
                 publish(b, ch, i)

@@ -24,7 +24,8 @@ from typing import Sequence
 
 class Rendezvous:
     """Maps channel names to one of ``names`` (distinct strings that name
-    the shards the same way on every node)."""
+    the shards the same way on every node).  With one name every channel
+    gets it: the bridge does not ask then."""
 
     CACHE = 100_000
 
@@ -37,15 +38,10 @@ class Rendezvous:
         self._seeds = [n.encode() + b"\0" for n in self.names]
         self._cache: dict[str, int] = {}
 
-    def __len__(self) -> int:
-        return len(self.names)
-
     def index(self, channel: str) -> int:
         """The position in ``names`` of the shard of ``channel``."""
         i = self._cache.get(channel)
         if i is None:
-            if len(self.names) == 1:
-                return 0
             key = channel.encode()
             best, i = -1, 0
             for n, seed in enumerate(self._seeds):

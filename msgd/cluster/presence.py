@@ -36,7 +36,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.cluster.redis_pubsub import SCRIPTS, Script
+from msgd.cluster.redis_pubsub import Script
 from msgd.core.pubsub import new_epoch
 
 # KEYS: presence hash, expiry zset; ARGV: node id, summary JSON ('' removes it), ttl ms.
@@ -76,9 +76,6 @@ return {live, redis.call('HMGET', KEYS[1], unpack(live))}
 """)
 
 
-SCRIPTS.extend((UPDATE, QUERY))
-
-
 def summary(local: dict) -> str:
     """A node's entry: ``[[principal|null, subscriptions], ...]``."""
     return json.dumps(sorted(local.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")),
@@ -105,8 +102,9 @@ class RedisPresence(Service):
     ``rpc.presence`` for the cluster (see the module docstring).
 
     ``backend`` (the bridge) offers ``presence_keys(channel)`` (the two
-    keys), ``available(channel)`` (is the channel's shard reachable) and
-    ``run(channel, script, keys, args)`` (run a script on its shard)."""
+    keys), ``available(channel)`` (is the channel's shard reachable),
+    ``run(channel, script, keys, args)`` (run a script on its shard) and
+    ``preload(*scripts)`` (load them on every connection)."""
 
     log = Logger()
 
@@ -123,6 +121,8 @@ class RedisPresence(Service):
         self._written: set[str] = set()       # channels this node has an entry for in Redis
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
+        self._leaving: list | bool | None = None     # leave(): its waiters, then True once done
+        backend.preload(UPDATE, QUERY)
         broker.presence_store = self
 
     # -- lifecycle ------------------------------------------------------------------
@@ -132,9 +132,26 @@ class RedisPresence(Service):
         self._refresher.start(self.ttl / 3, now=False)
 
     def stopService(self):
-        """Say ``rpc.leave`` for this node's subscribers of announcing
-        channels and remove its entries (waiting at most ``stop_timeout``)."""
         super().stopService()
+        return self.leave()
+
+    def leave(self) -> defer.Deferred:
+        """Say ``rpc.leave`` for this node's subscribers of announcing
+        channels and remove its entries; fires once they are written (or
+        after ``stop_timeout``), never with an error.  Done once: the bridge
+        calls it too, and stops its shards only once it fired, so that the
+        removals' replies arrive before the connections close."""
+        d: defer.Deferred = defer.Deferred()
+        if self._leaving is None:
+            self._leaving = [d]
+            self._remove_all().addBoth(self._left)
+        elif isinstance(self._leaving, list):
+            self._leaving.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _remove_all(self) -> defer.Deferred:
         if self._refresher.running:
             self._refresher.stop()
         if self._flush is not None and self._flush.active():
@@ -148,14 +165,20 @@ class RedisPresence(Service):
             writes.append(self._write(name, remove=True))
         d = defer.DeferredList(writes)
         d.addTimeout(self.stop_timeout, self.clock)
-        return d.addErrback(lambda f: None)
+        return d
+
+    def _left(self, _) -> None:
+        waiting, self._leaving = self._leaving, True
+        if isinstance(waiting, list):
+            for d in waiting:
+                d.callback(None)
 
     # -- writing ------------------------------------------------------------------
 
     def changed(self, name: str) -> None:
         """The broker's subscribers of ``name`` changed: write on the next turn."""
         self._dirty.add(name)
-        if self._flush is None and self.running:
+        if self._flush is None and self.running and self._leaving is None:
             self._flush = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:

@@ -69,8 +69,10 @@ events from the history, or a gap notification (:mod:`msgd.core.pubsub`).
 Outage
 ------
 
-When a shard's connection is lost, the node goes on alone for the channels
-on that shard: publishes are delivered locally, under a fresh local epoch
+When a shard's connection is lost — closed, reset, or dropped by the node
+because a ``PING`` sent every ``[pubsub] keepalive`` was still unanswered
+when the next was due (a frozen Redis, a partition without a reset) — the
+node goes on alone for the channels on that shard: publishes are delivered locally, under a fresh local epoch
 announced to the channel's subscribers by a gap notification first (events
 published elsewhere no longer reach them).  ``/health`` says ``degraded``
 with ``pubsub.connected: false``; the ClientServices reconnect with back-off.
@@ -85,9 +87,12 @@ never got (and resuming clients meet it in the history).
 Shards
 ------
 
-Everything per channel goes through the :class:`Shard` that
-:meth:`RedisBridge.shard_for` picks for its name (today there is one).  See
-:class:`Shard` for what the bridge needs of one.
+Everything per channel goes through the shard that
+:meth:`RedisBridge.shard_for` picks for its name: the one :class:`Shard`
+of a single ``redis`` endpoint, one of several standalone shards by
+rendezvous hashing (:mod:`msgd.cluster.hashing`), or with ``cluster = yes``
+a Redis Cluster acting as one shard (:mod:`msgd.cluster.rediscluster`).
+See :class:`Shard` for what the bridge needs of one.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from msgd.cluster.endpoints import endpoint_name
@@ -169,7 +175,7 @@ SCAN = Script("""
 return redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
 """)
 
-SCRIPTS = [PUBLISH, SYNC, ANNOUNCE, SCAN]      # loaded on every connection (presence adds its own)
+SCRIPTS = (PUBLISH, SYNC, ANNOUNCE, SCAN)      # loaded on every connection (RedisBridge.preload adds more)
 
 # A publish moves its channel's keys' expiry to ttl from now only if this node has not done so in
 # the last REFRESH seconds (ttl is history_age plus a day: the keys outlive the last publish by that,
@@ -289,6 +295,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         self._buf = b""
         self._replies: deque = deque()
         self._heads: dict[tuple, bytes] = {}
+        self._keepalive: LoopingCall | None = None
+        self._pinged = False        # a PING is waiting for its reply
 
     def connectionMade(self):
         # Twisted leaves Nagle on for client connections: a command written while the
@@ -296,7 +304,30 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        shard = self.factory.shard
+        if shard.keepalive:
+            self._keepalive = LoopingCall(self._ping)
+            self._keepalive.clock = shard.reactor
+            self._keepalive.start(shard.keepalive, now=False)
         return super().connectionMade()
+
+    def _ping(self) -> None:
+        """Every ``[pubsub] keepalive``: a Redis that left the last PING
+        unanswered (frozen, or cut off without a reset) is taken as gone —
+        the connection is aborted, and its loss handled as any other."""
+        if not self.connected:
+            return
+        if self._pinged:
+            self.factory.shard.log.error(
+                "pub/sub: Redis at {endpoint} left a PING unanswered for {seconds}s; dropping the connection",
+                endpoint=self.factory.shard.endpoint, seconds=self._keepalive.interval if self._keepalive else 0)
+            self.transport.abortConnection()
+            return
+        self._pinged = True
+        self.execute_command("PING").addBoth(self._pong)
+
+    def _pong(self, _) -> None:
+        self._pinged = False
 
     def execute_command(self, *args, **kwargs) -> defer.Deferred:
         if not self.connected:
@@ -361,6 +392,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         self._buf = buf[pos:] if pos < n else b""
 
     def connectionLost(self, why):
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
         # the shard hears of it before the pending commands fail, so that a publish
         # falling back to local delivery finds the shard down
         self.factory.shard.lost(self.factory.kind, why)
@@ -466,15 +499,12 @@ class _Factory(Factory):
 
 # -- shards ----------------------------------------------------------------------------------
 
-def timed(d: defer.Deferred, latency, clock, start: float) -> defer.Deferred:
-    """Observe the round trip of ``d`` (started at ``start``) in the
-    ``latency`` histogram, when there is one."""
+def observed(result, latency, clock, start: float):
+    """A callback: observe the round trip started at ``start`` in the
+    ``latency`` histogram, when there is one; passes ``result`` on."""
     if latency is not None:
-        def observe(result):
-            latency.observe(clock.seconds() - start)
-            return result
-        d.addCallback(observe)
-    return d
+        latency.observe(clock.seconds() - start)
+    return result
 
 
 class Shard(MultiService):
@@ -508,6 +538,11 @@ class Shard(MultiService):
 
     What it calls on the bridge:
 
+    ``bridge.scripts``
+        The scripts to load (``SCRIPT LOAD``) on every command connection.
+    ``bridge.keepalive``
+        Seconds between PINGs on each connection (0: none): a PING still
+        unanswered when the next is due aborts the connection.
     ``bridge.shard_up(shard)``
         Both connections ready (the first time and after every outage):
         the bridge subscribes again to what it needs and resynchronises.
@@ -546,13 +581,17 @@ class Shard(MultiService):
     def subscriptions(self) -> int:
         return len(self.channels) + len(self.patterns)
 
+    @property
+    def keepalive(self) -> float:
+        return self.bridge.keepalive
+
     # -- connections -------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def _ready(self, kind: str, proto):
         yield proto.whenConnected()
         if kind == "command":
-            for script in SCRIPTS:
+            for script in self.bridge.scripts:
                 yield proto.execute_command("SCRIPT", "LOAD", script.text)
         if not proto.connected:
             return
@@ -586,13 +625,9 @@ class Shard(MultiService):
         if self.command is None:
             return defer.fail(ConnectionError("Redis is not connected"))
         d = self.command.evalsha(script.sha, keys, args)
-        return d.addCallbacks(self._ran, self._noscript, callbackArgs=(self.reactor.seconds(),),
+        return d.addCallbacks(observed, self._noscript,
+                              callbackArgs=(self._latency, self.reactor, self.reactor.seconds()),
                               errbackArgs=(script, keys, args))
-
-    def _ran(self, result, start: float):
-        if self._latency is not None:
-            self._latency.observe(self.reactor.seconds() - start)
-        return result
 
     def _noscript(self, f, script, keys, args):
         f.trap(txredisapi.ResponseError)
@@ -676,6 +711,8 @@ class RedisBridge(MultiService):
         self._flush_call = None
         self.retry_delay = 1.0                  # before joining again a channel whose join failed
         self._name_cache: dict[str, tuple] = {}
+        self.scripts: list[Script] = list(SCRIPTS)      # loaded on every connection of the shards
+        self.keepalive = config.keepalive               # seconds between PINGs on each connection
         self._refreshed: dict[str, float] = {}      # channel -> when this node last moved its keys' expiry
         self._m = None
         latency = None
@@ -707,9 +744,25 @@ class RedisBridge(MultiService):
                             "(Redis Cluster has no sharded PSUBSCRIBE)") if config.cluster else None
         broker.backend = self
 
+    def preload(self, *scripts: Script) -> None:
+        """Load ``scripts`` too on every connection of the shards (before
+        they connect; a script missing from Redis is loaded on ``NOSCRIPT``
+        all the same)."""
+        self.scripts.extend(s for s in scripts if s not in self.scripts)
+
+    def stopService(self):
+        """Stop the shards once the cluster-wide presence store (when there
+        is one) has removed this node's entries through them: its removals'
+        replies must arrive before the connections close (it waits at most
+        its ``stop_timeout``)."""
+        store = self.broker.presence_store
+        leaving = store.leave() if store is not None else defer.succeed(None)
+        return leaving.addCallback(lambda _: MultiService.stopService(self))
+
     def shard_for(self, name: str) -> Shard:
         """The shard holding channel ``name``: with several, the one the
-        rendezvous hash of :mod:`msgd.cluster.hashing` picks."""
+        rendezvous hash of :mod:`msgd.cluster.hashing` picks (with one, no
+        hashing)."""
         shards = self.shards
         return shards[self.ring.index(name)] if len(shards) > 1 else shards[0]
 

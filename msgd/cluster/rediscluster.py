@@ -55,8 +55,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from msgd.cluster.endpoints import address_of, endpoint_for, endpoint_name  # noqa: F401  (endpoint_name: re-exported)
-from msgd.cluster.redis_pubsub import Shard, timed
+from msgd.cluster.endpoints import address_of, endpoint_for
+from msgd.cluster.redis_pubsub import Shard, observed
 
 SLOTS = 16384
 
@@ -294,11 +294,21 @@ class RedisCluster(MultiService):
 
     def dropped(self, node: Node, channel: str) -> None:
         """The server unsubscribed ``channel`` by itself: its slot moved."""
-        if self.channels.get(channel) is node:
-            node.placed.discard(channel)
-            self.channels[channel] = None
-            self.confirmed.discard(channel)
-            self.refresh().addCallback(lambda _: self._place([channel]))
+        self._unplace(node, [channel])
+
+    def _unplace(self, node: Node, channels: list) -> None:
+        """Take those of ``channels`` that are placed on ``node`` off it
+        (their slot moved, or the node refused them) and place them again
+        once the slot map is fresh."""
+        mine = [c for c in channels if self.channels.get(c) is node]
+        if not mine:
+            return
+        for c in mine:
+            node.placed.discard(c)
+            node.channels.discard(c)
+            self.channels[c] = None
+            self.confirmed.discard(c)
+        self.refresh().addCallback(lambda _: self._place(mine))
 
     def _state(self) -> None:
         now = self.connected
@@ -321,6 +331,16 @@ class RedisCluster(MultiService):
     def connected(self) -> bool:
         """The slot map is known and every master is connected."""
         return self.discovered and all(n.connected for n in self.masters)
+
+    @property
+    def scripts(self) -> list:
+        """What its nodes load on connecting: what the bridge preloads."""
+        return self.bridge.scripts
+
+    @property
+    def keepalive(self) -> float:
+        """Its nodes' connections PING as the bridge's shards do."""
+        return self.bridge.keepalive
 
     @property
     def error(self) -> str | None:
@@ -397,7 +417,7 @@ class RedisCluster(MultiService):
         SHA1, loading it where missing) on the master of its first key's slot."""
         start = self.reactor.seconds()
         d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
-        return timed(d, self._latency, self.reactor, start)
+        return d.addCallback(observed, self._latency, self.reactor, start)
 
     @defer.inlineCallbacks
     def _run(self, slot: int, args: tuple, script=None):
@@ -532,14 +552,7 @@ class RedisCluster(MultiService):
     def _refused(self, node: Node, channels: list, failure) -> None:
         if failure.check(txredisapi.ResponseError) and error_kind(failure.value) in ("MOVED", "ASK", "TRYAGAIN",
                                                                                      "CLUSTERDOWN"):
-            # not (or no longer) this node's slot: place them again once the map is fresh
-            for c in channels:
-                if self.channels.get(c) is node:
-                    node.placed.discard(c)
-                    node.channels.discard(c)
-                    self.channels[c] = None
-                    self.confirmed.discard(c)
-            self.refresh().addCallback(lambda _: self._place(channels))
+            self._unplace(node, channels)       # not (or no longer) this node's slot
         elif not failure.check(txredisapi.ConnectionError, ConnectionError):
             self.log.warn("SSUBSCRIBE on {node} failed: {error}", node=node.address, error=failure.getErrorMessage())
 
