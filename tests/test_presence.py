@@ -21,8 +21,7 @@ from msgd.core.pubsub import Broker, Session, presence_notice
 
 from tests import servers
 from tests.helpers import eventually
-from tests.process import NodeProcess, call
-from tests.process import Client, pubsub_connected, wait_for
+from tests.process import Client, NodeProcess, call, pubsub_connected, wait_for
 from tests.test_sharding import ini
 
 
@@ -392,7 +391,7 @@ class TwoNodesTests(unittest.TestCase):
         for n in (a, b):
             self.addCleanup(n.stop)
             n.start()
-            wait_for(lambda: health(n)["pubsub"]["connected"], what="connected to Redis")
+            pubsub_connected(n)
         on_a = Client(a)
         self.addCleanup(on_a.close)
         on_a.call("rpc.subscribe", {"channel": "room.1"})

@@ -686,7 +686,7 @@ class _Follow:
 class RedisBridge(MultiService):
     """Shares ``broker``'s channels through Redis (see the module docstring).
 
-    What the broker calls: ``available(name)``, ``publish(name, data)``,
+    What the broker calls: ``available(name)``, ``publish(name, data_json)``,
     ``follow(name)``, ``unfollow(name)``, ``watch(pattern)``,
     ``unwatch(pattern)``, ``forked(name)``, and for a pattern's resume
     ``channels(pattern)`` and ``read(name)``."""
