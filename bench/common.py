@@ -33,6 +33,14 @@ def raise_fd_limit(n: int = 65536) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def checkout_env(**extra: str) -> dict:
+    """The environment of a server process: this checkout's code first on
+    its path, not whichever msgd the virtualenv has installed (a worktree
+    shares its virtualenv with the main checkout)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def pinned(cpu: str, argv: list) -> list:
     return (["taskset", "-c", cpu] + argv) if shutil.which("taskset") and CPUS > 1 else argv
 
@@ -89,9 +97,7 @@ class Server:
     def __init__(self, argv: list, port: int, cwd: str | None = None, cpu: str = SERVER_CPU):
         raise_fd_limit()
         self.port = port
-        # the checkout's code, not whichever msgd the virtualenv has installed
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(pinned(cpu, argv), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(pinned(cpu, argv), cwd=cwd, env=checkout_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         wait_port(port)
         self.pid = self._real_pid()

@@ -47,7 +47,7 @@ def measure(name: str, workload: str, seconds: float, outdir: str) -> float:
     argv, cwd = argv_for(name, port)
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                              f"--callgrind-out-file={outdir}/%p.out", *argv],
-                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=cwd, env=common.checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     switches = iter(("on", "off"))
 
     def toggle():

@@ -10,7 +10,9 @@ payload size:
 
 - retained bytes per history event (tracemalloc: what emptying the full
   histories frees, divided by the events), the encoded notification's length
-  and their ratio (target: at most 2x);
+  and their ratio (target: at most 2x); the same for events received from a
+  shared backend (decoded as the Redis bridge decodes them, each with its own
+  channel and epoch strings, and taken by ``Broker.receive``);
 - the RSS the histories added (``/proc``; coarser: the allocator keeps pages);
 - the CPU time per published event (encode, deliver to the one subscriber,
   keep) and, for comparison, what ``orjson.dumps`` of the notification and a
@@ -30,6 +32,7 @@ from twisted.internet.task import Clock
 
 from bench import common
 from msgd.core.jsonrpc import dumps, kept, loads
+from msgd.cluster.redis_pubsub import _event, _loads
 from msgd.core.pubsub import Broker
 from msgd.interfaces.websocket import frame
 
@@ -59,18 +62,37 @@ def publish_all(broker: Broker, msgs: list[bytes]) -> float:
     return time.process_time() - t0
 
 
-def retained(channels: int, events: int, payload: int) -> dict:
-    msgs = messages(channels, events, payload)
+def receive_all(broker: Broker, msgs: list[bytes]) -> float:
+    """Events as the Redis bridge hands them over: decoded from its wire form."""
+    t0 = time.process_time()
+    for m in msgs:
+        broker.receive(_event(_loads(m)))
+    return time.process_time() - t0
+
+
+def received(broker: Broker, channels: int, events: int, payload: int) -> list[bytes]:
+    """The Redis bridge's wire form of the events (channels' epochs are the broker's)."""
+    pad = "x" * max(0, payload - 40)
+    epochs = [broker.channel(f"bench.{c}").epoch for c in range(channels)]
+    return [dumps({"c": f"bench.{i % channels}", "o": i // channels + 1, "e": epochs[i % channels],
+                   "d": {"n": i + 1000, "t": 1000.0 + i / 7, "p": pad}, "t": 1000.0})
+            for i in range(channels * events)]
+
+
+def retained(channels: int, events: int, payload: int, shared: bool = False) -> dict:
+    msgs = [] if shared else messages(channels, events, payload)
     out = {}
     for traced in (False, True):      # speed and RSS untraced; then exact bytes with tracemalloc
         broker = Broker(Clock(), history_size=events, gc_interval=0)
         for c in range(channels):
             broker.subscribe(f"bench.{c}", Framer())
+        if shared:
+            msgs = received(broker, channels, events, payload)
         gc.collect()
         rss0 = common.rss_kib_self()
         if traced:
             tracemalloc.start()
-        cpu = publish_all(broker, msgs)
+        cpu = (receive_all if shared else publish_all)(broker, msgs)
         gc.collect()
         histories = [ch.history for ch in broker.channels.values()]
         if not traced:
@@ -127,6 +149,9 @@ def main(argv=None):
         print(f"  {size:>6}-byte data: {r['per_event']:>8,.0f} bytes retained per event, notification "
               f"{r['encoded']:,.0f} bytes -> {r['per_event'] / r['encoded']:.2f}x (target <= 2x); "
               f"counted {r['counted']:,.0f}; RSS +{r['rss_kib'] / 1024:.1f} MiB")
+        s = retained(a.channels, a.events, size, shared=True)
+        print(f"  {'':>6}  received from Redis: {s['per_event']:>8,.0f} bytes retained per event -> "
+              f"{s['per_event'] / s['encoded']:.2f}x; counted {s['counted']:,.0f}")
         print(f"  {'':>6}  publish+keep {r['cpu_us']:.2f} us/event; orjson.dumps of it {c['dumps']:.2f} us "
               f"holding {c['dumps_held']:,.0f} bytes; right-sized copy (kept) {c['kept']:.2f} us")
 

@@ -85,7 +85,7 @@ class Target:
     def __init__(self, name, proto, argv, port, url, cwd=None, settle=0.0, extra=None, env=None):
         common.raise_fd_limit()
         self.name, self.proto, self.port, self.url = name, proto, port, url
-        self.proc = subprocess.Popen(common.pinned(common.SERVER_CPU, argv), cwd=cwd, env=env,
+        self.proc = subprocess.Popen(common.pinned(common.SERVER_CPU, argv), cwd=cwd, env=env or common.checkout_env(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         common.wait_port(port, timeout=60)
         time.sleep(settle)

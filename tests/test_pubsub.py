@@ -11,7 +11,8 @@ from msgd import config
 from msgd.core.jsonrpc import dumps, kept, loads
 from msgd.core.metrics import Metrics
 from msgd.core import errors
-from msgd.core.pubsub import EVENT_OVERHEAD, Broker, Event, Session, framed
+from msgd.cluster import redis_pubsub
+from msgd.core.pubsub import EVENT_OVERHEAD, Broker, Event, Session, framed, presence_notice
 
 
 class Framer:
@@ -97,6 +98,47 @@ class RetentionTests(unittest.TestCase):
         finally:
             tracemalloc.stop()
         self.assertLessEqual(freed, 2 * encoded)
+
+    def test_events_received_from_redis_hold_no_more_than_local_ones(self):
+        """The Redis bridge decodes each event with its own channel and epoch
+        strings (about 130 bytes more per event than the notification says):
+        in history they share the channel's."""
+        broker = Broker(task.Clock(), history_size=500, gc_interval=0)
+        broker.subscribe("bench.channel.0", Framer())
+        ch = broker.channels["bench.channel.0"]
+        raws = [dumps({"c": "bench.channel.0", "o": i, "e": ch.epoch, "d": {"n": i, "p": "x" * 100},
+                       "t": 1000.0 + i}) for i in range(1, 501)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for raw in raws:
+                self.assertTrue(broker.receive(redis_pubsub._event(redis_pubsub._loads(raw))))
+            gc.collect()
+            full = tracemalloc.get_traced_memory()[0]
+            encoded = sum(len(ev.notification()) for ev in ch.history)
+            counted = ch.bytes
+            ch.history.clear()
+            gc.collect()
+            freed = full - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        self.assertLessEqual(freed, 2 * encoded)
+        self.assertLessEqual(freed, counted * 11 // 10)     # history_memory counts what is held
+
+    def test_presence_notices_are_right_sized(self):
+        """rpc.join / rpc.leave wait in long-poll queues as their notification:
+        its length, not orjson's 4 KB buffer."""
+        notices = [presence_notice(f"room.{i}", "join", f"user{i}") for i in range(200)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            queued = [n.notification() for n in notices]
+            per_notice = tracemalloc.get_traced_memory()[0] / len(queued)
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(loads(queued[0]), {"jsonrpc": "2.0", "method": "rpc.join",
+                                            "params": {"channel": "room.0", "principal": "user0", "count": 1}})
+        self.assertLess(per_notice, 300)
 
     def test_replay_of_resting_events(self):
         broker = Broker(task.Clock(), history_size=10, gc_interval=0)

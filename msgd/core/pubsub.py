@@ -191,7 +191,8 @@ class Notice:
     def notification(self) -> bytes:
         b = self.cache.get("json")
         if b is None:
-            b = self.cache["json"] = dumps({"jsonrpc": "2.0", "method": self.method, "params": self.params})
+            # right-sized: long-poll sessions queue it as it is (orjson's bytes keep 4 KB)
+            b = self.cache["json"] = kept(dumps({"jsonrpc": "2.0", "method": self.method, "params": self.params}))
         return b
 
 
@@ -235,9 +236,15 @@ class Channel:
         self.owner = owner
 
     def keep(self, ev: Event) -> None:
-        """Append ``ev`` to the history (the oldest event goes past ``max_size``)."""
+        """Append ``ev`` to the history (the oldest event goes past ``max_size``).
+        It shares the channel's name and epoch strings: an event decoded from
+        a shared backend came with its own (about 130 bytes more per event)."""
         if len(self.history) >= self.max_size:
             self.drop_oldest()
+        if ev.channel == self.name:
+            ev.channel = self.name
+        if ev.epoch == self.epoch:
+            ev.epoch = self.epoch
         self.history.append(ev)
         self._count(ev.size())
 
