@@ -198,6 +198,18 @@ def makeService(options):
     return Root(node, logs)
 
 
+class CheckOptions(Options):
+    """``msgd check``'s options: the node's, with the command's own name
+    (set as ``synopsis`` per call), description and version."""
+    longdesc = "Validate a node's ini file and load its apps, without starting a node."
+
+    def opt_version(self):
+        """Display msgd's version and exit."""
+        from msgd import __version__
+        print(f"msgd {__version__}")
+        sys.exit(0)
+
+
 USAGE = """\
 usage: {prog} check [-c CONFIG]                  validate a node's ini file without starting a node
        {prog} passwd FILE USER [--roles R,R]     set a password in a password file
@@ -225,15 +237,17 @@ def main(argv=None, prog: str = "python -m msgd") -> int:
         return 0
     if argv and argv[0] == "passwd":
         from msgd.security.credentials import passwd_main
-        return passwd_main(argv[1:])
+        return passwd_main(argv[1:], prog=prog)
     if not argv or argv[0] != "check":
         print(USAGE.format(prog=prog), file=sys.stderr)
         return 2
-    opts = Options()
+    opts = CheckOptions()
+    opts.synopsis = f"usage: {prog} check [-c CONFIG]"
     try:
         opts.parseOptions(argv[1:])
     except usage.UsageError as e:
-        print(f"msgd: {e}", file=sys.stderr)
+        print(f"{prog} check: {e}", file=sys.stderr)
+        print(opts.synopsis, file=sys.stderr)
         return 2
     from twisted.internet.task import Clock
 

@@ -110,7 +110,9 @@ class PasswordFileTests(unittest.TestCase):
         err = io.StringIO()
         self.assertEqual(passwd_main([self.path, "carol", "--roles", "a,b"], io.StringIO("pw\n"), err), 0)
         self.assertEqual(read_password_file(self.path)["carol"][1], frozenset({"a", "b"}))
-        self.assertEqual(passwd_main([self.path], io.StringIO("pw\n"), err), 2)
+        err = io.StringIO()
+        self.assertEqual(passwd_main([self.path], io.StringIO("pw\n"), err, prog="msgd"), 2)
+        self.assertEqual(err.getvalue(), "usage: msgd passwd FILE USER [--roles ROLE,ROLE]\n")
         self.assertEqual(passwd_main([self.path, "dave"], io.StringIO("\n"), err), 1)
 
 

@@ -112,6 +112,19 @@ class PluginTests(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("usage: msgd check [-c CONFIG]", out.stdout)
         self.assertIn("       msgd passwd FILE USER", out.stdout)
+        # and so do its subcommands' --help (exit 0, on stdout)
+        out = run("-c", "import sys; from msgd.tap import command; sys.exit(command())", "check", "--help")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        self.assertTrue(out.stdout.startswith("usage: msgd check [-c CONFIG]\n"), out.stdout)
+        self.assertIn("Display msgd's version", out.stdout)
+        out = run("-c", "import sys; from msgd.tap import command; sys.exit(command())", "check", "--version")
+        self.assertEqual((out.returncode, out.stdout), (0, f"msgd {msgd.__version__}\n"))
+        out = run("-c", "import sys; from msgd.tap import command; sys.exit(command())", "passwd", "--help")
+        self.assertEqual((out.returncode, out.stderr), (0, ""))
+        self.assertTrue(out.stdout.startswith("usage: msgd passwd FILE USER"), out.stdout)
+        out = run("-c", "import sys; from msgd.tap import command; sys.exit(command())", "check", "--bogus")
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("usage: msgd check [-c CONFIG]", out.stderr)
 
     def test_port_in_use_stops_startup(self):
         with socket.socket() as s:

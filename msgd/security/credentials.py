@@ -148,12 +148,17 @@ class LDAPChecker:
         return d.addCallback(found)
 
 
-def passwd_main(argv: list, stdin=None, stderr=None) -> int:
+def passwd_main(argv: list, stdin=None, stderr=None, prog: str = "python -m msgd") -> int:
     """``msgd passwd FILE USER [--roles R1,R2]``: add USER or change its
     password (asked twice on a terminal, else read as one line of stdin)."""
     import getpass
     import sys
     stdin, stderr = stdin or sys.stdin, stderr or sys.stderr
+    usage = f"usage: {prog} passwd FILE USER [--roles ROLE,ROLE]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage + "\n\nAdd USER to the bcrypt password file FILE or change its password (asked twice\n"
+              "on a terminal, else read as one line of stdin); --roles sets its roles.")
+        return 0
     roles = None
     if "--roles" in argv:
         i = argv.index("--roles")
@@ -163,7 +168,7 @@ def passwd_main(argv: list, stdin=None, stderr=None) -> int:
         roles = [r for r in argv[i + 1].split(",") if r]
         argv = argv[:i] + argv[i + 2:]
     if len(argv) != 2:
-        print("usage: python -m msgd passwd FILE USER [--roles ROLE,ROLE]", file=stderr)
+        print(usage, file=stderr)
         return 2
     path, user = argv
     if stdin.isatty():
