@@ -202,7 +202,11 @@ def stalled_subscriber(subscribers: int, events: int, size: int, chunk: int = 5)
         stalled.settimeout(15)
         offsets, close = [], None
         while close is None:
-            data = stalled.recv(1 << 20)
+            try:
+                data = stalled.recv(1 << 20)
+            except ConnectionResetError:     # aborted before it could read the close frame
+                close = ("reset",)
+                break
             if not data:
                 close = ("eof",)
                 break
