@@ -329,6 +329,16 @@ class PollTests(Base):
         _, msgs = yield self.get(sid)
         self.assertEqual([m["params"]["data"] for m in msgs[:2]], ["x2", "y1"])
         self.assertTrue(msgs[2]["result"]["recovered"])
+        yield http("DELETE", f"{self.base}/poll?session={sid}")
+        # history (10) no longer covers what a session that stopped at a.x 1 missed: it is told,
+        # and what can be replayed still is
+        self.publish("a.x", *range(10))
+        sid = yield self.open()
+        yield self.post(sid, {"jsonrpc": "2.0", "id": 1, "method": "rpc.subscribe",
+                              "params": dict(held, channel="a.*")})
+        _, msgs = yield self.get(sid)
+        self.assertEqual([m["params"]["data"] for m in msgs[:-1]], ["y1"])
+        self.assertFalse(msgs[-1]["result"]["recovered"])
 
     @defer.inlineCallbacks
     def test_session_stream_over_sse(self):
