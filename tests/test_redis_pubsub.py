@@ -153,6 +153,39 @@ class ProtocolTests(unittest.TestCase):
                        + push(b"message", b"p:{a}:ev", b"E2"))
         self.assertEqual(p.factory.shard.pushes, [(b"p:{a}:ev", b"E1"), (b"p:{a}:ev", b"E2")])
 
+    def test_scripts_leave_at_the_end_of_the_turn_or_in_bursts_in_command_order(self):
+        p = redis_pubsub.RedisProtocol()
+        p.factory = _Factory()
+        p.makeConnection(StringTransport())
+        clock = p.factory.shard.reactor
+        script = lambda n: b"*4\r\n$7\r\nEVALSHA\r\n$3\r\nsha\r\n$1\r\n0\r\n$%d\r\n%d\r\n" % (len(str(n)), n)  # noqa: E731
+        ds = [p.evalsha("sha", [], [n]) for n in range(3)]
+        self.assertEqual(p.transport.value(), b"")              # gathered for the end of the turn
+        clock.advance(0)
+        self.assertEqual(p.transport.value(), b"".join(script(n) for n in range(3)))
+        p.transport.clear()
+        ds += [p.evalsha("sha", [], [n]) for n in range(3, 3 + p.BURST)]
+        self.assertEqual(p.transport.value(), b"".join(script(n) for n in range(3, 3 + p.BURST)))   # a burst: at once
+        self.assertEqual(clock.getDelayedCalls(), [])           # and nothing left for the end of the turn
+        p.transport.clear()
+        ds.append(p.evalsha("sha", [], [99]))
+        ping = p.execute_command("PING")                        # another command: the script goes first
+        self.assertEqual(p.transport.value(), script(99) + b"*1\r\n$4\r\nPING\r\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        p.dataReceived(b"".join(b":%d\r\n" % n for n in range(len(ds))) + b"+PONG\r\n")
+        self.assertEqual([self.successResultOf(d) for d in ds], list(range(len(ds))))
+        self.assertEqual(self.successResultOf(ping), "PONG")
+
+    def test_scripts_not_written_when_the_connection_is_lost_fail(self):
+        p = redis_pubsub.RedisProtocol()
+        p.factory = _Factory()
+        p.makeConnection(StringTransport())
+        d = p.evalsha("sha", [], [1])
+        p.connectionLost(ConnectionError("gone"))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        self.assertEqual(p.factory.shard.reactor.getDelayedCalls(), [])
+        self.assertEqual(p.transport.value(), b"")
+
     def test_a_batch_completes_when_every_name_is_confirmed(self):
         p = subscriber()
         d = p.send("SUBSCRIBE", ["x", "y"], True)

@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from msgd.config import parse_text
 from msgd.interfaces.websocket import MsgdWebSocketFactory
-from msgd.interfaces.writer import BoundedWriter, write_now
+from msgd.interfaces.writer import BoundedWriter
+from msgd.net import write_now
 from msgd.node import NodeService
 from tests.helpers import server_frames
 

@@ -110,6 +110,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -117,6 +118,7 @@ from twisted.logger import Logger
 from msgd.cluster.endpoints import endpoint_name
 from msgd.cluster.hashing import Rendezvous
 from msgd.core.pubsub import Event, new_epoch, presence_notice
+from msgd.net import write_now
 
 
 class Script:
@@ -288,7 +290,16 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
     over one bulk string per reactor turn, so events from Redis would each
     cost a turn — with a lean command path: a command is written at once
     (those of one reactor turn leave in one write) and its reply fires one
-    Deferred (an error reply errbacks it).  Bulk strings are bytes."""
+    Deferred (an error reply errbacks it).  Bulk strings are bytes.
+
+    Scripts (:meth:`evalsha`: every publish) are pipelined in bursts: those
+    of a reactor turn leave together at its end, and every ``BURST``-th
+    sends what has gathered at once, so that Redis — and the nodes its
+    events go to — start on the first publishes of a burst while this node
+    is still reading the rest.  Other commands send what is gathered first:
+    replies come back in the order the commands were written."""
+
+    BURST = 16
 
     def __init__(self, password=None, dbid=None):
         super().__init__(charset=None, password=password, dbid=dbid, convertNumbers=False)
@@ -297,6 +308,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         self._heads: dict[tuple, bytes] = {}
         self._keepalive: LoopingCall | None = None
         self._pinged = False        # a PING is waiting for its reply
+        self._burst: list[bytes] = []     # scripts not written yet
+        self._burst_end: IDelayedCall | None = None
 
     def connectionMade(self):
         # Twisted leaves Nagle on for client connections: a command written while the
@@ -332,6 +345,8 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
     def execute_command(self, *args, **kwargs) -> defer.Deferred:
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
+        if self._burst:
+            self._send_burst()
         self.transport.write(self._build_command(*args))
         d: defer.Deferred = defer.Deferred()
         self._replies.append(d)
@@ -357,11 +372,26 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
                 len(b"*%d\r\n" % (len(keys) + 3)):]
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
-        self.transport.write(b"".join((b"*%d\r\n" % (len(keys) + 3 + len(args)), head,
-                                       self._build_command(*args)[len(b"*%d\r\n" % len(args)):])))
+        burst = self._burst
+        burst.append(b"".join((b"*%d\r\n" % (len(keys) + 3 + len(args)), head,
+                               self._build_command(*args)[len(b"*%d\r\n" % len(args)):])))
+        if len(burst) >= self.BURST:
+            self._send_burst()
+        elif len(burst) == 1:
+            self._burst_end = self.factory.shard.reactor.callLater(0, self._send_burst)
         d: defer.Deferred = defer.Deferred()
         self._replies.append(d)
         return d
+
+    def _send_burst(self) -> None:
+        """Write the scripts gathered (at the end of the turn, or once
+        ``BURST`` of them are waiting, or before another command)."""
+        call, self._burst_end = self._burst_end, None
+        if call is not None and call.active():
+            call.cancel()
+        burst, self._burst = self._burst, []
+        if burst and self.connected:
+            write_now(self.transport, b"".join(burst))
 
     def _build_command(self, *args, **kwargs) -> bytes:
         out = [b"*%d\r\n" % len(args)]
@@ -394,6 +424,9 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
     def connectionLost(self, why):
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
+        if self._burst_end is not None and self._burst_end.active():
+            self._burst_end.cancel()
+        self._burst_end, self._burst = None, []     # their Deferreds fail below, with the others
         # the shard hears of it before the pending commands fail, so that a publish
         # falling back to local delivery finds the shard down
         self.factory.shard.lost(self.factory.kind, why)

@@ -56,7 +56,8 @@ from msgd.core.jsonrpc import dumps, error_response
 from msgd.core.pubsub import framed
 from msgd.interfaces.base import Listener, discard_unsent
 from msgd.interfaces.connection import CONNECTED, Clients, closing
-from msgd.interfaces.writer import BoundedWriter, Producer, write_now
+from msgd.interfaces.writer import BoundedWriter, Producer
+from msgd.net import write_now
 from msgd.security import Guard, SecurityOptions
 from msgd.services import Services
 

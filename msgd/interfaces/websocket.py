@@ -59,7 +59,8 @@ from msgd.core.pubsub import framed
 from msgd.interfaces.base import discard_unsent
 from msgd.interfaces.connection import Clients
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from msgd.interfaces.writer import BoundedWriter, Producer, write_now
+from msgd.interfaces.writer import BoundedWriter, Producer
+from msgd.net import write_now
 from msgd.options import boolean, duration, option, size, words
 from msgd.security.http import TOKEN_SUBPROTOCOL, origin_allowed
 

@@ -16,8 +16,8 @@ an ``rpc.closing`` line, an ERROR frame) with :meth:`BoundedWriter.last`
 With a :class:`Turn` (the listener's), what a writer is given during a
 reactor turn goes out in one write at the end of the turn, however many
 events and answers there were: a fan-out costs each socket one ``send`` per
-turn.  :func:`write_now` is the ``out`` of plain sockets: straight to the
-socket when Twisted holds nothing unsent for it.  :class:`Producer` is the
+turn.  :func:`msgd.net.write_now` is the ``out`` of plain sockets: straight
+to the socket when Twisted holds nothing unsent for it.  :class:`Producer` is the
 ``IPushProducer`` of a connection that writes through a writer.
 """
 
@@ -26,33 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 log = Logger()
-
-
-def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, but when Twisted holds nothing unsent for
-    this plain TCP (or Unix) socket, send at once, as a Node.js socket does
-    when it is uncorked: a write through Twisted costs a turn of the reactor,
-    two epoll_ctl calls (start and stop watching for writability) and its
-    write machinery, per socket and turn.  What the socket does not take
-    goes through ``transport.write`` (which also pauses the producer, as usual)."""
-    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport.dataBuffer and not transport._tempDataBuffer):
-        sent = transport.writeSomeData(data)        # the socket's send(); an exception object when lost
-        if isinstance(sent, int) and sent:          # (then the transport's own write finds out)
-            if sent < len(data):
-                # the rest of a write the socket has begun: where Twisted keeps such bytes (not
-                # in its queue of whole writes, which discard_unsent may drop)
-                transport.dataBuffer, transport.offset = data[sent:], 0
-                transport.startWriting()
-                transport._maybePauseProducer()
-            return
-    transport.write(data)
 
 
 # what a writer holds for the end of the turn before it writes at once (Twisted's

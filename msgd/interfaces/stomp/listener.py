@@ -10,7 +10,7 @@ dropped) and the node stops reading that client's frames.  What a session
 writes during a reactor turn goes to the socket in one write at the end of
 the turn (the interface's :class:`~msgd.interfaces.writer.Turn`), straight
 to the socket when Twisted holds nothing unsent for it
-(:func:`~msgd.interfaces.writer.write_now`).  A connection the
+(:func:`~msgd.net.write_now`).  A connection the
 node closes gets ``close_timeout`` to read its last frame, then is aborted.
 """
 
@@ -26,7 +26,8 @@ from msgd.config import Invalid, duration, integer, option, optional_duration, o
 from msgd.interfaces.base import Listener, discard_unsent
 from msgd.stomp.codec import Limits
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from msgd.interfaces.writer import Producer, write_now
+from msgd.interfaces.writer import Producer
+from msgd.net import write_now
 from msgd.security import Guard, SecurityOptions
 from msgd.security.credentials import PasswordFileChecker
 
