@@ -5,6 +5,7 @@ generator was the bottleneck."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -264,7 +265,75 @@ def machine() -> str:
     return f"{platform.node()}: {CPUS} CPUs ({model}), Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
 
 
-def bottleneck(server_cpu: float, client_cpu: float, seconds: float) -> str:
+def bottleneck(server_cpu: float, client_cpu: float, seconds: float, server_limit: float = 1.0) -> str:
+    """Which side bounded a run: the one nearer its CPU limit (the
+    server's is ``server_limit`` cores when capped, see :func:`cpu_cap`)."""
     s, c = server_cpu / seconds, client_cpu / seconds
-    who = "server" if s >= c else "load generator"
-    return f"server {s:.2f} cores, load generator {c:.2f} cores -> {who}-bound"
+    who = "server" if s / server_limit >= c else "load generator"
+    cap = f" (capped at {server_limit:.2f})" if server_limit < 1.0 else ""
+    return f"server {s:.2f} cores{cap}, load generator {c:.2f} cores -> {who}-bound"
+
+
+CGROUP_PERIOD_US = 10_000      # a short period: a capped server is stopped for a few ms at most
+
+
+@contextlib.contextmanager
+def cpu_cap(pids: list[int], cores: float):
+    """Hold ``pids`` (every thread of them) to ``cores`` of CPU time while
+    the block runs — the Linux CPU controller's quota, cgroup v1 or v2 —
+    so that a server the one-core load generator cannot saturate is
+    saturated all the same, and its CPU per operation is measured with
+    work always waiting.  Yields False (nothing capped) where the
+    controller is not there or not writable (not root)."""
+    name = f"msgd-bench-{os.getpid()}"
+    quota = str(int(cores * CGROUP_PERIOD_US))
+    made = None
+    try:
+        if os.path.isdir("/sys/fs/cgroup/cpu") and os.path.exists("/sys/fs/cgroup/cpu/cgroup.procs"):
+            made, root = os.path.join("/sys/fs/cgroup/cpu", name), "/sys/fs/cgroup/cpu"
+            os.makedirs(made, exist_ok=True)
+            _write(os.path.join(made, "cpu.cfs_period_us"), str(CGROUP_PERIOD_US))
+            _write(os.path.join(made, "cpu.cfs_quota_us"), quota)
+        elif "cpu" in _read("/sys/fs/cgroup/cgroup.controllers").split():
+            made, root = os.path.join("/sys/fs/cgroup", name), "/sys/fs/cgroup"
+            os.makedirs(made, exist_ok=True)
+            _write(os.path.join(made, "cpu.max"), f"{quota} {CGROUP_PERIOD_US}")
+        else:
+            yield False
+            return
+        for pid in pids:
+            _write(os.path.join(made, "cgroup.procs"), str(pid))
+    except OSError:
+        if made is not None:
+            _uncap(made, "/sys/fs/cgroup/cpu" if "/cpu/" in made else "/sys/fs/cgroup")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _uncap(made, root)
+
+
+def _uncap(made: str, root: str) -> None:
+    try:
+        for pid in _read(os.path.join(made, "cgroup.procs")).split():
+            try:
+                _write(os.path.join(root, "cgroup.procs"), pid)
+            except OSError:
+                pass            # gone meanwhile
+        os.rmdir(made)
+    except OSError:
+        pass
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
