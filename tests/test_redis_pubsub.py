@@ -222,9 +222,9 @@ class FakeShard:
         self.name = "fake"
         self.subscriptions = 0
 
-    def run(self, script, keys, args):
+    def run(self, script, keys, args, fixed=()):
         d = defer.Deferred()
-        self.runs.append((script, keys, args, d))
+        self.runs.append((script, keys, [*fixed, *args], d))     # ARGV as Redis sees it
         return d
 
     def subscribe(self, channels=(), patterns=()):
@@ -355,7 +355,7 @@ class BridgeTests(unittest.TestCase):
         self.assertEqual(ps.got, [("gap", "z*", 0)])
         marker = [r for r in self.shard.runs if r[0] is PUBLISH]
         self.assertEqual(len(marker), 1)
-        self.assertEqual(marker[0][2][7], ',"g":1')                       # a gap marker for "a"
+        self.assertEqual(marker[0][2][8], ',"g":1')                       # a gap marker for "a"
         self.clock.advance(0)
         self.assertEqual(self.shard.calls, [("sub", ["p:{a}:ev"], ["p:{z*}:ev"])])
         self.shard.confirm()
@@ -406,7 +406,7 @@ class BridgeTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), 3)                 # delivered here, alone
         self.assertEqual(s.got, [("gap", "a", 2), ("a", 3, "x")])
         marker = self.shard.runs[-1]
-        self.assertEqual((marker[0], marker[2][7]), (PUBLISH, ',"g":1'))
+        self.assertEqual((marker[0], marker[2][8]), (PUBLISH, ',"g":1'))
         marker[3].callback(3)
         # the marker comes back: the node reads the channel again and is back on the shared stream
         self.bridge.pushed(self.shard, b"p:{a}:ev", event_json("a", 3, None, gap=True))
@@ -438,8 +438,8 @@ class BridgeTests(unittest.TestCase):
         [(script, keys, args, run)] = self.shard.runs
         self.assertIs(script, PUBLISH)
         self.assertEqual(keys, ["p:{quiet}:epoch", "p:{quiet}:offset", "p:{quiet}:history"])
-        self.assertEqual(args[6], "p:{quiet}:ev")
-        self.assertEqual(json.loads(args[2]), {"x": 1})         # the bytes the broker encoded
+        self.assertEqual(args[3], "p:{quiet}:ev")               # ARGV[4]
+        self.assertEqual(json.loads(args[6]), {"x": 1})         # ARGV[7]: the bytes the broker encoded
         run.callback(9)
         self.assertEqual(self.successResultOf(d), 9)
         self.assertEqual(self.broker.channels, {})

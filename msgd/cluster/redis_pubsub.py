@@ -129,16 +129,17 @@ class Script:
         self.sha = hashlib.sha1(self.text).hexdigest()
 
 
-# KEYS: epoch, offset, history.  ARGV: new epoch, channel (JSON), data (JSON), time,
-# history size, ttl, pub/sub channel, extra JSON fields ('' or ',"g":1' for a gap marker),
-# publish command (PUBLISH or SPUBLISH), '1' to move the keys' expiry to ttl from now ('' leaves
-# it: a key this publish creates gets it all the same).  Five commands when the channel exists
-# and the expiry is left; scripts run atomically, so GET then SET is SET NX.
+# KEYS: epoch, offset, history.  ARGV: first what is the same for every publish on the channel
+# (encoded once: RedisProtocol.evalsha's ``fixed``): channel (JSON), history size, ttl, pub/sub
+# channel, publish command (PUBLISH or SPUBLISH); then new epoch, data (JSON), time, extra JSON
+# fields ('' or ',"g":1' for a gap marker), '1' to move the keys' expiry to ttl from now (''
+# leaves it: a key this publish creates gets it all the same).  Five commands when the channel
+# exists and the expiry is left; scripts run atomically, so GET then SET is SET NX.
 PUBLISH = Script("""
-local ttl, refresh = ARGV[6], ARGV[10] == '1'
+local ttl, refresh = ARGV[3], ARGV[10] == '1'
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
-  epoch = ARGV[1]
+  epoch = ARGV[6]
   redis.call('SET', KEYS[1], epoch, 'EX', ttl)
 elseif refresh then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -147,16 +148,16 @@ local offset = redis.call('INCR', KEYS[2])
 if refresh or offset == 1 then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-local ev = '{"c":' .. ARGV[2] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[4] .. ARGV[8]
-  .. ',"d":' .. ARGV[3] .. '}'
-local size = tonumber(ARGV[5])
+local ev = '{"c":' .. ARGV[1] .. ',"o":' .. offset .. ',"e":"' .. epoch .. '","t":' .. ARGV[8] .. ARGV[9]
+  .. ',"d":' .. ARGV[7] .. '}'
+local size = tonumber(ARGV[2])
 if size > 0 then
   if redis.call('RPUSH', KEYS[3], ev) == 1 or refresh then
     redis.call('EXPIRE', KEYS[3], ttl)
   end
   redis.call('LTRIM', KEYS[3], -size, -1)
 end
-redis.call(ARGV[9], ARGV[7], ev)
+redis.call(ARGV[5], ARGV[4], ev)
 return offset
 """)
 
@@ -271,6 +272,20 @@ def _reply(buf: bytes, pos: int):
     raise txredisapi.InvalidResponse(f"unexpected reply type {chr(kind)!r}")
 
 
+def _bulks(args) -> bytes:
+    """Command arguments as RESP bulk strings (without the count)."""
+    out: list[bytes] = []
+    append = out.append
+    for a in args:
+        t = type(a)
+        if t is str:
+            a = a.encode()
+        elif t is not bytes:
+            a = _encode(a)
+        append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
 def _encode(a) -> bytes:
     """A command argument other than ``str`` or ``bytes``, as bytes."""
     if type(a) is int:
@@ -361,20 +376,19 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         else:
             d.callback(reply)
 
-    def evalsha(self, sha: str, keys, args) -> defer.Deferred:
-        """``EVALSHA sha len(keys) *keys *args``, the part up to the keys
-        encoded once per script and keys."""
-        head = self._heads.get((sha, *keys))
+    def evalsha(self, sha: str, keys, args, fixed=()) -> defer.Deferred:
+        """``EVALSHA sha len(keys) *keys *fixed *args``, the part up to
+        ``args`` encoded once per script, keys and ``fixed`` (the arguments
+        that do not change from one call to the next, e.g. a channel's)."""
+        head = self._heads.get((sha, *keys, *fixed))
         if head is None:
             if len(self._heads) > 4096:
                 self._heads.clear()
-            head = self._heads[(sha, *keys)] = self._build_command("EVALSHA", sha, len(keys), *keys)[
-                len(b"*%d\r\n" % (len(keys) + 3)):]
+            head = self._heads[(sha, *keys, *fixed)] = _bulks(("EVALSHA", sha, len(keys), *keys, *fixed))
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
         burst = self._burst
-        burst.append(b"".join((b"*%d\r\n" % (len(keys) + 3 + len(args)), head,
-                               self._build_command(*args)[len(b"*%d\r\n" % len(args)):])))
+        burst.append(b"*%d\r\n%s%s" % (3 + len(keys) + len(fixed) + len(args), head, _bulks(args)))
         if len(burst) >= self.BURST:
             self._send_burst()
         elif len(burst) == 1:
@@ -394,16 +408,7 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
             write_now(self.transport, b"".join(burst))
 
     def _build_command(self, *args, **kwargs) -> bytes:
-        out = [b"*%d\r\n" % len(args)]
-        append = out.append
-        for a in args:
-            t = type(a)
-            if t is str:
-                a = a.encode()
-            elif t is not bytes:
-                a = _encode(a)
-            append(b"$%d\r\n%s\r\n" % (len(a), a))
-        return b"".join(out)
+        return b"*%d\r\n%s" % (len(args), _bulks(args))
 
     def dataReceived(self, data, unpause=False):
         buf = self._buf + data if self._buf else data
@@ -654,21 +659,21 @@ class Shard(MultiService):
 
     # -- what the bridge calls --------------------------------------------------------------
 
-    def run(self, script: Script, keys, args) -> defer.Deferred:
+    def run(self, script: Script, keys, args, fixed=()) -> defer.Deferred:
         if self.command is None:
             return defer.fail(ConnectionError("Redis is not connected"))
-        d = self.command.evalsha(script.sha, keys, args)
+        d = self.command.evalsha(script.sha, keys, args, fixed)
         return d.addCallbacks(observed, self._noscript,
                               callbackArgs=(self._latency, self.reactor, self.reactor.seconds()),
-                              errbackArgs=(script, keys, args))
+                              errbackArgs=(script, keys, args, fixed))
 
-    def _noscript(self, f, script, keys, args):
+    def _noscript(self, f, script, keys, args, fixed):
         f.trap(txredisapi.ResponseError)
         if not str(f.value).startswith("NOSCRIPT") or self.command is None:
             return f
         self.log.info("pub/sub: Redis lost its scripts; loading them again")
         self.command.execute_command("SCRIPT", "LOAD", script.text)
-        return self.command.evalsha(script.sha, keys, args)
+        return self.command.evalsha(script.sha, keys, args, fixed)
 
     def subscribe(self, channels=(), patterns=()) -> defer.Deferred:
         if self.subscriber is None:
@@ -876,9 +881,9 @@ class RedisBridge(MultiService):
             if len(self._refreshed) > 4096:
                 self._refreshed.clear()
             self._refreshed[name] = now
-        return shard.run(PUBLISH, keys, [
-            new_epoch(), name_json, data_json if data_json is not None else "null",
-            repr(now), size, self.ttl, channel, extra, shard.publish_command, "1" if refresh else ""])
+        return shard.run(PUBLISH, keys, [new_epoch(), data_json if data_json is not None else "null", repr(now), extra,
+                                         "1" if refresh else ""],
+                         (name_json, size, self.ttl, channel, shard.publish_command))
 
     # -- what cluster-wide presence (msgd.cluster.presence) uses -----------------------------
 

@@ -412,11 +412,12 @@ class RedisCluster(MultiService):
         """Run the command ``args`` on the master of ``key``'s slot."""
         return self._run(key_slot(key), args)
 
-    def run(self, script, keys: list, args: list) -> defer.Deferred:
+    def run(self, script, keys: list, args: list, fixed=()) -> defer.Deferred:
         """Run ``script`` (a :class:`~msgd.cluster.redis_pubsub.Script`: by its
-        SHA1, loading it where missing) on the master of its first key's slot."""
+        SHA1, loading it where missing) on the master of its first key's slot
+        (``fixed``: arguments before ``args``, as for a Shard)."""
         start = self.reactor.seconds()
-        d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *args), script=script)
+        d = self._run(key_slot(keys[0]), ("EVALSHA", script.sha, len(keys), *keys, *fixed, *args), script=script)
         return d.addCallback(observed, self._latency, self.reactor, start)
 
     @defer.inlineCallbacks
