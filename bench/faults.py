@@ -108,9 +108,10 @@ class FrameReader:
         return out
 
 
-def ws_subscriber(port: int, channel: str, rcvbuf: int | None = None):
-    """A hand-made WebSocket client subscribed to ``channel`` (the answer
-    read); a blocking socket."""
+def ws_subscribe(port: int, channel: str, rcvbuf: int | None = None):
+    """A hand-made WebSocket client that has sent ``rpc.subscribe`` for
+    ``channel`` (its answer not read; also tests/test_ws_slow's client that
+    never reads); a blocking socket, with a receive buffer of ``rcvbuf``."""
     import base64
     import os
     import socket
@@ -128,6 +129,12 @@ def ws_subscriber(port: int, channel: str, rcvbuf: int | None = None):
     payload = ('{"jsonrpc":"2.0","id":1,"method":"rpc.subscribe","params":{"channel":"%s"}}' % channel).encode()
     mask = os.urandom(4)
     s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return s
+
+
+def ws_subscriber(port: int, channel: str, rcvbuf: int | None = None):
+    """:func:`ws_subscribe`, the answer read: (socket, its FrameReader)."""
+    s = ws_subscribe(port, channel, rcvbuf)
     reader = FrameReader(s)
     while True:
         frames = reader.feed(s.recv(65536))

@@ -1,9 +1,7 @@
 """A client that stops reading is dropped with its reason; others get
 everything; the node's memory stays bounded."""
 
-import base64
 import json
-import os
 import resource
 import socket
 import threading
@@ -13,6 +11,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
+from bench.faults import ws_subscribe
 from tests.helpers import SocketTransport, eventually, http_port, make_node, open_websocket, server_frames
 from tests.wsclient import WS
 
@@ -32,20 +31,7 @@ SIZE = 1000
 
 def raw_subscriber(port: int, channel: str) -> socket.socket:
     """A WebSocket client made by hand that subscribes and then never reads."""
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    payload = ('{"jsonrpc":"2.0","id":1,"method":"rpc.subscribe","params":{"channel":"%s"}}' % channel).encode()
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    return s
+    return ws_subscribe(port, channel, rcvbuf=4096)
 
 
 class SlowConsumerTests(unittest.TestCase):
