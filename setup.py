@@ -46,6 +46,7 @@ setup(
         "lxml>=5",
         "treq>=23.11",
         "bcrypt>=4",
+        "cryptography>=45.0.7",  # msgd.security.tls imports it (the floor pyOpenSSL 25.2 asks for)
     ],
     extras_require={
         "postgres": ["psycopg2-binary>=2.9"],
