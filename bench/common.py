@@ -285,33 +285,36 @@ def cpu_cap(pids: list[int], cores: float):
     saturated all the same, and its CPU per operation is measured with
     work always waiting.  Yields False (nothing capped) where the
     controller is not there or not writable (not root)."""
-    name = f"msgd-bench-{os.getpid()}"
-    quota = str(int(cores * CGROUP_PERIOD_US))
-    made = None
+    made = _cap(pids, cores)
     try:
-        if os.path.isdir("/sys/fs/cgroup/cpu") and os.path.exists("/sys/fs/cgroup/cpu/cgroup.procs"):
-            made, root = os.path.join("/sys/fs/cgroup/cpu", name), "/sys/fs/cgroup/cpu"
-            os.makedirs(made, exist_ok=True)
-            _write(os.path.join(made, "cpu.cfs_period_us"), str(CGROUP_PERIOD_US))
-            _write(os.path.join(made, "cpu.cfs_quota_us"), quota)
-        elif "cpu" in _read("/sys/fs/cgroup/cgroup.controllers").split():
-            made, root = os.path.join("/sys/fs/cgroup", name), "/sys/fs/cgroup"
-            os.makedirs(made, exist_ok=True)
-            _write(os.path.join(made, "cpu.max"), f"{quota} {CGROUP_PERIOD_US}")
-        else:
-            yield False
-            return
+        yield made is not None
+    finally:
+        if made is not None:
+            _uncap(*made)
+
+
+def _cap(pids: list[int], cores: float) -> tuple[str, str] | None:
+    """A new group holding ``pids`` to ``cores``: (its folder, the root's), or None."""
+    name, quota = f"msgd-bench-{os.getpid()}", str(int(cores * CGROUP_PERIOD_US))
+    if os.path.exists("/sys/fs/cgroup/cpu/cgroup.procs"):                  # cgroup v1
+        root = "/sys/fs/cgroup/cpu"
+        settings = {"cpu.cfs_period_us": str(CGROUP_PERIOD_US), "cpu.cfs_quota_us": quota}
+    elif "cpu" in _read("/sys/fs/cgroup/cgroup.controllers").split():      # cgroup v2
+        root = "/sys/fs/cgroup"
+        settings = {"cpu.max": f"{quota} {CGROUP_PERIOD_US}"}
+    else:
+        return None
+    made = os.path.join(root, name)
+    try:
+        os.makedirs(made, exist_ok=True)
+        for key, value in settings.items():
+            _write(os.path.join(made, key), value)
         for pid in pids:
             _write(os.path.join(made, "cgroup.procs"), str(pid))
     except OSError:
-        if made is not None:
-            _uncap(made, "/sys/fs/cgroup/cpu" if "/cpu/" in made else "/sys/fs/cgroup")
-        yield False
-        return
-    try:
-        yield True
-    finally:
         _uncap(made, root)
+        return None
+    return made, root
 
 
 def _uncap(made: str, root: str) -> None:
