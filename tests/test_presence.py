@@ -322,9 +322,17 @@ class RedisScriptTests(unittest.TestCase):
         self.assertEqual((yield self.conn.execute_command("EXISTS", "t:{room}:presence", "t:{room}:presence:exp")), 0)
 
 
-def presence_ini(name: str, redis_port: int) -> str:
-    return ini(name, [f"tcp:host=127.0.0.1:port={redis_port}"],
-               extra="presence_ttl = 1.5s\n\n[channel:room.*]\npresence_events = yes\n")
+def presence_nodes(case: unittest.TestCase, base: str, redis, ttl: str = "1.5s") -> list[NodeProcess]:
+    """Node processes a and b sharing ``redis`` (presence_ttl ``ttl``, presence
+    events on room.*), started, connected to Redis, stopped when ``case`` ends."""
+    nodes = []
+    for name in "ab":
+        n = NodeProcess(os.path.join(base, name), ini(name, [f"tcp:host=127.0.0.1:port={redis.port}"],
+                        extra=f"presence_ttl = {ttl}\n\n[channel:room.*]\npresence_events = yes\n"))
+        case.addCleanup(n.stop)
+        nodes.append(n.start())
+    pubsub_connected(*nodes, what="connected to Redis")
+    return nodes
 
 
 class TwoNodesTests(unittest.TestCase):
@@ -342,14 +350,7 @@ class TwoNodesTests(unittest.TestCase):
     def _scenario(self):
         redis = servers.redis()
         self.addCleanup(redis.cleanup)
-        nodes = []
-        for name in ("a", "b"):
-            n = NodeProcess(os.path.join(self.base, name), presence_ini(name, redis.port))
-            nodes.append(n)
-            self.addCleanup(n.stop)
-            n.start()
-        a, b = nodes
-        pubsub_connected(*nodes, what="connected to Redis")
+        a, b = presence_nodes(self, self.base, redis)
         on_a = Client(a)
         on_a.call("rpc.subscribe", {"channel": "room.1"})
         on_b = [Client(b) for _ in range(3)]
@@ -385,13 +386,7 @@ class TwoNodesTests(unittest.TestCase):
         # waits for the presence store), so they are gone at once, not presence_ttl later
         redis = servers.redis()
         self.addCleanup(redis.cleanup)
-        ttl = "presence_ttl = 60s\n\n[channel:room.*]\npresence_events = yes\n"
-        a, b = (NodeProcess(os.path.join(self.base, name),
-                            ini(name, [f"tcp:host=127.0.0.1:port={redis.port}"], extra=ttl)) for name in "ab")
-        for n in (a, b):
-            self.addCleanup(n.stop)
-            n.start()
-            pubsub_connected(n)
+        a, b = presence_nodes(self, self.base, redis, ttl="60s")
         on_a = Client(a)
         self.addCleanup(on_a.close)
         on_a.call("rpc.subscribe", {"channel": "room.1"})
@@ -447,13 +442,7 @@ class BrowserTests(unittest.TestCase):
         from tests.browser import chromium, wait_for as js_wait_for
         redis = servers.redis()
         self.addCleanup(redis.cleanup)
-        nodes = []
-        for name in ("a", "b"):
-            n = NodeProcess(os.path.join(os.path.abspath(self.mktemp()), name), presence_ini(name, redis.port))
-            self.addCleanup(n.stop)
-            nodes.append(n.start())
-        pubsub_connected(*nodes, what="connected to Redis")
-        a, b = nodes
+        a, b = presence_nodes(self, os.path.abspath(self.mktemp()), redis)
         driver = chromium(self)
         driver.get(f"http://127.0.0.1:{a.port}/msgd.js")
         self.assertEqual(driver.execute_async_script(BROWSER, f"ws://127.0.0.1:{b.port}/ws"), "subscribed")
