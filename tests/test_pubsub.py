@@ -67,7 +67,7 @@ class EventTests(unittest.TestCase):
         self.assertEqual(kept(b), b)
         tracemalloc.start()
         try:
-            copies = [kept(b) for _ in range(200)]
+            copies = [kept(dumps({"a": i})) for i in range(200)]      # each original made and dropped here
             per_copy = tracemalloc.get_traced_memory()[0] / len(copies)
         finally:
             tracemalloc.stop()
@@ -256,6 +256,17 @@ class SessionTests(unittest.TestCase):
         self.session.release()
         self.session.reserve()                             # the slot given back is free again
         self.assertEqual(self.session.count(), 4)
+
+    def test_a_refused_subscribe_holds_no_slot(self):
+        # the broker refuses these (a pattern's positions must be objects by channel): the
+        # connection stays (a JSON-RPC error), so a slot kept for each would fill the bound
+        for _ in range(5):
+            self.assertRaises(errors.InvalidParams, self.session.subscribe, "a.*", 5)
+            self.assertRaises(errors.InvalidParams, self.session.subscribe, "a.*", 5, subscriber=Recorder())
+        self.assertEqual(self.session.count(), 0)
+        self.session.subscribe("a.*")
+        self.assertRaises(errors.InvalidParams, self.session.subscribe, "a.*", 5)   # held already: still held
+        self.assertEqual(self.session.count(), 1)
 
     def test_unsubscribe_one_then_close_ends_the_rest(self):
         a, b = Recorder(), Recorder()

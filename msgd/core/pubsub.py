@@ -1012,18 +1012,25 @@ class Session:
     def subscribe(self, name: str, since=None, epoch=None, subscriber=None) -> defer.Deferred:
         """Subscribe ``subscriber`` (default: the connection's own) to
         ``name``; fires as :meth:`Broker.subscribe` does."""
+        held: Any
+        kept: set
         if subscriber is None or subscriber is self.subscriber:
-            if name not in self.names:
-                self._room()
-                self.names.add(name)
-            return self.broker.subscribe(name, self.subscriber, since, epoch)
-        held = (name, subscriber)
-        if self.others is None or held not in self.others:
-            self._room()
+            subscriber, held, kept = self.subscriber, name, self.names
+        else:
+            held = (name, subscriber)
             if self.others is None:
                 self.others = set()
-            self.others.add(held)
-        return self.broker.subscribe(name, subscriber, since, epoch)
+            kept = self.others
+        new = held not in kept
+        if new:
+            self._room()
+            kept.add(held)
+        try:
+            return self.broker.subscribe(name, subscriber, since, epoch)
+        except Exception:
+            if new:             # refused (bad positions, no patterns here): it holds no slot
+                kept.discard(held)
+            raise
 
     def _room(self) -> None:
         if self.count() >= self.max_subscriptions:
@@ -1044,17 +1051,21 @@ class Session:
 
     def rpc_publish(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
-        data = param(params, "data", 1, required=False)
-        self.check(request, "publish", channel)
-        offset = self.broker.publish_now(channel, data)
+        offset = self.publish_now(request, channel, param(params, "data", 1, required=False))
         if isinstance(offset, defer.Deferred):
             return offset.addCallback(lambda offset: {"channel": channel, "offset": offset})
         return {"channel": channel, "offset": offset}
 
-    def publish(self, request, channel: str, data) -> defer.Deferred:
-        """Publish, once the channel check allows ``request``'s principal to."""
+    def publish_now(self, request, channel: str, data) -> int | defer.Deferred:
+        """Publish, once the channel check allows ``request``'s principal to;
+        the offset as :meth:`Broker.publish_now` gives it."""
         self.check(request, "publish", channel)
-        return self.broker.publish(channel, data)
+        return self.broker.publish_now(channel, data)
+
+    def publish(self, request, channel: str, data) -> defer.Deferred:
+        """:meth:`publish_now`, the offset always in a Deferred."""
+        offset = self.publish_now(request, channel, data)
+        return offset if isinstance(offset, defer.Deferred) else defer.succeed(offset)
 
     def rpc_presence(self, request, params):
         channel = check_channel(param(params, "channel", 0, str))
