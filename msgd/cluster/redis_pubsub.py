@@ -391,18 +391,20 @@ class RedisProtocol(txredisapi.BaseRedisProtocol):
         burst.append(b"*%d\r\n%s%s" % (3 + len(keys) + len(fixed) + len(args), head, _bulks(args)))
         if len(burst) >= self.BURST:
             self._send_burst()
-        elif len(burst) == 1:
-            self._burst_end = self.factory.shard.reactor.callLater(0, self._send_burst)
+        elif self._burst_end is None:
+            self._burst_end = self.factory.shard.reactor.callLater(0, self._turn_ended)
         d: defer.Deferred = defer.Deferred()
         self._replies.append(d)
         return d
 
+    def _turn_ended(self) -> None:
+        self._burst_end = None
+        self._send_burst()
+
     def _send_burst(self) -> None:
         """Write the scripts gathered (at the end of the turn, or once
-        ``BURST`` of them are waiting, or before another command)."""
-        call, self._burst_end = self._burst_end, None
-        if call is not None and call.active():
-            call.cancel()
+        ``BURST`` of them are waiting, or before another command); the one
+        end-of-turn call of a turn stays, whatever was sent before it."""
         burst, self._burst = self._burst, []
         if burst and self.connected:
             write_now(self.transport, b"".join(burst))
