@@ -108,36 +108,17 @@ class FrameReader:
         return out
 
 
-def ws_subscribe(port: int, channel: str, rcvbuf: int | None = None):
-    """A hand-made WebSocket client that has sent ``rpc.subscribe`` for
-    ``channel`` (its answer not read; also tests/test_ws_slow's client that
-    never reads); a blocking socket, with a receive buffer of ``rcvbuf``."""
-    import base64
-    import os
-    import socket
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    payload = ('{"jsonrpc":"2.0","id":1,"method":"rpc.subscribe","params":{"channel":"%s"}}' % channel).encode()
-    mask = os.urandom(4)
-    s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-    return s
-
-
 def ws_subscriber(port: int, channel: str, rcvbuf: int | None = None):
-    """:func:`ws_subscribe`, the answer read: (socket, its FrameReader)."""
+    """``tests.helpers.ws_subscribe``, the answer read (within its socket's
+    timeout): (socket, its FrameReader)."""
+    from tests.helpers import ws_subscribe
     s = ws_subscribe(port, channel, rcvbuf)
     reader = FrameReader(s)
     while True:
-        frames = reader.feed(s.recv(65536))
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the subscription was answered")
+        frames = reader.feed(data)
         if frames:
             assert b'"result"' in frames[0][1], frames[0]
             assert len(frames) == 1, "an event before the subscription's answer"
@@ -436,8 +417,12 @@ class StompClient:
         self.sock = socket.create_connection(("127.0.0.1", ports["stomp"]), timeout=10)
         self.sock.sendall(encode(Frame("CONNECT", [("accept-version", "1.2"), ("host", "localhost")])))
         self.pending = []
-        while not any(f.command == "CONNECTED" for f in self.pending):
+        for _ in range(10):         # read() waits at most 10 s each time
+            if any(f.command == "CONNECTED" for f in self.pending):
+                break
             self.read(10)
+        else:
+            raise TimeoutError("no CONNECTED frame")
         self.pending = [f for f in self.pending if f.command != "CONNECTED"]
 
     def read(self, wait):

@@ -170,6 +170,29 @@ def breaker_opens(testcase, attempt, attempts: int = 5):
     testcase.fail("the circuit breaker did not open")
 
 
+def ws_subscribe(port: int, channel: str, rcvbuf: int | None = None, timeout: float = 10.0) -> socket.socket:
+    """A hand-made WebSocket client on 127.0.0.1:``port`` that has sent
+    ``rpc.subscribe`` for ``channel`` (its answer not read): a blocking
+    socket with ``timeout`` on every wait, and a receive buffer of
+    ``rcvbuf`` when given (a client that stops reading)."""
+    import base64
+    s = socket.socket()
+    s.settimeout(timeout)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = recv_until(s, b"\r\n\r\n")          # the server says nothing more until it is asked
+    if b" 101 " not in head.split(b"\r\n")[0]:
+        raise ConnectionError(f"WebSocket handshake refused: {head[:200]!r}")
+    payload = ('{"jsonrpc":"2.0","id":1,"method":"rpc.subscribe","params":{"channel":"%s"}}' % channel).encode()
+    mask = os.urandom(4)
+    s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return s
+
+
 def recv_until(sock: socket.socket, marker: bytes | None = None, reset_ends: bool = False) -> bytes:
     """Read a blocking ``sock`` (in a thread) until ``marker`` has come, or
     (``None``, or first) until the peer closes; a reset is raised, or with
@@ -242,16 +265,17 @@ class SocketTransport(FileDescriptor):
             self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
-def open_websocket(testcase, interface, transport):
+def open_websocket(testcase, interface, transport, subprotocol: bytes = b""):
     """A WebSocket connection of ``interface`` on ``transport`` (a
-    :class:`SocketTransport`), past its opening handshake; ``transport.sent``
-    is emptied."""
+    :class:`SocketTransport`), past its opening handshake (asking for
+    ``subprotocol`` when given); ``transport.sent`` is emptied."""
     from msgd.interfaces.websocket import MsgdWebSocketFactory
     proto = MsgdWebSocketFactory(interface).buildProtocol(None)
     transport.protocol = proto
     proto.makeConnection(transport)
+    ask = b"Sec-WebSocket-Protocol: %s\r\n" % subprotocol if subprotocol else b""
     proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + ask + b"\r\n")
     transport.flush()
     head, _, rest = transport.sent.partition(b"\r\n\r\n")
     testcase.assertIn(b" 101 ", head.split(b"\r\n")[0])

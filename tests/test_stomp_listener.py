@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from msgd.stomp.codec import Frame, encode
 from msgd.interfaces.stomp.session import SessionOptions, StompSession
-from tests.helpers import SocketTransport, http_port, make_node, raw_exchange, stomp_frames
+from tests.helpers import SocketTransport, http_port, make_node, open_websocket, raw_exchange, stomp_frames
 from tests.wsclient import WS
 
 APPS = {"calc.py": """
@@ -577,17 +577,9 @@ class WebSocketBoundsTests(unittest.TestCase):
             ws_max_pending = 200KiB
             request_timeout = 7s
             """)
-        from msgd.interfaces.websocket import MsgdWebSocketFactory
         t = SocketTransport(room=10 ** 9)
-        proto = t.protocol = MsgdWebSocketFactory(node.interfaces["web"]).buildProtocol(None)
-        proto.makeConnection(t)
         self.addCleanup(t.abortConnection)
-        proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                           b"Sec-WebSocket-Protocol: v12.stomp\r\n\r\n")
-        t.flush()
-        self.assertIn(b" 101 ", t.sent.split(b"\r\n")[0])
-        s = proto.stomp
+        s = open_websocket(self, node.interfaces["web"], t, subprotocol=b"v12.stomp").stomp
         self.assertEqual((s.options.limits.max_frame, s.options.max_pending, s.options.request_timeout),
                          (65536, 204800, 7.0))
         self.assertEqual((s.hint, s.options.authenticate("claimed", "x")), ("1.2", None))   # the handshake's

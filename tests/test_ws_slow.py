@@ -11,8 +11,8 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from bench.faults import ws_subscribe
-from tests.helpers import SocketTransport, eventually, http_port, make_node, open_websocket, server_frames
+from tests.helpers import (SocketTransport, eventually, http_port, make_node, open_websocket, server_frames,
+                           ws_subscribe)
 from tests.wsclient import WS
 
 INI = """
