@@ -82,6 +82,8 @@ def measure(name: str, workload: str, seconds: float, outdir: str) -> float:
     finally:
         proc.terminate()
         proc.wait(60)
+    if not total:
+        raise RuntimeError(f"{name}, {workload}: callgrind wrote no totals within 60 s")
     return total / ops
 
 

@@ -5,7 +5,6 @@ transport is paused it waits, up to ws_max_pending bytes."""
 
 import json
 import os
-import tempfile
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -43,7 +42,7 @@ class CountingTransport(StringTransport):
 
 class WriteTests(unittest.TestCase):
     def setUp(self):
-        base = tempfile.mkdtemp(prefix="msgd-ws-writes-")
+        base = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(base, "apps"))
         self.clock = Clock()
         self.node = NodeService(parse_text(INI, os.path.join(base, "node.ini")), self.clock)

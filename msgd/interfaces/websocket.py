@@ -75,7 +75,7 @@ class WebSocketOptions:
     websocket: bool = option(True, parse=boolean, doc="serve WebSocket (JSON-RPC, pub/sub, STOMP) at /ws")
     ws_max_message: int = option(1024 * 1024, parse=size, doc="largest WebSocket message accepted")
     ws_max_pending: int = option(1024 * 1024, parse=size,
-                                 doc="events queued for a client that does not read; past it the client is dropped")
+                                 doc="events and answers queued for a client that does not read; past it the client is dropped")
     ws_ping_interval: float = option(30.0, parse=duration, doc="keep-alive ping interval (0: none)")
     ws_ping_timeout: float = option(10.0, parse=duration, doc="close when no pong arrives within this")
     ws_origins: tuple = option(("*",), parse=words,
@@ -327,7 +327,7 @@ class MsgdWebSocket(Producer, WebSocketServerProtocol):  # type: ignore[misc]   
         self.connection.close()                 # no more events: it is no longer among the subscribers
         counters = self.factory.counters
         counters.dropped.labels(counters.interface, "slow_consumer").inc()
-        log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events unsent)",
+        log.warn("closing WebSocket {peer}: slow consumer (more than {limit} bytes of events and answers unsent)",
                  peer=self.peer, limit=limit)
         # 1008 "policy violation"; Autobahn's sendClose allows only 1000 and 3000-4999.
         # The close handshake timeout (close_timeout) drops the connection when the client does not answer.
